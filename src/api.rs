@@ -1,0 +1,149 @@
+//! The HTTP API, compatible with VILLAScontroller's (`/api/v1`), plus
+//! `/metrics`. Every error is JSON: `{"error": {"msg": …}}`.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+use uuid::Uuid;
+
+use crate::daemon::Shared;
+use crate::protocol::{self, Inbound, ReplyTo};
+
+/// An API error: a status code and a message, rendered as JSON.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(json!({"error": {"msg": self.1, "code": self.0.as_u16()}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, r.body_text())
+    }
+}
+
+/// The router, without a socket (tests drive it with `oneshot`).
+pub fn app(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/api/v1", get(index))
+        .route("/api/v1/", get(index))
+        .route("/api/v1/health", get(health))
+        .route(
+            "/api/v1/component/{uuid}",
+            get(component_status).post(component_action),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "Not found".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .with_state(shared)
+}
+
+/// Bind the configured address and serve until shutdown; returns the bound
+/// address (useful with port 0).
+pub async fn serve(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(shared.config.api.bind).await?;
+    let addr = listener.local_addr()?;
+    let token = shared.shutdown.clone();
+    let router = app(shared.clone());
+    shared.tracker.spawn(async move {
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { token.cancelled().await });
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "HTTP API failed");
+        }
+    });
+    Ok(addr)
+}
+
+async fn index(State(s): State<Arc<Shared>>) -> Json<Value> {
+    let components: Vec<String> = s.handles().iter().map(|h| h.uuid().to_string()).collect();
+    Json(json!({"components": components, "status": s.info.summary()}))
+}
+
+async fn health(State(s): State<Arc<Shared>>) -> Response {
+    if s.bus.connected() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "error", "msg": "broker disconnected"})),
+        )
+            .into_response()
+    }
+}
+
+fn find(s: &Shared, uuid: &str) -> Result<crate::component::ComponentHandle, ApiError> {
+    let not_found = || {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("No component with uuid {uuid}"),
+        )
+    };
+    let u = Uuid::parse_str(uuid).map_err(|_| not_found())?;
+    s.lookup(u).ok_or_else(not_found)
+}
+
+async fn component_status(
+    State(s): State<Arc<Shared>>,
+    Path(uuid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let h = find(&s, &uuid)?;
+    h.status()
+        .await
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
+}
+
+async fn component_action(
+    State(s): State<Arc<Shared>>,
+    Path(uuid): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let h = find(&s, &uuid)?;
+    let decoded = protocol::decode(
+        Some(protocol::CONTENT_TYPE),
+        &body,
+        s.config.max_body_bytes,
+        ReplyTo::default(),
+        SystemTime::now(),
+    );
+    let req = match decoded {
+        Ok(Inbound::Action(req)) => req,
+        Ok(Inbound::Status) => {
+            return Err(ApiError(StatusCode::BAD_REQUEST, "Missing action".into()));
+        }
+        Err(r) => {
+            s.metrics.error(r.kind());
+            return Err(ApiError(StatusCode::BAD_REQUEST, r.to_string()));
+        }
+    };
+    h.act(req)
+        .await
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,450 @@
+//! The AMQP side: one connection, kept alive by a supervisor task that
+//! reconnects with backoff, redeclares the topology and re-subscribes every
+//! component, whose state lives elsewhere and is never lost.
+//!
+//! Topology (reference §4.1):
+//! - the durable headers exchange (`villas` by default);
+//! - per component a server-named, exclusive, auto-delete queue bound with
+//!   `x-match: any` on its headers ([`Topology::PerComponent`]), or one such
+//!   queue per daemon carrying all the bindings ([`Topology::Shared`]);
+//! - a discovery queue bound `{x-match: all, uuid: ""}`, which receives
+//!   VILLASweb's broadcast ping and nothing else: status messages always
+//!   carry a real uuid, so the daemon never sees the bus's status traffic.
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::component::ComponentHandle;
+use crate::config::{Topology, redact_url};
+use crate::daemon::Shared;
+use crate::protocol::{self, Inbound, ReplyTo, RoutingKeys};
+use crate::state::Action;
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A bus failure inside one connection's lifetime.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The broker or the connection failed.
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The connection reported an error and is gone.
+    #[error("connection lost: {0}")]
+    Lost(String),
+}
+
+enum BusCmd {
+    Subscribe(ComponentHandle),
+    Unsubscribe(RoutingKeys),
+}
+
+/// The daemon's handle on the bus: subscribe components and publish.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    cmd: mpsc::UnboundedSender<BusCmd>,
+    channel: watch::Receiver<Option<Channel>>,
+    exchange: ShortString,
+}
+
+impl std::fmt::Debug for BusCmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BusCmd::Subscribe(h) => write!(f, "Subscribe({})", h.uuid()),
+            BusCmd::Unsubscribe(k) => write!(f, "Unsubscribe({})", k.uuid),
+        }
+    }
+}
+
+/// AMQP properties of every status message (reference §0 #5).
+pub fn status_properties(headers: FieldTable) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(protocol::CONTENT_TYPE.into())
+        .with_content_encoding(protocol::CONTENT_ENCODING.into())
+        .with_delivery_mode(2)
+        .with_priority(0)
+        .with_headers(headers)
+}
+
+/// Declare the durable headers exchange, as VILLAScontroller and VILLASweb do.
+pub async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Headers,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Declare a server-named, exclusive, auto-delete queue and bind it.
+pub async fn declare_bound_queue(
+    ch: &Channel,
+    exchange: &str,
+    binding: FieldTable,
+) -> Result<ShortString, lapin::Error> {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let name = q.name().clone();
+    ch.queue_bind(
+        name.clone(),
+        exchange.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        binding,
+    )
+    .await?;
+    Ok(name)
+}
+
+/// Start consuming `queue` without acks (as the anchor does).
+pub async fn consume(ch: &Channel, queue: ShortString) -> Result<lapin::Consumer, lapin::Error> {
+    ch.basic_consume(
+        queue,
+        "".into(),
+        BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+impl Bus {
+    /// A bus handle plus the supervisor that will serve it once started
+    /// with [`BusRunner::spawn`].
+    pub fn new(exchange: &str) -> (Bus, BusRunner) {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ch_tx, ch_rx) = watch::channel(None);
+        (
+            Bus {
+                cmd: cmd_tx,
+                channel: ch_rx,
+                exchange: exchange.into(),
+            },
+            BusRunner { cmd_rx, ch_tx },
+        )
+    }
+
+    /// Whether a broker connection is up.
+    pub fn connected(&self) -> bool {
+        self.channel
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
+    /// A receiver that changes whenever the connection comes or goes.
+    pub fn watch_connected(&self) -> watch::Receiver<Option<Channel>> {
+        self.channel.clone()
+    }
+
+    /// Route a component's queue (on connect, and now if connected).
+    pub(crate) fn subscribe(&self, handle: ComponentHandle) {
+        let _ = self.cmd.send(BusCmd::Subscribe(handle));
+    }
+
+    /// Remove a component's queue or bindings.
+    pub(crate) fn unsubscribe(&self, keys: RoutingKeys) {
+        let _ = self.cmd.send(BusCmd::Unsubscribe(keys));
+    }
+
+    /// Publish a status message for `keys`; if `reply` asks for it, also
+    /// send it to `reply_to`, and carry the `correlation_id`. Returns whether
+    /// the broker took it (false while disconnected: status is republished
+    /// on reconnect, so nothing is queued).
+    pub async fn publish_status(
+        &self,
+        keys: &RoutingKeys,
+        body: &[u8],
+        reply: Option<&ReplyTo>,
+    ) -> bool {
+        let Some(ch) = self.channel.borrow().clone() else {
+            debug!("not connected; status not published");
+            return false;
+        };
+        let mut props = status_properties(keys.status_headers());
+        if let Some(id) = reply.and_then(|r| r.correlation_id.as_deref()) {
+            props = props.with_correlation_id(id.into());
+        }
+        let mut ok = ch
+            .basic_publish(
+                self.exchange.clone(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                props.clone(),
+            )
+            .await
+            .is_ok();
+        if let Some(queue) = reply.and_then(|r| r.queue.as_deref()) {
+            ok &= ch
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    props,
+                )
+                .await
+                .is_ok();
+        }
+        ok
+    }
+}
+
+/// The not-yet-started supervisor of a [`Bus`].
+#[derive(Debug)]
+pub struct BusRunner {
+    cmd_rx: mpsc::UnboundedReceiver<BusCmd>,
+    ch_tx: watch::Sender<Option<Channel>>,
+}
+
+impl BusRunner {
+    /// Start the supervisor task. It holds only a weak reference to the
+    /// daemon, and ends on shutdown.
+    pub(crate) fn spawn(self, shared: &Arc<Shared>) {
+        let weak = Arc::downgrade(shared);
+        shared.tracker.spawn(supervise(
+            weak,
+            shared.config.broker.url.clone(),
+            self.cmd_rx,
+            self.ch_tx,
+        ));
+    }
+}
+
+async fn supervise(
+    shared: Weak<Shared>,
+    url: String,
+    mut cmd_rx: mpsc::UnboundedReceiver<BusCmd>,
+    ch_tx: watch::Sender<Option<Channel>>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let Some(token) = shared.upgrade().map(|s| s.shutdown.clone()) else {
+        return;
+    };
+    loop {
+        let outcome = tokio::select! {
+            r = session(&shared, &url, &mut cmd_rx, &ch_tx) => r,
+            _ = token.cancelled() => Ok(()),
+        };
+        ch_tx.send_replace(None);
+        if token.is_cancelled() {
+            break;
+        }
+        match outcome {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                warn!(broker = %redact_url(&url), error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection failed")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = token.cancelled() => break,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    debug!("bus supervisor stopped");
+}
+
+/// Where a consumer's deliveries go.
+#[derive(Clone)]
+enum Target {
+    /// One component (per-component topology).
+    One(ComponentHandle),
+    /// Every local component whose keys match (shared topology).
+    Matching,
+    /// The discovery queue: a ping is forwarded to every component.
+    Discovery,
+}
+
+/// One connection's lifetime. Returns `Ok` only if the connection ended
+/// without error (it never does on its own); every failure is an `Err`.
+async fn session(
+    shared: &Weak<Shared>,
+    url: &str,
+    cmd_rx: &mut mpsc::UnboundedReceiver<BusCmd>,
+    ch_tx: &watch::Sender<Option<Channel>>,
+) -> Result<(), BusError> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let mut events = conn.events_listener();
+    let sub = conn.create_channel().await?;
+    let publ = conn.create_channel().await?;
+    let Some(s) = shared.upgrade() else {
+        return Ok(());
+    };
+    let exchange = s.config.exchange.clone();
+    let topology = s.config.topology;
+    declare_exchange(&sub, &exchange).await?;
+
+    let mut discovery = FieldTable::default();
+    discovery.insert(
+        "x-match".into(),
+        AMQPValue::LongString(LongString::from("all")),
+    );
+    discovery.insert("uuid".into(), AMQPValue::LongString(LongString::from("")));
+    let dq = declare_bound_queue(&sub, &exchange, discovery).await?;
+    spawn_forwarder(&s, consume(&sub, dq).await?, Target::Discovery);
+
+    let shared_queue = match topology {
+        Topology::PerComponent => None,
+        Topology::Shared => {
+            let q = declare_bound_queue(&sub, &exchange, FieldTable::default()).await?;
+            // The empty binding above would match everything; remove it and
+            // keep only the components' own bindings.
+            sub.queue_unbind(
+                q.clone(),
+                exchange.as_str().into(),
+                "".into(),
+                FieldTable::default(),
+            )
+            .await?;
+            spawn_forwarder(&s, consume(&sub, q.clone()).await?, Target::Matching);
+            Some(q)
+        }
+    };
+    let mut queues: HashMap<Uuid, ShortString> = HashMap::new();
+    let subscribe = async |h: ComponentHandle,
+                           queues: &mut HashMap<Uuid, ShortString>|
+           -> Result<(), BusError> {
+        match &shared_queue {
+            Some(q) => {
+                sub.queue_bind(
+                    q.clone(),
+                    exchange.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    h.keys.binding(),
+                )
+                .await?
+            }
+            None => {
+                let q = declare_bound_queue(&sub, &exchange, h.keys.binding()).await?;
+                spawn_forwarder(&s, consume(&sub, q.clone()).await?, Target::One(h.clone()));
+                queues.insert(h.uuid(), q);
+            }
+        }
+        h.announce().await;
+        Ok(())
+    };
+
+    for h in s.handles() {
+        subscribe(h, &mut queues).await?;
+    }
+    // Commands queued while disconnected concern components that the loop
+    // above has just (un)subscribed from the registry; drop them.
+    while cmd_rx.try_recv().is_ok() {}
+    ch_tx.send_replace(Some(publ));
+    s.metrics.connects.inc();
+    info!(broker = %redact_url(url), %exchange, components = queues.len().max(s.handles().len()), "connected to broker");
+
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            cmd = cmd_rx.recv() => match cmd {
+                None => return Ok(()),
+                Some(BusCmd::Subscribe(h)) => subscribe(h, &mut queues).await?,
+                Some(BusCmd::Unsubscribe(keys)) => match &shared_queue {
+                    Some(q) => sub.queue_unbind(q.clone(), exchange.as_str().into(), "".into(), keys.binding()).await?,
+                    None => if let Some(q) = queues.remove(&keys.uuid) {
+                        sub.queue_delete(q, QueueDeleteOptions::default()).await?;
+                    },
+                },
+            },
+            ev = events.next() => match ev {
+                Some(lapin::Event::Error(e)) => return Err(BusError::Lost(e.to_string())),
+                Some(_) => {}
+                None => return Err(BusError::Lost("event stream ended".into())),
+            },
+            _ = check.tick() => if !conn.status().connected() {
+                return Err(BusError::Lost("connection closed".into()));
+            },
+        }
+    }
+}
+
+fn spawn_forwarder(shared: &Arc<Shared>, consumer: lapin::Consumer, target: Target) {
+    let weak = Arc::downgrade(shared);
+    shared.tracker.spawn(forward(weak, consumer, target));
+}
+
+/// Decode each delivery and hand it to its component(s). A bad message is
+/// counted and reported; it never ends the loop. The loop ends with the
+/// consumer (queue deleted or connection lost).
+async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Target) {
+    while let Some(delivery) = consumer.next().await {
+        let Ok(d) = delivery else { break };
+        let Some(s) = shared.upgrade() else { break };
+        s.metrics.messages_in.inc();
+        let props = &d.properties;
+        let reply = ReplyTo {
+            queue: props.reply_to().as_ref().map(|q| q.to_string()),
+            correlation_id: props.correlation_id().as_ref().map(|c| c.to_string()),
+        };
+        let ct = props.content_type().as_ref().map(|c| c.to_string());
+        let decoded = protocol::decode(
+            ct.as_deref(),
+            &d.data,
+            s.config.max_body_bytes,
+            reply,
+            SystemTime::now(),
+        );
+        let msg = match decoded {
+            Ok(Inbound::Status) => continue,
+            Ok(Inbound::Action(req)) => Ok(req),
+            Err(rej) => {
+                s.metrics.error(rej.kind());
+                warn!(error = %rej, kind = rej.kind(), "rejected message");
+                Err(rej)
+            }
+        };
+        match &target {
+            Target::One(h) => h.deliver(msg).await,
+            Target::Matching => {
+                let empty = FieldTable::default();
+                let headers = props.headers().as_ref().unwrap_or(&empty);
+                for h in s.handles().into_iter().filter(|h| h.keys.matches(headers)) {
+                    h.deliver(msg.clone()).await;
+                }
+            }
+            Target::Discovery => match msg {
+                Ok(req) if req.action == Action::Ping.as_str() => {
+                    debug!("broadcast ping");
+                    for h in s.handles() {
+                        h.announce().await;
+                    }
+                }
+                Ok(req) => {
+                    s.metrics.error("broadcast_action");
+                    warn!(action = %req.action, "ignoring a non-ping action addressed to no component (uuid \"\")");
+                }
+                Err(_) => {}
+            },
+        }
+    }
+}

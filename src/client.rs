@@ -1,0 +1,250 @@
+//! Client side of the protocol, used by the CLI: ping, monitor, and actions
+//! that wait for a target state. Client queues are server-named, exclusive
+//! and auto-delete, so nothing outlives the process.
+
+use futures_util::StreamExt;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+
+use crate::bus::{consume, declare_bound_queue, declare_exchange};
+use crate::protocol::headers::headers_to_json;
+use crate::protocol::{self, Filter};
+use crate::{Error, Result};
+
+/// One message seen by a client.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Receipt time, Unix seconds.
+    pub time: f64,
+    /// The decoded body (or the raw text as a string if it is not JSON).
+    pub payload: Value,
+    /// AMQP headers as JSON (void → null).
+    pub headers: Value,
+    /// `correlation_id`, if any.
+    pub correlation_id: Option<String>,
+    /// `content_type`, if any.
+    pub content_type: Option<String>,
+}
+
+impl Seen {
+    /// The monitor line, in VILLAScontroller's `monitor` format.
+    pub fn monitor_json(&self) -> Value {
+        json!({
+            "time": self.time,
+            "payload": self.payload,
+            "content_type": self.content_type,
+            "content_encoding": protocol::CONTENT_ENCODING,
+            "application_headers": self.headers,
+        })
+    }
+
+    /// Whether this is a status message (not an action).
+    pub fn is_status(&self) -> bool {
+        self.payload.get("action").is_none() && self.payload.get("status").is_some()
+    }
+
+    /// `status.state` of a status message.
+    pub fn state(&self) -> Option<&str> {
+        self.payload
+            .pointer("/status/state")
+            .and_then(Value::as_str)
+    }
+}
+
+/// A connected client.
+pub struct Client {
+    conn: Connection,
+    ch: Channel,
+    exchange: String,
+}
+
+/// A client queue receiving messages.
+pub struct Listener {
+    /// The server-named queue (usable as `reply_to`).
+    pub queue: String,
+    consumer: lapin::Consumer,
+}
+
+impl Listener {
+    /// The next message, or `None` at `deadline` (or if the queue ends).
+    pub async fn next_until(&mut self, deadline: Instant) -> Option<Seen> {
+        let d = tokio::time::timeout_at(deadline, self.consumer.next())
+            .await
+            .ok()??
+            .ok()?;
+        let payload = serde_json::from_slice(&d.data)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&d.data).into_owned()));
+        let empty = FieldTable::default();
+        Some(Seen {
+            time: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            payload,
+            headers: headers_to_json(d.properties.headers().as_ref().unwrap_or(&empty)),
+            correlation_id: d
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string()),
+            content_type: d.properties.content_type().as_ref().map(|c| c.to_string()),
+        })
+    }
+}
+
+/// How an awaited action ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The target state was reached; the last status.
+    Reached(Value),
+    /// The component went to `error`; the status.
+    Failed(Value),
+}
+
+impl Client {
+    /// Connect and declare the exchange.
+    pub async fn connect(url: &str, exchange: &str) -> Result<Client> {
+        let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        declare_exchange(&ch, exchange).await?;
+        Ok(Client {
+            conn,
+            ch,
+            exchange: exchange.to_owned(),
+        })
+    }
+
+    /// Bind a private queue with `binding` and start consuming it.
+    pub async fn listen(&self, binding: FieldTable) -> Result<Listener> {
+        let q = declare_bound_queue(&self.ch, &self.exchange, binding).await?;
+        let consumer = consume(&self.ch, q.clone()).await?;
+        Ok(Listener {
+            queue: q.to_string(),
+            consumer,
+        })
+    }
+
+    /// Publish an action body with `headers`, optionally asking for a reply.
+    pub async fn publish(
+        &self,
+        headers: FieldTable,
+        body: &Value,
+        reply: Option<(&str, &str)>,
+    ) -> Result<()> {
+        let mut props = BasicProperties::default()
+            .with_content_type(protocol::CONTENT_TYPE.into())
+            .with_content_encoding(protocol::CONTENT_ENCODING.into())
+            .with_delivery_mode(2)
+            .with_priority(0)
+            .with_headers(headers);
+        if let Some((queue, id)) = reply {
+            props = props
+                .with_reply_to(queue.into())
+                .with_correlation_id(id.into());
+        }
+        let bytes = serde_json::to_vec(body).map_err(|e| Error::Internal(e.to_string()))?;
+        self.ch
+            .basic_publish(
+                self.exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &bytes,
+                props,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Ping the components selected by `filter`, calling `on_reply` for each
+    /// status. Ends at `timeout`, or after `quiet` without a new reply.
+    pub async fn ping(
+        &self,
+        filter: &Filter,
+        timeout: Duration,
+        quiet: Duration,
+        mut on_reply: impl FnMut(&Seen),
+    ) -> Result<usize> {
+        let mut l = self.listen(filter.binding()).await?;
+        self.publish(filter.action_headers(), &json!({"action": "ping"}), None)
+            .await?;
+        let end = Instant::now() + timeout;
+        let mut n = 0;
+        loop {
+            let deadline = end.min(Instant::now() + quiet);
+            let Some(seen) = l.next_until(deadline).await else {
+                break;
+            };
+            if seen.is_status() && headers_match(filter, &seen.headers) {
+                n += 1;
+                on_reply(&seen);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Send `body` to component `uuid` and wait until its status reaches
+    /// `target` (`Reached`) or `error` (`Failed`); `None` as target waits only
+    /// for the direct reply. Statuses from before the action are ignored: the
+    /// wait starts at the reply carrying our correlation id.
+    pub async fn act_and_wait(
+        &self,
+        uuid: &str,
+        body: &Value,
+        target: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Outcome> {
+        let mut binding = FieldTable::default();
+        binding.insert(
+            "x-match".into(),
+            AMQPValue::LongString(LongString::from("all")),
+        );
+        binding.insert("uuid".into(), AMQPValue::LongString(LongString::from(uuid)));
+        let mut l = self.listen(binding).await?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let filter = Filter {
+            uuid: Some(uuid.to_owned()),
+            ..Default::default()
+        };
+        self.publish(filter.action_headers(), body, Some((&l.queue, &id)))
+            .await?;
+        let end = Instant::now() + timeout;
+        let mut replied = false;
+        while let Some(seen) = l.next_until(end).await {
+            if !seen.is_status() {
+                continue;
+            }
+            replied |= seen.correlation_id.as_deref() == Some(id.as_str());
+            if !replied {
+                continue;
+            }
+            match (seen.state(), target) {
+                (Some("error"), _) => return Ok(Outcome::Failed(seen.payload)),
+                (Some(s), Some(t)) if s == t => return Ok(Outcome::Reached(seen.payload)),
+                (_, None) => return Ok(Outcome::Reached(seen.payload)),
+                _ => {}
+            }
+        }
+        Err(Error::Timeout(timeout))
+    }
+
+    /// Close the connection (the private queues go with it).
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+fn headers_match(filter: &Filter, headers: &Value) -> bool {
+    let eq = |k: &str, v: &Option<String>| {
+        v.as_deref()
+            .is_some_and(|v| headers.get(k).and_then(Value::as_str) == Some(v))
+    };
+    filter.is_empty()
+        || eq("uuid", &filter.uuid)
+        || eq("realm", &filter.realm)
+        || eq("category", &filter.category)
+        || eq("type", &filter.kind)
+}

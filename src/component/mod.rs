@@ -1,0 +1,410 @@
+//! Components: one owning task per component, reached through a
+//! [`ComponentHandle`]. AMQP, HTTP and managers all talk to a component via
+//! its handle; only the task touches its state.
+//!
+//! The task loop (`Component::run`) selects over: commands from the handle,
+//! the due time of the next scheduled (`when`) action, the settle timer of
+//! the current transient state, the periodic status tick, and shutdown.
+
+pub mod kinds;
+mod manager;
+
+use serde_json::{Map, Value};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::config::ComponentSpec;
+use crate::daemon::Shared;
+use crate::protocol::status::{Prefix, StatusView};
+use crate::protocol::{ActionRequest, ErrorInfo, Rejection, RoutingKeys, When};
+use crate::state::{Action, Lifecycle, State, TransitionError};
+use kinds::{Driver, Kind};
+
+/// Depth of a component's command queue. A full queue back-pressures the
+/// consumer that feeds it rather than growing without bound.
+const MAILBOX: usize = 512;
+
+/// What a handle can ask of its component.
+#[derive(Debug)]
+pub enum Command {
+    /// A message routed from the bus: an action, or why it was refused.
+    Message(Result<ActionRequest, Rejection>),
+    /// Publish the current status (discovery, announce after (re)connect).
+    Announce,
+    /// Accept an action (now, or at its `when`) and return the resulting
+    /// status (HTTP API).
+    Act(ActionRequest, oneshot::Sender<Value>),
+    /// Return the current status.
+    Status(oneshot::Sender<Value>),
+    /// Publish `gone` once, then stop.
+    Remove(oneshot::Sender<()>),
+}
+
+/// The address of a running component. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ComponentHandle {
+    /// Routing headers.
+    pub keys: RoutingKeys,
+    /// The managing component, if any.
+    pub managed_by: Option<Uuid>,
+    /// Whether it was created at runtime (and so is in the store).
+    pub persisted: bool,
+    tx: mpsc::Sender<Command>,
+}
+
+impl ComponentHandle {
+    /// The component's uuid.
+    pub fn uuid(&self) -> Uuid {
+        self.keys.uuid
+    }
+
+    /// Hand a routed message to the component (waits if its mailbox is full).
+    pub async fn deliver(&self, msg: Result<ActionRequest, Rejection>) {
+        let _ = self.tx.send(Command::Message(msg)).await;
+    }
+
+    /// Ask the component to publish its status.
+    pub async fn announce(&self) {
+        let _ = self.tx.send(Command::Announce).await;
+    }
+
+    /// Accept an action and return the status after it; `None` if the
+    /// component has stopped.
+    pub async fn act(&self, req: ActionRequest) -> Option<Value> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Act(req, tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The current status; `None` if the component has stopped.
+    pub async fn status(&self) -> Option<Value> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Status(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Publish `gone` and stop the task; returns when it has.
+    pub async fn remove(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Remove(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Seconds each dummy transient state lasts.
+#[derive(Debug, Clone)]
+struct Durations(Map<String, Value>);
+
+impl Durations {
+    fn of(&self, action: Action, parameters: &Map<String, Value>) -> Duration {
+        let secs = match action {
+            Action::Start => parameters.get("runtime").and_then(Value::as_f64),
+            other => self.0.get(other.as_str()).and_then(Value::as_f64),
+        };
+        Duration::from_secs_f64(
+            secs.filter(|s| s.is_finite() && *s >= 0.0)
+                .unwrap_or(1.0)
+                .min(86_400.0),
+        )
+    }
+}
+
+/// The state owned by one component task.
+pub(crate) struct Component {
+    shared: Arc<Shared>,
+    keys: RoutingKeys,
+    kind: &'static Kind,
+    managed_by: Option<Uuid>,
+    properties: Map<String, Value>,
+    lifecycle: Lifecycle,
+    error: Option<ErrorInfo>,
+    model: Value,
+    results: Value,
+    durations: Durations,
+    /// When the current transient state settles (dummy driver).
+    settle_at: Option<Instant>,
+    /// Actions waiting for their `when`, in arrival order.
+    scheduled: VecDeque<(Instant, ActionRequest)>,
+}
+
+/// Build the properties object: every given key in order, with the identity
+/// keys set to their resolved values.
+fn properties_of(spec: &ComponentSpec, uuid: Uuid, realm: &Option<String>) -> Map<String, Value> {
+    let mut p = spec.properties.clone();
+    p.insert("category".into(), spec.category.clone().into());
+    p.insert("type".into(), spec.kind.clone().into());
+    p.insert("name".into(), spec.name.clone().into());
+    p.insert(
+        "realm".into(),
+        realm.clone().map_or(Value::Null, Value::String),
+    );
+    p.insert("uuid".into(), uuid.to_string().into());
+    p.shift_remove("enabled");
+    p
+}
+
+/// Start the task of a component and return its handle. The caller
+/// registers it with the registry and the bus.
+pub(crate) fn spawn(
+    shared: &Arc<Shared>,
+    spec: &ComponentSpec,
+    kind: &'static Kind,
+    uuid: Uuid,
+    managed_by: Option<Uuid>,
+    persisted: bool,
+) -> ComponentHandle {
+    let realm = spec.realm.clone().or_else(|| shared.config.realm.clone());
+    let keys = RoutingKeys {
+        category: spec.category.clone(),
+        kind: spec.kind.clone(),
+        uuid,
+        realm: realm.clone(),
+    };
+    let (tx, rx) = mpsc::channel(MAILBOX);
+    let properties = properties_of(spec, uuid, &realm);
+    let durations = Durations(
+        properties
+            .get("durations")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default(),
+    );
+    let component = Component {
+        shared: shared.clone(),
+        keys: keys.clone(),
+        kind,
+        managed_by,
+        properties,
+        lifecycle: Lifecycle::default(),
+        error: None,
+        model: Value::Null,
+        results: Value::Null,
+        durations,
+        settle_at: None,
+        scheduled: VecDeque::new(),
+    };
+    shared
+        .metrics
+        .state_change(None, Some(State::Idle.as_str()));
+    shared.tracker.spawn(component.run(rx));
+    ComponentHandle {
+        keys,
+        managed_by,
+        persisted,
+        tx,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Component {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let token = self.shared.shutdown.clone();
+        let period = self.shared.config.status_interval();
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_scheduled = self.scheduled.front().map(|(at, _)| *at);
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None => break,
+                    Some(Command::Remove(done)) => {
+                        self.set_state(State::Gone);
+                        self.publish(None).await;
+                        let _ = done.send(());
+                        break;
+                    }
+                    Some(cmd) => self.command(cmd).await,
+                },
+                _ = sleep_until_opt(next_scheduled) => {
+                    if let Some((_, req)) = self.scheduled.pop_front() {
+                        self.execute(req).await;
+                    }
+                }
+                _ = sleep_until_opt(self.settle_at) => {
+                    self.settle_at = None;
+                    let from = self.lifecycle.state();
+                    if let Some(to) = self.lifecycle.settle() {
+                        self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
+                        debug!(component = %self.keys.uuid, %from, %to, "settled");
+                        self.publish(None).await;
+                    }
+                }
+                _ = tick.tick() => self.publish(None).await,
+                _ = token.cancelled() => break,
+            }
+        }
+        self.shared
+            .metrics
+            .state_change(Some(self.lifecycle.state().as_str()), None);
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Message(Ok(req)) => self.accept(req).await,
+            Command::Message(Err(rejection)) => {
+                let info = ErrorInfo::from(&rejection);
+                self.fail(info, None).await;
+            }
+            Command::Announce => self.publish(None).await,
+            Command::Act(req, reply) => {
+                self.accept(req).await;
+                let _ = reply.send(self.status());
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Remove(_) => unreachable!("handled in run"),
+        }
+    }
+
+    /// Take an action from the bus: run it now, or queue it behind its `when`
+    /// (and behind anything already queued, to keep order).
+    async fn accept(&mut self, req: ActionRequest) {
+        let now = Instant::now();
+        let due = match req.when {
+            When::Now => now,
+            When::At(t) => now + t.duration_since(SystemTime::now()).unwrap_or_default(),
+        };
+        if req.action == Action::Ping.as_str() || (due <= now && self.scheduled.is_empty()) {
+            self.execute(req).await;
+        } else {
+            debug!(component = %self.keys.uuid, action = %req.action, in_ms = (due - now).as_millis() as u64, "scheduled");
+            let due = self
+                .scheduled
+                .back()
+                .map_or(due, |(last, _)| due.max(*last));
+            self.scheduled.push_back((due, req));
+        }
+    }
+
+    async fn execute(&mut self, req: ActionRequest) {
+        let span = info_span!("action", component = %self.keys.uuid, r#type = %self.keys.kind, action = %req.action);
+        self.execute_inner(req).instrument(span).await
+    }
+
+    async fn execute_inner(&mut self, req: ActionRequest) {
+        let reply = Some(&req);
+        let action = match req.action.parse::<Action>() {
+            Ok(a) => a,
+            Err(e) => return self.refuse(e, reply).await,
+        };
+        if action == Action::Ping {
+            return self.publish(reply).await;
+        }
+        if let Err(info) = self.kind.validate(action, &req.parameters) {
+            self.shared.metrics.error("validation");
+            return self.fail(info, reply).await;
+        }
+        let outcome = match self.kind.driver {
+            Driver::Dummy => self.dummy(action, &req),
+            Driver::GenericManager => self.manage(action, &req).await,
+        };
+        match outcome {
+            Ok(()) => {
+                info!(state = %self.lifecycle.state(), "action accepted");
+                self.publish(reply).await
+            }
+            Err(info) => self.fail(info, reply).await,
+        }
+    }
+
+    fn dummy(&mut self, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
+        let from = self.lifecycle.state();
+        let to = self.lifecycle.begin(action).map_err(|e| {
+            self.shared.metrics.error("invalid_transition");
+            ErrorInfo::from(&e)
+        })?;
+        self.shared
+            .metrics
+            .state_change(Some(from.as_str()), Some(to.as_str()));
+        self.error = None;
+        if action == Action::Start {
+            self.model = req.payload.get("model").cloned().unwrap_or(Value::Null);
+            self.results = req.payload.get("results").cloned().unwrap_or(Value::Null);
+        }
+        self.settle_at = Some(Instant::now() + self.durations.of(action, &req.parameters));
+        Ok(())
+    }
+
+    async fn refuse(&mut self, e: TransitionError, reply: Option<&ActionRequest>) {
+        let kind = match e {
+            TransitionError::UnknownAction(_) => "unknown_action",
+            TransitionError::Unsupported { .. } => "unsupported_action",
+            TransitionError::Invalid { .. } => "invalid_transition",
+        };
+        self.shared.metrics.error(kind);
+        self.fail(ErrorInfo::from(&e), reply).await
+    }
+
+    /// Enter `error` with `info`, drop any pending settle, and publish.
+    async fn fail(&mut self, info: ErrorInfo, reply: Option<&ActionRequest>) {
+        warn!(component = %self.keys.uuid, error = %info.msg(), "component error");
+        self.settle_at = None;
+        self.set_state(State::Error);
+        self.error = Some(info);
+        self.publish(reply).await;
+    }
+
+    fn set_state(&mut self, to: State) {
+        let from = self.lifecycle.state();
+        match to {
+            State::Error => {
+                self.lifecycle.fail();
+            }
+            State::Gone => self.lifecycle.gone(),
+            other => self.lifecycle = Lifecycle::new(other),
+        }
+        self.shared
+            .metrics
+            .state_change(Some(from.as_str()), Some(self.lifecycle.state().as_str()));
+    }
+
+    fn status(&self) -> Value {
+        let prefix = match self.keys.category.as_str() {
+            "simulator" => Prefix::Simulator {
+                model: self.model.clone(),
+                results: self.results.clone(),
+            },
+            "manager" => Prefix::Manager {
+                components: self.shared.managed_by(self.keys.uuid),
+            },
+            _ => Prefix::None,
+        };
+        StatusView {
+            prefix,
+            state: self.lifecycle.state(),
+            managed_by: self.managed_by,
+            error: self.error.as_ref(),
+            extra: &Map::new(),
+            properties: &self.properties,
+            schema: &self.kind.schema,
+        }
+        .render(&self.shared.info)
+    }
+
+    /// Publish the status on the exchange; if `cause` asked for a reply, also
+    /// send it to `reply_to` with its `correlation_id`.
+    async fn publish(&self, cause: Option<&ActionRequest>) {
+        let body = match serde_json::to_vec(&self.status()) {
+            Ok(b) => b,
+            Err(e) => return warn!(error = %e, "cannot serialise status"),
+        };
+        let reply = cause.map(|r| &r.reply).filter(|r| r.wanted());
+        self.shared
+            .bus
+            .publish_status(&self.keys, &body, reply)
+            .await;
+    }
+}

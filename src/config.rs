@@ -1,0 +1,414 @@
+//! Typed configuration, read from YAML (or JSON, which is YAML too).
+//!
+//! Every error names the file and the key (`lab.yaml: components[1].type: …`).
+//! Relative paths resolve against the config file's directory, so a config
+//! works from any working directory.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Environment variable that overrides `broker.url`.
+pub const AMQP_URL_ENV: &str = "AMQP_URL";
+
+/// A configuration problem, pointing at the file and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {msg}")]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// The offending key as a path (`components[2].uuid`), or `(file)`.
+    pub key: String,
+    /// What is wrong.
+    pub msg: String,
+}
+
+impl ConfigError {
+    fn new(file: &Path, key: impl Into<String>, msg: impl Into<String>) -> Self {
+        Self {
+            file: file.to_owned(),
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// How component queues are laid out on the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Topology {
+    /// One server-named, exclusive, auto-delete queue per component, bound
+    /// `x-match: any` on its four headers: exactly VILLAScontroller's layout.
+    #[default]
+    PerComponent,
+    /// One queue per daemon carrying the union of the bindings; the daemon
+    /// routes in-process with the same OR rule. A status published by one of
+    /// N components sharing a category then crosses the broker once instead
+    /// of N times, which is what large daemons need (see BENCHMARKS.md).
+    Shared,
+}
+
+/// `broker:` section.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// AMQP URL; `AMQP_URL` overrides it.
+    #[serde(default = "default_url")]
+    pub url: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self { url: default_url() }
+    }
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
+}
+
+fn default_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".into()
+}
+
+/// `api:` section: the HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Serve the API at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Listen address; loopback unless configured otherwise.
+    #[serde(default = "default_bind")]
+    pub bind: SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: default_bind(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8089))
+}
+fn default_exchange() -> String {
+    "villas".into()
+}
+fn default_interval() -> f64 {
+    30.0
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Broker connection.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// Name of the headers exchange (`villas`); tests use unique names.
+    #[serde(default = "default_exchange")]
+    pub exchange: String,
+    /// Realm of components that set none.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// Seconds between periodic status publications (default 30).
+    #[serde(default = "default_interval")]
+    pub status_interval: f64,
+    /// HTTP API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Where the store lives; relative to the config file.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Queue layout.
+    #[serde(default)]
+    pub topology: Topology,
+    /// Largest accepted message body in bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Uuid of the implicit generic manager (generated and kept if unset).
+    #[serde(default)]
+    pub uuid: Option<Uuid>,
+    /// Components to run. Free-form objects; see [`ComponentSpec`].
+    #[serde(default)]
+    pub components: Vec<Map<String, Value>>,
+}
+
+impl Config {
+    /// Read, parse and validate `path`, applying `AMQP_URL`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, "(file)", e.to_string()))?;
+        let mut cfg = Self::parse(&text, path)?;
+        if let Ok(url) = std::env::var(AMQP_URL_ENV) {
+            cfg.broker.url = url;
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        if cfg.data_dir.is_relative() {
+            cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        Ok(cfg)
+    }
+
+    /// Parse and validate text; `path` is used only in messages and to pick
+    /// JSON (`.json`) or YAML (anything else).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let value: Value = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(text).map_err(|e| {
+                ConfigError::new(
+                    path,
+                    format!("line {} column {}", e.line(), e.column()),
+                    e.to_string(),
+                )
+            })?
+        } else {
+            serde_saphyr::from_str(text)
+                .map_err(|e| ConfigError::new(path, "(syntax)", e.to_string()))?
+        };
+        let value = if value.is_null() {
+            Value::Object(Map::new())
+        } else {
+            value
+        };
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::new(
+                path,
+                if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                e.into_inner().to_string(),
+            )
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.exchange.is_empty() {
+            return Err(ConfigError::new(path, "exchange", "must not be empty"));
+        }
+        if !(self.status_interval.is_finite() && self.status_interval > 0.0) {
+            return Err(ConfigError::new(
+                path,
+                "status_interval",
+                "must be a positive number of seconds",
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::new(path, "max_body_bytes", "must be positive"));
+        }
+        if !self.broker.url.starts_with("amqp://") && !self.broker.url.starts_with("amqps://") {
+            return Err(ConfigError::new(
+                path,
+                "broker.url",
+                "must start with amqp:// or amqps://",
+            ));
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (i, c) in self.components.iter().enumerate() {
+            let spec = ComponentSpec::from_map(c.clone())
+                .map_err(|(k, m)| ConfigError::new(path, format!("components[{i}].{k}"), m))?;
+            if let Some(u) = spec.uuid
+                && let Some(j) = seen.insert(u, i)
+            {
+                return Err(ConfigError::new(
+                    path,
+                    format!("components[{i}].uuid"),
+                    format!("duplicate uuid {u}, also used by components[{j}]"),
+                ));
+            }
+            crate::component::kinds::check(&spec)
+                .map_err(|(k, m)| ConfigError::new(path, format!("components[{i}].{k}"), m))?;
+        }
+        Ok(())
+    }
+
+    /// The periodic status interval.
+    pub fn status_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.status_interval)
+    }
+}
+
+/// Replace the password of a URL with `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(p) => p,
+        None => return url.to_owned(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// One component as declared in config or in a `create` action: the identity
+/// keys plus every other key as a property (echoed in `status.properties`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComponentSpec {
+    /// `category`.
+    pub category: String,
+    /// `type`.
+    pub kind: String,
+    /// `uuid`, if given.
+    pub uuid: Option<Uuid>,
+    /// `realm`, if given.
+    pub realm: Option<String>,
+    /// `name` (defaults to `category/type`).
+    pub name: String,
+    /// `enabled` (default true); disabled components are not run.
+    pub enabled: bool,
+    /// All keys as given, in order.
+    pub properties: Map<String, Value>,
+}
+
+impl ComponentSpec {
+    /// Read a spec; the error is `(key, message)`.
+    pub fn from_map(map: Map<String, Value>) -> Result<Self, (String, String)> {
+        let s = |k: &str, required: bool| -> Result<Option<String>, (String, String)> {
+            match map.get(k) {
+                None | Some(Value::Null) if !required => Ok(None),
+                None | Some(Value::Null) => Err((k.into(), "is required".into())),
+                Some(Value::String(v)) if !v.is_empty() => Ok(Some(v.clone())),
+                Some(_) => Err((k.into(), "must be a non-empty string".into())),
+            }
+        };
+        let category = s("category", true)?.unwrap_or_default();
+        let kind = s("type", true)?.unwrap_or_default();
+        let uuid = match s("uuid", false)? {
+            None => None,
+            Some(u) => Some(
+                Uuid::parse_str(&u)
+                    .map_err(|e| ("uuid".to_string(), format!("invalid uuid {u:?}: {e}")))?,
+            ),
+        };
+        let realm = s("realm", false)?;
+        let name = s("name", false)?.unwrap_or_else(|| format!("{category}/{kind}"));
+        let enabled = match map.get("enabled") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(("enabled".into(), "must be true or false".into())),
+        };
+        Ok(Self {
+            category,
+            kind,
+            uuid,
+            realm,
+            name,
+            enabled,
+            properties: map,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("lab.yaml"))
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.exchange, "villas");
+        assert_eq!(c.status_interval(), Duration::from_secs(30));
+        assert_eq!(c.api.bind, "127.0.0.1:8089".parse().unwrap());
+        assert!(c.components.is_empty());
+        assert_eq!(c.topology, Topology::PerComponent);
+    }
+
+    #[test]
+    fn json_is_accepted() {
+        let c = Config::parse(
+            r#"{"exchange": "x", "components": []}"#,
+            Path::new("c.json"),
+        )
+        .unwrap();
+        assert_eq!(c.exchange, "x");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let e = parse("status_interval: soon").unwrap_err().to_string();
+        assert!(e.starts_with("lab.yaml: status_interval:"), "{e}");
+        let e = parse("api: {bind: nowhere}").unwrap_err().to_string();
+        assert!(e.starts_with("lab.yaml: api.bind:"), "{e}");
+        let e = parse("bogus: 1").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e =
+            parse("components:\n- {category: simulator, type: dummy}\n- {category: simulator}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.starts_with("lab.yaml: components[1].type: is required"),
+            "{e}"
+        );
+        let e = parse("components:\n- {category: simulator, type: warp-drive}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("lab.yaml: components[0].type:"), "{e}");
+        let e = parse("components:\n- {category: simulator, type: dummy, uuid: nope}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("lab.yaml: components[0].uuid: invalid uuid"),
+            "{e}"
+        );
+        let u = "3ddd318e-fee1-46d7-bff4-7c064d640d4e";
+        let e = parse(&format!(
+            "components:\n- {{category: simulator, type: dummy, uuid: {u}}}\n- {{category: simulator, type: dummy, uuid: {u}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("components[1].uuid: duplicate uuid"), "{e}");
+        let e = parse("status_interval: 0").unwrap_err().to_string();
+        assert!(e.contains("status_interval"), "{e}");
+        let e = parse("a: [unclosed").unwrap_err().to_string();
+        assert!(e.starts_with("lab.yaml:"), "{e}");
+    }
+
+    #[test]
+    fn passwords_are_redacted_in_debug_output() {
+        let c = parse("broker: {url: 'amqp://villas:s3cret@host:5672/%2f'}").unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cret"), "{dbg}");
+        assert_eq!(redact_url("amqp://u:p@h/v"), "amqp://u:***@h/v");
+        assert_eq!(redact_url("amqp://h/v"), "amqp://h/v");
+    }
+
+    #[test]
+    fn relative_data_dirs_resolve_against_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lab.yaml");
+        std::fs::write(&file, "data_dir: state\n").unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("state"));
+    }
+}

@@ -1,0 +1,251 @@
+//! The daemon: wires store, bus, components and the HTTP API together, and
+//! shuts them down in order (signal → cancel all → wait for all).
+
+use indexmap::IndexMap;
+use serde_json::{Map, Value};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::Error;
+use crate::bus::Bus;
+use crate::component::{self, ComponentHandle, kinds};
+use crate::config::{ComponentSpec, Config};
+use crate::metrics::Metrics;
+use crate::protocol::DaemonInfo;
+use crate::store::Store;
+
+/// How long shutdown waits for tasks before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// State shared by every task of one daemon.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration it runs with.
+    pub config: Config,
+    /// Host facts for status messages.
+    pub info: DaemonInfo,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The embedded store.
+    pub store: Store,
+    /// The bus handle.
+    pub bus: Bus,
+    /// Cancelled once, on shutdown.
+    pub shutdown: CancellationToken,
+    /// Every long-lived task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    registry: RwLock<IndexMap<Uuid, ComponentHandle>>,
+}
+
+impl Shared {
+    /// The handle of component `uuid`.
+    pub fn lookup(&self, uuid: Uuid) -> Option<ComponentHandle> {
+        self.read().get(&uuid).cloned()
+    }
+
+    /// Every component, in creation order.
+    pub fn handles(&self) -> Vec<ComponentHandle> {
+        self.read().values().cloned().collect()
+    }
+
+    /// The uuids of the components managed by `manager`.
+    pub fn managed_by(&self, manager: Uuid) -> Vec<Uuid> {
+        self.read()
+            .values()
+            .filter(|h| h.managed_by == Some(manager))
+            .map(|h| h.uuid())
+            .collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, IndexMap<Uuid, ComponentHandle>> {
+        self.registry.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start a component, register it and route it; it announces itself as
+    /// soon as its queue is bound.
+    pub(crate) async fn add_component(
+        self: &Arc<Self>,
+        spec: &ComponentSpec,
+        kind: &'static kinds::Kind,
+        uuid: Uuid,
+        managed_by: Option<Uuid>,
+        persisted: bool,
+    ) -> ComponentHandle {
+        let handle = component::spawn(self, spec, kind, uuid, managed_by, persisted);
+        self.registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uuid, handle.clone());
+        self.bus.subscribe(handle.clone());
+        handle
+    }
+
+    /// Unroute and unregister a component; it publishes `gone` once and stops.
+    pub(crate) async fn remove_component(&self, uuid: Uuid) {
+        let handle = self
+            .registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .shift_remove(&uuid);
+        if let Some(h) = handle {
+            self.bus.unsubscribe(h.keys.clone());
+            h.remove().await;
+        }
+    }
+}
+
+/// A running daemon, as returned by [`start`].
+#[derive(Debug)]
+pub struct Running {
+    /// The shared state (for the API and tests).
+    pub shared: Arc<Shared>,
+    /// Where the HTTP API listens, if enabled.
+    pub api_addr: Option<SocketAddr>,
+}
+
+impl Running {
+    /// Stop everything and wait for every task to finish.
+    pub async fn stop(self) {
+        self.shared.shutdown.cancel();
+        self.shared.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some tasks did not stop within {SHUTDOWN_GRACE:?}");
+        }
+        info!("Goodbye");
+    }
+}
+
+/// Start a daemon: open the store, connect the bus (in the background), start
+/// every configured and persisted component, and serve the API.
+pub async fn start(config: Config) -> Result<Running, Error> {
+    let store = Store::open(&config.data_dir)?;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (bus, runner) = Bus::new(&config.exchange);
+    let shared = Arc::new(Shared {
+        bus,
+        config,
+        info: DaemonInfo::detect(),
+        metrics: Metrics::new(),
+        store,
+        shutdown,
+        tracker,
+        registry: RwLock::new(IndexMap::new()),
+    });
+    runner.spawn(&shared);
+    start_components(&shared).await?;
+    let api_addr = if shared.config.api.enabled {
+        Some(crate::api::serve(shared.clone()).await?)
+    } else {
+        None
+    };
+    info!(components = shared.handles().len(), api = ?api_addr, "busbar started");
+    Ok(Running { shared, api_addr })
+}
+
+/// Run until `signal` resolves, then shut down gracefully.
+pub async fn run(
+    config: Config,
+    signal: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let running = start(config).await?;
+    tokio::select! {
+        _ = signal => info!("shutdown requested"),
+        _ = running.shared.shutdown.cancelled() => {}
+    }
+    running.stop().await;
+    Ok(())
+}
+
+fn spec_map(pairs: &[(&str, Value)]) -> Map<String, Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
+async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
+    let cfg = &shared.config;
+    let mut specs: Vec<ComponentSpec> = Vec::new();
+    for (i, map) in cfg.components.iter().enumerate() {
+        let spec = ComponentSpec::from_map(map.clone())
+            .map_err(|(k, m)| Error::Internal(format!("components[{i}].{k}: {m}")))?;
+        if spec.enabled {
+            specs.push(spec);
+        }
+    }
+    // The root manager: the first configured generic manager, or an implicit one.
+    let root_pos = specs
+        .iter()
+        .position(|s| s.category == "manager" && s.kind == "generic");
+    let root = match root_pos {
+        Some(i) => specs.remove(i),
+        None => ComponentSpec::from_map(spec_map(&[
+            ("category", "manager".into()),
+            ("type", "generic".into()),
+            ("name", "Generic Manager".into()),
+            ("location", shared.info.host.clone().into()),
+        ]))
+        .map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?,
+    };
+    let root_uuid = match root.uuid.or(cfg.uuid) {
+        Some(u) => u,
+        None => shared.store.identity("manager/generic/root")?,
+    };
+    let kind = kinds::check(&root).map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?;
+    shared
+        .add_component(&root, kind, root_uuid, None, false)
+        .await;
+
+    for spec in specs {
+        let kind = kinds::check(&spec).map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?;
+        let uuid = match spec.uuid {
+            Some(u) => u,
+            None => shared.store.identity(&format!(
+                "config:{}/{}/{}",
+                spec.category, spec.kind, spec.name
+            ))?,
+        };
+        if shared.lookup(uuid).is_some() {
+            return Err(Error::Internal(format!("duplicate component uuid {uuid}")));
+        }
+        shared
+            .add_component(&spec, kind, uuid, Some(root_uuid), false)
+            .await;
+    }
+
+    for stored in shared.store.components()? {
+        let spec = match ComponentSpec::from_map(stored.spec.clone()) {
+            Ok(s) => s,
+            Err((k, m)) => {
+                warn!(uuid = %stored.uuid, "skipping stored component: {k} {m}");
+                continue;
+            }
+        };
+        let Ok(kind) = kinds::check(&spec) else {
+            warn!(uuid = %stored.uuid, r#type = %spec.kind, "skipping stored component of unknown type");
+            continue;
+        };
+        if shared.lookup(stored.uuid).is_some() {
+            warn!(uuid = %stored.uuid, "stored component clashes with a configured one; configured wins");
+            continue;
+        }
+        let manager = if shared.lookup(stored.manager).is_some() {
+            stored.manager
+        } else {
+            root_uuid
+        };
+        shared
+            .add_component(&spec, kind, stored.uuid, Some(manager), true)
+            .await;
+    }
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! The library's error type.
+
+/// Everything that can stop the daemon from starting or a client from working.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The embedded store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The broker failed.
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// A socket or file failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// A client operation timed out.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// A bug or impossible state, with context.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// A short label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Store(_) => "store",
+            Error::Amqp(_) => "amqp",
+            Error::Io(_) => "io",
+            Error::Timeout(_) => "timeout",
+            Error::Internal(_) => "internal",
+        }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

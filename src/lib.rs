@@ -1,0 +1,33 @@
+//! busbar: a VILLAScontroller-compatible controller for distributed
+//! co-simulation labs, speaking the VILLAS protocol on an AMQP headers
+//! exchange.
+//!
+//! # Layout
+//! - [`protocol`]: wire types: routing headers, action decoding, the status
+//!   envelope. Pure; no I/O.
+//! - [`state`]: the sans-IO simulator lifecycle (transition table).
+//! - [`component`]: one owning task per component behind a handle; the
+//!   type registry ([`component::kinds`]) with its JSON Schemas; drivers.
+//! - [`bus`]: the AMQP connection supervisor: topology, consumers,
+//!   reconnection, publishing.
+//! - [`daemon`]: wiring and graceful shutdown.
+//! - [`api`]: the HTTP API (`/api/v1`, `/metrics`).
+//! - [`client`]: the client side used by the CLI (ping, monitor, actions).
+//! - [`config`], [`store`], [`metrics`], [`telemetry`]: the usual.
+//!
+//! `ARCHITECTURE.md` follows one ping from the socket to the reply.
+
+pub mod api;
+pub mod bus;
+pub mod client;
+pub mod component;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod metrics;
+pub mod protocol;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+
+pub use error::{Error, Result};

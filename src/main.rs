@@ -1,0 +1,445 @@
+//! The `busbar` binary: the daemon and the command-line client.
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use busbar::client::{Client, Outcome};
+use busbar::config::{AMQP_URL_ENV, Config};
+use busbar::protocol::Filter;
+
+/// A VILLAScontroller-compatible lab equipment controller.
+#[derive(Parser)]
+#[command(name = "busbar", version, about)]
+struct Cli {
+    /// Log filter when RUST_LOG is unset (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Conn {
+    /// Broker URL.
+    #[arg(long, env = AMQP_URL_ENV, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    broker: String,
+    /// Exchange name.
+    #[arg(long, default_value = "villas")]
+    exchange: String,
+    /// Read broker URL and exchange from this config file instead.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+}
+
+impl Conn {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let (url, exchange) = match &self.config {
+            Some(p) => {
+                let c = Config::load(p)?;
+                (c.broker.url, c.exchange)
+            }
+            None => (self.broker.clone(), self.exchange.clone()),
+        };
+        Client::connect(&url, &exchange)
+            .await
+            .with_context(|| format!("cannot connect to {}", busbar::config::redact_url(&url)))
+    }
+}
+
+#[derive(Args, Clone, Default)]
+struct FilterArgs {
+    /// Select by uuid.
+    #[arg(short = 'u', long)]
+    uuid: Option<String>,
+    /// Select by realm.
+    #[arg(short = 'r', long)]
+    realm: Option<String>,
+    /// Select by category.
+    #[arg(short = 'C', long)]
+    category: Option<String>,
+    /// Select by type.
+    #[arg(short = 't', long = "type")]
+    kind: Option<String>,
+}
+
+impl From<FilterArgs> for Filter {
+    fn from(a: FilterArgs) -> Filter {
+        Filter {
+            uuid: a.uuid,
+            realm: a.realm,
+            category: a.category,
+            kind: a.kind,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the controller daemon.
+    Daemon {
+        /// Configuration file (YAML or JSON).
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit.
+    ValidateConfig {
+        /// Configuration file.
+        file: PathBuf,
+    },
+    /// Ping components and print one line per reply.
+    Ping {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+        /// Stop after this many seconds without a new reply.
+        #[arg(long, default_value_t = 1.0)]
+        quiet: f64,
+        /// Print each reply as a JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print messages on the bus as they pass, until interrupted.
+    Monitor {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print JSON lines (VILLAScontroller's monitor format).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send an action to a component, optionally waiting for a state.
+    Action {
+        #[command(flatten)]
+        conn: Conn,
+        /// start, stop, pause, resume, reset, shutdown, ping, …
+        action: String,
+        /// Target component.
+        #[arg(short = 'u', long)]
+        uuid: String,
+        /// Parameters: JSON or YAML text, or @file.
+        #[arg(short = 'p', long)]
+        parameters: Option<String>,
+        /// Model description (JSON/YAML or @file).
+        #[arg(long)]
+        model: Option<String>,
+        /// Results description (JSON/YAML or @file).
+        #[arg(long)]
+        results: Option<String>,
+        /// When to run it: Unix seconds or ISO-8601.
+        #[arg(long)]
+        when: Option<String>,
+        /// Wait until the component reaches this state (exit 0), or error (exit 1).
+        #[arg(long)]
+        wait: Option<String>,
+        /// Give up waiting after this many seconds (exit 2).
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Create a component through a manager.
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        /// The manager's uuid.
+        #[arg(short = 'm', long)]
+        manager: String,
+        /// Create parameters: JSON or YAML text, or @file.
+        #[arg(short = 'p', long)]
+        parameters: String,
+        /// Give up after this many seconds (exit 2).
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
+    /// Delete a component through its manager.
+    Delete {
+        #[command(flatten)]
+        conn: Conn,
+        /// The manager's uuid.
+        #[arg(short = 'm', long)]
+        manager: String,
+        /// The component to delete.
+        #[arg(short = 'u', long)]
+        uuid: String,
+        /// Give up after this many seconds (exit 2).
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
+}
+
+/// Parse `text` as JSON, else YAML; `@path` reads a file.
+fn document(text: &str) -> anyhow::Result<Value> {
+    let (text, from) = match text.strip_prefix('@') {
+        Some(path) => (
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
+            path.to_owned(),
+        ),
+        None => (text.to_owned(), "argument".to_owned()),
+    };
+    serde_json::from_str(&text)
+        .or_else(|_| serde_saphyr::from_str::<Value>(&text))
+        .with_context(|| format!("{from}: not valid JSON or YAML"))
+}
+
+fn object(text: &str) -> anyhow::Result<Map<String, Value>> {
+    match document(text)? {
+        Value::Object(m) => Ok(m),
+        other => bail!("expected an object, got {other}"),
+    }
+}
+
+fn print_row(v: &Value) {
+    let s = |p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("-")
+            .to_owned()
+    };
+    println!(
+        "{:<36}  {:<10} {:<14} {:<12} {:<24} {}",
+        s("/properties/uuid"),
+        s("/properties/category"),
+        s("/properties/type"),
+        s("/status/state"),
+        s("/properties/name"),
+        s("/properties/realm"),
+    );
+}
+
+fn error_msg(status: &Value) -> String {
+    status
+        .pointer("/status/error/msg")
+        .and_then(Value::as_str)
+        .unwrap_or("error")
+        .to_owned()
+}
+
+async fn wait_outcome(
+    client: &Client,
+    uuid: &str,
+    body: &Value,
+    target: Option<&str>,
+    timeout: f64,
+) -> anyhow::Result<ExitCode> {
+    let result = client
+        .act_and_wait(uuid, body, target, Duration::from_secs_f64(timeout))
+        .await;
+    Ok(match result {
+        Ok(Outcome::Reached(status)) => {
+            println!(
+                "{}",
+                status
+                    .pointer("/status/state")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Failed(status)) => {
+            eprintln!("error: {}", error_msg(&status));
+            println!(
+                "{}",
+                status
+                    .pointer("/status/error")
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            );
+            ExitCode::from(1)
+        }
+        Err(busbar::Error::Timeout(t)) => {
+            eprintln!("timed out after {t:?}");
+            ExitCode::from(2)
+        }
+        Err(e) => return Err(e.into()),
+    })
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Daemon { config } => {
+            let config = Config::load(&config)?;
+            busbar::daemon::run(config, shutdown_signal()).await?;
+        }
+        Cmd::ValidateConfig { file } => {
+            let c = Config::load(&file)?;
+            println!("{}: ok ({} components)", file.display(), c.components.len());
+        }
+        Cmd::Ping {
+            conn,
+            filter,
+            timeout,
+            quiet,
+            json,
+        } => {
+            let client = conn.connect().await?;
+            let filter: Filter = filter.into();
+            let n = client
+                .ping(
+                    &filter,
+                    Duration::from_secs_f64(timeout),
+                    Duration::from_secs_f64(quiet),
+                    |seen| {
+                        if json {
+                            println!("{}", seen.payload);
+                        } else {
+                            print_row(&seen.payload);
+                        }
+                    },
+                )
+                .await?;
+            client.close().await;
+            if n == 0 {
+                eprintln!("no replies");
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Cmd::Monitor { conn, filter, json } => {
+            let client = conn.connect().await?;
+            let filter: Filter = filter.into();
+            let mut l = client.listen(filter.binding()).await?;
+            let stop = shutdown_signal();
+            tokio::pin!(stop);
+            loop {
+                let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+                tokio::select! {
+                    seen = l.next_until(far) => match seen {
+                        Some(seen) if json => println!("{}", seen.monitor_json()),
+                        Some(seen) if seen.is_status() => print_row(&seen.payload),
+                        Some(seen) => println!("{:<36}  action {}", seen.headers.get("uuid").and_then(Value::as_str).unwrap_or("-"), seen.payload),
+                        None => continue,
+                    },
+                    _ = &mut stop => break,
+                }
+            }
+            client.close().await;
+        }
+        Cmd::Action {
+            conn,
+            action,
+            uuid,
+            parameters,
+            model,
+            results,
+            when,
+            wait,
+            timeout,
+        } => {
+            let mut body = Map::new();
+            body.insert("action".into(), action.into());
+            if let Some(p) = parameters {
+                body.insert("parameters".into(), Value::Object(object(&p)?));
+            }
+            if let Some(m) = model {
+                body.insert("model".into(), document(&m)?);
+            }
+            if let Some(r) = results {
+                body.insert("results".into(), document(&r)?);
+            }
+            if let Some(w) = when {
+                let v = w
+                    .parse::<f64>()
+                    .map(Value::from)
+                    .unwrap_or(Value::String(w));
+                body.insert("when".into(), v);
+            }
+            let body = Value::Object(body);
+            let client = conn.connect().await?;
+            let code = match wait {
+                Some(target) => wait_outcome(&client, &uuid, &body, Some(&target), timeout).await?,
+                None => {
+                    let filter = Filter {
+                        uuid: Some(uuid),
+                        ..Default::default()
+                    };
+                    client.publish(filter.action_headers(), &body, None).await?;
+                    ExitCode::SUCCESS
+                }
+            };
+            client.close().await;
+            return Ok(code);
+        }
+        Cmd::Create {
+            conn,
+            manager,
+            parameters,
+            timeout,
+        } => {
+            let body = serde_json::json!({"action": "create", "parameters": object(&parameters)?});
+            let client = conn.connect().await?;
+            let code = wait_outcome(&client, &manager, &body, None, timeout).await?;
+            client.close().await;
+            return Ok(code);
+        }
+        Cmd::Delete {
+            conn,
+            manager,
+            uuid,
+            timeout,
+        } => {
+            let body = serde_json::json!({"action": "delete", "parameters": {"uuid": uuid}});
+            let client = conn.connect().await?;
+            let code = wait_outcome(&client, &manager, &body, None, timeout).await?;
+            client.close().await;
+            return Ok(code);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let daemon = matches!(cli.cmd, Cmd::Daemon { .. });
+    busbar::telemetry::init(if daemon { &cli.log_level } else { "warn" }, cli.log_json);
+    let rt = if daemon {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}

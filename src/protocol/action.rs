@@ -1,0 +1,384 @@
+//! Decoding of incoming action messages, with a typed reason for every
+//! rejection. Nothing here may panic on any input: the consumer loop calls
+//! [`decode`] on raw broker bytes.
+
+use serde_json::{Map, Value};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How far ahead a `when` may lie. Anything later is almost certainly
+/// milliseconds sent where seconds were meant, so it is refused rather than
+/// scheduled for the year 50000.
+pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Where to send the outcome of an action, from the AMQP properties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// `reply_to`: a queue name, published to through the default exchange.
+    pub queue: Option<String>,
+    /// `correlation_id`, echoed on the reply.
+    pub correlation_id: Option<String>,
+}
+
+impl ReplyTo {
+    /// Whether the sender asked for a reply at all.
+    pub fn wanted(&self) -> bool {
+        self.queue.is_some() || self.correlation_id.is_some()
+    }
+}
+
+/// When an action should run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum When {
+    /// Immediately (`when` absent, 0, or in the past).
+    Now,
+    /// At this wall-clock time.
+    At(SystemTime),
+}
+
+impl When {
+    /// Parse the `when` field: Unix seconds (integer or float), a numeric
+    /// string, or an ISO-8601 / RFC 3339 timestamp (what a JavaScript `Date`
+    /// serialises to). A timestamp without offset is taken as UTC.
+    pub fn parse(v: Option<&Value>, now: SystemTime) -> Result<When, Rejection> {
+        let secs = match v {
+            None | Some(Value::Null) => return Ok(When::Now),
+            Some(Value::Number(n)) => n.as_f64(),
+            Some(Value::String(s)) => parse_time_str(s.trim()),
+            Some(_) => None,
+        };
+        let Some(secs) = secs.filter(|s| s.is_finite()) else {
+            return Err(Rejection::InvalidWhen(
+                v.map(|v| v.to_string()).unwrap_or_default(),
+            ));
+        };
+        if secs <= 0.0 {
+            return Ok(When::Now);
+        }
+        let at = UNIX_EPOCH + Duration::from_secs_f64(secs);
+        match at.duration_since(now) {
+            Err(_) => Ok(When::Now),
+            Ok(ahead) if ahead > MAX_SCHEDULE_AHEAD => Err(Rejection::InvalidWhen(format!(
+                "{secs} is more than a year ahead; expected Unix seconds"
+            ))),
+            Ok(ahead) if ahead.is_zero() => Ok(When::Now),
+            Ok(_) => Ok(When::At(at)),
+        }
+    }
+}
+
+fn parse_time_str(s: &str) -> Option<f64> {
+    if s.is_empty() {
+        return Some(0.0);
+    }
+    if let Ok(n) = s.parse::<f64>() {
+        return Some(n);
+    }
+    if let Ok(ts) = s.parse::<jiff::Timestamp>() {
+        return Some(ts.as_nanosecond() as f64 / 1e9);
+    }
+    let dt = s.parse::<jiff::civil::DateTime>().ok()?;
+    let ts = dt.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp();
+    Some(ts.as_nanosecond() as f64 / 1e9)
+}
+
+/// A decoded action message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionRequest {
+    /// The action name as sent (checked against the protocol later, so an
+    /// unknown name can still be reported to the addressed component).
+    pub action: String,
+    /// `parameters`, `{}` when absent.
+    pub parameters: Map<String, Value>,
+    /// When to run it.
+    pub when: When,
+    /// The whole body, for drivers that need more (`model`, `results`, `job`).
+    pub payload: Map<String, Value>,
+    /// Reply routing from the AMQP properties.
+    pub reply: ReplyTo,
+}
+
+impl ActionRequest {
+    /// A request built in-process (HTTP API, tests).
+    pub fn new(action: &str, parameters: Map<String, Value>) -> Self {
+        let mut payload = Map::new();
+        payload.insert("action".into(), Value::String(action.into()));
+        payload.insert("parameters".into(), Value::Object(parameters.clone()));
+        Self {
+            action: action.into(),
+            parameters,
+            when: When::Now,
+            payload,
+            reply: ReplyTo::default(),
+        }
+    }
+}
+
+/// What a well-formed message on the bus is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    /// An action for the component(s) it was routed to.
+    Action(ActionRequest),
+    /// Another component's status (no `action`, has `status`): ignored.
+    Status,
+}
+
+/// Why a message was refused. Each variant is a metrics label.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// `content_type` is set and is not JSON.
+    #[error("Unsupported content type {0:?}, expected application/json")]
+    ContentType(String),
+    /// The body exceeds the configured limit.
+    #[error("Message body of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Body size.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// The body is not valid JSON (or not UTF-8).
+    #[error("Invalid JSON: {0}")]
+    InvalidJson(String),
+    /// The body is valid JSON but not an object.
+    #[error("Message body must be a JSON object, got {0}")]
+    NotAnObject(&'static str),
+    /// An object with neither `action` nor `status`.
+    #[error("Missing action")]
+    MissingAction,
+    /// `action` is not a string.
+    #[error("Action must be a string")]
+    ActionNotAString,
+    /// `parameters` is present and not an object.
+    #[error("Parameters must be a JSON object")]
+    ParametersNotAnObject,
+    /// `when` cannot be read as a time.
+    #[error("Invalid when: {0}")]
+    InvalidWhen(String),
+}
+
+impl Rejection {
+    /// The metrics label of this kind of rejection.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejection::ContentType(_) => "content_type",
+            Rejection::TooLarge { .. } => "too_large",
+            Rejection::InvalidJson(_) => "invalid_json",
+            Rejection::NotAnObject(_) => "not_an_object",
+            Rejection::MissingAction => "missing_action",
+            Rejection::ActionNotAString => "invalid_action",
+            Rejection::ParametersNotAnObject => "invalid_parameters",
+            Rejection::InvalidWhen(_) => "invalid_when",
+        }
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Decode one message body. `content_type` may be absent (treated as JSON);
+/// parameters such as `; charset=utf-8` are allowed.
+pub fn decode(
+    content_type: Option<&str>,
+    body: &[u8],
+    limit: usize,
+    reply: ReplyTo,
+    now: SystemTime,
+) -> Result<Inbound, Rejection> {
+    if let Some(ct) = content_type {
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if !mime.eq_ignore_ascii_case("application/json") {
+            return Err(Rejection::ContentType(ct.to_owned()));
+        }
+    }
+    if body.len() > limit {
+        return Err(Rejection::TooLarge {
+            size: body.len(),
+            limit,
+        });
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
+    let Value::Object(mut payload) = value else {
+        return Err(Rejection::NotAnObject(json_kind(&value)));
+    };
+    let action = match payload.get("action") {
+        Some(Value::String(a)) => a.clone(),
+        Some(_) => return Err(Rejection::ActionNotAString),
+        None if payload.contains_key("status") => return Ok(Inbound::Status),
+        None => return Err(Rejection::MissingAction),
+    };
+    let parameters = match payload.get("parameters") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(p)) => p.clone(),
+        Some(_) => return Err(Rejection::ParametersNotAnObject),
+    };
+    let when = When::parse(payload.get("when"), now)?;
+    payload.insert("parameters".into(), Value::Object(parameters.clone()));
+    Ok(Inbound::Action(ActionRequest {
+        action,
+        parameters,
+        when,
+        payload,
+        reply,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LIMIT: usize = 1024;
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn dec(ct: Option<&str>, body: &str) -> Result<Inbound, Rejection> {
+        decode(ct, body.as_bytes(), LIMIT, ReplyTo::default(), now())
+    }
+
+    fn action(body: &str) -> ActionRequest {
+        match dec(Some("application/json"), body) {
+            Ok(Inbound::Action(a)) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn captured_cli_and_villasweb_requests_decode() {
+        let a = action(r#"{"action": "ping"}"#);
+        assert_eq!(a.action, "ping");
+        assert!(a.parameters.is_empty());
+        assert_eq!(a.when, When::Now);
+        let a = action(r#"{"action":"ping","when":0}"#);
+        assert_eq!(a.when, When::Now);
+        let a = action(
+            r#"{"action": "start", "parameters": {"runtime": 1}, "model": {"url": "u"}, "results": {"url": "r"}}"#,
+        );
+        assert_eq!(a.parameters["runtime"], json!(1));
+        assert_eq!(a.payload["model"], json!({"url": "u"}));
+    }
+
+    #[test]
+    fn when_accepts_seconds_floats_strings_and_iso8601() {
+        let t = 1_800_000_100.0;
+        let at = UNIX_EPOCH + Duration::from_secs_f64(t);
+        assert_eq!(
+            When::parse(Some(&json!(1_800_000_100)), now()),
+            Ok(When::At(at))
+        );
+        assert_eq!(When::parse(Some(&json!(t)), now()), Ok(When::At(at)));
+        assert_eq!(
+            When::parse(Some(&json!("1800000100")), now()),
+            Ok(When::At(at))
+        );
+        assert_eq!(
+            When::parse(Some(&json!("2027-01-15T08:01:40Z")), now()),
+            Ok(When::At(at))
+        );
+        assert_eq!(
+            When::parse(Some(&json!("2027-01-15T08:01:40.000Z")), now()),
+            Ok(When::At(at))
+        );
+        assert_eq!(
+            When::parse(Some(&json!("2027-01-15T08:01:40")), now()),
+            Ok(When::At(at))
+        );
+        assert_eq!(
+            When::parse(Some(&json!("2027-01-15T09:01:40+01:00")), now()),
+            Ok(When::At(at))
+        );
+    }
+
+    #[test]
+    fn when_in_the_past_zero_or_absent_means_now() {
+        for v in [
+            json!(0),
+            json!(0.0),
+            json!(1_000),
+            json!("2001-01-01T00:00:00Z"),
+            json!(null),
+            json!(""),
+        ] {
+            assert_eq!(When::parse(Some(&v), now()), Ok(When::Now), "{v}");
+        }
+        assert_eq!(When::parse(None, now()), Ok(When::Now));
+    }
+
+    #[test]
+    fn when_that_is_not_a_time_or_is_absurdly_far_is_rejected() {
+        for v in [
+            json!("tomorrow"),
+            json!(true),
+            json!([1]),
+            json!(1_800_000_000_000u64),
+        ] {
+            assert!(
+                matches!(When::parse(Some(&v), now()), Err(Rejection::InvalidWhen(_))),
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_malformed_body_gets_its_own_rejection() {
+        assert_eq!(
+            dec(Some("text/plain"), "{}").unwrap_err().kind(),
+            "content_type"
+        );
+        assert_eq!(dec(None, "{not json").unwrap_err().kind(), "invalid_json");
+        assert_eq!(
+            dec(None, "[\"action\"]").unwrap_err(),
+            Rejection::NotAnObject("an array")
+        );
+        assert_eq!(
+            dec(None, "\"action\"").unwrap_err(),
+            Rejection::NotAnObject("a string")
+        );
+        assert_eq!(
+            dec(None, "42").unwrap_err(),
+            Rejection::NotAnObject("a number")
+        );
+        assert_eq!(dec(None, "{}").unwrap_err(), Rejection::MissingAction);
+        assert_eq!(
+            dec(None, r#"{"action": 1}"#).unwrap_err(),
+            Rejection::ActionNotAString
+        );
+        assert_eq!(
+            dec(None, r#"{"action": "start", "parameters": [1]}"#).unwrap_err(),
+            Rejection::ParametersNotAnObject
+        );
+        let big = format!(r#"{{"action":"ping","pad":"{}"}}"#, "x".repeat(LIMIT));
+        assert!(matches!(dec(None, &big), Err(Rejection::TooLarge { .. })));
+        assert_eq!(dec(None, "\u{0}\u{ff}").unwrap_err().kind(), "invalid_json");
+        assert!(decode(None, &[0xff, 0xfe], LIMIT, ReplyTo::default(), now()).is_err());
+    }
+
+    #[test]
+    fn status_messages_are_recognised_and_ignored() {
+        assert_eq!(
+            dec(None, r#"{"status": {"state": "idle"}}"#),
+            Ok(Inbound::Status)
+        );
+    }
+
+    #[test]
+    fn content_type_parameters_and_case_are_tolerated() {
+        assert!(
+            dec(
+                Some("Application/JSON; charset=utf-8"),
+                r#"{"action":"ping"}"#
+            )
+            .is_ok()
+        );
+    }
+}

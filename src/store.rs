@@ -1,0 +1,217 @@
+//! The embedded store: SQLite in the data directory. It keeps what must
+//! survive a restart: components created at runtime and uuids generated for
+//! components that were configured without one.
+//!
+//! Calls are small and synchronous; async callers go through
+//! [`tokio::task::spawn_blocking`] so a slow disk never stalls a runtime thread.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// SQLite failed.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A row holds something that is not what we wrote.
+    #[error("store: corrupt row {0}")]
+    Corrupt(String),
+    /// The blocking task died.
+    #[error("store task failed: {0}")]
+    Join(String),
+}
+
+/// A component created at runtime, as persisted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredComponent {
+    /// Its uuid.
+    pub uuid: Uuid,
+    /// The manager that created it.
+    pub manager: Uuid,
+    /// The create parameters (with the uuid filled in).
+    pub spec: Map<String, Value>,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Open (or create) `dir/busbar.sqlite3`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let conn = Connection::open(dir.join("busbar.sqlite3"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS components (
+                uuid TEXT PRIMARY KEY,
+                manager TEXT NOT NULL,
+                spec TEXT NOT NULL,
+                created_at INTEGER NOT NULL DEFAULT (unixepoch())
+             );
+             CREATE TABLE IF NOT EXISTS identities (
+                key TEXT PRIMARY KEY,
+                uuid TEXT NOT NULL
+             );",
+        )?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (statements are atomic), so a poisoned lock is still usable.
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.with(f))
+            .await
+            .map_err(|e| StoreError::Join(e.to_string()))?
+    }
+
+    /// Persist a created component. Returns `false` if the uuid is taken.
+    pub async fn insert_component(&self, c: StoredComponent) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            let n = conn.execute(
+                "INSERT OR IGNORE INTO components (uuid, manager, spec) VALUES (?1, ?2, ?3)",
+                params![
+                    c.uuid.to_string(),
+                    c.manager.to_string(),
+                    Value::Object(c.spec).to_string()
+                ],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Forget a created component. Returns whether it existed.
+    pub async fn delete_component(&self, uuid: Uuid) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            Ok(conn.execute("DELETE FROM components WHERE uuid = ?1", [uuid.to_string()])? == 1)
+        })
+        .await
+    }
+
+    /// Every created component, oldest first.
+    pub fn components(&self) -> Result<Vec<StoredComponent>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT uuid, manager, spec FROM components ORDER BY created_at, rowid")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (u, m, s) = row?;
+                let parse =
+                    |s: &str| Uuid::parse_str(s).map_err(|_| StoreError::Corrupt(s.to_owned()));
+                let spec = match serde_json::from_str(&s) {
+                    Ok(Value::Object(m)) => m,
+                    _ => return Err(StoreError::Corrupt(u)),
+                };
+                out.push(StoredComponent {
+                    uuid: parse(&u)?,
+                    manager: parse(&m)?,
+                    spec,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// The uuid stored under `key`, generating and storing a v4 on first use.
+    pub fn identity(&self, key: &str) -> Result<Uuid, StoreError> {
+        self.with(|conn| {
+            let existing: Option<String> = conn
+                .query_row("SELECT uuid FROM identities WHERE key = ?1", [key], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if let Some(u) = existing {
+                return Uuid::parse_str(&u).map_err(|_| StoreError::Corrupt(u));
+            }
+            let u = Uuid::new_v4();
+            conn.execute(
+                "INSERT INTO identities (key, uuid) VALUES (?1, ?2)",
+                params![key, u.to_string()],
+            )?;
+            Ok(u)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn components_and_identities_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = Uuid::new_v4();
+        let m = Uuid::new_v4();
+        let spec = json!({"category": "simulator", "type": "dummy", "uuid": u.to_string()});
+        let id = {
+            let s = Store::open(dir.path()).unwrap();
+            let c = StoredComponent {
+                uuid: u,
+                manager: m,
+                spec: spec.as_object().unwrap().clone(),
+            };
+            assert!(s.insert_component(c.clone()).await.unwrap());
+            assert!(!s.insert_component(c).await.unwrap(), "duplicate refused");
+            s.identity("config:simulator/dummy/x").unwrap()
+        };
+        let s = Store::open(dir.path()).unwrap();
+        let all = s.components().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].uuid, u);
+        assert_eq!(all[0].manager, m);
+        assert_eq!(Value::Object(all[0].spec.clone()), spec);
+        assert_eq!(s.identity("config:simulator/dummy/x").unwrap(), id);
+        assert_ne!(s.identity("other").unwrap(), id);
+        assert!(s.delete_component(u).await.unwrap());
+        assert!(!s.delete_component(u).await.unwrap());
+        assert!(s.components().unwrap().is_empty());
+    }
+}
