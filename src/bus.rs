@@ -249,10 +249,7 @@ async fn supervise(
         return;
     };
     loop {
-        let outcome = tokio::select! {
-            r = session(&shared, &url, &mut cmd_rx, &ch_tx) => r,
-            _ = token.cancelled() => Ok(()),
-        };
+        let outcome = session(&shared, &url, &mut cmd_rx, &ch_tx, &token).await;
         ch_tx.send_replace(None);
         if token.is_cancelled() {
             break;
@@ -290,8 +287,19 @@ async fn session(
     url: &str,
     cmd_rx: &mut mpsc::UnboundedReceiver<BusCmd>,
     ch_tx: &watch::Sender<Option<Channel>>,
+    token: &tokio_util::sync::CancellationToken,
 ) -> Result<(), BusError> {
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let Some(name) = shared
+        .upgrade()
+        .map(|s| format!("busbar daemon exchange={}", s.config.exchange))
+    else {
+        return Ok(());
+    };
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let conn = tokio::select! {
+        c = Connection::connect(url, props) => c?,
+        _ = token.cancelled() => return Ok(()),
+    };
     let mut events = conn.events_listener();
     let sub = conn.create_channel().await?;
     let publ = conn.create_channel().await?;
@@ -384,6 +392,12 @@ async fn session(
             _ = check.tick() => if !conn.status().connected() {
                 return Err(BusError::Lost("connection closed".into()));
             },
+            _ = token.cancelled() => {
+                // Closing ends every consumer stream, and so every forwarder.
+                ch_tx.send_replace(None);
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutdown".into())).await;
+                return Ok(());
+            }
         }
     }
 }
@@ -397,7 +411,17 @@ fn spawn_forwarder(shared: &Arc<Shared>, consumer: lapin::Consumer, target: Targ
 /// counted and reported; it never ends the loop. The loop ends with the
 /// consumer (queue deleted or connection lost).
 async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Target) {
-    while let Some(delivery) = consumer.next().await {
+    let Some(token) = shared.upgrade().map(|s| s.shutdown.clone()) else {
+        return;
+    };
+    loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => match d {
+                Some(d) => d,
+                None => break,
+            },
+            _ = token.cancelled() => break,
+        };
         let Ok(d) = delivery else { break };
         let Some(s) = shared.upgrade() else { break };
         s.metrics.messages_in.inc();

@@ -108,7 +108,9 @@ pub enum Outcome {
 impl Client {
     /// Connect and declare the exchange.
     pub async fn connect(url: &str, exchange: &str) -> Result<Client> {
-        let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("busbar client exchange={exchange}").into());
+        let conn = Connection::connect(url, props).await?;
         let ch = conn.create_channel().await?;
         declare_exchange(&ch, exchange).await?;
         Ok(Client {
@@ -128,31 +130,46 @@ impl Client {
         })
     }
 
-    /// Publish an action body with `headers`, optionally asking for a reply.
+    /// Publish an action body with `headers`, optionally asking for a reply
+    /// (`(reply_to, correlation_id)`).
     pub async fn publish(
         &self,
         headers: FieldTable,
         body: &Value,
         reply: Option<(&str, &str)>,
     ) -> Result<()> {
+        let bytes = serde_json::to_vec(body).map_err(|e| Error::Internal(e.to_string()))?;
+        self.publish_raw(headers, Some(protocol::CONTENT_TYPE), &bytes, reply)
+            .await
+    }
+
+    /// Publish arbitrary bytes with an arbitrary content type (or none).
+    pub async fn publish_raw(
+        &self,
+        headers: FieldTable,
+        content_type: Option<&str>,
+        body: &[u8],
+        reply: Option<(&str, &str)>,
+    ) -> Result<()> {
         let mut props = BasicProperties::default()
-            .with_content_type(protocol::CONTENT_TYPE.into())
             .with_content_encoding(protocol::CONTENT_ENCODING.into())
             .with_delivery_mode(2)
             .with_priority(0)
             .with_headers(headers);
+        if let Some(ct) = content_type {
+            props = props.with_content_type(ct.into());
+        }
         if let Some((queue, id)) = reply {
             props = props
                 .with_reply_to(queue.into())
                 .with_correlation_id(id.into());
         }
-        let bytes = serde_json::to_vec(body).map_err(|e| Error::Internal(e.to_string()))?;
         self.ch
             .basic_publish(
                 self.exchange.as_str().into(),
                 "".into(),
                 BasicPublishOptions::default(),
-                &bytes,
+                body,
                 props,
             )
             .await?;

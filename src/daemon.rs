@@ -161,8 +161,7 @@ pub async fn run(
         _ = signal => info!("shutdown requested"),
         _ = running.shared.shutdown.cancelled() => {}
     }
-    running.stop().await;
-    Ok(())
+    running.stop().await
 }
 
 fn spec_map(pairs: &[(&str, Value)]) -> Map<String, Value> {

@@ -1,0 +1,169 @@
+//! Shared harness for integration tests against the real RabbitMQ.
+//!
+//! Every test gets its own exchange (`test-<id>`), data directory, realm
+//! and uuids, so tests run in parallel without seeing each other. Every
+//! wait has a deadline; nothing sleeps blindly.
+
+#![allow(dead_code)]
+
+use busbar::client::{Client, Listener, Seen};
+use busbar::config::Config;
+use busbar::daemon::{self, Running};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Duration;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// Broker URL for tests (`AMQP_URL` overrides).
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Default deadline for waits.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// One isolated test environment.
+pub struct TestEnv {
+    /// Short unique id.
+    pub id: String,
+    /// The test's exchange.
+    pub exchange: String,
+    /// The test's realm.
+    pub realm: String,
+    /// Data directory (kept across daemon restarts within the test).
+    pub dir: tempfile::TempDir,
+    /// The manager's uuid.
+    pub manager: Uuid,
+    /// A dummy simulator's uuid.
+    pub dummy: Uuid,
+}
+
+impl TestEnv {
+    /// A fresh environment.
+    pub fn new() -> TestEnv {
+        busbar::telemetry::init("warn", false);
+        let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        TestEnv {
+            exchange: format!("test-{id}"),
+            realm: format!("test.{id}"),
+            id,
+            dir: tempfile::tempdir().expect("tempdir"),
+            manager: Uuid::new_v4(),
+            dummy: Uuid::new_v4(),
+        }
+    }
+
+    /// The default config: a generic manager and one fast dummy.
+    pub fn config_yaml(&self) -> String {
+        format!(
+            r#"
+broker: {{url: "{url}"}}
+exchange: {ex}
+realm: {realm}
+status_interval: 30
+data_dir: {dir}
+api: {{bind: "127.0.0.1:0"}}
+components:
+  - {{category: manager, type: generic, name: Test Manager, uuid: {mgr}}}
+  - category: simulator
+    type: dummy
+    name: "Dummy Simulator #1"
+    uuid: {dummy}
+    location: Test bench
+    owner: svg
+    durations: {{stop: 0.05, pause: 0.05, resume: 0.05, reset: 0.05, shutdown: 0.05}}
+"#,
+            url = amqp_url(),
+            ex = self.exchange,
+            realm = self.realm,
+            dir = self.dir.path().join("data").display(),
+            mgr = self.manager,
+            dummy = self.dummy,
+        )
+    }
+
+    /// Parse a config text for this environment.
+    pub fn config(&self, yaml: &str) -> Config {
+        Config::parse(yaml, Path::new("test.yaml")).expect("test config is valid")
+    }
+
+    /// Start a daemon with the default config.
+    pub async fn start(&self) -> Running {
+        self.start_with(self.config(&self.config_yaml())).await
+    }
+
+    /// Start a daemon with `config` and wait until it is connected.
+    pub async fn start_with(&self, config: Config) -> Running {
+        let running = daemon::start(config).await.expect("daemon starts");
+        let end = Instant::now() + WAIT;
+        while !running.shared.bus.connected() {
+            assert!(Instant::now() < end, "daemon did not connect to the broker");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        running
+    }
+
+    /// A client on this environment's exchange.
+    pub async fn client(&self) -> Client {
+        Client::connect(&amqp_url(), &self.exchange)
+            .await
+            .expect("client connects")
+    }
+
+    /// A listener that sees every message on the exchange.
+    pub async fn listen_all(&self, client: &Client) -> Listener {
+        client.listen(FieldTable::default()).await.expect("listen")
+    }
+}
+
+/// Wait for a status of `uuid` satisfying `pred`.
+pub async fn status_of(l: &mut Listener, uuid: Uuid, pred: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + WAIT;
+    let want = uuid.to_string();
+    loop {
+        let seen = l
+            .next_until(end)
+            .await
+            .unwrap_or_else(|| panic!("no matching status from {uuid} within {WAIT:?}"));
+        if seen.is_status()
+            && seen
+                .payload
+                .pointer("/properties/uuid")
+                .and_then(Value::as_str)
+                == Some(&want)
+            && pred(&seen.payload)
+        {
+            return seen.payload;
+        }
+    }
+}
+
+/// Wait for the status of `uuid` to be in `state`.
+pub async fn state_of(l: &mut Listener, uuid: Uuid, state: &str) -> Value {
+    status_of(l, uuid, |v| v["status"]["state"] == state).await
+}
+
+/// Collect every status message from `uuid` until `quiet` passes without one.
+pub async fn drain(l: &mut Listener, quiet: Duration) -> Vec<Seen> {
+    let mut out = Vec::new();
+    while let Some(s) = l.next_until(Instant::now() + quiet).await {
+        out.push(s);
+    }
+    out
+}
+
+/// The body of an action.
+pub fn action(name: &str, parameters: Value) -> Value {
+    json!({"action": name, "parameters": parameters})
+}
+
+/// Headers addressing one uuid.
+pub fn to_uuid(uuid: Uuid) -> FieldTable {
+    busbar::protocol::Filter {
+        uuid: Some(uuid.to_string()),
+        ..Default::default()
+    }
+    .action_headers()
+}
