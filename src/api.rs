@@ -22,11 +22,7 @@ pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.0,
-            Json(json!({"error": {"msg": self.1, "code": self.0.as_u16()}})),
-        )
-            .into_response()
+        (self.0, Json(json!({"error": {"msg": self.1, "code": self.0.as_u16()}}))).into_response()
     }
 }
 
@@ -42,10 +38,7 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/api/v1", get(index))
         .route("/api/v1/", get(index))
         .route("/api/v1/health", get(health))
-        .route(
-            "/api/v1/component/{uuid}",
-            get(component_status).post(component_action),
-        )
+        .route("/api/v1/component/{uuid}", get(component_status).post(component_action))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "Not found".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
@@ -60,8 +53,7 @@ pub async fn serve(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let token = shared.shutdown.clone();
     let router = app(shared.clone());
     shared.tracker.spawn(async move {
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { token.cancelled().await });
+        let server = axum::serve(listener, router).with_graceful_shutdown(async move { token.cancelled().await });
         if let Err(e) = server.await {
             tracing::error!(error = %e, "HTTP API failed");
         }
@@ -78,34 +70,20 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
     if s.bus.connected() {
         Json(json!({"status": "ok"})).into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "error", "msg": "broker disconnected"})),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "error", "msg": "broker disconnected"})))
             .into_response()
     }
 }
 
 fn find(s: &Shared, uuid: &str) -> Result<crate::component::ComponentHandle, ApiError> {
-    let not_found = || {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("No component with uuid {uuid}"),
-        )
-    };
+    let not_found = || ApiError(StatusCode::NOT_FOUND, format!("No component with uuid {uuid}"));
     let u = Uuid::parse_str(uuid).map_err(|_| not_found())?;
     s.lookup(u).ok_or_else(not_found)
 }
 
-async fn component_status(
-    State(s): State<Arc<Shared>>,
-    Path(uuid): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn component_status(State(s): State<Arc<Shared>>, Path(uuid): Path<String>) -> Result<Json<Value>, ApiError> {
     let h = find(&s, &uuid)?;
-    h.status()
-        .await
-        .map(Json)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
+    h.status().await.map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
 }
 
 async fn component_action(
@@ -131,18 +109,12 @@ async fn component_action(
             return Err(ApiError(StatusCode::BAD_REQUEST, r.to_string()));
         }
     };
-    h.act(req)
-        .await
-        .map(Json)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
+    h.act(req).await.map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         s.metrics.render(),
     )
         .into_response()

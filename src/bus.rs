@@ -13,8 +13,8 @@
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -82,10 +82,7 @@ pub async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin:
     ch.exchange_declare(
         exchange.into(),
         ExchangeKind::Headers,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
+        ExchangeDeclareOptions { durable: true, ..Default::default() },
         FieldTable::default(),
     )
     .await
@@ -100,23 +97,12 @@ pub async fn declare_bound_queue(
     let q = ch
         .queue_declare(
             "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
             FieldTable::default(),
         )
         .await?;
     let name = q.name().clone();
-    ch.queue_bind(
-        name.clone(),
-        exchange.into(),
-        "".into(),
-        QueueBindOptions::default(),
-        binding,
-    )
-    .await?;
+    ch.queue_bind(name.clone(), exchange.into(), "".into(), QueueBindOptions::default(), binding).await?;
     Ok(name)
 }
 
@@ -125,10 +111,7 @@ pub async fn consume(ch: &Channel, queue: ShortString) -> Result<lapin::Consumer
     ch.basic_consume(
         queue,
         "".into(),
-        BasicConsumeOptions {
-            no_ack: true,
-            ..Default::default()
-        },
+        BasicConsumeOptions { no_ack: true, ..Default::default() },
         FieldTable::default(),
     )
     .await
@@ -140,22 +123,12 @@ impl Bus {
     pub fn new(exchange: &str) -> (Bus, BusRunner) {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ch_tx, ch_rx) = watch::channel(None);
-        (
-            Bus {
-                cmd: cmd_tx,
-                channel: ch_rx,
-                exchange: exchange.into(),
-            },
-            BusRunner { cmd_rx, ch_tx },
-        )
+        (Bus { cmd: cmd_tx, channel: ch_rx, exchange: exchange.into() }, BusRunner { cmd_rx, ch_tx })
     }
 
     /// Whether a broker connection is up.
     pub fn connected(&self) -> bool {
-        self.channel
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| c.status().connected())
+        self.channel.borrow().as_ref().is_some_and(|c| c.status().connected())
     }
 
     /// A receiver that changes whenever the connection comes or goes.
@@ -177,12 +150,7 @@ impl Bus {
     /// send it to `reply_to`, and carry the `correlation_id`. Returns whether
     /// the broker took it (false while disconnected: status is republished
     /// on reconnect, so nothing is queued).
-    pub async fn publish_status(
-        &self,
-        keys: &RoutingKeys,
-        body: &[u8],
-        reply: Option<&ReplyTo>,
-    ) -> bool {
+    pub async fn publish_status(&self, keys: &RoutingKeys, body: &[u8], reply: Option<&ReplyTo>) -> bool {
         let Some(ch) = self.channel.borrow().clone() else {
             debug!("not connected; status not published");
             return false;
@@ -192,26 +160,11 @@ impl Bus {
             props = props.with_correlation_id(id.into());
         }
         let mut ok = ch
-            .basic_publish(
-                self.exchange.clone(),
-                "".into(),
-                BasicPublishOptions::default(),
-                body,
-                props.clone(),
-            )
+            .basic_publish(self.exchange.clone(), "".into(), BasicPublishOptions::default(), body, props.clone())
             .await
             .is_ok();
         if let Some(queue) = reply.and_then(|r| r.queue.as_deref()) {
-            ok &= ch
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    props,
-                )
-                .await
-                .is_ok();
+            ok &= ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props).await.is_ok();
         }
         ok
     }
@@ -229,12 +182,7 @@ impl BusRunner {
     /// daemon, and ends on shutdown.
     pub(crate) fn spawn(self, shared: &Arc<Shared>) {
         let weak = Arc::downgrade(shared);
-        shared.tracker.spawn(supervise(
-            weak,
-            shared.config.broker.url.clone(),
-            self.cmd_rx,
-            self.ch_tx,
-        ));
+        shared.tracker.spawn(supervise(weak, shared.config.broker.url.clone(), self.cmd_rx, self.ch_tx));
     }
 }
 
@@ -289,10 +237,7 @@ async fn session(
     ch_tx: &watch::Sender<Option<Channel>>,
     token: &tokio_util::sync::CancellationToken,
 ) -> Result<(), BusError> {
-    let Some(name) = shared
-        .upgrade()
-        .map(|s| format!("busbar daemon exchange={}", s.config.exchange))
-    else {
+    let Some(name) = shared.upgrade().map(|s| format!("busbar daemon exchange={}", s.config.exchange)) else {
         return Ok(());
     };
     let props = ConnectionProperties::default().with_connection_name(name.into());
@@ -311,10 +256,7 @@ async fn session(
     declare_exchange(&sub, &exchange).await?;
 
     let mut discovery = FieldTable::default();
-    discovery.insert(
-        "x-match".into(),
-        AMQPValue::LongString(LongString::from("all")),
-    );
+    discovery.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
     discovery.insert("uuid".into(), AMQPValue::LongString(LongString::from("")));
     let dq = declare_bound_queue(&sub, &exchange, discovery).await?;
     spawn_forwarder(&s, consume(&sub, dq).await?, Target::Discovery);
@@ -325,21 +267,13 @@ async fn session(
             let q = declare_bound_queue(&sub, &exchange, FieldTable::default()).await?;
             // The empty binding above would match everything; remove it and
             // keep only the components' own bindings.
-            sub.queue_unbind(
-                q.clone(),
-                exchange.as_str().into(),
-                "".into(),
-                FieldTable::default(),
-            )
-            .await?;
+            sub.queue_unbind(q.clone(), exchange.as_str().into(), "".into(), FieldTable::default()).await?;
             spawn_forwarder(&s, consume(&sub, q.clone()).await?, Target::Matching);
             Some(q)
         }
     };
     let mut queues: HashMap<Uuid, ShortString> = HashMap::new();
-    let subscribe = async |h: ComponentHandle,
-                           queues: &mut HashMap<Uuid, ShortString>|
-           -> Result<(), BusError> {
+    let subscribe = async |h: ComponentHandle, queues: &mut HashMap<Uuid, ShortString>| -> Result<(), BusError> {
         match &shared_queue {
             Some(q) => {
                 sub.queue_bind(
@@ -431,13 +365,7 @@ async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Ta
             correlation_id: props.correlation_id().as_ref().map(|c| c.to_string()),
         };
         let ct = props.content_type().as_ref().map(|c| c.to_string());
-        let decoded = protocol::decode(
-            ct.as_deref(),
-            &d.data,
-            s.config.max_body_bytes,
-            reply,
-            SystemTime::now(),
-        );
+        let decoded = protocol::decode(ct.as_deref(), &d.data, s.config.max_body_bytes, reply, SystemTime::now());
         let msg = match decoded {
             Ok(Inbound::Status) => continue,
             Ok(Inbound::Action(req)) => Ok(req),

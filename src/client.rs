@@ -49,9 +49,7 @@ impl Seen {
 
     /// `status.state` of a status message.
     pub fn state(&self) -> Option<&str> {
-        self.payload
-            .pointer("/status/state")
-            .and_then(Value::as_str)
+        self.payload.pointer("/status/state").and_then(Value::as_str)
     }
 }
 
@@ -72,25 +70,15 @@ pub struct Listener {
 impl Listener {
     /// The next message, or `None` at `deadline` (or if the queue ends).
     pub async fn next_until(&mut self, deadline: Instant) -> Option<Seen> {
-        let d = tokio::time::timeout_at(deadline, self.consumer.next())
-            .await
-            .ok()??
-            .ok()?;
+        let d = tokio::time::timeout_at(deadline, self.consumer.next()).await.ok()??.ok()?;
         let payload = serde_json::from_slice(&d.data)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&d.data).into_owned()));
         let empty = FieldTable::default();
         Some(Seen {
-            time: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64(),
+            time: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
             payload,
             headers: headers_to_json(d.properties.headers().as_ref().unwrap_or(&empty)),
-            correlation_id: d
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.to_string()),
+            correlation_id: d.properties.correlation_id().as_ref().map(|c| c.to_string()),
             content_type: d.properties.content_type().as_ref().map(|c| c.to_string()),
         })
     }
@@ -108,39 +96,26 @@ pub enum Outcome {
 impl Client {
     /// Connect and declare the exchange.
     pub async fn connect(url: &str, exchange: &str) -> Result<Client> {
-        let props = ConnectionProperties::default()
-            .with_connection_name(format!("busbar client exchange={exchange}").into());
+        let props =
+            ConnectionProperties::default().with_connection_name(format!("busbar client exchange={exchange}").into());
         let conn = Connection::connect(url, props).await?;
         let ch = conn.create_channel().await?;
         declare_exchange(&ch, exchange).await?;
-        Ok(Client {
-            conn,
-            ch,
-            exchange: exchange.to_owned(),
-        })
+        Ok(Client { conn, ch, exchange: exchange.to_owned() })
     }
 
     /// Bind a private queue with `binding` and start consuming it.
     pub async fn listen(&self, binding: FieldTable) -> Result<Listener> {
         let q = declare_bound_queue(&self.ch, &self.exchange, binding).await?;
         let consumer = consume(&self.ch, q.clone()).await?;
-        Ok(Listener {
-            queue: q.to_string(),
-            consumer,
-        })
+        Ok(Listener { queue: q.to_string(), consumer })
     }
 
     /// Publish an action body with `headers`, optionally asking for a reply
     /// (`(reply_to, correlation_id)`).
-    pub async fn publish(
-        &self,
-        headers: FieldTable,
-        body: &Value,
-        reply: Option<(&str, &str)>,
-    ) -> Result<()> {
+    pub async fn publish(&self, headers: FieldTable, body: &Value, reply: Option<(&str, &str)>) -> Result<()> {
         let bytes = serde_json::to_vec(body).map_err(|e| Error::Internal(e.to_string()))?;
-        self.publish_raw(headers, Some(protocol::CONTENT_TYPE), &bytes, reply)
-            .await
+        self.publish_raw(headers, Some(protocol::CONTENT_TYPE), &bytes, reply).await
     }
 
     /// Publish arbitrary bytes with an arbitrary content type (or none).
@@ -160,18 +135,10 @@ impl Client {
             props = props.with_content_type(ct.into());
         }
         if let Some((queue, id)) = reply {
-            props = props
-                .with_reply_to(queue.into())
-                .with_correlation_id(id.into());
+            props = props.with_reply_to(queue.into()).with_correlation_id(id.into());
         }
         self.ch
-            .basic_publish(
-                self.exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
+            .basic_publish(self.exchange.as_str().into(), "".into(), BasicPublishOptions::default(), body, props)
             .await?;
         Ok(())
     }
@@ -186,8 +153,7 @@ impl Client {
         mut on_reply: impl FnMut(&Seen),
     ) -> Result<usize> {
         let mut l = self.listen(filter.binding()).await?;
-        self.publish(filter.action_headers(), &json!({"action": "ping"}), None)
-            .await?;
+        self.publish(filter.action_headers(), &json!({"action": "ping"}), None).await?;
         let end = Instant::now() + timeout;
         let mut n = 0;
         loop {
@@ -215,19 +181,12 @@ impl Client {
         timeout: Duration,
     ) -> Result<Outcome> {
         let mut binding = FieldTable::default();
-        binding.insert(
-            "x-match".into(),
-            AMQPValue::LongString(LongString::from("all")),
-        );
+        binding.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
         binding.insert("uuid".into(), AMQPValue::LongString(LongString::from(uuid)));
         let mut l = self.listen(binding).await?;
         let id = uuid::Uuid::new_v4().to_string();
-        let filter = Filter {
-            uuid: Some(uuid.to_owned()),
-            ..Default::default()
-        };
-        self.publish(filter.action_headers(), body, Some((&l.queue, &id)))
-            .await?;
+        let filter = Filter { uuid: Some(uuid.to_owned()), ..Default::default() };
+        self.publish(filter.action_headers(), body, Some((&l.queue, &id))).await?;
         let end = Instant::now() + timeout;
         let mut replied = false;
         while let Some(seen) = l.next_until(end).await {
@@ -255,10 +214,8 @@ impl Client {
 }
 
 fn headers_match(filter: &Filter, headers: &Value) -> bool {
-    let eq = |k: &str, v: &Option<String>| {
-        v.as_deref()
-            .is_some_and(|v| headers.get(k).and_then(Value::as_str) == Some(v))
-    };
+    let eq =
+        |k: &str, v: &Option<String>| v.as_deref().is_some_and(|v| headers.get(k).and_then(Value::as_str) == Some(v));
     filter.is_empty()
         || eq("uuid", &filter.uuid)
         || eq("realm", &filter.realm)

@@ -28,11 +28,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(file: &Path, key: impl Into<String>, msg: impl Into<String>) -> Self {
-        Self {
-            file: file.to_owned(),
-            key: key.into(),
-            msg: msg.into(),
-        }
+        Self { file: file.to_owned(), key: key.into(), msg: msg.into() }
     }
 }
 
@@ -68,9 +64,7 @@ impl Default for BrokerConfig {
 
 impl std::fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BrokerConfig")
-            .field("url", &redact_url(&self.url))
-            .finish()
+        f.debug_struct("BrokerConfig").field("url", &redact_url(&self.url)).finish()
     }
 }
 
@@ -92,10 +86,7 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            bind: default_bind(),
-        }
+        Self { enabled: true, bind: default_bind() }
     }
 }
 
@@ -157,8 +148,7 @@ pub struct Config {
 impl Config {
     /// Read, parse and validate `path`, applying `AMQP_URL`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path, "(file)", e.to_string()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, "(file)", e.to_string()))?;
         let mut cfg = Self::parse(&text, path)?;
         if let Ok(url) = std::env::var(AMQP_URL_ENV) {
             cfg.broker.url = url;
@@ -175,32 +165,15 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let value: Value = if path.extension().is_some_and(|e| e == "json") {
             serde_json::from_str(text).map_err(|e| {
-                ConfigError::new(
-                    path,
-                    format!("line {} column {}", e.line(), e.column()),
-                    e.to_string(),
-                )
+                ConfigError::new(path, format!("line {} column {}", e.line(), e.column()), e.to_string())
             })?
         } else {
-            serde_saphyr::from_str(text)
-                .map_err(|e| ConfigError::new(path, "(syntax)", e.to_string()))?
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::new(path, "(syntax)", e.to_string()))?
         };
-        let value = if value.is_null() {
-            Value::Object(Map::new())
-        } else {
-            value
-        };
+        let value = if value.is_null() { Value::Object(Map::new()) } else { value };
         let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::new(
-                path,
-                if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                e.into_inner().to_string(),
-            )
+            ConfigError::new(path, if key == "." { "(top level)".into() } else { key }, e.into_inner().to_string())
         })?;
         cfg.validate(path)?;
         Ok(cfg)
@@ -211,21 +184,13 @@ impl Config {
             return Err(ConfigError::new(path, "exchange", "must not be empty"));
         }
         if !(self.status_interval.is_finite() && self.status_interval > 0.0) {
-            return Err(ConfigError::new(
-                path,
-                "status_interval",
-                "must be a positive number of seconds",
-            ));
+            return Err(ConfigError::new(path, "status_interval", "must be a positive number of seconds"));
         }
         if self.max_body_bytes == 0 {
             return Err(ConfigError::new(path, "max_body_bytes", "must be positive"));
         }
         if !self.broker.url.starts_with("amqp://") && !self.broker.url.starts_with("amqps://") {
-            return Err(ConfigError::new(
-                path,
-                "broker.url",
-                "must start with amqp:// or amqps://",
-            ));
+            return Err(ConfigError::new(path, "broker.url", "must start with amqp:// or amqps://"));
         }
         let mut seen = std::collections::HashMap::new();
         for (i, c) in self.components.iter().enumerate() {
@@ -302,10 +267,7 @@ impl ComponentSpec {
         let kind = s("type", true)?.unwrap_or_default();
         let uuid = match s("uuid", false)? {
             None => None,
-            Some(u) => Some(
-                Uuid::parse_str(&u)
-                    .map_err(|e| ("uuid".to_string(), format!("invalid uuid {u:?}: {e}")))?,
-            ),
+            Some(u) => Some(Uuid::parse_str(&u).map_err(|e| ("uuid".to_string(), format!("invalid uuid {u:?}: {e}")))?),
         };
         let realm = s("realm", false)?;
         let name = s("name", false)?.unwrap_or_else(|| format!("{category}/{kind}"));
@@ -314,15 +276,7 @@ impl ComponentSpec {
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(("enabled".into(), "must be true or false".into())),
         };
-        Ok(Self {
-            category,
-            kind,
-            uuid,
-            realm,
-            name,
-            enabled,
-            properties: map,
-        })
+        Ok(Self { category, kind, uuid, realm, name, enabled, properties: map })
     }
 }
 
@@ -346,11 +300,7 @@ mod tests {
 
     #[test]
     fn json_is_accepted() {
-        let c = Config::parse(
-            r#"{"exchange": "x", "components": []}"#,
-            Path::new("c.json"),
-        )
-        .unwrap();
+        let c = Config::parse(r#"{"exchange": "x", "components": []}"#, Path::new("c.json")).unwrap();
         assert_eq!(c.exchange, "x");
     }
 
@@ -362,25 +312,14 @@ mod tests {
         assert!(e.starts_with("lab.yaml: api.bind:"), "{e}");
         let e = parse("bogus: 1").unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
-        let e =
-            parse("components:\n- {category: simulator, type: dummy}\n- {category: simulator}\n")
-                .unwrap_err()
-                .to_string();
-        assert!(
-            e.starts_with("lab.yaml: components[1].type: is required"),
-            "{e}"
-        );
-        let e = parse("components:\n- {category: simulator, type: warp-drive}\n")
+        let e = parse("components:\n- {category: simulator, type: dummy}\n- {category: simulator}\n")
             .unwrap_err()
             .to_string();
+        assert!(e.starts_with("lab.yaml: components[1].type: is required"), "{e}");
+        let e = parse("components:\n- {category: simulator, type: warp-drive}\n").unwrap_err().to_string();
         assert!(e.starts_with("lab.yaml: components[0].type:"), "{e}");
-        let e = parse("components:\n- {category: simulator, type: dummy, uuid: nope}\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("lab.yaml: components[0].uuid: invalid uuid"),
-            "{e}"
-        );
+        let e = parse("components:\n- {category: simulator, type: dummy, uuid: nope}\n").unwrap_err().to_string();
+        assert!(e.starts_with("lab.yaml: components[0].uuid: invalid uuid"), "{e}");
         let u = "3ddd318e-fee1-46d7-bff4-7c064d640d4e";
         let e = parse(&format!(
             "components:\n- {{category: simulator, type: dummy, uuid: {u}}}\n- {{category: simulator, type: dummy, uuid: {u}}}\n"

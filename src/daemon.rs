@@ -55,11 +55,7 @@ impl Shared {
 
     /// The uuids of the components managed by `manager`.
     pub fn managed_by(&self, manager: Uuid) -> Vec<Uuid> {
-        self.read()
-            .values()
-            .filter(|h| h.managed_by == Some(manager))
-            .map(|h| h.uuid())
-            .collect()
+        self.read().values().filter(|h| h.managed_by == Some(manager)).map(|h| h.uuid()).collect()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, IndexMap<Uuid, ComponentHandle>> {
@@ -77,21 +73,14 @@ impl Shared {
         persisted: bool,
     ) -> ComponentHandle {
         let handle = component::spawn(self, spec, kind, uuid, managed_by, persisted);
-        self.registry
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(uuid, handle.clone());
+        self.registry.write().unwrap_or_else(|p| p.into_inner()).insert(uuid, handle.clone());
         self.bus.subscribe(handle.clone());
         handle
     }
 
     /// Unroute and unregister a component; it publishes `gone` once and stops.
     pub(crate) async fn remove_component(&self, uuid: Uuid) {
-        let handle = self
-            .registry
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .shift_remove(&uuid);
+        let handle = self.registry.write().unwrap_or_else(|p| p.into_inner()).shift_remove(&uuid);
         if let Some(h) = handle {
             self.bus.unsubscribe(h.keys.clone());
             h.remove().await;
@@ -109,17 +98,17 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stop everything and wait for every task to finish.
-    pub async fn stop(self) {
+    /// Stop everything and wait for every task to finish; an error if some
+    /// task is still running after the grace period.
+    pub async fn stop(self) -> Result<(), Error> {
         self.shared.shutdown.cancel();
         self.shared.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!("some tasks did not stop within {SHUTDOWN_GRACE:?}");
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.tracker.wait()).await.is_err() {
+            warn!(tasks = self.shared.tracker.len(), "some tasks did not stop within {SHUTDOWN_GRACE:?}");
+            return Err(Error::Timeout(SHUTDOWN_GRACE));
         }
         info!("Goodbye");
+        Ok(())
     }
 }
 
@@ -142,20 +131,13 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     });
     runner.spawn(&shared);
     start_components(&shared).await?;
-    let api_addr = if shared.config.api.enabled {
-        Some(crate::api::serve(shared.clone()).await?)
-    } else {
-        None
-    };
+    let api_addr = if shared.config.api.enabled { Some(crate::api::serve(shared.clone()).await?) } else { None };
     info!(components = shared.handles().len(), api = ?api_addr, "busbar started");
     Ok(Running { shared, api_addr })
 }
 
 /// Run until `signal` resolves, then shut down gracefully.
-pub async fn run(
-    config: Config,
-    signal: impl std::future::Future<Output = ()>,
-) -> Result<(), Error> {
+pub async fn run(config: Config, signal: impl std::future::Future<Output = ()>) -> Result<(), Error> {
     let running = start(config).await?;
     tokio::select! {
         _ = signal => info!("shutdown requested"),
@@ -165,10 +147,7 @@ pub async fn run(
 }
 
 fn spec_map(pairs: &[(&str, Value)]) -> Map<String, Value> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect()
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
 }
 
 async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
@@ -182,9 +161,7 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
         }
     }
     // The root manager: the first configured generic manager, or an implicit one.
-    let root_pos = specs
-        .iter()
-        .position(|s| s.category == "manager" && s.kind == "generic");
+    let root_pos = specs.iter().position(|s| s.category == "manager" && s.kind == "generic");
     let root = match root_pos {
         Some(i) => specs.remove(i),
         None => ComponentSpec::from_map(spec_map(&[
@@ -200,25 +177,18 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
         None => shared.store.identity("manager/generic/root")?,
     };
     let kind = kinds::check(&root).map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?;
-    shared
-        .add_component(&root, kind, root_uuid, None, false)
-        .await;
+    shared.add_component(&root, kind, root_uuid, None, false).await;
 
     for spec in specs {
         let kind = kinds::check(&spec).map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?;
         let uuid = match spec.uuid {
             Some(u) => u,
-            None => shared.store.identity(&format!(
-                "config:{}/{}/{}",
-                spec.category, spec.kind, spec.name
-            ))?,
+            None => shared.store.identity(&format!("config:{}/{}/{}", spec.category, spec.kind, spec.name))?,
         };
         if shared.lookup(uuid).is_some() {
             return Err(Error::Internal(format!("duplicate component uuid {uuid}")));
         }
-        shared
-            .add_component(&spec, kind, uuid, Some(root_uuid), false)
-            .await;
+        shared.add_component(&spec, kind, uuid, Some(root_uuid), false).await;
     }
 
     for stored in shared.store.components()? {
@@ -237,14 +207,8 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
             warn!(uuid = %stored.uuid, "stored component clashes with a configured one; configured wins");
             continue;
         }
-        let manager = if shared.lookup(stored.manager).is_some() {
-            stored.manager
-        } else {
-            root_uuid
-        };
-        shared
-            .add_component(&spec, kind, stored.uuid, Some(manager), true)
-            .await;
+        let manager = if shared.lookup(stored.manager).is_some() { stored.manager } else { root_uuid };
+        shared.add_component(&spec, kind, stored.uuid, Some(manager), true).await;
     }
     Ok(())
 }

@@ -71,12 +71,7 @@ struct FilterArgs {
 
 impl From<FilterArgs> for Filter {
     fn from(a: FilterArgs) -> Filter {
-        Filter {
-            uuid: a.uuid,
-            realm: a.realm,
-            category: a.category,
-            kind: a.kind,
-        }
+        Filter { uuid: a.uuid, realm: a.realm, category: a.category, kind: a.kind }
     }
 }
 
@@ -180,10 +175,7 @@ enum Cmd {
 /// Parse `text` as JSON, else YAML; `@path` reads a file.
 fn document(text: &str) -> anyhow::Result<Value> {
     let (text, from) = match text.strip_prefix('@') {
-        Some(path) => (
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
-            path.to_owned(),
-        ),
+        Some(path) => (std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?, path.to_owned()),
         None => (text.to_owned(), "argument".to_owned()),
     };
     serde_json::from_str(&text)
@@ -199,12 +191,7 @@ fn object(text: &str) -> anyhow::Result<Map<String, Value>> {
 }
 
 fn print_row(v: &Value) {
-    let s = |p: &str| {
-        v.pointer(p)
-            .and_then(Value::as_str)
-            .unwrap_or("-")
-            .to_owned()
-    };
+    let s = |p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or("-").to_owned();
     println!(
         "{:<36}  {:<10} {:<14} {:<12} {:<24} {}",
         s("/properties/uuid"),
@@ -217,11 +204,7 @@ fn print_row(v: &Value) {
 }
 
 fn error_msg(status: &Value) -> String {
-    status
-        .pointer("/status/error/msg")
-        .and_then(Value::as_str)
-        .unwrap_or("error")
-        .to_owned()
+    status.pointer("/status/error/msg").and_then(Value::as_str).unwrap_or("error").to_owned()
 }
 
 async fn wait_outcome(
@@ -231,29 +214,15 @@ async fn wait_outcome(
     target: Option<&str>,
     timeout: f64,
 ) -> anyhow::Result<ExitCode> {
-    let result = client
-        .act_and_wait(uuid, body, target, Duration::from_secs_f64(timeout))
-        .await;
+    let result = client.act_and_wait(uuid, body, target, Duration::from_secs_f64(timeout)).await;
     Ok(match result {
         Ok(Outcome::Reached(status)) => {
-            println!(
-                "{}",
-                status
-                    .pointer("/status/state")
-                    .and_then(Value::as_str)
-                    .unwrap_or("?")
-            );
+            println!("{}", status.pointer("/status/state").and_then(Value::as_str).unwrap_or("?"));
             ExitCode::SUCCESS
         }
         Ok(Outcome::Failed(status)) => {
             eprintln!("error: {}", error_msg(&status));
-            println!(
-                "{}",
-                status
-                    .pointer("/status/error")
-                    .cloned()
-                    .unwrap_or(Value::Null)
-            );
+            println!("{}", status.pointer("/status/error").cloned().unwrap_or(Value::Null));
             ExitCode::from(1)
         }
         Err(busbar::Error::Timeout(t)) => {
@@ -274,28 +243,17 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let c = Config::load(&file)?;
             println!("{}: ok ({} components)", file.display(), c.components.len());
         }
-        Cmd::Ping {
-            conn,
-            filter,
-            timeout,
-            quiet,
-            json,
-        } => {
+        Cmd::Ping { conn, filter, timeout, quiet, json } => {
             let client = conn.connect().await?;
             let filter: Filter = filter.into();
             let n = client
-                .ping(
-                    &filter,
-                    Duration::from_secs_f64(timeout),
-                    Duration::from_secs_f64(quiet),
-                    |seen| {
-                        if json {
-                            println!("{}", seen.payload);
-                        } else {
-                            print_row(&seen.payload);
-                        }
-                    },
-                )
+                .ping(&filter, Duration::from_secs_f64(timeout), Duration::from_secs_f64(quiet), |seen| {
+                    if json {
+                        println!("{}", seen.payload);
+                    } else {
+                        print_row(&seen.payload);
+                    }
+                })
                 .await?;
             client.close().await;
             if n == 0 {
@@ -323,17 +281,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             client.close().await;
         }
-        Cmd::Action {
-            conn,
-            action,
-            uuid,
-            parameters,
-            model,
-            results,
-            when,
-            wait,
-            timeout,
-        } => {
+        Cmd::Action { conn, action, uuid, parameters, model, results, when, wait, timeout } => {
             let mut body = Map::new();
             body.insert("action".into(), action.into());
             if let Some(p) = parameters {
@@ -346,10 +294,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 body.insert("results".into(), document(&r)?);
             }
             if let Some(w) = when {
-                let v = w
-                    .parse::<f64>()
-                    .map(Value::from)
-                    .unwrap_or(Value::String(w));
+                let v = w.parse::<f64>().map(Value::from).unwrap_or(Value::String(w));
                 body.insert("when".into(), v);
             }
             let body = Value::Object(body);
@@ -357,10 +302,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let code = match wait {
                 Some(target) => wait_outcome(&client, &uuid, &body, Some(&target), timeout).await?,
                 None => {
-                    let filter = Filter {
-                        uuid: Some(uuid),
-                        ..Default::default()
-                    };
+                    let filter = Filter { uuid: Some(uuid), ..Default::default() };
                     client.publish(filter.action_headers(), &body, None).await?;
                     ExitCode::SUCCESS
                 }
@@ -368,24 +310,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             client.close().await;
             return Ok(code);
         }
-        Cmd::Create {
-            conn,
-            manager,
-            parameters,
-            timeout,
-        } => {
+        Cmd::Create { conn, manager, parameters, timeout } => {
             let body = serde_json::json!({"action": "create", "parameters": object(&parameters)?});
             let client = conn.connect().await?;
             let code = wait_outcome(&client, &manager, &body, None, timeout).await?;
             client.close().await;
             return Ok(code);
         }
-        Cmd::Delete {
-            conn,
-            manager,
-            uuid,
-            timeout,
-        } => {
+        Cmd::Delete { conn, manager, uuid, timeout } => {
             let body = serde_json::json!({"action": "delete", "parameters": {"uuid": uuid}});
             let client = conn.connect().await?;
             let code = wait_outcome(&client, &manager, &body, None, timeout).await?;
@@ -420,13 +352,9 @@ fn main() -> ExitCode {
     let daemon = matches!(cli.cmd, Cmd::Daemon { .. });
     busbar::telemetry::init(if daemon { &cli.log_level } else { "warn" }, cli.log_json);
     let rt = if daemon {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
     } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
     };
     let rt = match rt {
         Ok(rt) => rt,

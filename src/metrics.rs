@@ -52,66 +52,31 @@ impl Metrics {
         let components = Family::<StateLabel, Gauge>::default();
         let connects = Counter::default();
         registry.register("messages_in", "AMQP messages consumed", messages_in.clone());
-        registry.register(
-            "messages_out",
-            "AMQP messages published",
-            messages_out.clone(),
-        );
-        registry.register(
-            "errors",
-            "Rejected messages and failed actions by kind",
-            errors.clone(),
-        );
+        registry.register("messages_out", "AMQP messages published", messages_out.clone());
+        registry.register("errors", "Rejected messages and failed actions by kind", errors.clone());
         registry.register("components", "Components by state", components.clone());
-        registry.register(
-            "broker_connects",
-            "Broker connections established",
-            connects.clone(),
-        );
-        Self {
-            registry,
-            messages_in,
-            messages_out,
-            errors,
-            components,
-            connects,
-        }
+        registry.register("broker_connects", "Broker connections established", connects.clone());
+        Self { registry, messages_in, messages_out, errors, components, connects }
     }
 
     /// Count one error of `kind`.
     pub fn error(&self, kind: &str) {
-        self.errors
-            .get_or_create(&KindLabel {
-                kind: kind.to_owned(),
-            })
-            .inc();
+        self.errors.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
     }
 
     /// The count of errors of `kind` so far.
     pub fn error_count(&self, kind: &str) -> u64 {
-        self.errors
-            .get_or_create(&KindLabel {
-                kind: kind.to_owned(),
-            })
-            .get()
+        self.errors.get_or_create(&KindLabel { kind: kind.to_owned() }).get()
     }
 
     /// Move one component between state gauges (`from = None` when it appears,
     /// `to = None` when it goes away).
     pub fn state_change(&self, from: Option<&str>, to: Option<&str>) {
         if let Some(f) = from {
-            self.components
-                .get_or_create(&StateLabel {
-                    state: f.to_owned(),
-                })
-                .dec();
+            self.components.get_or_create(&StateLabel { state: f.to_owned() }).dec();
         }
         if let Some(t) = to {
-            self.components
-                .get_or_create(&StateLabel {
-                    state: t.to_owned(),
-                })
-                .inc();
+            self.components.get_or_create(&StateLabel { state: t.to_owned() }).inc();
         }
     }
 

@@ -115,10 +115,7 @@ impl fmt::Display for State {
 impl FromStr for State {
     type Err = UnknownState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        State::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
+        State::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| UnknownState(s.to_owned()))
     }
 }
 
@@ -202,10 +199,7 @@ impl fmt::Display for Action {
 impl FromStr for Action {
     type Err = TransitionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Action::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| TransitionError::UnknownAction(s.to_owned()))
+        Action::ALL.into_iter().find(|a| a.as_str() == s).ok_or_else(|| TransitionError::UnknownAction(s.to_owned()))
     }
 }
 
@@ -273,10 +267,7 @@ impl Lifecycle {
             self.state = next;
             Ok(next)
         } else {
-            Err(TransitionError::Invalid {
-                current: self.state,
-                next,
-            })
+            Err(TransitionError::Invalid { current: self.state, next })
         }
     }
 
@@ -309,10 +300,7 @@ mod tests {
     /// The table of reference §5.1, written out independently of the code.
     const TABLE: &[(State, &[State])] = &[
         (Error, &[Resetting, Error, Gone]),
-        (
-            Idle,
-            &[Resetting, Error, Idle, Starting, ShuttingDown, Gone],
-        ),
+        (Idle, &[Resetting, Error, Idle, Starting, ShuttingDown, Gone]),
         (Starting, &[Resetting, Error, Running, Gone]),
         (Running, &[Resetting, Error, Pausing, Stopping, Gone]),
         (Pausing, &[Resetting, Error, Paused, Gone]),
@@ -330,11 +318,7 @@ mod tests {
         assert_eq!(TABLE.len(), State::ALL.len());
         for &(from, allowed) in TABLE {
             for to in State::ALL {
-                assert_eq!(
-                    from.can_transition_to(to),
-                    allowed.contains(&to),
-                    "{from} -> {to}"
-                );
+                assert_eq!(from.can_transition_to(to), allowed.contains(&to), "{from} -> {to}");
             }
         }
     }
@@ -352,13 +336,7 @@ mod tests {
                         assert_eq!(lc.state(), next);
                     }
                     Some(next) => {
-                        assert_eq!(
-                            result,
-                            Err(TransitionError::Invalid {
-                                current: from,
-                                next
-                            })
-                        );
+                        assert_eq!(result, Err(TransitionError::Invalid { current: from, next }));
                         assert_eq!(lc.state(), from, "a refused action changes nothing");
                     }
                 }
@@ -377,17 +355,11 @@ mod tests {
             (ShuttingDown, Some(Shutdown)),
         ];
         for from in State::ALL {
-            let want = expect
-                .iter()
-                .find(|(s, _)| *s == from)
-                .and_then(|(_, t)| *t);
+            let want = expect.iter().find(|(s, _)| *s == from).and_then(|(_, t)| *t);
             let mut lc = Lifecycle::new(from);
             assert_eq!(lc.settle(), want, "{from}");
             if let Some(t) = want {
-                assert!(
-                    from.can_transition_to(t),
-                    "settling {from} must be a legal edge"
-                );
+                assert!(from.can_transition_to(t), "settling {from} must be a legal edge");
             }
         }
     }
@@ -412,13 +384,7 @@ mod tests {
     fn error_is_left_only_by_reset() {
         let mut lc = Lifecycle::new(Idle);
         assert_eq!(lc.fail(), Error);
-        for action in [
-            Action::Start,
-            Action::Stop,
-            Action::Pause,
-            Action::Resume,
-            Action::Shutdown,
-        ] {
+        for action in [Action::Start, Action::Stop, Action::Pause, Action::Resume, Action::Shutdown] {
             assert!(lc.clone().begin(action).is_err(), "{action} from error");
         }
         assert_eq!(lc.begin(Action::Reset), Ok(Resetting));
@@ -445,10 +411,7 @@ mod tests {
         for a in Action::ALL {
             assert_eq!(a.as_str().parse::<Action>(), Ok(a));
         }
-        assert_eq!(
-            "foo".parse::<Action>(),
-            Err(TransitionError::UnknownAction("foo".into()))
-        );
+        assert_eq!("foo".parse::<Action>(), Err(TransitionError::UnknownAction("foo".into())));
         assert!("stopped".parse::<State>().is_err());
     }
 }

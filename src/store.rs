@@ -59,10 +59,7 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Open (or create) `dir/busbar.sqlite3`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
-            path: dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_owned(), source })?;
         let conn = Connection::open(dir.join("busbar.sqlite3"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -79,15 +76,10 @@ impl Store {
                 uuid TEXT NOT NULL
              );",
         )?;
-        Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (statements are atomic), so a poisoned lock is still usable.
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -99,9 +91,7 @@ impl Store {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.with(f))
-            .await
-            .map_err(|e| StoreError::Join(e.to_string()))?
+        tokio::task::spawn_blocking(move || this.with(f)).await.map_err(|e| StoreError::Join(e.to_string()))?
     }
 
     /// Persist a created component. Returns `false` if the uuid is taken.
@@ -109,11 +99,7 @@ impl Store {
         self.run(move |conn| {
             let n = conn.execute(
                 "INSERT OR IGNORE INTO components (uuid, manager, spec) VALUES (?1, ?2, ?3)",
-                params![
-                    c.uuid.to_string(),
-                    c.manager.to_string(),
-                    Value::Object(c.spec).to_string()
-                ],
+                params![c.uuid.to_string(), c.manager.to_string(), Value::Object(c.spec).to_string()],
             )?;
             Ok(n == 1)
         })
@@ -122,38 +108,24 @@ impl Store {
 
     /// Forget a created component. Returns whether it existed.
     pub async fn delete_component(&self, uuid: Uuid) -> Result<bool, StoreError> {
-        self.run(move |conn| {
-            Ok(conn.execute("DELETE FROM components WHERE uuid = ?1", [uuid.to_string()])? == 1)
-        })
-        .await
+        self.run(move |conn| Ok(conn.execute("DELETE FROM components WHERE uuid = ?1", [uuid.to_string()])? == 1)).await
     }
 
     /// Every created component, oldest first.
     pub fn components(&self) -> Result<Vec<StoredComponent>, StoreError> {
         self.with(|conn| {
-            let mut stmt = conn
-                .prepare("SELECT uuid, manager, spec FROM components ORDER BY created_at, rowid")?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })?;
+            let mut stmt = conn.prepare("SELECT uuid, manager, spec FROM components ORDER BY created_at, rowid")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
             let mut out = Vec::new();
             for row in rows {
                 let (u, m, s) = row?;
-                let parse =
-                    |s: &str| Uuid::parse_str(s).map_err(|_| StoreError::Corrupt(s.to_owned()));
+                let parse = |s: &str| Uuid::parse_str(s).map_err(|_| StoreError::Corrupt(s.to_owned()));
                 let spec = match serde_json::from_str(&s) {
                     Ok(Value::Object(m)) => m,
                     _ => return Err(StoreError::Corrupt(u)),
                 };
-                out.push(StoredComponent {
-                    uuid: parse(&u)?,
-                    manager: parse(&m)?,
-                    spec,
-                });
+                out.push(StoredComponent { uuid: parse(&u)?, manager: parse(&m)?, spec });
             }
             Ok(out)
         })
@@ -162,19 +134,13 @@ impl Store {
     /// The uuid stored under `key`, generating and storing a v4 on first use.
     pub fn identity(&self, key: &str) -> Result<Uuid, StoreError> {
         self.with(|conn| {
-            let existing: Option<String> = conn
-                .query_row("SELECT uuid FROM identities WHERE key = ?1", [key], |r| {
-                    r.get(0)
-                })
-                .optional()?;
+            let existing: Option<String> =
+                conn.query_row("SELECT uuid FROM identities WHERE key = ?1", [key], |r| r.get(0)).optional()?;
             if let Some(u) = existing {
                 return Uuid::parse_str(&u).map_err(|_| StoreError::Corrupt(u));
             }
             let u = Uuid::new_v4();
-            conn.execute(
-                "INSERT INTO identities (key, uuid) VALUES (?1, ?2)",
-                params![key, u.to_string()],
-            )?;
+            conn.execute("INSERT INTO identities (key, uuid) VALUES (?1, ?2)", params![key, u.to_string()])?;
             Ok(u)
         })
     }
@@ -193,11 +159,7 @@ mod tests {
         let spec = json!({"category": "simulator", "type": "dummy", "uuid": u.to_string()});
         let id = {
             let s = Store::open(dir.path()).unwrap();
-            let c = StoredComponent {
-                uuid: u,
-                manager: m,
-                spec: spec.as_object().unwrap().clone(),
-            };
+            let c = StoredComponent { uuid: u, manager: m, spec: spec.as_object().unwrap().clone() };
             assert!(s.insert_component(c.clone()).await.unwrap());
             assert!(!s.insert_component(c).await.unwrap(), "duplicate refused");
             s.identity("config:simulator/dummy/x").unwrap()

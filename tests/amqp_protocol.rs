@@ -9,10 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 fn sample(name: &str) -> Value {
-    let path = format!(
-        "{}/tests/fixtures/villas-wire-samples/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/tests/fixtures/villas-wire-samples/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     serde_json::from_str(&text).unwrap()
 }
@@ -36,51 +33,20 @@ async fn ping_by_uuid_realm_category_and_type_is_answered() {
     let d = env.start().await;
     let c = env.client().await;
     let filters = [
-        busbar::protocol::Filter {
-            uuid: Some(env.dummy.to_string()),
-            ..Default::default()
-        },
-        busbar::protocol::Filter {
-            realm: Some(env.realm.clone()),
-            ..Default::default()
-        },
-        busbar::protocol::Filter {
-            category: Some("simulator".into()),
-            ..Default::default()
-        },
-        busbar::protocol::Filter {
-            kind: Some("dummy".into()),
-            ..Default::default()
-        },
+        busbar::protocol::Filter { uuid: Some(env.dummy.to_string()), ..Default::default() },
+        busbar::protocol::Filter { realm: Some(env.realm.clone()), ..Default::default() },
+        busbar::protocol::Filter { category: Some("simulator".into()), ..Default::default() },
+        busbar::protocol::Filter { kind: Some("dummy".into()), ..Default::default() },
     ];
     for f in filters {
         let mut seen = Vec::new();
-        c.ping(
-            &f,
-            Duration::from_secs(5),
-            Duration::from_millis(500),
-            |s| seen.push(s.payload.clone()),
-        )
-        .await
-        .unwrap();
-        let uuids: Vec<_> = seen
-            .iter()
-            .map(|v| v["properties"]["uuid"].as_str().unwrap().to_owned())
-            .collect();
-        assert!(
-            uuids.contains(&env.dummy.to_string()),
-            "{f:?} reached the dummy: {uuids:?}"
-        );
+        c.ping(&f, Duration::from_secs(5), Duration::from_millis(500), |s| seen.push(s.payload.clone())).await.unwrap();
+        let uuids: Vec<_> = seen.iter().map(|v| v["properties"]["uuid"].as_str().unwrap().to_owned()).collect();
+        assert!(uuids.contains(&env.dummy.to_string()), "{f:?} reached the dummy: {uuids:?}");
         if f.realm.is_some() {
-            assert!(
-                uuids.contains(&env.manager.to_string()),
-                "the realm reaches the manager too"
-            );
+            assert!(uuids.contains(&env.manager.to_string()), "the realm reaches the manager too");
         } else {
-            assert!(
-                !uuids.contains(&env.manager.to_string()),
-                "{f:?} must not reach the manager"
-            );
+            assert!(!uuids.contains(&env.manager.to_string()), "{f:?} must not reach the manager");
         }
     }
     c.close().await;
@@ -94,21 +60,12 @@ async fn the_villasweb_broadcast_ping_reaches_every_component() {
     let c = env.client().await;
     let mut l = env.listen_all(&c).await;
     // VILLASweb's startup ping: headers exactly {uuid: ""}, body with when: 0.
-    c.publish(to_empty_uuid(), &json!({"action": "ping", "when": 0}), None)
-        .await
-        .unwrap();
+    c.publish(to_empty_uuid(), &json!({"action": "ping", "when": 0}), None).await.unwrap();
     let mut missing = vec![env.dummy.to_string(), env.manager.to_string()];
     let end = Instant::now() + WAIT;
     while !missing.is_empty() {
-        let s = l
-            .next_until(end)
-            .await
-            .unwrap_or_else(|| panic!("no reply from {missing:?}"));
-        if let Some(u) = s
-            .payload
-            .pointer("/properties/uuid")
-            .and_then(Value::as_str)
-        {
+        let s = l.next_until(end).await.unwrap_or_else(|| panic!("no reply from {missing:?}"));
+        if let Some(u) = s.payload.pointer("/properties/uuid").and_then(Value::as_str) {
             missing.retain(|m| m != u);
         }
     }
@@ -126,9 +83,7 @@ async fn status_envelopes_match_the_captured_anchor_replies() {
     let d = env.start().await;
     let c = env.client().await;
     let mut l = env.listen_all(&c).await;
-    c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None)
-        .await
-        .unwrap();
+    c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
     let ours = state_of(&mut l, env.dummy, "idle").await;
     let theirs = sample("02-status-reply-dummy-simulator-idle.json")["body"].clone();
     // Same keys in the same order at the top and in `status`.
@@ -146,19 +101,14 @@ async fn status_envelopes_match_the_captured_anchor_replies() {
     // Schemas are keyed by action name, which is what VILLASweb reads.
     assert!(ours["schema"]["start"].is_object(), "{}", ours["schema"]);
 
-    c.publish(to_uuid(env.manager), &json!({"action": "ping"}), None)
-        .await
-        .unwrap();
+    c.publish(to_uuid(env.manager), &json!({"action": "ping"}), None).await.unwrap();
     let mgr = state_of(&mut l, env.manager, "idle").await;
     let anchor_mgr = sample("04-status-reply-generic-manager-idle.json")["body"].clone();
     assert_eq!(
         mgr.as_object().unwrap().keys().collect::<Vec<_>>(),
         anchor_mgr.as_object().unwrap().keys().collect::<Vec<_>>()
     );
-    assert!(
-        mgr["status"].get("managed_by").is_none(),
-        "the root manager has no manager"
-    );
+    assert!(mgr["status"].get("managed_by").is_none(), "the root manager has no manager");
     assert_eq!(mgr["components"], json!([env.dummy.to_string()]));
     assert!(mgr["schema"]["create"].is_object());
     c.close().await;
@@ -171,9 +121,7 @@ async fn status_messages_carry_the_anchors_amqp_properties_and_headers() {
     let d = env.start().await;
     let c = env.client().await;
     let mut l = env.listen_all(&c).await;
-    c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None)
-        .await
-        .unwrap();
+    c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
     let end = Instant::now() + WAIT;
     let seen = loop {
         let s = l.next_until(end).await.expect("a status");
@@ -214,65 +162,26 @@ async fn reply_to_and_correlation_id_get_the_resulting_status_and_validation_err
     let c = env.client().await;
     // A reply-only queue: bound to nothing, so only reply_to traffic arrives.
     let mut binding = lapin::types::FieldTable::default();
-    binding.insert(
-        "x-match".into(),
-        lapin::types::AMQPValue::LongString("all".into()),
-    );
-    binding.insert(
-        "nobody".into(),
-        lapin::types::AMQPValue::LongString(env.id.as_str().into()),
-    );
+    binding.insert("x-match".into(), lapin::types::AMQPValue::LongString("all".into()));
+    binding.insert("nobody".into(), lapin::types::AMQPValue::LongString(env.id.as_str().into()));
     let mut replies = c.listen(binding).await.unwrap();
     let q = replies.queue.clone();
-    c.publish(
-        to_uuid(env.dummy),
-        &action("start", json!({"runtime": 5})),
-        Some((&q, "corr-1")),
-    )
-    .await
-    .unwrap();
-    let r = replies
-        .next_until(Instant::now() + WAIT)
-        .await
-        .expect("a direct reply");
+    c.publish(to_uuid(env.dummy), &action("start", json!({"runtime": 5})), Some((&q, "corr-1"))).await.unwrap();
+    let r = replies.next_until(Instant::now() + WAIT).await.expect("a direct reply");
     assert_eq!(r.correlation_id.as_deref(), Some("corr-1"));
     assert_eq!(r.payload["status"]["state"], "starting");
-    c.publish(to_uuid(env.dummy), &action("reset", json!({})), None)
-        .await
-        .unwrap();
-    c.publish(
-        to_uuid(env.dummy),
-        &action("start", json!({"runtime": "soon"})),
-        Some((&q, "corr-2")),
-    )
-    .await
-    .unwrap();
-    let r = replies
-        .next_until(Instant::now() + WAIT)
-        .await
-        .expect("a direct reply");
+    c.publish(to_uuid(env.dummy), &action("reset", json!({})), None).await.unwrap();
+    c.publish(to_uuid(env.dummy), &action("start", json!({"runtime": "soon"})), Some((&q, "corr-2"))).await.unwrap();
+    let r = replies.next_until(Instant::now() + WAIT).await.expect("a direct reply");
     assert_eq!(r.correlation_id.as_deref(), Some("corr-2"));
     assert_eq!(r.payload["status"]["state"], "error");
     let err = &r.payload["status"]["error"];
-    assert!(
-        err["msg"]
-            .as_str()
-            .unwrap()
-            .starts_with("Invalid parameters"),
-        "{err}"
-    );
+    assert!(err["msg"].as_str().unwrap().starts_with("Invalid parameters"), "{err}");
     assert_eq!(err["instance"], "soon");
     assert_eq!(err["path"], "$.runtime");
     // A ping without reply properties sends nothing to the reply queue.
-    c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None)
-        .await
-        .unwrap();
-    assert!(
-        replies
-            .next_until(Instant::now() + Duration::from_millis(300))
-            .await
-            .is_none()
-    );
+    c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
+    assert!(replies.next_until(Instant::now() + Duration::from_millis(300)).await.is_none());
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
@@ -285,75 +194,31 @@ async fn every_kind_of_bad_input_is_rejected_and_pings_are_still_answered() {
     let mut l = env.listen_all(&c).await;
     let big = format!(r#"{{"action":"ping","pad":"{}"}}"#, "x".repeat(2 << 20));
     let bad: Vec<(Option<&str>, Vec<u8>, &str)> = vec![
-        (
-            Some("text/plain"),
-            b"{\"action\":\"ping\"}".to_vec(),
-            "Unsupported content type",
-        ),
-        (
-            Some("application/json"),
-            b"{not json".to_vec(),
-            "Invalid JSON",
-        ),
-        (
-            Some("application/json"),
-            b"[\"action\"]".to_vec(),
-            "must be a JSON object",
-        ),
-        (
-            Some("application/json"),
-            b"\"action\"".to_vec(),
-            "must be a JSON object",
-        ),
-        (
-            Some("application/json"),
-            b"42".to_vec(),
-            "must be a JSON object",
-        ),
-        (
-            Some("application/json"),
-            b"{\"parameters\":{}}".to_vec(),
-            "Missing action",
-        ),
-        (
-            Some("application/json"),
-            b"{\"action\":\"foo\"}".to_vec(),
-            "Unknown action",
-        ),
-        (
-            Some("application/json"),
-            big.into_bytes(),
-            "exceeds the limit",
-        ),
-        (
-            Some("application/json"),
-            b"{\"action\":\"start\",\"when\":\"someday\"}".to_vec(),
-            "Invalid when",
-        ),
+        (Some("text/plain"), b"{\"action\":\"ping\"}".to_vec(), "Unsupported content type"),
+        (Some("application/json"), b"{not json".to_vec(), "Invalid JSON"),
+        (Some("application/json"), b"[\"action\"]".to_vec(), "must be a JSON object"),
+        (Some("application/json"), b"\"action\"".to_vec(), "must be a JSON object"),
+        (Some("application/json"), b"42".to_vec(), "must be a JSON object"),
+        (Some("application/json"), b"{\"parameters\":{}}".to_vec(), "Missing action"),
+        (Some("application/json"), b"{\"action\":\"foo\"}".to_vec(), "Unknown action"),
+        (Some("application/json"), big.into_bytes(), "exceeds the limit"),
+        (Some("application/json"), b"{\"action\":\"start\",\"when\":\"someday\"}".to_vec(), "Invalid when"),
         (None, vec![0xff, 0xfe, 0x00], "Invalid JSON"),
     ];
     for (ct, body, msg) in bad {
-        c.publish_raw(to_uuid(env.dummy), ct, &body, None)
-            .await
-            .unwrap();
+        c.publish_raw(to_uuid(env.dummy), ct, &body, None).await.unwrap();
         let st = state_of(&mut l, env.dummy, "error").await;
         let got = st["status"]["error"]["msg"].as_str().unwrap();
         assert!(got.contains(msg), "expected {msg:?}, got {got:?}");
         // Still alive: a ping is answered, and reset recovers.
-        c.publish(to_uuid(env.dummy), &json!({"action": "reset"}), None)
-            .await
-            .unwrap();
+        c.publish(to_uuid(env.dummy), &json!({"action": "reset"}), None).await.unwrap();
         state_of(&mut l, env.dummy, "idle").await;
     }
     // An action the type does not support: the manager cannot "start".
-    c.publish(to_uuid(env.manager), &json!({"action": "start"}), None)
-        .await
-        .unwrap();
+    c.publish(to_uuid(env.manager), &json!({"action": "start"}), None).await.unwrap();
     let st = state_of(&mut l, env.manager, "error").await;
     assert_eq!(st["status"]["error"]["msg"], "Unsupported action");
-    c.publish(to_uuid(env.manager), &json!({"action": "ping"}), None)
-        .await
-        .unwrap();
+    c.publish(to_uuid(env.manager), &json!({"action": "ping"}), None).await.unwrap();
     state_of(&mut l, env.manager, "error").await;
     assert!(d.shared.metrics.error_count("invalid_json") >= 2);
     assert_eq!(d.shared.metrics.error_count("too_large"), 1);
@@ -367,9 +232,7 @@ async fn status_is_republished_periodically_and_announced_at_startup() {
     let env = TestEnv::new();
     let c = env.client().await;
     let mut l = env.listen_all(&c).await;
-    let yaml = env
-        .config_yaml()
-        .replace("status_interval: 30", "status_interval: 0.2");
+    let yaml = env.config_yaml().replace("status_interval: 30", "status_interval: 0.2");
     let d = env.start_with(env.config(&yaml)).await;
     // Announced at startup without any ping…
     state_of(&mut l, env.dummy, "idle").await;

@@ -62,23 +62,12 @@ impl Kind {
             let value: Value = serde_json::from_str(text).expect("embedded schema is valid JSON");
             jsonschema::validator_for(&value).expect("embedded schema compiles")
         });
-        Kind {
-            category,
-            kind,
-            driver,
-            schema,
-            validators,
-            properties,
-        }
+        Kind { category, kind, driver, schema, validators, properties }
     }
 
     /// Validate `parameters` of `action` against this type's schema, if it
     /// has one. The error carries `msg`, `instance` and `path`.
-    pub fn validate(
-        &self,
-        action: Action,
-        parameters: &Map<String, Value>,
-    ) -> Result<(), ErrorInfo> {
+    pub fn validate(&self, action: Action, parameters: &Map<String, Value>) -> Result<(), ErrorInfo> {
         let Some(v) = self.validators.get(action.as_str()) else {
             return Ok(());
         };
@@ -88,12 +77,7 @@ impl Kind {
             Err(e) => {
                 let pointer = e.instance_path().to_string();
                 let path = std::iter::once("$".to_string())
-                    .chain(
-                        pointer
-                            .split('/')
-                            .filter(|s| !s.is_empty())
-                            .map(|s| format!(".{s}")),
-                    )
+                    .chain(pointer.split('/').filter(|s| !s.is_empty()).map(|s| format!(".{s}")))
                     .collect::<String>();
                 Err(ErrorInfo::new(format!("Invalid parameters: {e}"))
                     .with("instance", e.instance().clone().into_owned())
@@ -110,22 +94,14 @@ static KINDS: LazyLock<Vec<Kind>> = LazyLock::new(|| {
             "simulator",
             "dummy",
             Driver::Dummy,
-            &[(
-                "start",
-                include_str!("../../schemas/simulator/dummy/start.json"),
-            )],
-            Some(include_str!(
-                "../../schemas/simulator/dummy/properties.json"
-            )),
+            &[("start", include_str!("../../schemas/simulator/dummy/start.json"))],
+            Some(include_str!("../../schemas/simulator/dummy/properties.json")),
         ),
         Kind::new(
             "manager",
             "generic",
             Driver::GenericManager,
-            &[(
-                "create",
-                include_str!("../../schemas/manager/generic/create.json"),
-            )],
+            &[("create", include_str!("../../schemas/manager/generic/create.json"))],
             None,
         ),
     ]
@@ -138,9 +114,7 @@ pub fn all() -> &'static [Kind] {
 
 /// Look a type up.
 pub fn lookup(category: &str, kind: &str) -> Option<&'static Kind> {
-    KINDS
-        .iter()
-        .find(|k| k.category == category && k.kind == kind)
+    KINDS.iter().find(|k| k.category == category && k.kind == kind)
 }
 
 /// Check that a spec names a known type and that its properties fit the
@@ -150,54 +124,23 @@ pub fn check(spec: &ComponentSpec) -> Result<&'static Kind, (String, String)> {
     if let Some(v) = &kind.properties
         && let Err(e) = v.validate(&Value::Object(spec.properties.clone()))
     {
-        let key = e
-            .instance_path()
-            .to_string()
-            .trim_start_matches('/')
-            .replace('/', ".");
-        return Err((
-            if key.is_empty() {
-                "(component)".into()
-            } else {
-                key
-            },
-            e.to_string(),
-        ));
+        let key = e.instance_path().to_string().trim_start_matches('/').replace('/', ".");
+        return Err((if key.is_empty() { "(component)".into() } else { key }, e.to_string()));
     }
     Ok(kind)
 }
 
 fn check_type(spec: &ComponentSpec) -> Result<&'static Kind, (String, String)> {
     if !KINDS.iter().any(|k| k.category == spec.category) {
-        let cats: Vec<_> = KINDS
-            .iter()
-            .map(|k| k.category)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        return Err((
-            "category".into(),
-            format!(
-                "unknown category {:?}; known: {}",
-                spec.category,
-                cats.join(", ")
-            ),
-        ));
+        let cats: Vec<_> =
+            KINDS.iter().map(|k| k.category).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        return Err(("category".into(), format!("unknown category {:?}; known: {}", spec.category, cats.join(", "))));
     }
     lookup(&spec.category, &spec.kind).ok_or_else(|| {
-        let known: Vec<_> = KINDS
-            .iter()
-            .filter(|k| k.category == spec.category)
-            .map(|k| k.kind)
-            .collect();
+        let known: Vec<_> = KINDS.iter().filter(|k| k.category == spec.category).map(|k| k.kind).collect();
         (
             "type".into(),
-            format!(
-                "unknown type {:?} for category {}; known: {}",
-                spec.kind,
-                spec.category,
-                known.join(", ")
-            ),
+            format!("unknown type {:?} for category {}; known: {}", spec.kind, spec.category, known.join(", ")),
         )
     })
 }
@@ -218,37 +161,17 @@ mod tests {
                 assert!(key == "start" || key == "create", "{k:?} advertises {key}");
             }
         }
-        assert!(
-            lookup("simulator", "dummy")
-                .unwrap()
-                .schema
-                .contains_key("start")
-        );
-        assert!(
-            lookup("manager", "generic")
-                .unwrap()
-                .schema
-                .contains_key("create")
-        );
+        assert!(lookup("simulator", "dummy").unwrap().schema.contains_key("start"));
+        assert!(lookup("manager", "generic").unwrap().schema.contains_key("create"));
     }
 
     #[test]
     fn validation_failures_carry_msg_instance_and_path() {
         let dummy = lookup("simulator", "dummy").unwrap();
-        assert!(
-            dummy
-                .validate(Action::Start, &params(json!({"runtime": 2})))
-                .is_ok()
-        );
+        assert!(dummy.validate(Action::Start, &params(json!({"runtime": 2}))).is_ok());
         assert!(dummy.validate(Action::Start, &params(json!({}))).is_ok());
-        assert!(
-            dummy
-                .validate(Action::Stop, &params(json!({"anything": 1})))
-                .is_ok()
-        );
-        let e = dummy
-            .validate(Action::Start, &params(json!({"runtime": "soon"})))
-            .unwrap_err();
+        assert!(dummy.validate(Action::Stop, &params(json!({"anything": 1}))).is_ok());
+        let e = dummy.validate(Action::Start, &params(json!({"runtime": "soon"}))).unwrap_err();
         assert!(e.msg().starts_with("Invalid parameters"), "{e:?}");
         assert_eq!(e.0["instance"], json!("soon"));
         assert_eq!(e.0["path"], json!("$.runtime"));
@@ -257,23 +180,12 @@ mod tests {
     #[test]
     fn create_requires_category_and_type() {
         let m = lookup("manager", "generic").unwrap();
-        let e = m
-            .validate(Action::Create, &params(json!({"name": "x"})))
-            .unwrap_err();
+        let e = m.validate(Action::Create, &params(json!({"name": "x"}))).unwrap_err();
         assert_eq!(e.0["path"], json!("$"));
+        assert!(m.validate(Action::Create, &params(json!({"category": "simulator", "type": "dummy"}))).is_ok());
         assert!(
-            m.validate(
-                Action::Create,
-                &params(json!({"category": "simulator", "type": "dummy"}))
-            )
-            .is_ok()
-        );
-        assert!(
-            m.validate(
-                Action::Create,
-                &params(json!({"category": "simulator", "type": "dummy", "uuid": "x"}))
-            )
-            .is_err()
+            m.validate(Action::Create, &params(json!({"category": "simulator", "type": "dummy", "uuid": "x"})))
+                .is_err()
         );
     }
 }

@@ -13,11 +13,7 @@ use crate::store::StoredComponent;
 impl Component {
     /// Run a manager action. Managers have no transition table: they are
     /// `idle` unless an action failed, and `reset` clears the error.
-    pub(super) async fn manage(
-        &mut self,
-        action: Action,
-        req: &ActionRequest,
-    ) -> Result<(), ErrorInfo> {
+    pub(super) async fn manage(&mut self, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
         match action {
             Action::Create => self.create(req).await?,
             Action::Delete => self.delete(req).await?,
@@ -39,34 +35,22 @@ impl Component {
         let mut params = req.parameters.clone();
         let spec = ComponentSpec::from_map(params.clone()).map_err(|(key, msg)| {
             self.shared.metrics.error("invalid_create");
-            ErrorInfo::new(format!("Invalid create parameters: {key} {msg}"))
-                .with("path", format!("$.{key}"))
+            ErrorInfo::new(format!("Invalid create parameters: {key} {msg}")).with("path", format!("$.{key}"))
         })?;
         let kind = kinds::check(&spec).map_err(|(key, msg)| {
             self.shared.metrics.error("unknown_type");
-            ErrorInfo::new(format!("Cannot create component: {msg}"))
-                .with("path", format!("$.{key}"))
+            ErrorInfo::new(format!("Cannot create component: {msg}")).with("path", format!("$.{key}"))
         })?;
         let uuid = spec.uuid.unwrap_or_else(Uuid::new_v4);
         params.insert("uuid".into(), Value::String(uuid.to_string()));
-        let spec = ComponentSpec {
-            uuid: Some(uuid),
-            properties: params.clone(),
-            ..spec
-        };
-        let duplicate = || {
-            ErrorInfo::new("Duplicate uuid: a component with this uuid exists")
-                .with("uuid", uuid.to_string())
-        };
+        let spec = ComponentSpec { uuid: Some(uuid), properties: params.clone(), ..spec };
+        let duplicate =
+            || ErrorInfo::new("Duplicate uuid: a component with this uuid exists").with("uuid", uuid.to_string());
         if self.shared.lookup(uuid).is_some() {
             self.shared.metrics.error("duplicate_uuid");
             return Err(duplicate());
         }
-        let stored = StoredComponent {
-            uuid,
-            manager: self.keys.uuid,
-            spec: params,
-        };
+        let stored = StoredComponent { uuid, manager: self.keys.uuid, spec: params };
         match self.shared.store.insert_component(stored).await {
             Ok(true) => {}
             Ok(false) => {
@@ -78,9 +62,7 @@ impl Component {
                 return Err(ErrorInfo::new(format!("Cannot persist component: {e}")));
             }
         }
-        self.shared
-            .add_component(&spec, kind, uuid, Some(self.keys.uuid), true)
-            .await;
+        self.shared.add_component(&spec, kind, uuid, Some(self.keys.uuid), true).await;
         info!(created = %uuid, category = %spec.category, r#type = %spec.kind, "component created");
         Ok(())
     }
@@ -97,15 +79,12 @@ impl Component {
         };
         if handle.managed_by != Some(self.keys.uuid) {
             self.shared.metrics.error("not_managed");
-            return Err(ErrorInfo::new("Component is not managed by this manager")
-                .with("uuid", uuid.to_string()));
+            return Err(ErrorInfo::new("Component is not managed by this manager").with("uuid", uuid.to_string()));
         }
         if !handle.persisted {
             self.shared.metrics.error("configured_component");
-            return Err(ErrorInfo::new(
-                "Component is defined in the configuration file and cannot be deleted",
-            )
-            .with("uuid", uuid.to_string()));
+            return Err(ErrorInfo::new("Component is defined in the configuration file and cannot be deleted")
+                .with("uuid", uuid.to_string()));
         }
         if let Err(e) = self.shared.store.delete_component(uuid).await {
             self.shared.metrics.error("store");

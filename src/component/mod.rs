@@ -107,11 +107,7 @@ impl Durations {
             Action::Start => parameters.get("runtime").and_then(Value::as_f64),
             other => self.0.get(other.as_str()).and_then(Value::as_f64),
         };
-        Duration::from_secs_f64(
-            secs.filter(|s| s.is_finite() && *s >= 0.0)
-                .unwrap_or(1.0)
-                .min(86_400.0),
-        )
+        Duration::from_secs_f64(secs.filter(|s| s.is_finite() && *s >= 0.0).unwrap_or(1.0).min(86_400.0))
     }
 }
 
@@ -140,10 +136,7 @@ fn properties_of(spec: &ComponentSpec, uuid: Uuid, realm: &Option<String>) -> Ma
     p.insert("category".into(), spec.category.clone().into());
     p.insert("type".into(), spec.kind.clone().into());
     p.insert("name".into(), spec.name.clone().into());
-    p.insert(
-        "realm".into(),
-        realm.clone().map_or(Value::Null, Value::String),
-    );
+    p.insert("realm".into(), realm.clone().map_or(Value::Null, Value::String));
     p.insert("uuid".into(), uuid.to_string().into());
     p.shift_remove("enabled");
     p
@@ -160,21 +153,10 @@ pub(crate) fn spawn(
     persisted: bool,
 ) -> ComponentHandle {
     let realm = spec.realm.clone().or_else(|| shared.config.realm.clone());
-    let keys = RoutingKeys {
-        category: spec.category.clone(),
-        kind: spec.kind.clone(),
-        uuid,
-        realm: realm.clone(),
-    };
+    let keys = RoutingKeys { category: spec.category.clone(), kind: spec.kind.clone(), uuid, realm: realm.clone() };
     let (tx, rx) = mpsc::channel(MAILBOX);
     let properties = properties_of(spec, uuid, &realm);
-    let durations = Durations(
-        properties
-            .get("durations")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default(),
-    );
+    let durations = Durations(properties.get("durations").and_then(Value::as_object).cloned().unwrap_or_default());
     let component = Component {
         shared: shared.clone(),
         keys: keys.clone(),
@@ -189,16 +171,9 @@ pub(crate) fn spawn(
         settle_at: None,
         scheduled: VecDeque::new(),
     };
-    shared
-        .metrics
-        .state_change(None, Some(State::Idle.as_str()));
+    shared.metrics.state_change(None, Some(State::Idle.as_str()));
     shared.tracker.spawn(component.run(rx));
-    ComponentHandle {
-        keys,
-        managed_by,
-        persisted,
-        tx,
-    }
+    ComponentHandle { keys, managed_by, persisted, tx }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -245,9 +220,7 @@ impl Component {
                 _ = token.cancelled() => break,
             }
         }
-        self.shared
-            .metrics
-            .state_change(Some(self.lifecycle.state().as_str()), None);
+        self.shared.metrics.state_change(Some(self.lifecycle.state().as_str()), None);
     }
 
     async fn command(&mut self, cmd: Command) {
@@ -281,10 +254,7 @@ impl Component {
             self.execute(req).await;
         } else {
             debug!(component = %self.keys.uuid, action = %req.action, in_ms = (due - now).as_millis() as u64, "scheduled");
-            let due = self
-                .scheduled
-                .back()
-                .map_or(due, |(last, _)| due.max(*last));
+            let due = self.scheduled.back().map_or(due, |(last, _)| due.max(*last));
             self.scheduled.push_back((due, req));
         }
     }
@@ -326,9 +296,7 @@ impl Component {
             self.shared.metrics.error("invalid_transition");
             ErrorInfo::from(&e)
         })?;
-        self.shared
-            .metrics
-            .state_change(Some(from.as_str()), Some(to.as_str()));
+        self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
         self.error = None;
         if action == Action::Start {
             self.model = req.payload.get("model").cloned().unwrap_or(Value::Null);
@@ -366,20 +334,13 @@ impl Component {
             State::Gone => self.lifecycle.gone(),
             other => self.lifecycle = Lifecycle::new(other),
         }
-        self.shared
-            .metrics
-            .state_change(Some(from.as_str()), Some(self.lifecycle.state().as_str()));
+        self.shared.metrics.state_change(Some(from.as_str()), Some(self.lifecycle.state().as_str()));
     }
 
     fn status(&self) -> Value {
         let prefix = match self.keys.category.as_str() {
-            "simulator" => Prefix::Simulator {
-                model: self.model.clone(),
-                results: self.results.clone(),
-            },
-            "manager" => Prefix::Manager {
-                components: self.shared.managed_by(self.keys.uuid),
-            },
+            "simulator" => Prefix::Simulator { model: self.model.clone(), results: self.results.clone() },
+            "manager" => Prefix::Manager { components: self.shared.managed_by(self.keys.uuid) },
             _ => Prefix::None,
         };
         StatusView {
@@ -402,9 +363,6 @@ impl Component {
             Err(e) => return warn!(error = %e, "cannot serialise status"),
         };
         let reply = cause.map(|r| &r.reply).filter(|r| r.wanted());
-        self.shared
-            .bus
-            .publish_status(&self.keys, &body, reply)
-            .await;
+        self.shared.bus.publish_status(&self.keys, &body, reply).await;
     }
 }

@@ -47,9 +47,7 @@ impl When {
             Some(_) => None,
         };
         let Some(secs) = secs.filter(|s| s.is_finite()) else {
-            return Err(Rejection::InvalidWhen(
-                v.map(|v| v.to_string()).unwrap_or_default(),
-            ));
+            return Err(Rejection::InvalidWhen(v.map(|v| v.to_string()).unwrap_or_default()));
         };
         if secs <= 0.0 {
             return Ok(When::Now);
@@ -57,9 +55,9 @@ impl When {
         let at = UNIX_EPOCH + Duration::from_secs_f64(secs);
         match at.duration_since(now) {
             Err(_) => Ok(When::Now),
-            Ok(ahead) if ahead > MAX_SCHEDULE_AHEAD => Err(Rejection::InvalidWhen(format!(
-                "{secs} is more than a year ahead; expected Unix seconds"
-            ))),
+            Ok(ahead) if ahead > MAX_SCHEDULE_AHEAD => {
+                Err(Rejection::InvalidWhen(format!("{secs} is more than a year ahead; expected Unix seconds")))
+            }
             Ok(ahead) if ahead.is_zero() => Ok(When::Now),
             Ok(_) => Ok(When::At(at)),
         }
@@ -103,13 +101,7 @@ impl ActionRequest {
         let mut payload = Map::new();
         payload.insert("action".into(), Value::String(action.into()));
         payload.insert("parameters".into(), Value::Object(parameters.clone()));
-        Self {
-            action: action.into(),
-            parameters,
-            when: When::Now,
-            payload,
-            reply: ReplyTo::default(),
-        }
+        Self { action: action.into(), parameters, when: When::Now, payload, reply: ReplyTo::default() }
     }
 }
 
@@ -199,13 +191,9 @@ pub fn decode(
         }
     }
     if body.len() > limit {
-        return Err(Rejection::TooLarge {
-            size: body.len(),
-            limit,
-        });
+        return Err(Rejection::TooLarge { size: body.len(), limit });
     }
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
     let Value::Object(mut payload) = value else {
         return Err(Rejection::NotAnObject(json_kind(&value)));
     };
@@ -222,13 +210,7 @@ pub fn decode(
     };
     let when = When::parse(payload.get("when"), now)?;
     payload.insert("parameters".into(), Value::Object(parameters.clone()));
-    Ok(Inbound::Action(ActionRequest {
-        action,
-        parameters,
-        when,
-        payload,
-        reply,
-    }))
+    Ok(Inbound::Action(ActionRequest { action, parameters, when, payload, reply }))
 }
 
 #[cfg(test)]
@@ -272,43 +254,18 @@ mod tests {
     fn when_accepts_seconds_floats_strings_and_iso8601() {
         let t = 1_800_000_100.0;
         let at = UNIX_EPOCH + Duration::from_secs_f64(t);
-        assert_eq!(
-            When::parse(Some(&json!(1_800_000_100)), now()),
-            Ok(When::At(at))
-        );
+        assert_eq!(When::parse(Some(&json!(1_800_000_100)), now()), Ok(When::At(at)));
         assert_eq!(When::parse(Some(&json!(t)), now()), Ok(When::At(at)));
-        assert_eq!(
-            When::parse(Some(&json!("1800000100")), now()),
-            Ok(When::At(at))
-        );
-        assert_eq!(
-            When::parse(Some(&json!("2027-01-15T08:01:40Z")), now()),
-            Ok(When::At(at))
-        );
-        assert_eq!(
-            When::parse(Some(&json!("2027-01-15T08:01:40.000Z")), now()),
-            Ok(When::At(at))
-        );
-        assert_eq!(
-            When::parse(Some(&json!("2027-01-15T08:01:40")), now()),
-            Ok(When::At(at))
-        );
-        assert_eq!(
-            When::parse(Some(&json!("2027-01-15T09:01:40+01:00")), now()),
-            Ok(When::At(at))
-        );
+        assert_eq!(When::parse(Some(&json!("1800000100")), now()), Ok(When::At(at)));
+        assert_eq!(When::parse(Some(&json!("2027-01-15T08:01:40Z")), now()), Ok(When::At(at)));
+        assert_eq!(When::parse(Some(&json!("2027-01-15T08:01:40.000Z")), now()), Ok(When::At(at)));
+        assert_eq!(When::parse(Some(&json!("2027-01-15T08:01:40")), now()), Ok(When::At(at)));
+        assert_eq!(When::parse(Some(&json!("2027-01-15T09:01:40+01:00")), now()), Ok(When::At(at)));
     }
 
     #[test]
     fn when_in_the_past_zero_or_absent_means_now() {
-        for v in [
-            json!(0),
-            json!(0.0),
-            json!(1_000),
-            json!("2001-01-01T00:00:00Z"),
-            json!(null),
-            json!(""),
-        ] {
+        for v in [json!(0), json!(0.0), json!(1_000), json!("2001-01-01T00:00:00Z"), json!(null), json!("")] {
             assert_eq!(When::parse(Some(&v), now()), Ok(When::Now), "{v}");
         }
         assert_eq!(When::parse(None, now()), Ok(When::Now));
@@ -316,43 +273,20 @@ mod tests {
 
     #[test]
     fn when_that_is_not_a_time_or_is_absurdly_far_is_rejected() {
-        for v in [
-            json!("tomorrow"),
-            json!(true),
-            json!([1]),
-            json!(1_800_000_000_000u64),
-        ] {
-            assert!(
-                matches!(When::parse(Some(&v), now()), Err(Rejection::InvalidWhen(_))),
-                "{v}"
-            );
+        for v in [json!("tomorrow"), json!(true), json!([1]), json!(1_800_000_000_000u64)] {
+            assert!(matches!(When::parse(Some(&v), now()), Err(Rejection::InvalidWhen(_))), "{v}");
         }
     }
 
     #[test]
     fn every_malformed_body_gets_its_own_rejection() {
-        assert_eq!(
-            dec(Some("text/plain"), "{}").unwrap_err().kind(),
-            "content_type"
-        );
+        assert_eq!(dec(Some("text/plain"), "{}").unwrap_err().kind(), "content_type");
         assert_eq!(dec(None, "{not json").unwrap_err().kind(), "invalid_json");
-        assert_eq!(
-            dec(None, "[\"action\"]").unwrap_err(),
-            Rejection::NotAnObject("an array")
-        );
-        assert_eq!(
-            dec(None, "\"action\"").unwrap_err(),
-            Rejection::NotAnObject("a string")
-        );
-        assert_eq!(
-            dec(None, "42").unwrap_err(),
-            Rejection::NotAnObject("a number")
-        );
+        assert_eq!(dec(None, "[\"action\"]").unwrap_err(), Rejection::NotAnObject("an array"));
+        assert_eq!(dec(None, "\"action\"").unwrap_err(), Rejection::NotAnObject("a string"));
+        assert_eq!(dec(None, "42").unwrap_err(), Rejection::NotAnObject("a number"));
         assert_eq!(dec(None, "{}").unwrap_err(), Rejection::MissingAction);
-        assert_eq!(
-            dec(None, r#"{"action": 1}"#).unwrap_err(),
-            Rejection::ActionNotAString
-        );
+        assert_eq!(dec(None, r#"{"action": 1}"#).unwrap_err(), Rejection::ActionNotAString);
         assert_eq!(
             dec(None, r#"{"action": "start", "parameters": [1]}"#).unwrap_err(),
             Rejection::ParametersNotAnObject
@@ -365,20 +299,11 @@ mod tests {
 
     #[test]
     fn status_messages_are_recognised_and_ignored() {
-        assert_eq!(
-            dec(None, r#"{"status": {"state": "idle"}}"#),
-            Ok(Inbound::Status)
-        );
+        assert_eq!(dec(None, r#"{"status": {"state": "idle"}}"#), Ok(Inbound::Status));
     }
 
     #[test]
     fn content_type_parameters_and_case_are_tolerated() {
-        assert!(
-            dec(
-                Some("Application/JSON; charset=utf-8"),
-                r#"{"action":"ping"}"#
-            )
-            .is_ok()
-        );
+        assert!(dec(Some("Application/JSON; charset=utf-8"), r#"{"action":"ping"}"#).is_ok());
     }
 }

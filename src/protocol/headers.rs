@@ -31,10 +31,7 @@ impl RoutingKeys {
     pub fn status_headers(&self) -> FieldTable {
         let mut t = FieldTable::default();
         t.insert("category".into(), long(&self.category));
-        t.insert(
-            "realm".into(),
-            self.realm.as_deref().map_or(AMQPValue::Void, long),
-        );
+        t.insert("realm".into(), self.realm.as_deref().map_or(AMQPValue::Void, long));
         t.insert("uuid".into(), long(&self.uuid.to_string()));
         t.insert("type".into(), long(&self.kind));
         t
@@ -82,9 +79,7 @@ pub enum HeaderValue {
 pub fn header_str(headers: &FieldTable, key: &str) -> Option<HeaderValue> {
     let v = headers.inner().get(&ShortString::from(key))?;
     Some(match v {
-        AMQPValue::LongString(s) => {
-            HeaderValue::Str(String::from_utf8_lossy(s.as_bytes()).into_owned())
-        }
+        AMQPValue::LongString(s) => HeaderValue::Str(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => HeaderValue::Str(s.as_str().to_owned()),
         AMQPValue::Void => HeaderValue::Void,
         other => HeaderValue::Other(format!("{other:?}")),
@@ -122,10 +117,7 @@ pub struct Filter {
 impl Filter {
     /// Whether no header is set.
     pub fn is_empty(&self) -> bool {
-        self.uuid.is_none()
-            && self.realm.is_none()
-            && self.category.is_none()
-            && self.kind.is_none()
+        self.uuid.is_none() && self.realm.is_none() && self.category.is_none() && self.kind.is_none()
     }
 
     fn pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
@@ -169,9 +161,7 @@ impl Filter {
     /// component, with the same OR semantics as the exchange.
     pub fn matches(&self, headers: &FieldTable) -> bool {
         self.is_empty()
-            || self
-                .pairs()
-                .any(|(k, v)| matches!(header_str(headers, k), Some(HeaderValue::Str(s)) if s == v))
+            || self.pairs().any(|(k, v)| matches!(header_str(headers, k), Some(HeaderValue::Str(s)) if s == v))
     }
 }
 
@@ -199,19 +189,13 @@ mod tests {
     #[test]
     fn any_single_matching_header_routes_and_none_does_not() {
         let k = keys(Some("lab"));
-        assert!(k.matches(&table(&[(
-            "uuid",
-            long("3ddd318e-fee1-46d7-bff4-7c064d640d4e")
-        )])));
+        assert!(k.matches(&table(&[("uuid", long("3ddd318e-fee1-46d7-bff4-7c064d640d4e"))])));
         assert!(k.matches(&table(&[("realm", long("lab"))])));
         assert!(k.matches(&table(&[("category", long("simulator"))])));
         assert!(k.matches(&table(&[("type", long("dummy"))])));
         assert!(k.matches(&table(&[("type", long("generic")), ("realm", long("lab"))])));
         assert!(!k.matches(&table(&[("type", long("generic"))])));
-        assert!(
-            !k.matches(&table(&[("uuid", long(""))])),
-            "broadcast ping is not routed"
-        );
+        assert!(!k.matches(&table(&[("uuid", long(""))])), "broadcast ping is not routed");
         assert!(!k.matches(&FieldTable::default()));
     }
 
@@ -220,15 +204,8 @@ mod tests {
         let k = keys(None);
         assert!(!k.matches(&table(&[("realm", long("lab"))])));
         assert!(!k.matches(&table(&[("realm", AMQPValue::Void)])));
-        assert!(
-            !k.binding()
-                .inner()
-                .contains_key(&ShortString::from("realm"))
-        );
-        assert_eq!(
-            k.status_headers().inner().get(&ShortString::from("realm")),
-            Some(&AMQPValue::Void)
-        );
+        assert!(!k.binding().inner().contains_key(&ShortString::from("realm")));
+        assert_eq!(k.status_headers().inner().get(&ShortString::from("realm")), Some(&AMQPValue::Void));
     }
 
     #[test]
@@ -249,20 +226,14 @@ mod tests {
     fn an_empty_filter_broadcasts_with_an_empty_uuid_and_sees_everything() {
         let f = Filter::default();
         let h = f.action_headers();
-        assert_eq!(
-            header_str(&h, "uuid"),
-            Some(HeaderValue::Str(String::new()))
-        );
+        assert_eq!(header_str(&h, "uuid"), Some(HeaderValue::Str(String::new())));
         assert!(f.binding().inner().is_empty());
         assert!(f.matches(&keys(None).status_headers()));
     }
 
     #[test]
     fn a_filter_selects_status_messages_by_any_header() {
-        let f = Filter {
-            realm: Some("lab".into()),
-            ..Default::default()
-        };
+        let f = Filter { realm: Some("lab".into()), ..Default::default() };
         assert!(f.matches(&keys(Some("lab")).status_headers()));
         assert!(!f.matches(&keys(Some("other")).status_headers()));
         assert!(!f.matches(&keys(None).status_headers()));

@@ -40,12 +40,7 @@ impl DaemonInfo {
             }
             Err(_) => ("unknown".to_owned(), json!({})),
         };
-        Self {
-            version: env!("CARGO_PKG_VERSION"),
-            started: Instant::now(),
-            host,
-            kernel,
-        }
+        Self { version: env!("CARGO_PKG_VERSION"), started: Instant::now(), host, kernel }
     }
 
     /// Seconds since the daemon started.
@@ -85,10 +80,7 @@ impl ErrorInfo {
 
     /// The message.
     pub fn msg(&self) -> &str {
-        self.0
-            .get("msg")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
+        self.0.get("msg").and_then(Value::as_str).unwrap_or_default()
     }
 }
 
@@ -97,13 +89,9 @@ impl From<&crate::state::TransitionError> for ErrorInfo {
         use crate::state::TransitionError as T;
         let info = ErrorInfo::new(e.to_string());
         match e {
-            T::Invalid { current, next } => info
-                .with("current", current.as_str())
-                .with("next", next.as_str()),
+            T::Invalid { current, next } => info.with("current", current.as_str()).with("next", next.as_str()),
             T::UnknownAction(a) => info.with("action", a.as_str()),
-            T::Unsupported { action, kind } => info
-                .with("action", action.as_str())
-                .with("type", kind.as_str()),
+            T::Unsupported { action, kind } => info.with("action", action.as_str()).with("type", kind.as_str()),
         }
     }
 }
@@ -177,13 +165,7 @@ impl StatusView<'_> {
                 env.insert("results".into(), results.clone());
             }
             Prefix::Manager { components } => {
-                env.insert(
-                    "components".into(),
-                    components
-                        .iter()
-                        .map(|u| Value::String(u.to_string()))
-                        .collect(),
-                );
+                env.insert("components".into(), components.iter().map(|u| Value::String(u.to_string())).collect());
             }
             Prefix::None => {}
         }

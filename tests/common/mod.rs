@@ -107,9 +107,7 @@ components:
 
     /// A client on this environment's exchange.
     pub async fn client(&self) -> Client {
-        Client::connect(&amqp_url(), &self.exchange)
-            .await
-            .expect("client connects")
+        Client::connect(&amqp_url(), &self.exchange).await.expect("client connects")
     }
 
     /// A listener that sees every message on the exchange.
@@ -123,16 +121,9 @@ pub async fn status_of(l: &mut Listener, uuid: Uuid, pred: impl Fn(&Value) -> bo
     let end = Instant::now() + WAIT;
     let want = uuid.to_string();
     loop {
-        let seen = l
-            .next_until(end)
-            .await
-            .unwrap_or_else(|| panic!("no matching status from {uuid} within {WAIT:?}"));
+        let seen = l.next_until(end).await.unwrap_or_else(|| panic!("no matching status from {uuid} within {WAIT:?}"));
         if seen.is_status()
-            && seen
-                .payload
-                .pointer("/properties/uuid")
-                .and_then(Value::as_str)
-                == Some(&want)
+            && seen.payload.pointer("/properties/uuid").and_then(Value::as_str) == Some(&want)
             && pred(&seen.payload)
         {
             return seen.payload;
@@ -161,9 +152,5 @@ pub fn action(name: &str, parameters: Value) -> Value {
 
 /// Headers addressing one uuid.
 pub fn to_uuid(uuid: Uuid) -> FieldTable {
-    busbar::protocol::Filter {
-        uuid: Some(uuid.to_string()),
-        ..Default::default()
-    }
-    .action_headers()
+    busbar::protocol::Filter { uuid: Some(uuid.to_string()), ..Default::default() }.action_headers()
 }
