@@ -287,7 +287,9 @@ async fn session(
             }
             None => {
                 let q = declare_bound_queue(&sub, &exchange, h.keys.binding()).await?;
+                debug!(queue = %q, "declared");
                 spawn_forwarder(&s, consume(&sub, q.clone()).await?, Target::One(h.clone()));
+                debug!(queue = %q, "consuming");
                 queues.insert(h.uuid(), q);
             }
         }
@@ -295,13 +297,14 @@ async fn session(
         Ok(())
     };
 
+    // Publishing works from here on, so the announcements below go out.
+    ch_tx.send_replace(Some(publ));
+    // Commands queued while disconnected concern components that the
+    // registry snapshot below already covers; drop them.
+    while cmd_rx.try_recv().is_ok() {}
     for h in s.handles() {
         subscribe(h, &mut queues).await?;
     }
-    // Commands queued while disconnected concern components that the loop
-    // above has just (un)subscribed from the registry; drop them.
-    while cmd_rx.try_recv().is_ok() {}
-    ch_tx.send_replace(Some(publ));
     s.metrics.connects.inc();
     info!(broker = %redact_url(url), %exchange, components = queues.len().max(s.handles().len()), "connected to broker");
 
@@ -310,7 +313,10 @@ async fn session(
         tokio::select! {
             cmd = cmd_rx.recv() => match cmd {
                 None => return Ok(()),
-                Some(BusCmd::Subscribe(h)) => subscribe(h, &mut queues).await?,
+                Some(BusCmd::Subscribe(h)) => {
+                    debug!(component = %h.uuid(), "subscribing");
+                    subscribe(h, &mut queues).await?
+                }
                 Some(BusCmd::Unsubscribe(keys)) => match &shared_queue {
                     Some(q) => sub.queue_unbind(q.clone(), exchange.as_str().into(), "".into(), keys.binding()).await?,
                     None => if let Some(q) = queues.remove(&keys.uuid) {

@@ -230,7 +230,10 @@ impl Component {
                 let info = ErrorInfo::from(&rejection);
                 self.fail(info, None).await;
             }
-            Command::Announce => self.publish(None).await,
+            Command::Announce => {
+                debug!(component = %self.keys.uuid, "announce");
+                self.publish(None).await
+            }
             Command::Act(req, reply) => {
                 self.accept(req).await;
                 let _ = reply.send(self.status());

@@ -136,10 +136,11 @@ pub async fn state_of(l: &mut Listener, uuid: Uuid, state: &str) -> Value {
     status_of(l, uuid, |v| v["status"]["state"] == state).await
 }
 
-/// Collect every status message from `uuid` until `quiet` passes without one.
-pub async fn drain(l: &mut Listener, quiet: Duration) -> Vec<Seen> {
+/// Collect every message that arrives within `window`.
+pub async fn collect_for(l: &mut Listener, window: Duration) -> Vec<Seen> {
+    let end = Instant::now() + window;
     let mut out = Vec::new();
-    while let Some(s) = l.next_until(Instant::now() + quiet).await {
+    while let Some(s) = l.next_until(end).await {
         out.push(s);
     }
     out

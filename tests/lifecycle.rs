@@ -1,0 +1,256 @@
+//! Component lifecycles over the real broker: every dummy action, errors
+//! and reset, `when` scheduling, create/delete through the manager,
+//! persistence across restarts, and broker connection loss.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn every_dummy_action_completes() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let c = env.client().await;
+    let mut l = env.listen_all(&c).await;
+    let steps = [
+        ("start", json!({"runtime": 0.05}), ["starting", "running"]),
+        ("pause", json!({}), ["pausing", "paused"]),
+        ("resume", json!({}), ["resuming", "running"]),
+        ("stop", json!({}), ["stopping", "idle"]),
+        ("shutdown", json!({}), ["shuttingdown", "shutdown"]),
+        ("start", json!({"runtime": 0}), ["starting", "running"]),
+        ("reset", json!({}), ["resetting", "idle"]),
+    ];
+    for (name, params, [transient, settled]) in steps {
+        c.publish(to_uuid(env.dummy), &action(name, params), None).await.unwrap();
+        state_of(&mut l, env.dummy, transient).await;
+        let st = state_of(&mut l, env.dummy, settled).await;
+        assert!(st["status"].get("error").is_none(), "{name}: {st}");
+    }
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn an_invalid_transition_errors_and_reset_recovers() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let c = env.client().await;
+    let mut l = env.listen_all(&c).await;
+    c.publish(to_uuid(env.dummy), &action("stop", json!({})), None).await.unwrap();
+    let st = state_of(&mut l, env.dummy, "error").await;
+    assert_eq!(
+        st["status"]["error"],
+        json!({"msg": "Invalid state transition", "current": "idle", "next": "stopping"})
+    );
+    // Nothing but reset leaves error.
+    c.publish(to_uuid(env.dummy), &action("start", json!({})), None).await.unwrap();
+    let st = state_of(&mut l, env.dummy, "error").await;
+    assert_eq!(st["status"]["error"]["current"], "error");
+    c.publish(to_uuid(env.dummy), &action("reset", json!({})), None).await.unwrap();
+    state_of(&mut l, env.dummy, "resetting").await;
+    let st = state_of(&mut l, env.dummy, "idle").await;
+    assert!(st["status"].get("error").is_none());
+    // And the daemon keeps going.
+    c.publish(to_uuid(env.dummy), &action("start", json!({"runtime": 0})), None).await.unwrap();
+    state_of(&mut l, env.dummy, "running").await;
+    assert_eq!(d.shared.metrics.error_count("invalid_transition"), 2);
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+#[tokio::test]
+async fn a_future_when_is_honoured_within_50ms_and_later_actions_queue_behind_it() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let c = env.client().await;
+    let mut l = env.listen_all(&c).await;
+    let target = unix_now() + 0.6;
+    let mut start = action("start", json!({"runtime": 5}));
+    start["when"] = json!(target);
+    c.publish(to_uuid(env.dummy), &start, None).await.unwrap();
+    // Sent after, due now: must wait its turn behind the scheduled start.
+    c.publish(to_uuid(env.dummy), &action("reset", json!({})), None).await.unwrap();
+    let st = status_of(&mut l, env.dummy, |v| v["status"]["state"] != "idle").await;
+    let at = unix_now();
+    assert_eq!(st["status"]["state"], "starting", "the scheduled start runs first");
+    assert!((at - target).abs() < 0.05, "ran {:.1} ms off target", (at - target) * 1e3);
+    state_of(&mut l, env.dummy, "resetting").await;
+    state_of(&mut l, env.dummy, "idle").await;
+
+    // An ISO-8601 `when`, as the VILLASweb frontend sends for some actions.
+    let target = SystemTime::now() + Duration::from_millis(400);
+    let iso = jiff::Timestamp::try_from(target).unwrap().to_string();
+    let mut start = action("start", json!({"runtime": 0}));
+    start["when"] = json!(iso);
+    c.publish(to_uuid(env.dummy), &start, None).await.unwrap();
+    state_of(&mut l, env.dummy, "starting").await;
+    let late = SystemTime::now().duration_since(target).unwrap_or_default();
+    let early = target.duration_since(SystemTime::now()).unwrap_or_default();
+    assert!(late < Duration::from_millis(50) && early < Duration::from_millis(50), "late {late:?} early {early:?}");
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn created_components_survive_a_restart_with_the_same_uuid() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let c = env.client().await;
+    let mut l = env.listen_all(&c).await;
+    let created = Uuid::new_v4();
+    let params = json!({"category": "simulator", "type": "dummy", "name": "Created Dummy", "uuid": created.to_string(), "location": "here", "owner": "svg"});
+    c.publish(to_uuid(env.manager), &action("create", params), None).await.unwrap();
+    // Announced on create, managed by the manager; the manager lists it.
+    let st = state_of(&mut l, created, "idle").await;
+    assert_eq!(st["status"]["managed_by"], env.manager.to_string());
+    assert_eq!(st["properties"]["name"], "Created Dummy");
+    c.publish(to_uuid(env.manager), &json!({"action": "ping"}), None).await.unwrap();
+    let m = status_of(&mut l, env.manager, |v| v["components"].as_array().is_some_and(|a| a.len() == 2)).await;
+    assert!(m["components"].as_array().unwrap().contains(&json!(created.to_string())));
+    // Without a uuid, one is generated and kept.
+    c.publish(
+        to_uuid(env.manager),
+        &action("create", json!({"category": "simulator", "type": "dummy", "name": "Anon"})),
+        None,
+    )
+    .await
+    .unwrap();
+    c.publish(to_uuid(env.manager), &json!({"action": "ping"}), None).await.unwrap();
+    let anon = status_of(&mut l, env.manager, |v| v["components"].as_array().is_some_and(|a| a.len() == 3)).await;
+    let anon: Uuid = anon["components"][2].as_str().unwrap().parse().unwrap();
+    d.stop().await.expect("clean shutdown");
+
+    let d = env.start().await;
+    for u in [created, anon] {
+        let h = d.shared.lookup(u).unwrap_or_else(|| panic!("{u} restored"));
+        assert_eq!(h.managed_by, Some(env.manager));
+        c.publish(to_uuid(u), &json!({"action": "ping"}), None).await.unwrap();
+        state_of(&mut l, u, "idle").await;
+    }
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn create_errors_are_clear_and_leave_the_daemon_running() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let c = env.client().await;
+    let mut l = env.listen_all(&c).await;
+    let cases = [
+        (json!({"category": "simulator", "type": "warp-drive"}), "unknown type"),
+        (json!({"category": "simulator", "type": "dummy", "uuid": env.dummy.to_string()}), "Duplicate uuid"),
+        (json!({"name": "no type"}), "Invalid parameters"),
+        (json!({"category": "simulator", "type": "dummy", "uuid": "not-a-uuid"}), "Invalid parameters"),
+        (json!({"category": "gateway", "type": "x"}), "unknown category"),
+    ];
+    for (params, msg) in cases {
+        c.publish(to_uuid(env.manager), &action("create", params), None).await.unwrap();
+        let st = state_of(&mut l, env.manager, "error").await;
+        let got = st["status"]["error"]["msg"].as_str().unwrap();
+        assert!(got.contains(msg), "want {msg:?}, got {got:?}");
+        c.publish(to_uuid(env.manager), &action("reset", json!({})), None).await.unwrap();
+        state_of(&mut l, env.manager, "idle").await;
+    }
+    for (params, msg) in [
+        (json!({"uuid": Uuid::new_v4().to_string()}), "Unknown component"),
+        (json!({"uuid": env.dummy.to_string()}), "configuration file"),
+        (json!({}), "Missing uuid"),
+    ] {
+        c.publish(to_uuid(env.manager), &action("delete", params), None).await.unwrap();
+        let st = state_of(&mut l, env.manager, "error").await;
+        assert!(st["status"]["error"]["msg"].as_str().unwrap().contains(msg), "{st}");
+    }
+    assert_eq!(d.shared.handles().len(), 2);
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_deleted_component_publishes_gone_once_and_then_stays_silent() {
+    let env = TestEnv::new();
+    let yaml = env.config_yaml().replace("status_interval: 30", "status_interval: 0.1");
+    let d = env.start_with(env.config(&yaml)).await;
+    let c = env.client().await;
+    let mut l = env.listen_all(&c).await;
+    let u = Uuid::new_v4();
+    c.publish(
+        to_uuid(env.manager),
+        &action("create", json!({"category": "simulator", "type": "dummy", "uuid": u.to_string()})),
+        None,
+    )
+    .await
+    .unwrap();
+    state_of(&mut l, u, "idle").await;
+    state_of(&mut l, u, "idle").await; // periodic updates flow
+    c.publish(to_uuid(env.manager), &action("delete", json!({"uuid": u.to_string()})), None).await.unwrap();
+    state_of(&mut l, u, "gone").await;
+    let later = collect_for(&mut l, Duration::from_millis(800)).await;
+    let from_u: Vec<_> = later
+        .iter()
+        .filter(|s| s.payload.pointer("/properties/uuid").and_then(Value::as_str) == Some(&u.to_string()))
+        .collect();
+    assert!(from_u.is_empty(), "silence after gone, got {}", from_u.len());
+    assert!(d.shared.lookup(u).is_none());
+    d.stop().await.expect("clean shutdown");
+    // Not resurrected by a restart either.
+    let d = env.start().await;
+    assert!(d.shared.lookup(u).is_none());
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+/// Close the daemon's broker connection from the broker side.
+fn drop_connection(exchange: &str) {
+    let name = format!("busbar daemon exchange={exchange}");
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q", "--no-table-headers"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid = text
+        .lines()
+        .find(|l| l.contains(&name))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no connection named {name}"));
+    let st = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", pid, "test: connection dropped by broker"])
+        .status()
+        .expect("rabbitmqctl runs");
+    assert!(st.success());
+}
+
+#[tokio::test]
+async fn state_survives_a_broker_side_connection_drop_and_the_daemon_reconnects() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let c = env.client().await;
+    let mut l = env.listen_all(&c).await;
+    c.publish(to_uuid(env.dummy), &action("start", json!({"runtime": 0})), None).await.unwrap();
+    state_of(&mut l, env.dummy, "running").await;
+    let before = d.shared.metrics.connects.get();
+    drop_connection(&env.exchange);
+    // Reconnected, topology redeclared, announced again with the state kept.
+    let st = state_of(&mut l, env.dummy, "running").await;
+    assert_eq!(st["properties"]["uuid"], env.dummy.to_string());
+    let end = Instant::now() + WAIT;
+    while d.shared.metrics.connects.get() == before {
+        assert!(Instant::now() < end, "no reconnect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
+    state_of(&mut l, env.dummy, "running").await;
+    c.publish(to_uuid(env.dummy), &action("stop", json!({})), None).await.unwrap();
+    state_of(&mut l, env.dummy, "idle").await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
