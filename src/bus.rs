@@ -56,6 +56,7 @@ pub struct Bus {
     cmd: mpsc::UnboundedSender<BusCmd>,
     channel: watch::Receiver<Option<Channel>>,
     exchange: ShortString,
+    published: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for BusCmd {
@@ -120,10 +121,11 @@ pub async fn consume(ch: &Channel, queue: ShortString) -> Result<lapin::Consumer
 impl Bus {
     /// A bus handle plus the supervisor that will serve it once started
     /// with [`BusRunner::spawn`].
-    pub fn new(exchange: &str) -> (Bus, BusRunner) {
+    /// `published` counts every message handed to the broker.
+    pub fn new(exchange: &str, published: prometheus_client::metrics::counter::Counter) -> (Bus, BusRunner) {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ch_tx, ch_rx) = watch::channel(None);
-        (Bus { cmd: cmd_tx, channel: ch_rx, exchange: exchange.into() }, BusRunner { cmd_rx, ch_tx })
+        (Bus { cmd: cmd_tx, channel: ch_rx, exchange: exchange.into(), published }, BusRunner { cmd_rx, ch_tx })
     }
 
     /// Whether a broker connection is up.
@@ -163,8 +165,10 @@ impl Bus {
             .basic_publish(self.exchange.clone(), "".into(), BasicPublishOptions::default(), body, props.clone())
             .await
             .is_ok();
+        self.published.inc();
         if let Some(queue) = reply.and_then(|r| r.queue.as_deref()) {
             ok &= ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props).await.is_ok();
+            self.published.inc();
         }
         ok
     }

@@ -118,12 +118,13 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let store = Store::open(&config.data_dir)?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (bus, runner) = Bus::new(&config.exchange);
+    let metrics = Metrics::new();
+    let (bus, runner) = Bus::new(&config.exchange, metrics.messages_out.clone());
     let shared = Arc::new(Shared {
         bus,
         config,
         info: DaemonInfo::detect(),
-        metrics: Metrics::new(),
+        metrics,
         store,
         shutdown,
         tracker,

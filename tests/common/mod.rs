@@ -43,7 +43,7 @@ pub struct TestEnv {
 impl TestEnv {
     /// A fresh environment.
     pub fn new() -> TestEnv {
-        busbar::telemetry::init("warn", false);
+        busbar::telemetry::init("warn,lapin=off", false);
         let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
         TestEnv {
             exchange: format!("test-{id}"),

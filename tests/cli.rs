@@ -1,0 +1,126 @@
+//! The `busbar` binary as operators' scripts use it.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::process::Output;
+use uuid::Uuid;
+
+async fn busbar(env: &TestEnv, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"));
+    cmd.args(args).env("AMQP_URL", amqp_url()).env_remove("RUST_LOG").kill_on_drop(true);
+    if !args.first().is_some_and(|a| *a == "validate-config") {
+        cmd.args(["--exchange", &env.exchange]);
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())
+        .await
+        .expect("CLI finished")
+        .expect("CLI runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn bindings_on(exchange: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_bindings", "source_name", "destination_name", "-q", "--no-table-headers"])
+        .output()
+        .expect("rabbitmqctl runs");
+    text(&out.stdout).lines().filter(|l| l.split('\t').next() == Some(exchange)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn action_wait_exits_0_on_the_target_state_1_on_error_and_2_on_timeout() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let u = env.dummy.to_string();
+    let o = busbar(&env, &["action", "start", "-u", &u, "-p", "{runtime: 0.1}", "--wait", "running"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), "running");
+    let o = busbar(&env, &["action", "stop", "-u", &u, "--wait", "idle"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    // stop from idle is an invalid transition: exit 1 with the message.
+    let o = busbar(&env, &["action", "stop", "-u", &u, "--wait", "idle"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("Invalid state transition"), "{}", text(&o.stderr));
+    busbar(&env, &["action", "reset", "-u", &u, "--wait", "idle"]).await;
+    // A state that never comes: exit 2 after the timeout.
+    let o =
+        busbar(&env, &["action", "start", "-u", &u, "-p", "{runtime: 60}", "--wait", "running", "--timeout", "0.5"])
+            .await;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    // Scheduling from the command line.
+    busbar(&env, &["action", "reset", "-u", &u, "--wait", "idle"]).await;
+    let when =
+        format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() + 0.3);
+    let o =
+        busbar(&env, &["action", "start", "-u", &u, "-p", "{runtime: 0}", "--when", &when, "--wait", "running"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    // Client queues are exclusive and auto-delete: only the daemon's remain
+    // (discovery + manager + dummy).
+    assert_eq!(bindings_on(&env.exchange), 3);
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_prints_one_line_per_reply_and_exits_when_quiet() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let o = busbar(&env, &["ping", "--json", "--quiet", "0.5"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let lines: Vec<Value> = text(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let o = busbar(&env, &["ping", "--type", "dummy", "--quiet", "0.5"]).await;
+    let out = text(&o.stdout);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains(&env.dummy.to_string()) && out.contains("idle"), "{out}");
+    let o = busbar(&env, &["ping", "--uuid", &Uuid::new_v4().to_string(), "--quiet", "0.3"]).await;
+    assert_eq!(o.status.code(), Some(2), "no replies is a failure for scripts");
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_and_delete_through_the_cli() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let m = env.manager.to_string();
+    let u = Uuid::new_v4().to_string();
+    let params = format!("{{category: simulator, type: dummy, name: From CLI, uuid: {u}}}");
+    let o = busbar(&env, &["create", "-m", &m, "-p", &params]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(d.shared.lookup(u.parse().unwrap()).is_some());
+    let o = busbar(&env, &["create", "-m", &m, "-p", &params]).await;
+    assert_eq!(o.status.code(), Some(1), "duplicate");
+    assert!(text(&o.stderr).contains("Duplicate uuid"), "{}", text(&o.stderr));
+    let o = busbar(&env, &["delete", "-m", &m, "-u", &u]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(d.shared.lookup(u.parse().unwrap()).is_none());
+    let o = busbar(&env, &["delete", "-m", &m, "-u", &u]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("Unknown component"));
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn validate_config_names_the_file_and_the_key() {
+    let env = TestEnv::new();
+    let ok = env.dir.path().join("ok.yaml");
+    std::fs::write(&ok, env.config_yaml()).unwrap();
+    let o = busbar(&env, &["validate-config", ok.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let bad = env.dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "components:\n  - {category: simulator, type: dummy}\n  - {category: simulator, type: nope}\n",
+    )
+    .unwrap();
+    let o = busbar(&env, &["validate-config", bad.to_str().unwrap()]).await;
+    assert_ne!(o.status.code(), Some(0));
+    let err = text(&o.stderr);
+    assert!(err.contains("bad.yaml: components[1].type: unknown type"), "{err}");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/lab.yaml");
+    let o = busbar(&env, &["validate-config", example]).await;
+    assert_eq!(o.status.code(), Some(0), "the shipped example is valid: {}", text(&o.stderr));
+}

@@ -1,0 +1,90 @@
+//! The HTTP API on a real socket, backed by a real daemon and broker.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn the_api_lists_reports_and_acts_on_components_with_json_errors() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let base = format!("http://{}", d.api_addr.expect("api enabled"));
+    let http = reqwest::Client::new();
+
+    let index: Value = http.get(format!("{base}/api/v1")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(index["components"], json!([env.manager.to_string(), env.dummy.to_string()]));
+    assert!(index["status"]["uptime"].is_number());
+
+    let r = http.get(format!("{base}/api/v1/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "ok"}));
+
+    let st: Value =
+        http.get(format!("{base}/api/v1/component/{}", env.dummy)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(st["status"]["state"], "idle");
+    assert_eq!(st["properties"]["uuid"], env.dummy.to_string());
+
+    for path in ["/api/v1/component/00000000-0000-0000-0000-000000000000", "/api/v1/component/nope", "/nowhere"] {
+        let r = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        let body: Value = r.json().await.expect("JSON error body");
+        assert!(body["error"]["msg"].is_string(), "{path}: {body}");
+    }
+
+    let url = format!("{base}/api/v1/component/{}", env.dummy);
+    let st: Value = http
+        .post(&url)
+        .body(r#"{"action":"start","parameters":{"runtime":5}}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["status"]["state"], "starting");
+
+    for body in ["{}", "{not json", "[1]", r#"{"action": 3}"#] {
+        let r = http.post(&url).body(body).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let e: Value = r.json().await.expect("JSON error body");
+        assert!(e["error"]["msg"].is_string(), "{e}");
+    }
+    // A refused transition is an ordinary status with error, not a 500.
+    let st: Value = http.post(&url).body(r#"{"action":"resume"}"#).send().await.unwrap().json().await.unwrap();
+    assert_eq!(st["status"]["state"], "error");
+    assert_eq!(st["status"]["error"]["msg"], "Invalid state transition");
+
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    for needle in [
+        "busbar_messages_in_total",
+        "busbar_messages_out_total",
+        "busbar_errors_total{kind=\"invalid_json\"}",
+        "busbar_components{state=\"error\"} 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+    let out: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("busbar_messages_out_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("messages_out sample");
+    assert!(out >= 3.0, "startup announcements were counted: {out}");
+    d.stop().await.expect("clean shutdown");
+    assert!(http.get(format!("{base}/api/v1")).send().await.is_err(), "the listener closed on shutdown");
+}
+
+#[tokio::test]
+async fn health_is_503_while_the_broker_is_unreachable() {
+    let env = TestEnv::new();
+    let yaml = env.config_yaml().replace(&amqp_url(), "amqp://guest:guest@127.0.0.1:1/%2f");
+    let d = busbar::daemon::start(env.config(&yaml)).await.expect("starts without a broker");
+    let base = format!("http://{}", d.api_addr.unwrap());
+    let r = reqwest::get(format!("{base}/api/v1/health")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "error");
+    // Components still answer locally.
+    let st: Value = reqwest::get(format!("{base}/api/v1/component/{}", env.dummy)).await.unwrap().json().await.unwrap();
+    assert_eq!(st["status"]["state"], "idle");
+    d.stop().await.expect("clean shutdown while reconnecting");
+}
