@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use uuid::Uuid;
 
 use crate::daemon::Shared;
-use crate::protocol::{self, Inbound, ReplyTo};
+use crate::protocol::{self, ReplyTo};
 
 /// An API error: a status code and a message, rendered as JSON.
 #[derive(Debug)]
@@ -100,8 +100,8 @@ async fn component_action(
         SystemTime::now(),
     );
     let req = match decoded {
-        Ok(Inbound::Action(req)) => req,
-        Ok(Inbound::Status) => {
+        Ok(Some(req)) => req,
+        Ok(None) => {
             return Err(ApiError(StatusCode::BAD_REQUEST, "Missing action".into()));
         }
         Err(r) => {

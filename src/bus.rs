@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::component::ComponentHandle;
 use crate::config::{Topology, redact_url};
 use crate::daemon::Shared;
-use crate::protocol::{self, Inbound, ReplyTo, RoutingKeys};
+use crate::protocol::{self, ReplyTo, RoutingKeys};
 use crate::state::Action;
 
 /// Longest wait between reconnection attempts.
@@ -377,8 +377,8 @@ async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Ta
         let ct = props.content_type().as_ref().map(|c| c.to_string());
         let decoded = protocol::decode(ct.as_deref(), &d.data, s.config.max_body_bytes, reply, SystemTime::now());
         let msg = match decoded {
-            Ok(Inbound::Status) => continue,
-            Ok(Inbound::Action(req)) => Ok(req),
+            Ok(None) => continue,
+            Ok(Some(req)) => Ok(req),
             Err(rej) => {
                 s.metrics.error(rej.kind());
                 warn!(error = %rej, kind = rej.kind(), "rejected message");

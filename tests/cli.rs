@@ -10,7 +10,7 @@ use uuid::Uuid;
 async fn busbar(env: &TestEnv, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"));
     cmd.args(args).env("AMQP_URL", amqp_url()).env_remove("RUST_LOG").kill_on_drop(true);
-    if !args.first().is_some_and(|a| *a == "validate-config") {
+    if args.first().is_none_or(|a| *a != "validate-config") {
         cmd.args(["--exchange", &env.exchange]);
     }
     tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())

@@ -105,15 +105,6 @@ impl ActionRequest {
     }
 }
 
-/// What a well-formed message on the bus is.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Inbound {
-    /// An action for the component(s) it was routed to.
-    Action(ActionRequest),
-    /// Another component's status (no `action`, has `status`): ignored.
-    Status,
-}
-
 /// Why a message was refused. Each variant is a metrics label.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Rejection {
@@ -176,14 +167,15 @@ fn json_kind(v: &Value) -> &'static str {
 }
 
 /// Decode one message body. `content_type` may be absent (treated as JSON);
-/// parameters such as `; charset=utf-8` are allowed.
+/// parameters such as `; charset=utf-8` are allowed. `Ok(None)` is another
+/// component's status (no `action`, has `status`), which controllers ignore.
 pub fn decode(
     content_type: Option<&str>,
     body: &[u8],
     limit: usize,
     reply: ReplyTo,
     now: SystemTime,
-) -> Result<Inbound, Rejection> {
+) -> Result<Option<ActionRequest>, Rejection> {
     if let Some(ct) = content_type {
         let mime = ct.split(';').next().unwrap_or("").trim();
         if !mime.eq_ignore_ascii_case("application/json") {
@@ -200,7 +192,7 @@ pub fn decode(
     let action = match payload.get("action") {
         Some(Value::String(a)) => a.clone(),
         Some(_) => return Err(Rejection::ActionNotAString),
-        None if payload.contains_key("status") => return Ok(Inbound::Status),
+        None if payload.contains_key("status") => return Ok(None),
         None => return Err(Rejection::MissingAction),
     };
     let parameters = match payload.get("parameters") {
@@ -210,7 +202,7 @@ pub fn decode(
     };
     let when = When::parse(payload.get("when"), now)?;
     payload.insert("parameters".into(), Value::Object(parameters.clone()));
-    Ok(Inbound::Action(ActionRequest { action, parameters, when, payload, reply }))
+    Ok(Some(ActionRequest { action, parameters, when, payload, reply }))
 }
 
 #[cfg(test)]
@@ -224,13 +216,13 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(1_800_000_000)
     }
 
-    fn dec(ct: Option<&str>, body: &str) -> Result<Inbound, Rejection> {
+    fn dec(ct: Option<&str>, body: &str) -> Result<Option<ActionRequest>, Rejection> {
         decode(ct, body.as_bytes(), LIMIT, ReplyTo::default(), now())
     }
 
     fn action(body: &str) -> ActionRequest {
         match dec(Some("application/json"), body) {
-            Ok(Inbound::Action(a)) => a,
+            Ok(Some(a)) => a,
             other => panic!("{other:?}"),
         }
     }
@@ -299,7 +291,7 @@ mod tests {
 
     #[test]
     fn status_messages_are_recognised_and_ignored() {
-        assert_eq!(dec(None, r#"{"status": {"state": "idle"}}"#), Ok(Inbound::Status));
+        assert_eq!(dec(None, r#"{"status": {"state": "idle"}}"#), Ok(None));
     }
 
     #[test]

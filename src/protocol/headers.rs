@@ -89,7 +89,7 @@ pub fn header_str(headers: &FieldTable, key: &str) -> Option<HeaderValue> {
 /// Convert an AMQP header table to JSON (void → null), for logs and `monitor`.
 pub fn headers_to_json(headers: &FieldTable) -> serde_json::Value {
     let mut map = serde_json::Map::new();
-    for (k, _) in headers.inner() {
+    for k in headers.inner().keys() {
         let v = match header_str(headers, k.as_str()) {
             Some(HeaderValue::Str(s)) => serde_json::Value::String(s),
             Some(HeaderValue::Other(s)) => serde_json::Value::String(s),
