@@ -1,1 +1,361 @@
-fn main() {}
+//! busbar benchmarks against the real RabbitMQ, each next to the broker's
+//! own limit measured in the same run (RabbitMQ shares the machine's cores,
+//! so every goal is a ratio to what the broker alone does).
+//!
+//! Run: `cargo bench --bench amqp` (all), or name scenarios:
+//! `cargo bench --bench amqp -- raw rtt flood discovery start rss`.
+//! The daemon runs as a separate release process, like in production.
+
+use busbar::client::{Client, Listener};
+use busbar::protocol::Filter;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+fn url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn header(key: &str, value: &str) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+    t.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+    t
+}
+
+/// The broker alone: publish to a headers exchange, consume from a bound
+/// queue. Returns (msgs/s with a window of 100 in flight, one-hop p50, p99).
+async fn raw() -> (f64, Duration, Duration) {
+    let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let ex = format!("bench-raw-{}", Uuid::new_v4().simple());
+    busbar::bus::declare_exchange(&ch, &ex).await.unwrap();
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(q.name().clone(), ex.as_str().into(), "".into(), QueueBindOptions::default(), header("uuid", "raw"))
+        .await
+        .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            q.name().clone(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let body = br#"{"action":"ping"}"#;
+    let props = || {
+        let mut h = FieldTable::default();
+        h.insert("uuid".into(), AMQPValue::LongString(LongString::from("raw")));
+        BasicProperties::default().with_content_type("application/json".into()).with_headers(h)
+    };
+    // One-hop round trip.
+    let mut rtts = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        ch.basic_publish(ex.as_str().into(), "".into(), BasicPublishOptions::default(), body, props()).await.unwrap();
+        consumer.next().await.unwrap().unwrap();
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    // Throughput with up to 100 in flight (the same window as the ping flood).
+    let n = 40_000;
+    let t = Instant::now();
+    let (mut sent, mut got) = (0, 0);
+    while got < n {
+        while sent < n && sent - got < 100 {
+            ch.basic_publish(ex.as_str().into(), "".into(), BasicPublishOptions::default(), body, props())
+                .await
+                .unwrap();
+            sent += 1;
+        }
+        consumer.next().await.unwrap().unwrap();
+        got += 1;
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let _ = conn.close(200, "bye".into()).await;
+    (rate, pct(&rtts, 0.5), pct(&rtts, 0.99))
+}
+
+struct Daemon {
+    child: Child,
+    exchange: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Start the release daemon with `n` dummies (uuids returned).
+    async fn start(n: usize, topology: &str) -> (Daemon, Vec<Uuid>) {
+        let dir = tempfile::tempdir().unwrap();
+        let exchange = format!("bench-{}", Uuid::new_v4().simple());
+        let uuids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        let mut yaml = format!(
+            "broker: {{url: \"{}\"}}\nexchange: {exchange}\nrealm: bench\ntopology: {topology}\napi: {{enabled: false}}\ndata_dir: data\ncomponents:\n",
+            url()
+        );
+        for (i, u) in uuids.iter().enumerate() {
+            yaml +=
+                &format!("  - {{category: simulator, type: dummy, name: d{i}, uuid: {u}, durations: {{reset: 0}}}}\n");
+        }
+        let cfg = dir.path().join("bench.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_busbar"))
+            .args(["--log-level", "warn", "daemon", "-c"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("daemon starts");
+        let d = Daemon { child, exchange, _dir: dir };
+        // Ready when the last component answers a ping.
+        let c = Client::connect(&url(), &d.exchange).await.unwrap();
+        let last = uuids.last().copied();
+        if let Some(last) = last {
+            let mut l = c.listen(header("uuid", &last.to_string())).await.unwrap();
+            loop {
+                c.publish(
+                    Filter { uuid: Some(last.to_string()), ..Default::default() }.action_headers(),
+                    &json!({"action": "ping"}),
+                    None,
+                )
+                .await
+                .unwrap();
+                if next_status(&mut l, Duration::from_millis(200)).await.is_some() {
+                    break;
+                }
+            }
+        }
+        c.close().await;
+        (d, uuids)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
+}
+
+async fn next_status(l: &mut Listener, within: Duration) -> Option<Value> {
+    let end = tokio::time::Instant::now() + within;
+    while let Some(s) = l.next_until(end).await {
+        if s.is_status() {
+            return Some(s.payload);
+        }
+    }
+    None
+}
+
+/// Sequential ping round trips to one component.
+async fn rtt(n: usize) -> (Duration, Duration) {
+    let (d, uuids) = Daemon::start(1, "per-component").await;
+    let u = uuids[0].to_string();
+    let c = Client::connect(&url(), &d.exchange).await.unwrap();
+    let mut l = c.listen(header("uuid", &u)).await.unwrap();
+    let h = Filter { uuid: Some(u.clone()), ..Default::default() }.action_headers();
+    let ping = json!({"action": "ping"});
+    let mut rtts = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.publish(h.clone(), &ping, None).await.unwrap();
+        next_status(&mut l, Duration::from_secs(5)).await.expect("reply");
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    c.close().await;
+    (pct(&rtts, 0.5), pct(&rtts, 0.99))
+}
+
+/// Pings to one component with up to 100 unanswered; replies/s. The
+/// client only counts replies (no parsing), so it costs what the raw loop's
+/// consumer costs.
+async fn flood(n: usize) -> f64 {
+    let (d, uuids) = Daemon::start(1, "per-component").await;
+    let u = uuids[0].to_string();
+    let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // Status replies carry `category`; our pings carry only `uuid`.
+    ch.queue_bind(
+        q.name().clone(),
+        d.exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        header("category", "simulator"),
+    )
+    .await
+    .unwrap();
+    let mut replies = ch
+        .basic_consume(
+            q.name().clone(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut h = FieldTable::default();
+    h.insert("uuid".into(), AMQPValue::LongString(LongString::from(u.as_str())));
+    let props = BasicProperties::default().with_content_type("application/json".into()).with_headers(h);
+    let body = br#"{"action":"ping"}"#;
+    let t = Instant::now();
+    let (mut sent, mut got) = (0, 0);
+    while got < n {
+        while sent < n && sent - got < 100 {
+            ch.basic_publish(
+                d.exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                props.clone(),
+            )
+            .await
+            .unwrap();
+            sent += 1;
+        }
+        replies.next().await.unwrap().unwrap();
+        got += 1;
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let _ = conn.close(200, "bye".into()).await;
+    rate
+}
+
+/// One broadcast ping to `n` components: time until every reply arrived.
+async fn discovery(n: usize, topology: &str) -> Duration {
+    let (d, _) = Daemon::start(n, topology).await;
+    let c = Client::connect(&url(), &d.exchange).await.unwrap();
+    let mut l = c.listen(header("realm", "bench")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while next_status(&mut l, Duration::from_millis(200)).await.is_some() {}
+    let t = Instant::now();
+    c.publish(Filter::default().action_headers(), &json!({"action": "ping", "when": 0}), None).await.unwrap();
+    let mut got = 0;
+    while got < n {
+        next_status(&mut l, Duration::from_secs(30)).await.expect("all replies");
+        got += 1;
+    }
+    let took = t.elapsed();
+    c.close().await;
+    took
+}
+
+/// start → running latency of a dummy with runtime 0, from publication.
+async fn start_latency(n: usize) -> (Duration, Duration) {
+    let (d, uuids) = Daemon::start(1, "per-component").await;
+    let u = uuids[0].to_string();
+    let c = Client::connect(&url(), &d.exchange).await.unwrap();
+    let mut l = c.listen(header("uuid", &u)).await.unwrap();
+    let h = Filter { uuid: Some(u.clone()), ..Default::default() }.action_headers();
+    let mut lat = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        c.publish(h.clone(), &json!({"action": "start", "parameters": {"runtime": 0}}), None).await.unwrap();
+        loop {
+            let s = next_status(&mut l, Duration::from_secs(5)).await.expect("status");
+            if s["status"]["state"] == "running" {
+                break;
+            }
+        }
+        lat.push(t.elapsed());
+        c.publish(h.clone(), &json!({"action": "reset"}), None).await.unwrap();
+        // The bench config sets durations.reset to 0; wait for idle.
+        loop {
+            let s = next_status(&mut l, Duration::from_secs(5)).await.expect("status");
+            if s["status"]["state"] == "idle" {
+                break;
+            }
+        }
+    }
+    lat.sort();
+    c.close().await;
+    (pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+async fn rss(n: usize) -> u64 {
+    let (d, _) = Daemon::start(n, "per-component").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    d.rss_kib()
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    let mut raw_rate = None;
+    let mut raw_p50 = None;
+    if want("raw") || want("flood") || want("rtt") {
+        let (rate, p50, p99) = raw().await;
+        println!("raw broker: {rate:.0} msgs/s (100 in flight); one-hop RTT p50 {} p99 {}", ms(p50), ms(p99));
+        raw_rate = Some(rate);
+        raw_p50 = Some(p50);
+    }
+    if want("rtt") {
+        let (p50, p99) = rtt(2000).await;
+        let base = raw_p50.unwrap();
+        println!(
+            "ping RTT (2000 sequential): p50 {} ({:.2}x raw one-hop), p99 {} ({:.2}x)",
+            ms(p50),
+            p50.as_secs_f64() / base.as_secs_f64(),
+            ms(p99),
+            p99.as_secs_f64() / base.as_secs_f64()
+        );
+    }
+    if want("flood") {
+        let rate = flood(40_000).await;
+        println!("ping flood (40000, 100 in flight): {rate:.0} replies/s ({:.2}x raw)", rate / raw_rate.unwrap());
+    }
+    if want("discovery") {
+        for topo in ["shared", "per-component"] {
+            let took = discovery(1000, topo).await;
+            println!("discovery, 1000 components, topology {topo}: all replies in {}", ms(took));
+        }
+    }
+    if want("start") {
+        let (p50, p99) = start_latency(100).await;
+        println!("dummy start->running (runtime 0, 100 runs): p50 {} p99 {}", ms(p50), ms(p99));
+    }
+    if want("rss") {
+        for n in [1, 100, 1000] {
+            println!("RSS idle with {n} components: {:.1} MiB", rss(n).await as f64 / 1024.0);
+        }
+    }
+}

@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::component::ComponentHandle;
 use crate::config::{Topology, redact_url};
 use crate::daemon::Shared;
-use crate::protocol::{self, ReplyTo, RoutingKeys};
+use crate::protocol::{self, ActionRequest, Rejection, ReplyTo, RoutingKeys};
 use crate::state::Action;
 
 /// Longest wait between reconnection attempts.
@@ -43,6 +43,23 @@ pub enum BusError {
     /// The connection reported an error and is gone.
     #[error("connection lost: {0}")]
     Lost(String),
+    /// The broker URL does not parse.
+    #[error("invalid broker URL: {0}")]
+    Url(String),
+}
+
+/// Parse an AMQP URL, filling in busbar's defaults where the URL sets none:
+/// 16 KiB frames (lapin keeps 32 frames of buffer in each direction, so the
+/// broker's default 128 KiB frames would cost 8 MiB of resident memory), a
+/// 30 s heartbeat so a silently dead broker is noticed, and a 5 s connect
+/// timeout.
+pub fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, BusError> {
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|e: String| BusError::Url(e))?;
+    let q = &mut uri.query;
+    q.frame_max.get_or_insert(16 * 1024);
+    q.heartbeat.get_or_insert(30);
+    q.connection_timeout.get_or_insert(5_000);
+    Ok(uri)
 }
 
 enum BusCmd {
@@ -221,11 +238,10 @@ async fn supervise(
     debug!("bus supervisor stopped");
 }
 
-/// Where a consumer's deliveries go.
+/// Where a forwarder's deliveries go. (In the per-component topology the
+/// component task consumes its own queue; no forwarder is involved.)
 #[derive(Clone)]
 enum Target {
-    /// One component (per-component topology).
-    One(ComponentHandle),
     /// Every local component whose keys match (shared topology).
     Matching,
     /// The discovery queue: a ping is forwarded to every component.
@@ -245,8 +261,9 @@ async fn session(
         return Ok(());
     };
     let props = ConnectionProperties::default().with_connection_name(name.into());
+    let uri = amqp_uri(url)?;
     let conn = tokio::select! {
-        c = Connection::connect(url, props) => c?,
+        c = Connection::connect_uri(uri, props) => c?,
         _ = token.cancelled() => return Ok(()),
     };
     let mut events = conn.events_listener();
@@ -291,9 +308,7 @@ async fn session(
             }
             None => {
                 let q = declare_bound_queue(&sub, &exchange, h.keys.binding()).await?;
-                debug!(queue = %q, "declared");
-                spawn_forwarder(&s, consume(&sub, q.clone()).await?, Target::One(h.clone()));
-                debug!(queue = %q, "consuming");
+                h.attach(consume(&sub, q.clone()).await?).await;
                 queues.insert(h.uuid(), q);
             }
         }
@@ -351,6 +366,27 @@ fn spawn_forwarder(shared: &Arc<Shared>, consumer: lapin::Consumer, target: Targ
     shared.tracker.spawn(forward(weak, consumer, target));
 }
 
+/// Count and decode one delivery. `None` for messages controllers ignore
+/// (other components' status); a rejection is counted and logged here.
+pub(crate) fn decode_delivery(s: &Shared, d: &lapin::message::Delivery) -> Option<Result<ActionRequest, Rejection>> {
+    s.metrics.messages_in.inc();
+    let props = &d.properties;
+    let reply = ReplyTo {
+        queue: props.reply_to().as_ref().map(|q| q.to_string()),
+        correlation_id: props.correlation_id().as_ref().map(|c| c.to_string()),
+    };
+    let ct = props.content_type().as_ref().map(|c| c.as_str());
+    match protocol::decode(ct, &d.data, s.config.max_body_bytes, reply, SystemTime::now()) {
+        Ok(None) => None,
+        Ok(Some(req)) => Some(Ok(req)),
+        Err(rej) => {
+            s.metrics.error(rej.kind());
+            warn!(error = %rej, kind = rej.kind(), "rejected message");
+            Some(Err(rej))
+        }
+    }
+}
+
 /// Decode each delivery and hand it to its component(s). A bad message is
 /// counted and reported; it never ends the loop. The loop ends with the
 /// consumer (queue deleted or connection lost).
@@ -368,28 +404,11 @@ async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Ta
         };
         let Ok(d) = delivery else { break };
         let Some(s) = shared.upgrade() else { break };
-        s.metrics.messages_in.inc();
-        let props = &d.properties;
-        let reply = ReplyTo {
-            queue: props.reply_to().as_ref().map(|q| q.to_string()),
-            correlation_id: props.correlation_id().as_ref().map(|c| c.to_string()),
-        };
-        let ct = props.content_type().as_ref().map(|c| c.to_string());
-        let decoded = protocol::decode(ct.as_deref(), &d.data, s.config.max_body_bytes, reply, SystemTime::now());
-        let msg = match decoded {
-            Ok(None) => continue,
-            Ok(Some(req)) => Ok(req),
-            Err(rej) => {
-                s.metrics.error(rej.kind());
-                warn!(error = %rej, kind = rej.kind(), "rejected message");
-                Err(rej)
-            }
-        };
+        let Some(msg) = decode_delivery(&s, &d) else { continue };
         match &target {
-            Target::One(h) => h.deliver(msg).await,
             Target::Matching => {
                 let empty = FieldTable::default();
-                let headers = props.headers().as_ref().unwrap_or(&empty);
+                let headers = d.properties.headers().as_ref().unwrap_or(&empty);
                 for h in s.handles().into_iter().filter(|h| h.keys.matches(headers)) {
                     h.deliver(msg.clone()).await;
                 }

@@ -98,7 +98,8 @@ impl Client {
     pub async fn connect(url: &str, exchange: &str) -> Result<Client> {
         let props =
             ConnectionProperties::default().with_connection_name(format!("busbar client exchange={exchange}").into());
-        let conn = Connection::connect(url, props).await?;
+        let uri = crate::bus::amqp_uri(url).map_err(|e| Error::Internal(e.to_string()))?;
+        let conn = Connection::connect_uri(uri, props).await?;
         let ch = conn.create_channel().await?;
         declare_exchange(&ch, exchange).await?;
         Ok(Client { conn, ch, exchange: exchange.to_owned() })

@@ -63,6 +63,8 @@ impl Store {
         let conn = Connection::open(dir.join("busbar.sqlite3"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // The store is tiny and rarely read; keep its page cache small.
+        conn.pragma_update(None, "cache_size", -256)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS components (

@@ -9,6 +9,7 @@
 pub mod kinds;
 mod manager;
 
+use futures_util::StreamExt;
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -29,16 +30,20 @@ use kinds::{Driver, Kind};
 /// consumer that feeds it rather than growing without bound.
 const MAILBOX: usize = 512;
 
-/// What a handle can ask of its component.
+/// What a handle can ask of its component. Payloads are boxed: the mailbox
+/// allocates in blocks of 32 slots, and every component has one.
 #[derive(Debug)]
 pub enum Command {
     /// A message routed from the bus: an action, or why it was refused.
-    Message(Result<ActionRequest, Rejection>),
+    Message(Box<Result<ActionRequest, Rejection>>),
     /// Publish the current status (discovery, announce after (re)connect).
     Announce,
+    /// Consume this queue from now on (per-component topology; replaces the
+    /// consumer of a previous connection).
+    Attach(Box<lapin::Consumer>),
     /// Accept an action (now, or at its `when`) and return the resulting
     /// status (HTTP API).
-    Act(ActionRequest, oneshot::Sender<Value>),
+    Act(Box<ActionRequest>, oneshot::Sender<Value>),
     /// Return the current status.
     Status(oneshot::Sender<Value>),
     /// Publish `gone` once, then stop.
@@ -65,7 +70,12 @@ impl ComponentHandle {
 
     /// Hand a routed message to the component (waits if its mailbox is full).
     pub async fn deliver(&self, msg: Result<ActionRequest, Rejection>) {
-        let _ = self.tx.send(Command::Message(msg)).await;
+        let _ = self.tx.send(Command::Message(Box::new(msg))).await;
+    }
+
+    /// Give the component its queue's consumer.
+    pub async fn attach(&self, consumer: lapin::Consumer) {
+        let _ = self.tx.send(Command::Attach(Box::new(consumer))).await;
     }
 
     /// Ask the component to publish its status.
@@ -77,7 +87,7 @@ impl ComponentHandle {
     /// component has stopped.
     pub async fn act(&self, req: ActionRequest) -> Option<Value> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Act(req, tx)).await.ok()?;
+        self.tx.send(Command::Act(Box::new(req), tx)).await.ok()?;
         rx.await.ok()
     }
 
@@ -123,10 +133,15 @@ pub(crate) struct Component {
     model: Value,
     results: Value,
     durations: Durations,
+    /// Type-specific `status` fields.
+    extra: Map<String, Value>,
     /// When the current transient state settles (dummy driver).
     settle_at: Option<Instant>,
     /// Actions waiting for their `when`, in arrival order.
     scheduled: VecDeque<(Instant, ActionRequest)>,
+    /// The component's own queue, consumed right here: no task hop between
+    /// the broker connection and the state that answers.
+    consumer: Option<lapin::Consumer>,
 }
 
 /// Build the properties object: every given key in order, with the identity
@@ -168,12 +183,28 @@ pub(crate) fn spawn(
         model: Value::Null,
         results: Value::Null,
         durations,
+        extra: Map::new(),
         settle_at: None,
         scheduled: VecDeque::new(),
+        consumer: None,
     };
     shared.metrics.state_change(None, Some(State::Idle.as_str()));
     shared.tracker.spawn(component.run(rx));
     ComponentHandle { keys, managed_by, persisted, tx }
+}
+
+async fn next_delivery(consumer: &mut Option<lapin::Consumer>) -> Option<lapin::message::Delivery> {
+    match consumer {
+        Some(c) => match c.next().await {
+            Some(Ok(d)) => Some(d),
+            // The queue or connection is gone; the bus will attach a new one.
+            _ => {
+                *consumer = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -200,11 +231,19 @@ impl Component {
                         let _ = done.send(());
                         break;
                     }
-                    Some(cmd) => self.command(cmd).await,
+                    // Commands, messages and scheduled actions run boxed:
+                    // their futures are large and rare next to the idle
+                    // select, which every one of thousands of tasks holds.
+                    Some(cmd) => Box::pin(self.command(cmd)).await,
                 },
+                Some(d) = next_delivery(&mut self.consumer) => {
+                    if let Some(msg) = crate::bus::decode_delivery(&self.shared, &d) {
+                        Box::pin(self.message(msg)).await;
+                    }
+                }
                 _ = sleep_until_opt(next_scheduled) => {
                     if let Some((_, req)) = self.scheduled.pop_front() {
-                        self.execute(req).await;
+                        Box::pin(self.execute(req)).await;
                     }
                 }
                 _ = sleep_until_opt(self.settle_at) => {
@@ -225,23 +264,28 @@ impl Component {
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Message(Ok(req)) => self.accept(req).await,
-            Command::Message(Err(rejection)) => {
-                let info = ErrorInfo::from(&rejection);
-                self.fail(info, None).await;
-            }
+            Command::Message(msg) => self.message(*msg).await,
+            Command::Attach(consumer) => self.consumer = Some(*consumer),
             Command::Announce => {
                 debug!(component = %self.keys.uuid, "announce");
                 self.publish(None).await
             }
             Command::Act(req, reply) => {
-                self.accept(req).await;
+                self.accept(*req).await;
                 let _ = reply.send(self.status());
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
             Command::Remove(_) => unreachable!("handled in run"),
+        }
+    }
+
+    /// A routed message: an action to accept, or a rejection to report.
+    async fn message(&mut self, msg: Result<ActionRequest, Rejection>) {
+        match msg {
+            Ok(req) => self.accept(req).await,
+            Err(rejection) => self.fail(ErrorInfo::from(&rejection), None).await,
         }
     }
 
@@ -282,7 +326,9 @@ impl Component {
         }
         let outcome = match self.kind.driver {
             Driver::Dummy => self.dummy(action, &req),
-            Driver::GenericManager => self.manage(action, &req).await,
+            // Boxed: the manager path holds store and registry futures that
+            // would otherwise inflate every component task by kilobytes.
+            Driver::GenericManager => Box::pin(self.manage(action, &req)).await,
         };
         match outcome {
             Ok(()) => {
@@ -340,9 +386,9 @@ impl Component {
         self.shared.metrics.state_change(Some(from.as_str()), Some(self.lifecycle.state().as_str()));
     }
 
-    fn status(&self) -> Value {
+    fn view(&self) -> StatusView<'_> {
         let prefix = match self.keys.category.as_str() {
-            "simulator" => Prefix::Simulator { model: self.model.clone(), results: self.results.clone() },
+            "simulator" => Prefix::Simulator { model: &self.model, results: &self.results },
             "manager" => Prefix::Manager { components: self.shared.managed_by(self.keys.uuid) },
             _ => Prefix::None,
         };
@@ -351,21 +397,23 @@ impl Component {
             state: self.lifecycle.state(),
             managed_by: self.managed_by,
             error: self.error.as_ref(),
-            extra: &Map::new(),
+            extra: &self.extra,
             properties: &self.properties,
             schema: &self.kind.schema,
         }
-        .render(&self.shared.info)
+    }
+
+    fn status(&self) -> Value {
+        self.view().render(&self.shared.info)
     }
 
     /// Publish the status on the exchange; if `cause` asked for a reply, also
     /// send it to `reply_to` with its `correlation_id`.
     async fn publish(&self, cause: Option<&ActionRequest>) {
-        let body = match serde_json::to_vec(&self.status()) {
-            Ok(b) => b,
-            Err(e) => return warn!(error = %e, "cannot serialise status"),
-        };
+        let body = self.view().to_vec(&self.shared.info);
         let reply = cause.map(|r| &r.reply).filter(|r| r.wanted());
-        self.shared.bus.publish_status(&self.keys, &body, reply).await;
+        // Boxed: lapin's publish future is kilobytes, and would otherwise be
+        // part of every idle component task.
+        Box::pin(self.shared.bus.publish_status(&self.keys, &body, reply)).await;
     }
 }

@@ -166,6 +166,18 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
+/// Fast path for the bulk of bus traffic, other components' status: a JSON
+/// object with `status` and without `action`, recognised without building
+/// a value tree. Anything else goes through the full decoder.
+fn is_status(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        status: Option<serde::de::IgnoredAny>,
+    }
+    !body.windows(8).any(|w| w == b"\"action\"")
+        && matches!(serde_json::from_slice::<Peek>(body), Ok(Peek { status: Some(_) }))
+}
+
 /// Decode one message body. `content_type` may be absent (treated as JSON);
 /// parameters such as `; charset=utf-8` are allowed. `Ok(None)` is another
 /// component's status (no `action`, has `status`), which controllers ignore.
@@ -184,6 +196,9 @@ pub fn decode(
     }
     if body.len() > limit {
         return Err(Rejection::TooLarge { size: body.len(), limit });
+    }
+    if is_status(body) {
+        return Ok(None);
     }
     let value: Value = serde_json::from_slice(body).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
     let Value::Object(mut payload) = value else {

@@ -2,6 +2,7 @@
 //! `{[model, results | components], status:{state, version, uptime, host,
 //! kernel, managed_by?, error?, …}, properties:{…}, schema:{start?, create?}}`.
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value, json};
 use std::time::Instant;
 use uuid::Uuid;
@@ -104,13 +105,13 @@ impl From<&super::Rejection> for ErrorInfo {
 
 /// What a category adds before `status` in the envelope.
 #[derive(Debug, Clone)]
-pub enum Prefix {
+pub enum Prefix<'a> {
     /// Simulators: the last start payload's `model` and `results`.
     Simulator {
         /// `model`, or null.
-        model: Value,
+        model: &'a Value,
         /// `results`, or null.
-        results: Value,
+        results: &'a Value,
     },
     /// Managers: the uuids they manage.
     Manager {
@@ -125,7 +126,7 @@ pub enum Prefix {
 #[derive(Debug, Clone)]
 pub struct StatusView<'a> {
     /// Category-specific leading keys.
-    pub prefix: Prefix,
+    pub prefix: Prefix<'a>,
     /// The current state.
     pub state: State,
     /// The owning manager, if any.
@@ -141,37 +142,59 @@ pub struct StatusView<'a> {
 }
 
 impl StatusView<'_> {
-    /// Render the envelope in the anchor's key order.
+    /// Render the envelope as a JSON value (HTTP API).
     pub fn render(&self, daemon: &DaemonInfo) -> Value {
-        let mut status = Map::new();
-        status.insert("state".into(), self.state.as_str().into());
-        status.insert("version".into(), daemon.version.into());
-        status.insert("uptime".into(), daemon.uptime().into());
-        status.insert("host".into(), daemon.host.clone().into());
-        status.insert("kernel".into(), daemon.kernel.clone());
-        if let Some(m) = self.managed_by {
-            status.insert("managed_by".into(), m.to_string().into());
+        serde_json::to_value(Rendered(self, daemon)).unwrap_or(Value::Null)
+    }
+
+    /// Render the envelope straight to bytes, in the anchor's key order,
+    /// without copying properties or schemas (the hot path of every reply).
+    pub fn to_vec(&self, daemon: &DaemonInfo) -> Vec<u8> {
+        serde_json::to_vec(&Rendered(self, daemon)).unwrap_or_default()
+    }
+}
+
+struct Rendered<'a>(&'a StatusView<'a>, &'a DaemonInfo);
+
+struct StatusPart<'a>(&'a StatusView<'a>, &'a DaemonInfo);
+
+impl Serialize for StatusPart<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let (v, d) = (self.0, self.1);
+        let mut m = ser.serialize_map(None)?;
+        m.serialize_entry("state", v.state.as_str())?;
+        m.serialize_entry("version", d.version)?;
+        m.serialize_entry("uptime", &d.uptime())?;
+        m.serialize_entry("host", &d.host)?;
+        m.serialize_entry("kernel", &d.kernel)?;
+        if let Some(u) = v.managed_by {
+            m.serialize_entry("managed_by", &u)?;
         }
-        if let Some(e) = self.error {
-            status.insert("error".into(), Value::Object(e.0.clone()));
+        if let Some(e) = v.error {
+            m.serialize_entry("error", &e.0)?;
         }
-        for (k, v) in self.extra {
-            status.insert(k.clone(), v.clone());
+        for (k, x) in v.extra {
+            m.serialize_entry(k, x)?;
         }
-        let mut env = Map::new();
-        match &self.prefix {
+        m.end()
+    }
+}
+
+impl Serialize for Rendered<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let v = self.0;
+        let mut m = ser.serialize_map(None)?;
+        match &v.prefix {
             Prefix::Simulator { model, results } => {
-                env.insert("model".into(), model.clone());
-                env.insert("results".into(), results.clone());
+                m.serialize_entry("model", model)?;
+                m.serialize_entry("results", results)?;
             }
-            Prefix::Manager { components } => {
-                env.insert("components".into(), components.iter().map(|u| Value::String(u.to_string())).collect());
-            }
+            Prefix::Manager { components } => m.serialize_entry("components", components)?,
             Prefix::None => {}
         }
-        env.insert("status".into(), Value::Object(status));
-        env.insert("properties".into(), Value::Object(self.properties.clone()));
-        env.insert("schema".into(), Value::Object(self.schema.clone()));
-        Value::Object(env)
+        m.serialize_entry("status", &StatusPart(v, self.1))?;
+        m.serialize_entry("properties", v.properties)?;
+        m.serialize_entry("schema", v.schema)?;
+        m.end()
     }
 }
