@@ -177,24 +177,100 @@ async fn next_status(l: &mut Listener, within: Duration) -> Option<Value> {
     None
 }
 
-/// Sequential ping round trips to one component.
-async fn rtt(n: usize) -> (Duration, Duration) {
+/// The broker alone doing discovery's routing work: `n` component-style
+/// bindings on the exchange (as the shared topology has), `n` status-style
+/// messages published, all delivered to one listener. RabbitMQ's headers
+/// exchange tests every binding for every message, so this is the ceiling.
+async fn raw_discovery(n: usize) -> Duration {
+    let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let ex = format!("bench-rawdisc-{}", Uuid::new_v4().simple());
+    busbar::bus::declare_exchange(&ch, &ex).await.unwrap();
+    let keys: Vec<_> = (0..n)
+        .map(|_| busbar::protocol::RoutingKeys {
+            category: "simulator".into(),
+            kind: "dummy".into(),
+            uuid: Uuid::new_v4(),
+            realm: Some("bench".into()),
+        })
+        .collect();
+    let sink = busbar::bus::declare_bound_queue(&ch, &ex, keys[0].binding()).await.unwrap();
+    for k in &keys[1..] {
+        ch.queue_bind(sink.clone(), ex.as_str().into(), "".into(), QueueBindOptions::default(), k.binding())
+            .await
+            .unwrap();
+    }
+    let lq = busbar::bus::declare_bound_queue(&ch, &ex, header("realm", "bench")).await.unwrap();
+    let mut listener = busbar::bus::consume(&ch, lq).await.unwrap();
+    let body = vec![b' '; 800];
+    let t = Instant::now();
+    for k in &keys {
+        ch.basic_publish(
+            ex.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &body,
+            busbar::bus::status_properties(k.status_headers()),
+        )
+        .await
+        .unwrap();
+    }
+    for _ in 0..n {
+        listener.next().await.unwrap().unwrap();
+    }
+    let took = t.elapsed();
+    let _ = conn.close(200, "bye".into()).await;
+    took
+}
+
+/// Sequential ping round trips to one component, interleaved in blocks with
+/// the raw one-hop loop so both see the same machine conditions. Returns
+/// (ping p50, ping p99, raw p50, raw p99).
+async fn rtt(blocks: usize, per_block: usize) -> [Duration; 4] {
     let (d, uuids) = Daemon::start(1, "per-component").await;
     let u = uuids[0].to_string();
     let c = Client::connect(&url(), &d.exchange).await.unwrap();
     let mut l = c.listen(header("uuid", &u)).await.unwrap();
     let h = Filter { uuid: Some(u.clone()), ..Default::default() }.action_headers();
     let ping = json!({"action": "ping"});
-    let mut rtts = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        c.publish(h.clone(), &ping, None).await.unwrap();
-        next_status(&mut l, Duration::from_secs(5)).await.expect("reply");
-        rtts.push(t.elapsed());
+    // The raw loop: its own exchange and queue on the same connection kind.
+    let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let ex = format!("bench-raw-{}", Uuid::new_v4().simple());
+    busbar::bus::declare_exchange(&ch, &ex).await.unwrap();
+    let q = busbar::bus::declare_bound_queue(&ch, &ex, header("uuid", "raw")).await.unwrap();
+    let mut raw = busbar::bus::consume(&ch, q).await.unwrap();
+    let mut rh = FieldTable::default();
+    rh.insert("uuid".into(), AMQPValue::LongString(LongString::from("raw")));
+    let rprops = BasicProperties::default().with_content_type("application/json".into()).with_headers(rh);
+    let (mut pings, mut raws) = (Vec::new(), Vec::new());
+    for _ in 0..blocks {
+        for _ in 0..per_block {
+            let t = Instant::now();
+            ch.basic_publish(
+                ex.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                br#"{"action":"ping"}"#,
+                rprops.clone(),
+            )
+            .await
+            .unwrap();
+            raw.next().await.unwrap().unwrap();
+            raws.push(t.elapsed());
+        }
+        for _ in 0..per_block {
+            let t = Instant::now();
+            c.publish(h.clone(), &ping, None).await.unwrap();
+            next_status(&mut l, Duration::from_secs(5)).await.expect("reply");
+            pings.push(t.elapsed());
+        }
     }
-    rtts.sort();
+    pings.sort();
+    raws.sort();
     c.close().await;
-    (pct(&rtts, 0.5), pct(&rtts, 0.99))
+    let _ = conn.close(200, "bye".into()).await;
+    [pct(&pings, 0.5), pct(&pings, 0.99), pct(&raws, 0.5), pct(&raws, 0.99)]
 }
 
 /// Pings to one component with up to 100 unanswered; replies/s. The
@@ -321,22 +397,21 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
     let mut raw_rate = None;
-    let mut raw_p50 = None;
-    if want("raw") || want("flood") || want("rtt") {
+    if want("raw") || want("flood") {
         let (rate, p50, p99) = raw().await;
         println!("raw broker: {rate:.0} msgs/s (100 in flight); one-hop RTT p50 {} p99 {}", ms(p50), ms(p99));
         raw_rate = Some(rate);
-        raw_p50 = Some(p50);
     }
     if want("rtt") {
-        let (p50, p99) = rtt(2000).await;
-        let base = raw_p50.unwrap();
+        let [p50, p99, r50, r99] = rtt(10, 200).await;
         println!(
-            "ping RTT (2000 sequential): p50 {} ({:.2}x raw one-hop), p99 {} ({:.2}x)",
+            "ping RTT (2000 sequential, interleaved with 2000 raw one-hop): p50 {} ({:.2}x raw {}), p99 {} ({:.2}x raw {})",
             ms(p50),
-            p50.as_secs_f64() / base.as_secs_f64(),
+            p50.as_secs_f64() / r50.as_secs_f64(),
+            ms(r50),
             ms(p99),
-            p99.as_secs_f64() / base.as_secs_f64()
+            p99.as_secs_f64() / r99.as_secs_f64(),
+            ms(r99)
         );
     }
     if want("flood") {
@@ -344,6 +419,10 @@ async fn main() {
         println!("ping flood (40000, 100 in flight): {rate:.0} replies/s ({:.2}x raw)", rate / raw_rate.unwrap());
     }
     if want("discovery") {
+        println!(
+            "raw broker, 1000 bindings, 1000 status-shaped messages to one listener: {}",
+            ms(raw_discovery(1000).await)
+        );
         for topo in ["shared", "per-component"] {
             let took = discovery(1000, topo).await;
             println!("discovery, 1000 components, topology {topo}: all replies in {}", ms(took));

@@ -221,6 +221,11 @@ impl Component {
         let mut tick = tokio::time::interval_at(Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A transient state that is already due settles now, not on the
+            // next timer tick (a dummy with `runtime: 0` runs at once).
+            if self.settle_at.is_some_and(|at| at <= Instant::now()) {
+                self.settle().await;
+            }
             let next_scheduled = self.scheduled.front().map(|(at, _)| *at);
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -246,20 +251,23 @@ impl Component {
                         Box::pin(self.execute(req)).await;
                     }
                 }
-                _ = sleep_until_opt(self.settle_at) => {
-                    self.settle_at = None;
-                    let from = self.lifecycle.state();
-                    if let Some(to) = self.lifecycle.settle() {
-                        self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
-                        debug!(component = %self.keys.uuid, %from, %to, "settled");
-                        self.publish(None).await;
-                    }
-                }
+                _ = sleep_until_opt(self.settle_at) => self.settle().await,
                 _ = tick.tick() => self.publish(None).await,
                 _ = token.cancelled() => break,
             }
         }
         self.shared.metrics.state_change(Some(self.lifecycle.state().as_str()), None);
+    }
+
+    /// The settle timer fired: complete the transient state and publish.
+    async fn settle(&mut self) {
+        self.settle_at = None;
+        let from = self.lifecycle.state();
+        if let Some(to) = self.lifecycle.settle() {
+            self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
+            debug!(component = %self.keys.uuid, %from, %to, "settled");
+            self.publish(None).await;
+        }
     }
 
     async fn command(&mut self, cmd: Command) {
