@@ -31,7 +31,7 @@ struct Conn {
     #[arg(long, env = AMQP_URL_ENV, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
     broker: String,
     /// Exchange name.
-    #[arg(long, default_value = "villas")]
+    #[arg(long, env = "BUSBAR_EXCHANGE", default_value = "villas")]
     exchange: String,
     /// Read broker URL and exchange from this config file instead.
     #[arg(short = 'c', long = "config")]

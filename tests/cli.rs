@@ -124,3 +124,21 @@ async fn validate_config_names_the_file_and_the_key() {
     let o = busbar(&env, &["validate-config", example]).await;
     assert_eq!(o.status.code(), Some(0), "the shipped example is valid: {}", text(&o.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_start_stop_script_runs_against_a_daemon() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/run-dummy.sh");
+    let out = tokio::process::Command::new("bash")
+        .args([script, &env.dummy.to_string(), "0.2"])
+        .env("BUSBAR", env!("CARGO_BIN_EXE_busbar"))
+        .env("BUSBAR_EXCHANGE", &env.exchange)
+        .env("AMQP_URL", amqp_url())
+        .output()
+        .await
+        .expect("script runs");
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("done"));
+    d.stop().await.expect("clean shutdown");
+}
