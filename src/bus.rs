@@ -74,6 +74,8 @@ pub struct Bus {
     channel: watch::Receiver<Option<Channel>>,
     exchange: ShortString,
     published: prometheus_client::metrics::counter::Counter,
+    /// Set once every component's queue is bound after a (re)connect.
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for BusCmd {
@@ -142,12 +144,17 @@ impl Bus {
     pub fn new(exchange: &str, published: prometheus_client::metrics::counter::Counter) -> (Bus, BusRunner) {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ch_tx, ch_rx) = watch::channel(None);
-        (Bus { cmd: cmd_tx, channel: ch_rx, exchange: exchange.into(), published }, BusRunner { cmd_rx, ch_tx })
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (
+            Bus { cmd: cmd_tx, channel: ch_rx, exchange: exchange.into(), published, ready: ready.clone() },
+            BusRunner { cmd_rx, ch_tx, ready },
+        )
     }
 
-    /// Whether a broker connection is up.
+    /// Whether a broker connection is up and every component is routed.
     pub fn connected(&self) -> bool {
-        self.channel.borrow().as_ref().is_some_and(|c| c.status().connected())
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+            && self.channel.borrow().as_ref().is_some_and(|c| c.status().connected())
     }
 
     /// A receiver that changes whenever the connection comes or goes.
@@ -196,6 +203,7 @@ impl Bus {
 pub struct BusRunner {
     cmd_rx: mpsc::UnboundedReceiver<BusCmd>,
     ch_tx: watch::Sender<Option<Channel>>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl BusRunner {
@@ -203,7 +211,7 @@ impl BusRunner {
     /// daemon, and ends on shutdown.
     pub(crate) fn spawn(self, shared: &Arc<Shared>) {
         let weak = Arc::downgrade(shared);
-        shared.tracker.spawn(supervise(weak, shared.config.broker.url.clone(), self.cmd_rx, self.ch_tx));
+        shared.tracker.spawn(supervise(weak, shared.config.broker.url.clone(), self.cmd_rx, self.ch_tx, self.ready));
     }
 }
 
@@ -212,13 +220,15 @@ async fn supervise(
     url: String,
     mut cmd_rx: mpsc::UnboundedReceiver<BusCmd>,
     ch_tx: watch::Sender<Option<Channel>>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut backoff = Duration::from_millis(100);
     let Some(token) = shared.upgrade().map(|s| s.shutdown.clone()) else {
         return;
     };
     loop {
-        let outcome = session(&shared, &url, &mut cmd_rx, &ch_tx, &token).await;
+        let outcome = session(&shared, &url, &mut cmd_rx, &ch_tx, &ready, &token).await;
+        ready.store(false, std::sync::atomic::Ordering::Release);
         ch_tx.send_replace(None);
         if token.is_cancelled() {
             break;
@@ -255,6 +265,7 @@ async fn session(
     url: &str,
     cmd_rx: &mut mpsc::UnboundedReceiver<BusCmd>,
     ch_tx: &watch::Sender<Option<Channel>>,
+    ready: &std::sync::atomic::AtomicBool,
     token: &tokio_util::sync::CancellationToken,
 ) -> Result<(), BusError> {
     let Some(name) = shared.upgrade().map(|s| format!("busbar daemon exchange={}", s.config.exchange)) else {
@@ -324,6 +335,7 @@ async fn session(
     for h in s.handles() {
         subscribe(h, &mut queues).await?;
     }
+    ready.store(true, std::sync::atomic::Ordering::Release);
     s.metrics.connects.inc();
     info!(broker = %redact_url(url), %exchange, components = queues.len().max(s.handles().len()), "connected to broker");
 

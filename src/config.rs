@@ -140,6 +140,10 @@ pub struct Config {
     /// Uuid of the implicit generic manager (generated and kept if unset).
     #[serde(default)]
     pub uuid: Option<Uuid>,
+    /// Extra directories of component type manifests (site-specific
+    /// types); relative to the config file.
+    #[serde(default)]
+    pub component_dirs: Vec<PathBuf>,
     /// Components to run. Free-form objects; see [`ComponentSpec`].
     #[serde(default)]
     pub components: Vec<Map<String, Value>>,
@@ -171,12 +175,28 @@ impl Config {
             serde_saphyr::from_str(text).map_err(|e| ConfigError::new(path, "(syntax)", e.to_string()))?
         };
         let value = if value.is_null() { Value::Object(Map::new()) } else { value };
-        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
             ConfigError::new(path, if key == "." { "(top level)".into() } else { key }, e.into_inner().to_string())
         })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for dir in &mut cfg.component_dirs {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// The component types this config can use: built-ins plus
+    /// `component_dirs`. Errors name the manifest file and field.
+    pub fn kinds(&self) -> Result<crate::component::kinds::Kinds, ConfigError> {
+        crate::component::kinds::Kinds::load(&self.component_dirs).map_err(|e| ConfigError {
+            file: PathBuf::from(e.file),
+            key: e.field,
+            msg: e.msg,
+        })
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -192,6 +212,7 @@ impl Config {
         if !self.broker.url.starts_with("amqp://") && !self.broker.url.starts_with("amqps://") {
             return Err(ConfigError::new(path, "broker.url", "must start with amqp:// or amqps://"));
         }
+        let kinds = self.kinds()?;
         let mut seen = std::collections::HashMap::new();
         for (i, c) in self.components.iter().enumerate() {
             let spec = ComponentSpec::from_map(c.clone())
@@ -205,8 +226,7 @@ impl Config {
                     format!("duplicate uuid {u}, also used by components[{j}]"),
                 ));
             }
-            crate::component::kinds::check(&spec)
-                .map_err(|(k, m)| ConfigError::new(path, format!("components[{i}].{k}"), m))?;
+            kinds.check(&spec).map_err(|(k, m)| ConfigError::new(path, format!("components[{i}].{k}"), m))?;
         }
         Ok(())
     }

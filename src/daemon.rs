@@ -35,6 +35,8 @@ pub struct Shared {
     pub store: Store,
     /// The bus handle.
     pub bus: Bus,
+    /// Known component types.
+    pub kinds: kinds::Kinds,
     /// Cancelled once, on shutdown.
     pub shutdown: CancellationToken,
     /// Every long-lived task, so shutdown can wait for them.
@@ -67,7 +69,7 @@ impl Shared {
     pub(crate) async fn add_component(
         self: &Arc<Self>,
         spec: &ComponentSpec,
-        kind: &'static kinds::Kind,
+        kind: Arc<kinds::Kind>,
         uuid: Uuid,
         managed_by: Option<Uuid>,
         persisted: bool,
@@ -115,6 +117,7 @@ impl Running {
 /// Start a daemon: open the store, connect the bus (in the background), start
 /// every configured and persisted component, and serve the API.
 pub async fn start(config: Config) -> Result<Running, Error> {
+    let kinds = config.kinds()?;
     let store = Store::open(&config.data_dir)?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -122,6 +125,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let (bus, runner) = Bus::new(&config.exchange, metrics.messages_out.clone());
     let shared = Arc::new(Shared {
         bus,
+        kinds,
         config,
         info: DaemonInfo::detect(),
         metrics,
@@ -177,11 +181,11 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
         Some(u) => u,
         None => shared.store.identity("manager/generic/root")?,
     };
-    let kind = kinds::check(&root).map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?;
+    let kind = shared.kinds.check(&root).map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?;
     shared.add_component(&root, kind, root_uuid, None, false).await;
 
     for spec in specs {
-        let kind = kinds::check(&spec).map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?;
+        let kind = shared.kinds.check(&spec).map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?;
         let uuid = match spec.uuid {
             Some(u) => u,
             None => shared.store.identity(&format!("config:{}/{}/{}", spec.category, spec.kind, spec.name))?,
@@ -200,7 +204,7 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
                 continue;
             }
         };
-        let Ok(kind) = kinds::check(&spec) else {
+        let Ok(kind) = shared.kinds.check(&spec) else {
             warn!(uuid = %stored.uuid, r#type = %spec.kind, "skipping stored component of unknown type");
             continue;
         };

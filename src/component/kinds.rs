@@ -1,148 +1,389 @@
-//! The component types busbar knows, with the JSON Schemas they advertise
-//! and validate against. Schemas are files under `schemas/`, embedded at
-//! build time so the binary is self-contained.
+//! Component types as data: manifests in `components/<category>/<type>.yaml`.
+//!
+//! A manifest names the category, type and driver, the driver's fixed
+//! settings, and the JSON Schemas for `properties`, `start` and `create`.
+//! Built-in types are manifests too, embedded in the binary; config may add
+//! directories of site-specific ones. Every manifest is validated against
+//! `schemas/component-manifest.schema.json`, and errors name the file and
+//! the field.
 
 use jsonschema::Validator;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
 
 use crate::config::ComponentSpec;
 use crate::protocol::ErrorInfo;
 use crate::state::Action;
 
-/// Which engine runs a type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Driver {
-    /// `simulator/dummy`: timed state changes, no side effects.
-    Dummy,
-    /// `manager/generic`: creates and deletes components.
-    GenericManager,
+/// The built-in manifests: `(file name, text)`.
+const BUILTIN: &[(&str, &str)] = &[
+    ("components/simulator/dummy.yaml", include_str!("../../components/simulator/dummy.yaml")),
+    ("components/simulator/generic.yaml", include_str!("../../components/simulator/generic.yaml")),
+    ("components/simulator/script.yaml", include_str!("../../components/simulator/script.yaml")),
+    ("components/simulator/dpsim.yaml", include_str!("../../components/simulator/dpsim.yaml")),
+    ("components/manager/generic.yaml", include_str!("../../components/manager/generic.yaml")),
+];
+
+const MANIFEST_SCHEMA: &str = include_str!("../../schemas/component-manifest.schema.json");
+
+/// A manifest that cannot be used, pointing at the file and field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{file}: {field}: {msg}")]
+pub struct ManifestError {
+    /// The manifest file.
+    pub file: String,
+    /// The offending field (`process.argv[2]`), or `(file)`.
+    pub field: String,
+    /// What is wrong.
+    pub msg: String,
 }
 
-/// One component type.
+/// One argv entry of a process manifest.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ArgItem {
+    /// One argument; its placeholders must resolve.
+    One(String),
+    /// Arguments included only if every placeholder in them has a value
+    /// (`["--duration", "{{start.duration}}"]`).
+    Group(Vec<String>),
+}
+
+/// What the child reads on stdin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stdin {
+    /// Nothing (`/dev/null`).
+    #[default]
+    None,
+    /// The start parameters as JSON.
+    Parameters,
+    /// The whole start payload as JSON.
+    Payload,
+}
+
+/// Fixed settings of the process driver.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// Executable, argv, environment and working directory come from the
+    /// start parameters (the generic simulator).
+    #[serde(default)]
+    pub from_parameters: bool,
+    /// The program (looked up on `PATH` if it has no slash).
+    #[serde(default)]
+    pub executable: Option<String>,
+    /// Argument templates: `{{start.KEY}}`, `{{properties.KEY}}`, `%MODEL%`.
+    #[serde(default)]
+    pub argv: Vec<ArgItem>,
+    /// Environment templates.
+    #[serde(default)]
+    pub environment: HashMap<String, String>,
+    /// What to write to stdin.
+    #[serde(default)]
+    pub stdin: Stdin,
+    /// Seconds between SIGTERM and SIGKILL on stop (default 5).
+    #[serde(default)]
+    pub grace: Option<f64>,
+}
+
+/// Which engine runs a type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Driver {
+    /// Timed state changes, no side effects.
+    Dummy,
+    /// Creates and deletes components.
+    GenericManager,
+    /// Runs a child process group per start.
+    Process(ProcessSpec),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    category: String,
+    #[serde(rename = "type")]
+    kind: String,
+    driver: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    process: Option<ProcessSpec>,
+    #[serde(default)]
+    schema: Map<String, Value>,
+}
+
+/// One component type, ready to use.
 pub struct Kind {
     /// Category (`simulator`, `manager`, …).
-    pub category: &'static str,
+    pub category: String,
     /// Type name.
-    pub kind: &'static str,
-    /// The engine.
+    pub kind: String,
+    /// The engine and its fixed settings.
     pub driver: Driver,
-    /// Advertised `schema`, keyed by action (`start`, `create`).
+    /// What it is, for `busbar types`.
+    pub description: String,
+    /// Where it was defined.
+    pub source: String,
+    /// Advertised `schema`: `start` and/or `create`.
     pub schema: Map<String, Value>,
-    validators: HashMap<&'static str, Validator>,
+    /// The `properties` schema, if any (not advertised).
+    pub properties_schema: Option<Value>,
+    validators: HashMap<String, Validator>,
     properties: Option<Validator>,
 }
 
 impl std::fmt::Debug for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.category, self.kind)
+        write!(f, "{}/{} ({})", self.category, self.kind, self.source)
     }
 }
 
+fn json_path(pointer: &str) -> String {
+    std::iter::once("$".to_string())
+        .chain(pointer.split('/').filter(|s| !s.is_empty()).map(|s| format!(".{s}")))
+        .collect()
+}
+
+fn dotted(pointer: &str) -> String {
+    let mut out = String::new();
+    for seg in pointer.split('/').filter(|s| !s.is_empty()) {
+        if seg.chars().all(|c| c.is_ascii_digit()) {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    if out.is_empty() { "(manifest)".into() } else { out }
+}
+
+static MANIFEST_VALIDATOR: LazyLock<Validator> = LazyLock::new(|| {
+    let schema: Value = serde_json::from_str(MANIFEST_SCHEMA).expect("the manifest schema is valid JSON");
+    jsonschema::validator_for(&schema).expect("the manifest schema compiles")
+});
+
+/// The placeholders (`start.KEY` / `properties.KEY`) in a template string.
+pub fn placeholders(template: &str) -> impl Iterator<Item = &str> {
+    template.split("{{").skip(1).filter_map(|rest| rest.split_once("}}").map(|(name, _)| name.trim()))
+}
+
 impl Kind {
-    fn new(
-        category: &'static str,
-        kind: &'static str,
-        driver: Driver,
-        schemas: &[(&'static str, &str)],
-        properties: Option<&str>,
-    ) -> Kind {
+    /// Parse and check one manifest.
+    pub fn from_manifest(file: &str, text: &str) -> Result<Kind, ManifestError> {
+        let err = |field: &str, msg: String| ManifestError { file: file.to_owned(), field: field.to_owned(), msg };
+        let value: Value = serde_saphyr::from_str(text).map_err(|e| err("(syntax)", e.to_string()))?;
+        if let Some(e) = MANIFEST_VALIDATOR.iter_errors(&value).next() {
+            return Err(err(&dotted(&e.instance_path().to_string()), e.to_string()));
+        }
+        let m: Manifest = serde_json::from_value(value).map_err(|e| err("(manifest)", e.to_string()))?;
+        let driver = match m.driver.as_str() {
+            "dummy" => Driver::Dummy,
+            "generic-manager" => Driver::GenericManager,
+            "process" => Driver::Process(m.process.clone().unwrap_or_default()),
+            other => return Err(err("driver", format!("unknown driver {other:?}"))),
+        };
+        let compile = |key: &str, schema: &Value| {
+            jsonschema::validator_for(schema).map_err(|e| err(&format!("schema.{key}"), e.to_string()))
+        };
         let mut schema = Map::new();
         let mut validators = HashMap::new();
-        for (action, text) in schemas {
-            // The files are part of the build; a broken one is a build defect
-            // caught by the unit test below, never by a user's message.
-            let value: Value = serde_json::from_str(text).expect("embedded schema is valid JSON");
-            let v = jsonschema::validator_for(&value).expect("embedded schema compiles");
-            schema.insert((*action).into(), value);
-            validators.insert(*action, v);
+        let mut properties = None;
+        let mut properties_schema = None;
+        for (key, s) in &m.schema {
+            let v = compile(key, s)?;
+            if key == "properties" {
+                properties = Some(v);
+                properties_schema = Some(s.clone());
+            } else {
+                schema.insert(key.clone(), s.clone());
+                validators.insert(key.clone(), v);
+            }
         }
-        let properties = properties.map(|text| {
-            let value: Value = serde_json::from_str(text).expect("embedded schema is valid JSON");
-            jsonschema::validator_for(&value).expect("embedded schema compiles")
-        });
-        Kind { category, kind, driver, schema, validators, properties }
+        // Templates may only use validated inputs: declared start parameters
+        // and declared properties.
+        if let Driver::Process(p) = &driver {
+            let declared = |section: &str| -> Vec<String> {
+                m.schema
+                    .get(section)
+                    .and_then(|s| s.get("properties"))
+                    .and_then(Value::as_object)
+                    .map(|o| o.keys().cloned().collect())
+                    .unwrap_or_default()
+            };
+            let (start_keys, prop_keys) = (declared("start"), declared("properties"));
+            let check = |field: String, t: &str| -> Result<(), ManifestError> {
+                for name in placeholders(t) {
+                    let ok = match name.split_once('.') {
+                        Some(("start", k)) => start_keys.iter().any(|s| s == k),
+                        Some(("properties", k)) => prop_keys.iter().any(|s| s == k),
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(err(
+                            &field,
+                            format!(
+                                "placeholder {{{{{name}}}}} is not a parameter declared in schema.start or schema.properties"
+                            ),
+                        ));
+                    }
+                }
+                Ok(())
+            };
+            for (i, item) in p.argv.iter().enumerate() {
+                match item {
+                    ArgItem::One(t) => check(format!("process.argv[{i}]"), t)?,
+                    ArgItem::Group(g) => {
+                        for (j, t) in g.iter().enumerate() {
+                            check(format!("process.argv[{i}][{j}]"), t)?;
+                        }
+                    }
+                }
+            }
+            for (k, t) in &p.environment {
+                check(format!("process.environment.{k}"), t)?;
+            }
+        }
+        Ok(Kind {
+            category: m.category,
+            kind: m.kind,
+            driver,
+            description: m.description,
+            source: file.to_owned(),
+            schema,
+            properties_schema,
+            validators,
+            properties,
+        })
     }
 
     /// Validate `parameters` of `action` against this type's schema, if it
     /// has one. The error carries `msg`, `instance` and `path`.
     pub fn validate(&self, action: Action, parameters: &Map<String, Value>) -> Result<(), ErrorInfo> {
-        let Some(v) = self.validators.get(action.as_str()) else {
-            return Ok(());
-        };
+        let Some(v) = self.validators.get(action.as_str()) else { return Ok(()) };
         let instance = Value::Object(parameters.clone());
         match v.validate(&instance) {
             Ok(()) => Ok(()),
+            Err(e) => Err(ErrorInfo::new(format!("Invalid parameters: {e}"))
+                .with("instance", e.instance().clone().into_owned())
+                .with("path", json_path(&e.instance_path().to_string()))
+                .with("action", action.as_str())),
+        }
+    }
+
+    /// Validate a component's properties; the error is `(key, message)`.
+    pub fn validate_properties(&self, properties: &Map<String, Value>) -> Result<(), (String, String)> {
+        let Some(v) = &self.properties else { return Ok(()) };
+        match v.validate(&Value::Object(properties.clone())) {
+            Ok(()) => Ok(()),
             Err(e) => {
-                let pointer = e.instance_path().to_string();
-                let path = std::iter::once("$".to_string())
-                    .chain(pointer.split('/').filter(|s| !s.is_empty()).map(|s| format!(".{s}")))
-                    .collect::<String>();
-                Err(ErrorInfo::new(format!("Invalid parameters: {e}"))
-                    .with("instance", e.instance().clone().into_owned())
-                    .with("path", path)
-                    .with("action", action.as_str()))
+                let key = dotted(&e.instance_path().to_string());
+                Err((if key == "(manifest)" { "(component)".into() } else { key }, e.to_string()))
             }
         }
     }
 }
 
-static KINDS: LazyLock<Vec<Kind>> = LazyLock::new(|| {
-    vec![
-        Kind::new(
-            "simulator",
-            "dummy",
-            Driver::Dummy,
-            &[("start", include_str!("../../schemas/simulator/dummy/start.json"))],
-            Some(include_str!("../../schemas/simulator/dummy/properties.json")),
-        ),
-        Kind::new(
-            "manager",
-            "generic",
-            Driver::GenericManager,
-            &[("create", include_str!("../../schemas/manager/generic/create.json"))],
-            None,
-        ),
-    ]
+/// The set of known types.
+#[derive(Debug, Clone)]
+pub struct Kinds(Vec<Arc<Kind>>);
+
+static BUILTIN_KINDS: LazyLock<Vec<Arc<Kind>>> = LazyLock::new(|| {
+    BUILTIN
+        .iter()
+        // A broken built-in manifest is a build defect, caught by the tests.
+        .map(|(f, t)| Arc::new(Kind::from_manifest(f, t).unwrap_or_else(|e| panic!("built-in manifest: {e}"))))
+        .collect()
 });
 
-/// All known types.
-pub fn all() -> &'static [Kind] {
-    &KINDS
-}
-
-/// Look a type up.
-pub fn lookup(category: &str, kind: &str) -> Option<&'static Kind> {
-    KINDS.iter().find(|k| k.category == category && k.kind == kind)
-}
-
-/// Check that a spec names a known type and that its properties fit the
-/// type's properties schema; the error is `(key, message)`.
-pub fn check(spec: &ComponentSpec) -> Result<&'static Kind, (String, String)> {
-    let kind = check_type(spec)?;
-    if let Some(v) = &kind.properties
-        && let Err(e) = v.validate(&Value::Object(spec.properties.clone()))
-    {
-        let key = e.instance_path().to_string().trim_start_matches('/').replace('/', ".");
-        return Err((if key.is_empty() { "(component)".into() } else { key }, e.to_string()));
+impl Kinds {
+    /// The built-in types only.
+    pub fn builtin() -> Kinds {
+        Kinds(BUILTIN_KINDS.clone())
     }
-    Ok(kind)
+
+    /// The built-in types plus every manifest (`*.yaml`, `*.yml`, `*.json`)
+    /// under `dirs`, searched recursively. A type defined twice is an error.
+    pub fn load(dirs: &[PathBuf]) -> Result<Kinds, ManifestError> {
+        let mut kinds = Self::builtin();
+        for dir in dirs {
+            let mut files = Vec::new();
+            collect(dir, &mut files).map_err(|e| ManifestError {
+                file: dir.display().to_string(),
+                field: "(directory)".into(),
+                msg: e.to_string(),
+            })?;
+            files.sort();
+            for file in files {
+                let name = file.display().to_string();
+                let text = std::fs::read_to_string(&file).map_err(|e| ManifestError {
+                    file: name.clone(),
+                    field: "(file)".into(),
+                    msg: e.to_string(),
+                })?;
+                let kind = Kind::from_manifest(&name, &text)?;
+                if let Some(prev) = kinds.lookup(&kind.category, &kind.kind) {
+                    return Err(ManifestError {
+                        file: name,
+                        field: "type".into(),
+                        msg: format!("{}/{} is already defined by {}", kind.category, kind.kind, prev.source),
+                    });
+                }
+                kinds.0.push(Arc::new(kind));
+            }
+        }
+        Ok(kinds)
+    }
+
+    /// All types.
+    pub fn all(&self) -> &[Arc<Kind>] {
+        &self.0
+    }
+
+    /// Look a type up.
+    pub fn lookup(&self, category: &str, kind: &str) -> Option<Arc<Kind>> {
+        self.0.iter().find(|k| k.category == category && k.kind == kind).cloned()
+    }
+
+    /// Check that a spec names a known type and that its properties fit the
+    /// type's properties schema; the error is `(key, message)`.
+    pub fn check(&self, spec: &ComponentSpec) -> Result<Arc<Kind>, (String, String)> {
+        if !self.0.iter().any(|k| k.category == spec.category) {
+            let cats: std::collections::BTreeSet<_> = self.0.iter().map(|k| k.category.as_str()).collect();
+            let cats: Vec<_> = cats.into_iter().collect();
+            return Err((
+                "category".into(),
+                format!("unknown category {:?}; known: {}", spec.category, cats.join(", ")),
+            ));
+        }
+        let kind = self.lookup(&spec.category, &spec.kind).ok_or_else(|| {
+            let known: Vec<_> =
+                self.0.iter().filter(|k| k.category == spec.category).map(|k| k.kind.as_str()).collect();
+            (
+                "type".to_string(),
+                format!("unknown type {:?} for category {}; known: {}", spec.kind, spec.category, known.join(", ")),
+            )
+        })?;
+        kind.validate_properties(&spec.properties)?;
+        Ok(kind)
+    }
 }
 
-fn check_type(spec: &ComponentSpec) -> Result<&'static Kind, (String, String)> {
-    if !KINDS.iter().any(|k| k.category == spec.category) {
-        let cats: Vec<_> =
-            KINDS.iter().map(|k| k.category).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        return Err(("category".into(), format!("unknown category {:?}; known: {}", spec.category, cats.join(", "))));
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json") {
+            out.push(path);
+        }
     }
-    lookup(&spec.category, &spec.kind).ok_or_else(|| {
-        let known: Vec<_> = KINDS.iter().filter(|k| k.category == spec.category).map(|k| k.kind).collect();
-        (
-            "type".into(),
-            format!("unknown type {:?} for category {}; known: {}", spec.kind, spec.category, known.join(", ")),
-        )
-    })
+    Ok(())
 }
 
 #[cfg(test)]
@@ -155,19 +396,22 @@ mod tests {
     }
 
     #[test]
-    fn every_embedded_schema_compiles_and_is_advertised_under_its_action_name() {
-        for k in all() {
+    fn every_builtin_manifest_loads_and_advertises_schemas_under_action_names() {
+        let kinds = Kinds::builtin();
+        assert_eq!(kinds.all().len(), BUILTIN.len());
+        for k in kinds.all() {
             for key in k.schema.keys() {
                 assert!(key == "start" || key == "create", "{k:?} advertises {key}");
             }
         }
-        assert!(lookup("simulator", "dummy").unwrap().schema.contains_key("start"));
-        assert!(lookup("manager", "generic").unwrap().schema.contains_key("create"));
+        assert!(kinds.lookup("simulator", "dummy").unwrap().schema.contains_key("start"));
+        assert!(kinds.lookup("manager", "generic").unwrap().schema.contains_key("create"));
     }
 
     #[test]
     fn validation_failures_carry_msg_instance_and_path() {
-        let dummy = lookup("simulator", "dummy").unwrap();
+        let kinds = Kinds::builtin();
+        let dummy = kinds.lookup("simulator", "dummy").unwrap();
         assert!(dummy.validate(Action::Start, &params(json!({"runtime": 2}))).is_ok());
         assert!(dummy.validate(Action::Start, &params(json!({}))).is_ok());
         assert!(dummy.validate(Action::Stop, &params(json!({"anything": 1}))).is_ok());
@@ -179,7 +423,7 @@ mod tests {
 
     #[test]
     fn create_requires_category_and_type() {
-        let m = lookup("manager", "generic").unwrap();
+        let m = Kinds::builtin().lookup("manager", "generic").unwrap();
         let e = m.validate(Action::Create, &params(json!({"name": "x"}))).unwrap_err();
         assert_eq!(e.0["path"], json!("$"));
         assert!(m.validate(Action::Create, &params(json!({"category": "simulator", "type": "dummy"}))).is_ok());
@@ -187,5 +431,48 @@ mod tests {
             m.validate(Action::Create, &params(json!({"category": "simulator", "type": "dummy", "uuid": "x"})))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn broken_manifests_name_the_file_and_the_field() {
+        let cases = [
+            ("category: simulator\ntype: x\n", "(manifest)"),
+            ("category: simulator\ntype: x\ndriver: warp\n", "driver"),
+            ("category: simulator\ntype: x\ndriver: process\n", "(manifest)"),
+            ("category: simulator\ntype: x\ndriver: dummy\nextra: 1\n", "(manifest)"),
+            ("category: simulator\ntype: x\ndriver: dummy\nschema: {start: {type: 12}}\n", "schema.start"),
+            (
+                "category: simulator\ntype: x\ndriver: process\nprocess: {executable: echo, argv: [ok, '{{start.secret}}']}\n",
+                "process.argv[1]",
+            ),
+            ("category: [", "(syntax)"),
+        ];
+        for (text, field) in cases {
+            let e = Kind::from_manifest("site/x.yaml", text).err().unwrap_or_else(|| panic!("{text} should fail"));
+            assert_eq!(e.file, "site/x.yaml");
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
+    fn placeholders_are_found() {
+        assert_eq!(placeholders("a{{start.x}}b{{ properties.y }}").collect::<Vec<_>>(), ["start.x", "properties.y"]);
+        assert_eq!(placeholders("plain").count(), 0);
+    }
+
+    #[test]
+    fn extra_directories_add_types_and_may_not_redefine_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("simulator")).unwrap();
+        std::fs::write(
+            dir.path().join("simulator/echo.yaml"),
+            "category: simulator\ntype: echo\ndriver: process\nprocess: {executable: echo, argv: ['{{start.text}}']}\nschema: {start: {type: object, properties: {text: {type: string}}}}\n",
+        )
+        .unwrap();
+        let kinds = Kinds::load(&[dir.path().to_owned()]).unwrap();
+        assert!(kinds.lookup("simulator", "echo").is_some());
+        std::fs::write(dir.path().join("dup.yaml"), "category: simulator\ntype: dummy\ndriver: dummy\n").unwrap();
+        let e = Kinds::load(&[dir.path().to_owned()]).unwrap_err();
+        assert!(e.file.ends_with("dup.yaml") && e.msg.contains("already defined"), "{e}");
     }
 }

@@ -4,7 +4,7 @@ use serde_json::Value;
 use tracing::info;
 use uuid::Uuid;
 
-use super::{Component, kinds};
+use super::Component;
 use crate::config::ComponentSpec;
 use crate::protocol::{ActionRequest, ErrorInfo};
 use crate::state::{Action, State, TransitionError};
@@ -37,7 +37,7 @@ impl Component {
             self.shared.metrics.error("invalid_create");
             ErrorInfo::new(format!("Invalid create parameters: {key} {msg}")).with("path", format!("$.{key}"))
         })?;
-        let kind = kinds::check(&spec).map_err(|(key, msg)| {
+        let kind = self.shared.kinds.check(&spec).map_err(|(key, msg)| {
             self.shared.metrics.error("unknown_type");
             ErrorInfo::new(format!("Cannot create component: {msg}")).with("path", format!("$.{key}"))
         })?;

@@ -8,6 +8,7 @@
 
 pub mod kinds;
 mod manager;
+mod process;
 
 use futures_util::StreamExt;
 use serde_json::{Map, Value};
@@ -125,7 +126,7 @@ impl Durations {
 pub(crate) struct Component {
     shared: Arc<Shared>,
     keys: RoutingKeys,
-    kind: &'static Kind,
+    kind: Arc<Kind>,
     managed_by: Option<Uuid>,
     properties: Map<String, Value>,
     lifecycle: Lifecycle,
@@ -142,6 +143,8 @@ pub(crate) struct Component {
     /// The component's own queue, consumed right here: no task hop between
     /// the broker connection and the state that answers.
     consumer: Option<lapin::Consumer>,
+    /// The running process of a process component.
+    run: Option<process::Run>,
 }
 
 /// Build the properties object: every given key in order, with the identity
@@ -162,7 +165,7 @@ fn properties_of(spec: &ComponentSpec, uuid: Uuid, realm: &Option<String>) -> Ma
 pub(crate) fn spawn(
     shared: &Arc<Shared>,
     spec: &ComponentSpec,
-    kind: &'static Kind,
+    kind: Arc<Kind>,
     uuid: Uuid,
     managed_by: Option<Uuid>,
     persisted: bool,
@@ -187,6 +190,7 @@ pub(crate) fn spawn(
         settle_at: None,
         scheduled: VecDeque::new(),
         consumer: None,
+        run: None,
     };
     shared.metrics.state_change(None, Some(State::Idle.as_str()));
     shared.tracker.spawn(component.run(rx));
@@ -227,6 +231,7 @@ impl Component {
                 self.settle().await;
             }
             let next_scheduled = self.scheduled.front().map(|(at, _)| *at);
+            let kill_at = self.run.as_ref().and_then(|r| r.kill_at);
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => break,
@@ -252,6 +257,8 @@ impl Component {
                     }
                 }
                 _ = sleep_until_opt(self.settle_at) => self.settle().await,
+                Some(ev) = process::Run::next(&mut self.run) => Box::pin(self.on_run_event(ev)).await,
+                _ = sleep_until_opt(kill_at) => self.kill_now(),
                 _ = tick.tick() => self.publish(None).await,
                 _ = token.cancelled() => break,
             }
@@ -332,11 +339,12 @@ impl Component {
             self.shared.metrics.error("validation");
             return self.fail(info, reply).await;
         }
-        let outcome = match self.kind.driver {
+        let outcome = match &self.kind.driver {
             Driver::Dummy => self.dummy(action, &req),
             // Boxed: the manager path holds store and registry futures that
             // would otherwise inflate every component task by kilobytes.
             Driver::GenericManager => Box::pin(self.manage(action, &req)).await,
+            Driver::Process(_) => self.process(action, &req),
         };
         match outcome {
             Ok(()) => {

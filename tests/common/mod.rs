@@ -84,6 +84,12 @@ components:
         )
     }
 
+    /// The default config plus `extra` YAML component entries (each starting
+    /// with `  - `).
+    pub fn config_yaml_with(&self, extra: &str) -> String {
+        format!("{}{extra}", self.config_yaml())
+    }
+
     /// Parse a config text for this environment.
     pub fn config(&self, yaml: &str) -> Config {
         Config::parse(yaml, Path::new("test.yaml")).expect("test config is valid")
@@ -144,6 +150,11 @@ pub async fn collect_for(l: &mut Listener, window: Duration) -> Vec<Seen> {
         out.push(s);
     }
     out
+}
+
+/// The fixture programs directory.
+pub fn fixtures_bin() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bin").to_owned()
 }
 
 /// The body of an action.

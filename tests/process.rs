@@ -1,0 +1,309 @@
+//! The process driver with real child processes and the real broker.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+struct Lab {
+    env: TestEnv,
+    generic: Uuid,
+    shell: Uuid,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        Lab { env: TestEnv::new(), generic: Uuid::new_v4(), shell: Uuid::new_v4() }
+    }
+
+    fn yaml(&self) -> String {
+        let bin = regex::escape(&fixtures_bin());
+        self.env.config_yaml_with(&format!(
+            r#"  - {{category: simulator, type: generic, name: Gen, uuid: {g}, grace: 0.5, whitelist: ["{bin}/", "/bin/true"]}}
+  - {{category: simulator, type: generic, name: Shell, uuid: {s}, shell: true, whitelist: ["{bin}/"]}}
+  - {{category: simulator, type: script, name: Script, uuid: {sc}, script: "{pybin}/params.py"}}
+  - {{category: simulator, type: dpsim, name: DPsim, uuid: {dp}}}
+"#,
+            g = self.generic,
+            s = self.shell,
+            sc = script_uuid(self.generic),
+            dp = dpsim_uuid(self.generic),
+            pybin = fixtures_bin(),
+        ))
+    }
+}
+
+fn script_uuid(base: Uuid) -> Uuid {
+    Uuid::new_v5(&base, b"script")
+}
+
+fn dpsim_uuid(base: Uuid) -> Uuid {
+    Uuid::new_v5(&base, b"dpsim")
+}
+
+fn start(exe: &str, argv: Value) -> Value {
+    action("start", json!({"executable": format!("{}/{exe}", fixtures_bin()), "argv": argv}))
+}
+
+/// The newest run directory of a component.
+fn run_dir(data: &Path, uuid: Uuid) -> PathBuf {
+    let dir = data.join("runs").join(uuid.to_string());
+    let mut runs: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    runs.sort_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap());
+    runs.pop().expect("a run directory")
+}
+
+async fn read_eventually(path: PathBuf) -> String {
+    let end = Instant::now() + WAIT;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(&path)
+            && !s.is_empty()
+        {
+            return s;
+        }
+        assert!(Instant::now() < end, "{} never appeared", path.display());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| proc_state(&s) != 'Z')
+}
+
+fn proc_state(stat: &str) -> char {
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).unwrap_or('?')
+}
+
+async fn gone(pids: &[i32]) {
+    let end = Instant::now() + WAIT;
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(Instant::now() < end, "processes {pids:?} outlived their component");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn pids(lab: &Lab, uuid: Uuid) -> Vec<i32> {
+    let text = read_eventually(run_dir(&lab.env.dir.path().join("data"), uuid).join("results/pids")).await;
+    text.split_whitespace().map(|p| p.parse().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn exit_0_goes_idle_and_exit_3_is_an_error_with_the_code_that_reset_clears() {
+    let lab = Lab::new();
+    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
+    let c = lab.env.client().await;
+    let mut l = lab.env.listen_all(&c).await;
+    let g = lab.generic;
+    c.publish(to_uuid(g), &start("exit-with.sh", json!(["0", "0.1"])), None).await.unwrap();
+    state_of(&mut l, g, "starting").await;
+    state_of(&mut l, g, "running").await;
+    state_of(&mut l, g, "stopping").await;
+    let st = state_of(&mut l, g, "idle").await;
+    assert_eq!(st["status"]["return_code"], 0);
+
+    c.publish(to_uuid(g), &start("exit-with.sh", json!(["3"])), None).await.unwrap();
+    let st = state_of(&mut l, g, "error").await;
+    assert_eq!(st["status"]["error"], json!({"msg": "Child process exited", "code": 3}));
+    assert_eq!(st["status"]["return_code"], 3);
+    c.publish(to_uuid(g), &action("reset", json!({})), None).await.unwrap();
+    state_of(&mut l, g, "idle").await;
+    // return_code is reset on every start.
+    c.publish(to_uuid(g), &start("sleeper.sh", json!([])), None).await.unwrap();
+    let st = state_of(&mut l, g, "starting").await;
+    assert_eq!(st["status"]["return_code"], Value::Null);
+    state_of(&mut l, g, "running").await;
+    c.publish(to_uuid(g), &action("stop", json!({})), None).await.unwrap();
+    state_of(&mut l, g, "idle").await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn stop_terminates_the_group_within_the_grace_period_and_kills_what_ignores_it() {
+    let lab = Lab::new();
+    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
+    let c = lab.env.client().await;
+    let mut l = lab.env.listen_all(&c).await;
+    let g = lab.generic;
+    c.publish(to_uuid(g), &start("sleeper.sh", json!([])), None).await.unwrap();
+    state_of(&mut l, g, "running").await;
+    let p = pids(&lab, g).await;
+    let t = Instant::now();
+    c.publish(to_uuid(g), &action("stop", json!({})), None).await.unwrap();
+    state_of(&mut l, g, "stopping").await;
+    let st = state_of(&mut l, g, "idle").await;
+    assert!(st["status"].get("error").is_none());
+    assert!(t.elapsed() < Duration::from_millis(500), "SIGTERM was enough: {:?}", t.elapsed());
+    gone(&p).await;
+
+    c.publish(to_uuid(g), &start("stubborn.sh", json!([])), None).await.unwrap();
+    state_of(&mut l, g, "running").await;
+    let p = pids(&lab, g).await;
+    let t = Instant::now();
+    c.publish(to_uuid(g), &action("stop", json!({})), None).await.unwrap();
+    state_of(&mut l, g, "idle").await;
+    assert!(t.elapsed() >= Duration::from_millis(450), "killed only after the 0.5 s grace: {:?}", t.elapsed());
+    gone(&p).await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn pause_and_resume_stop_and_continue_the_process() {
+    let lab = Lab::new();
+    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
+    let c = lab.env.client().await;
+    let mut l = lab.env.listen_all(&c).await;
+    let g = lab.generic;
+    c.publish(to_uuid(g), &start("sleeper.sh", json!([])), None).await.unwrap();
+    let st = state_of(&mut l, g, "running").await;
+    let pid = st["status"]["pid"].as_i64().expect("status.pid") as i32;
+    let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| proc_state(&s)).unwrap_or('?');
+    c.publish(to_uuid(g), &action("pause", json!({})), None).await.unwrap();
+    state_of(&mut l, g, "paused").await;
+    assert_eq!(stat(), 'T', "stopped by SIGSTOP");
+    c.publish(to_uuid(g), &action("resume", json!({})), None).await.unwrap();
+    state_of(&mut l, g, "running").await;
+    let end = Instant::now() + WAIT;
+    while stat() == 'T' {
+        assert!(Instant::now() < end, "still stopped after resume");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Stop from paused works too.
+    c.publish(to_uuid(g), &action("pause", json!({})), None).await.unwrap();
+    state_of(&mut l, g, "paused").await;
+    c.publish(to_uuid(g), &action("stop", json!({})), None).await.unwrap();
+    state_of(&mut l, g, "idle").await;
+    gone(&[pid]).await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn reset_while_running_kills_the_whole_group_and_leaves_no_orphan() {
+    let lab = Lab::new();
+    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
+    let c = lab.env.client().await;
+    let mut l = lab.env.listen_all(&c).await;
+    let g = lab.generic;
+    c.publish(to_uuid(g), &start("sleeper.sh", json!([])), None).await.unwrap();
+    state_of(&mut l, g, "running").await;
+    let p = pids(&lab, g).await;
+    assert_eq!(p.len(), 2, "the script and its grandchild");
+    c.publish(to_uuid(g), &action("reset", json!({})), None).await.unwrap();
+    state_of(&mut l, g, "resetting").await;
+    state_of(&mut l, g, "idle").await;
+    gone(&p).await;
+    // reset with nothing running goes straight to idle too.
+    c.publish(to_uuid(g), &action("reset", json!({})), None).await.unwrap();
+    state_of(&mut l, g, "idle").await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn whitelist_shell_and_missing_executables_are_clear_errors() {
+    let lab = Lab::new();
+    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
+    let c = lab.env.client().await;
+    let mut l = lab.env.listen_all(&c).await;
+    let g = lab.generic;
+    let cases = [
+        (
+            g,
+            action("start", json!({"executable": "/bin/rm", "argv": ["-rf", "/"]})),
+            "Executable is not whitelisted for this simulator",
+        ),
+        (
+            g,
+            json!({"action": "start", "parameters": {"executable": format!("{}/env-check.sh", fixtures_bin()), "shell": true}}),
+            "Shell execution is not allowed for this simulator",
+        ),
+        (g, start("does-not-exist", json!([])), "Cannot start process: No such file or directory"),
+        (g, action("start", json!({"argv": []})), "Invalid parameters"),
+        (
+            dpsim_uuid(g),
+            action("start", json!({"name": "sim", "duration": 1})),
+            "Cannot start process: No such file or directory",
+        ),
+    ];
+    for (u, body, msg) in cases {
+        c.publish(to_uuid(u), &body, None).await.unwrap();
+        let st = state_of(&mut l, u, "error").await;
+        let got = st["status"]["error"]["msg"].as_str().unwrap().to_owned();
+        assert!(got.starts_with(msg), "want {msg:?}, got {got:?}");
+        c.publish(to_uuid(u), &action("reset", json!({})), None).await.unwrap();
+        state_of(&mut l, u, "idle").await;
+    }
+    // The shell-enabled simulator may use a shell.
+    let s = lab.shell;
+    let body = json!({"action": "start", "parameters": {"executable": format!("{}/exit-with.sh", fixtures_bin()), "argv": ["0"], "shell": true}});
+    c.publish(to_uuid(s), &body, None).await.unwrap();
+    state_of(&mut l, s, "running").await;
+    state_of(&mut l, s, "idle").await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn environment_working_directory_and_logs_are_applied() {
+    let lab = Lab::new();
+    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
+    let c = lab.env.client().await;
+    let mut l = lab.env.listen_all(&c).await;
+    let g = lab.generic;
+    for environment in [json!({"FOO": "bar", "BAR": 7}), json!(["FOO=bar", "BAR=7"])] {
+        let body = action(
+            "start",
+            json!({"executable": format!("{}/env-check.sh", fixtures_bin()), "environment": environment, "working_directory": "results"}),
+        );
+        c.publish(to_uuid(g), &body, None).await.unwrap();
+        state_of(&mut l, g, "idle").await;
+        let run = run_dir(&lab.env.dir.path().join("data"), g);
+        let env = read_eventually(run.join("results/env.txt")).await;
+        assert!(env.contains("FOO=bar\n") && env.contains("BAR=7\n"), "{env}");
+        assert!(env.contains("AMQP_URL=unset"), "the daemon's credentials do not leak: {env}");
+        assert!(env.contains(&format!("PWD={}", run.join("results").display())), "{env}");
+        assert_eq!(read_eventually(run.join("logs/stdout.log")).await, "to stdout\n");
+        assert_eq!(read_eventually(run.join("logs/stderr.log")).await, "to stderr\n");
+    }
+    // The daemon never changes its own working directory.
+    assert_eq!(std::env::current_dir().unwrap(), Path::new(env!("CARGO_MANIFEST_DIR")));
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn daemon_shutdown_leaves_no_child_behind() {
+    let lab = Lab::new();
+    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
+    let c = lab.env.client().await;
+    let mut l = lab.env.listen_all(&c).await;
+    c.publish(to_uuid(lab.generic), &start("sleeper.sh", json!([])), None).await.unwrap();
+    state_of(&mut l, lab.generic, "running").await;
+    let p = pids(&lab, lab.generic).await;
+    d.stop().await.expect("clean shutdown");
+    gone(&p).await;
+    c.close().await;
+}
+
+#[tokio::test]
+async fn the_script_type_gets_its_parameters_as_json_on_stdin() {
+    let lab = Lab::new();
+    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
+    let c = lab.env.client().await;
+    let mut l = lab.env.listen_all(&c).await;
+    let s = script_uuid(lab.generic);
+    c.publish(to_uuid(s), &action("start", json!({"x": 2, "label": "a"})), None).await.unwrap();
+    state_of(&mut l, s, "running").await;
+    state_of(&mut l, s, "idle").await;
+    let out = read_eventually(run_dir(&lab.env.dir.path().join("data"), s).join("results/out.json")).await;
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!({"x": 4, "label": "a"}));
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
