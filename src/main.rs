@@ -88,6 +88,15 @@ enum Cmd {
         /// Configuration file.
         file: PathBuf,
     },
+    /// List the known component types with their schemas.
+    Types {
+        /// Include the site types of this config's `component_dirs`.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// Print JSON lines (with the full schemas).
+        #[arg(long)]
+        json: bool,
+    },
     /// Ping components and print one line per reply.
     Ping {
         #[command(flatten)]
@@ -242,6 +251,30 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::ValidateConfig { file } => {
             let c = Config::load(&file)?;
             println!("{}: ok ({} components)", file.display(), c.components.len());
+        }
+        Cmd::Types { config, json } => {
+            let kinds = match config {
+                Some(p) => Config::load(&p)?.kinds()?,
+                None => busbar::component::kinds::Kinds::builtin(),
+            };
+            for k in kinds.all() {
+                if json {
+                    let line = serde_json::json!({
+                        "category": k.category, "type": k.kind, "description": k.description,
+                        "source": k.source, "schema": k.schema, "properties": k.properties_schema,
+                    });
+                    println!("{line}");
+                } else {
+                    let schemas: Vec<&str> = k.schema.keys().map(String::as_str).collect();
+                    println!(
+                        "{:<10} {:<12} schemas: {:<14} {}",
+                        k.category,
+                        k.kind,
+                        schemas.join(","),
+                        k.description.trim()
+                    );
+                }
+            }
         }
         Cmd::Ping { conn, filter, timeout, quiet, json } => {
             let client = conn.connect().await?;

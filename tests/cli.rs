@@ -10,7 +10,7 @@ use uuid::Uuid;
 async fn busbar(env: &TestEnv, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"));
     cmd.args(args).env("AMQP_URL", amqp_url()).env_remove("RUST_LOG").kill_on_drop(true);
-    if args.first().is_none_or(|a| *a != "validate-config") {
+    if args.first().is_none_or(|a| *a != "validate-config" && *a != "types") {
         cmd.args(["--exchange", &env.exchange]);
     }
     tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())
@@ -141,4 +141,19 @@ async fn the_example_start_stop_script_runs_against_a_daemon() {
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     assert!(text(&out.stdout).contains("done"));
     d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn types_lists_every_known_type_with_its_schemas() {
+    let env = TestEnv::new();
+    let o = busbar(&env, &["types", "--json"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let types: Vec<Value> = text(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let names: Vec<String> =
+        types.iter().map(|t| format!("{}/{}", t["category"].as_str().unwrap(), t["type"].as_str().unwrap())).collect();
+    for want in ["simulator/dummy", "simulator/generic", "simulator/script", "simulator/dpsim", "manager/generic"] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+    }
+    let dpsim = types.iter().find(|t| t["type"] == "dpsim").unwrap();
+    assert_eq!(dpsim["schema"]["start"]["required"], serde_json::json!(["name"]));
 }

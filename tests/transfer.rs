@@ -99,7 +99,12 @@ async fn models_download_with_the_token_and_results_upload_as_multipart() {
         assert!(contains(body, name.as_bytes()), "{name} uploaded");
     }
     // %MODEL% expanded to both downloads; the zip was extracted.
-    let run = std::fs::read_dir(env.dir.path().join("data/runs").join(sim.to_string())).unwrap().next().unwrap().unwrap().path();
+    let run = std::fs::read_dir(env.dir.path().join("data/runs").join(sim.to_string()))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let args = std::fs::read_to_string(run.join("results/args.txt")).unwrap();
     assert!(args.contains("model/model ") && args.trim_end().ends_with("model/params.txt"), "{args}");
     assert_eq!(std::fs::read_to_string(run.join("model/model/grid/topology.xml")).unwrap(), "<cim/>");
