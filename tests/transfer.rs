@@ -88,7 +88,11 @@ async fn models_download_with_the_token_and_results_upload_as_multipart() {
     assert_eq!(st["model"]["type"], "url-list", "the start payload's model is echoed");
     state_of(&mut l, sim, "stopping").await;
     state_of(&mut l, sim, "idle").await;
-    let seen = seen.lock().unwrap();
+    let (model_auth, uploads) = {
+        let seen = seen.lock().unwrap();
+        (seen.model_auth.clone(), seen.uploads.clone())
+    };
+    let seen = Seen { model_auth, uploads };
     assert_eq!(seen.model_auth, ["Bearer model-token"]);
     assert_eq!(seen.uploads.len(), 1);
     let (auth, body) = &seen.uploads[0];
@@ -108,7 +112,6 @@ async fn models_download_with_the_token_and_results_upload_as_multipart() {
     let args = std::fs::read_to_string(run.join("results/args.txt")).unwrap();
     assert!(args.contains("model/model ") && args.trim_end().ends_with("model/params.txt"), "{args}");
     assert_eq!(std::fs::read_to_string(run.join("model/model/grid/topology.xml")).unwrap(), "<cim/>");
-    drop(seen);
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
