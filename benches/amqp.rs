@@ -3,7 +3,7 @@
 //! so every goal is a ratio to what the broker alone does).
 //!
 //! Run: `cargo bench --bench amqp` (all), or name scenarios:
-//! `cargo bench --bench amqp -- raw rtt flood discovery start rss`.
+//! `cargo bench --bench amqp -- raw rtt flood discovery start process rss`.
 //! The daemon runs as a separate release process, like in production.
 
 use busbar::client::{Client, Listener};
@@ -116,6 +116,12 @@ impl Drop for Daemon {
 impl Daemon {
     /// Start the release daemon with `n` dummies (uuids returned).
     async fn start(n: usize, topology: &str) -> (Daemon, Vec<Uuid>) {
+        Self::start_kind(n, topology, "type: dummy, durations: {reset: 0}").await
+    }
+
+    /// Start the release daemon with `n` simulators described by `spec`
+    /// (the YAML flow-map entries after `category: simulator`).
+    async fn start_kind(n: usize, topology: &str, spec: &str) -> (Daemon, Vec<Uuid>) {
         let dir = tempfile::tempdir().unwrap();
         let exchange = format!("bench-{}", Uuid::new_v4().simple());
         let uuids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
@@ -124,8 +130,7 @@ impl Daemon {
             url()
         );
         for (i, u) in uuids.iter().enumerate() {
-            yaml +=
-                &format!("  - {{category: simulator, type: dummy, name: d{i}, uuid: {u}, durations: {{reset: 0}}}}\n");
+            yaml += &format!("  - {{category: simulator, name: d{i}, uuid: {u}, {spec}}}\n");
         }
         let cfg = dir.path().join("bench.yaml");
         std::fs::write(&cfg, yaml).unwrap();
@@ -386,6 +391,73 @@ async fn start_latency(n: usize) -> (Duration, Duration) {
     (pct(&lat, 0.5), pct(&lat, 0.99))
 }
 
+/// A trivial process: start→running latency from the action's publication.
+async fn process_latency(n: usize) -> (Duration, Duration) {
+    let (d, uuids) =
+        Daemon::start_kind(1, "per-component", "type: generic, whitelist: [\"^/bin/sleep$\"], grace: 1").await;
+    let u = uuids[0].to_string();
+    let c = Client::connect(&url(), &d.exchange).await.unwrap();
+    let mut l = c.listen(header("uuid", &u)).await.unwrap();
+    let h = Filter { uuid: Some(u.clone()), ..Default::default() }.action_headers();
+    let start = json!({"action": "start", "parameters": {"executable": "/bin/sleep", "argv": ["30"]}});
+    let mut lat = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        c.publish(h.clone(), &start, None).await.unwrap();
+        wait_state(&mut l, "running").await;
+        lat.push(t.elapsed());
+        c.publish(h.clone(), &json!({"action": "reset"}), None).await.unwrap();
+        wait_state(&mut l, "idle").await;
+    }
+    lat.sort();
+    c.close().await;
+    (pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+async fn wait_state(l: &mut Listener, state: &str) {
+    loop {
+        let s = next_status(l, Duration::from_secs(10)).await.expect("status");
+        if s["status"]["state"] == state {
+            return;
+        }
+        assert_ne!(s["status"]["state"], "error", "{}", s["status"]["error"]);
+    }
+}
+
+/// `n` simulators started at once, each running `/bin/sleep 1`: time until
+/// all run, and until all are idle again.
+async fn process_concurrent(n: usize) -> (Duration, Duration) {
+    let (d, uuids) = Daemon::start_kind(n, "per-component", "type: generic, whitelist: [\"^/bin/sleep$\"]").await;
+    let c = Client::connect(&url(), &d.exchange).await.unwrap();
+    let mut l = c.listen(header("realm", "bench")).await.unwrap();
+    let start = json!({"action": "start", "parameters": {"executable": "/bin/sleep", "argv": ["1"]}});
+    let t = Instant::now();
+    for u in &uuids {
+        c.publish(Filter { uuid: Some(u.to_string()), ..Default::default() }.action_headers(), &start, None)
+            .await
+            .unwrap();
+    }
+    let (mut running, mut idle) = (0, 0);
+    let mut all_running = Duration::ZERO;
+    while idle < n {
+        let s = next_status(&mut l, Duration::from_secs(30)).await.expect("status");
+        match s["status"]["state"].as_str() {
+            Some("running") => {
+                running += 1;
+                if running == n {
+                    all_running = t.elapsed();
+                }
+            }
+            Some("idle") => idle += 1,
+            Some("error") => panic!("{}", s["status"]["error"]),
+            _ => {}
+        }
+    }
+    let all_idle = t.elapsed();
+    c.close().await;
+    (all_running, all_idle)
+}
+
 async fn rss(n: usize) -> u64 {
     let (d, _) = Daemon::start(n, "per-component").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -431,6 +503,16 @@ async fn main() {
     if want("start") {
         let (p50, p99) = start_latency(100).await;
         println!("dummy start->running (runtime 0, 100 runs): p50 {} p99 {}", ms(p50), ms(p99));
+    }
+    if want("process") {
+        let (p50, p99) = process_latency(100).await;
+        println!("process start->running (/bin/sleep, 100 runs): p50 {} p99 {}", ms(p50), ms(p99));
+        let (run, idle) = process_concurrent(100).await;
+        println!(
+            "100 simulators started at once (/bin/sleep 1): all running after {}, all idle after {}",
+            ms(run),
+            ms(idle)
+        );
     }
     if want("rss") {
         for n in [1, 100, 1000] {
