@@ -13,7 +13,7 @@
 //! - [`daemon`]: wiring and graceful shutdown.
 //! - [`api`]: the HTTP API (`/api/v1`, `/metrics`).
 //! - [`client`]: the client side used by the CLI (ping, monitor, actions).
-//! - [`config`], [`store`], [`metrics`], [`telemetry`]: the usual.
+//! - [`config`], [`store`], [`metrics`], [`telemetry`], [`http`]: the usual.
 //!
 //! `ARCHITECTURE.md` follows one ping from the socket to the reply.
 
@@ -24,6 +24,7 @@ pub mod component;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod protocol;
 pub mod state;

@@ -388,6 +388,7 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let cli = Cli::parse();
+    busbar::http::install_crypto_provider();
     let daemon = matches!(cli.cmd, Cmd::Daemon { .. });
     busbar::telemetry::init(if daemon { &cli.log_level } else { "warn" }, cli.log_json);
     let rt = if daemon {

@@ -211,6 +211,8 @@ async fn every_kind_of_bad_input_is_rejected_and_pings_are_still_answered() {
         let got = st["status"]["error"]["msg"].as_str().unwrap();
         assert!(got.contains(msg), "expected {msg:?}, got {got:?}");
         // Still alive: a ping is answered, and reset recovers.
+        c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
+        state_of(&mut l, env.dummy, "error").await;
         c.publish(to_uuid(env.dummy), &json!({"action": "reset"}), None).await.unwrap();
         state_of(&mut l, env.dummy, "idle").await;
     }

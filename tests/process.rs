@@ -95,9 +95,7 @@ async fn pids(lab: &Lab, uuid: Uuid) -> Vec<i32> {
 #[tokio::test]
 async fn exit_0_goes_idle_and_exit_3_is_an_error_with_the_code_that_reset_clears() {
     let lab = Lab::new();
-    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
-    let c = lab.env.client().await;
-    let mut l = lab.env.listen_all(&c).await;
+    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
     let g = lab.generic;
     c.publish(to_uuid(g), &start("exit-with.sh", json!(["0", "0.1"])), None).await.unwrap();
     state_of(&mut l, g, "starting").await;
@@ -126,9 +124,7 @@ async fn exit_0_goes_idle_and_exit_3_is_an_error_with_the_code_that_reset_clears
 #[tokio::test]
 async fn stop_terminates_the_group_within_the_grace_period_and_kills_what_ignores_it() {
     let lab = Lab::new();
-    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
-    let c = lab.env.client().await;
-    let mut l = lab.env.listen_all(&c).await;
+    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
     let g = lab.generic;
     c.publish(to_uuid(g), &start("sleeper.sh", json!([])), None).await.unwrap();
     state_of(&mut l, g, "running").await;
@@ -156,9 +152,7 @@ async fn stop_terminates_the_group_within_the_grace_period_and_kills_what_ignore
 #[tokio::test]
 async fn pause_and_resume_stop_and_continue_the_process() {
     let lab = Lab::new();
-    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
-    let c = lab.env.client().await;
-    let mut l = lab.env.listen_all(&c).await;
+    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
     let g = lab.generic;
     c.publish(to_uuid(g), &start("sleeper.sh", json!([])), None).await.unwrap();
     let st = state_of(&mut l, g, "running").await;
@@ -187,9 +181,7 @@ async fn pause_and_resume_stop_and_continue_the_process() {
 #[tokio::test]
 async fn reset_while_running_kills_the_whole_group_and_leaves_no_orphan() {
     let lab = Lab::new();
-    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
-    let c = lab.env.client().await;
-    let mut l = lab.env.listen_all(&c).await;
+    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
     let g = lab.generic;
     c.publish(to_uuid(g), &start("sleeper.sh", json!([])), None).await.unwrap();
     state_of(&mut l, g, "running").await;
@@ -209,9 +201,7 @@ async fn reset_while_running_kills_the_whole_group_and_leaves_no_orphan() {
 #[tokio::test]
 async fn whitelist_shell_and_missing_executables_are_clear_errors() {
     let lab = Lab::new();
-    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
-    let c = lab.env.client().await;
-    let mut l = lab.env.listen_all(&c).await;
+    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
     let g = lab.generic;
     let cases = [
         (
@@ -253,9 +243,7 @@ async fn whitelist_shell_and_missing_executables_are_clear_errors() {
 #[tokio::test]
 async fn environment_working_directory_and_logs_are_applied() {
     let lab = Lab::new();
-    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
-    let c = lab.env.client().await;
-    let mut l = lab.env.listen_all(&c).await;
+    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
     let g = lab.generic;
     for environment in [json!({"FOO": "bar", "BAR": 7}), json!(["FOO=bar", "BAR=7"])] {
         let body = action(
@@ -281,9 +269,7 @@ async fn environment_working_directory_and_logs_are_applied() {
 #[tokio::test]
 async fn daemon_shutdown_leaves_no_child_behind() {
     let lab = Lab::new();
-    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
-    let c = lab.env.client().await;
-    let mut l = lab.env.listen_all(&c).await;
+    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
     c.publish(to_uuid(lab.generic), &start("sleeper.sh", json!([])), None).await.unwrap();
     state_of(&mut l, lab.generic, "running").await;
     let p = pids(&lab, lab.generic).await;
@@ -295,9 +281,7 @@ async fn daemon_shutdown_leaves_no_child_behind() {
 #[tokio::test]
 async fn the_script_type_gets_its_parameters_as_json_on_stdin() {
     let lab = Lab::new();
-    let d = lab.env.start_with(lab.env.config(&lab.yaml())).await;
-    let c = lab.env.client().await;
-    let mut l = lab.env.listen_all(&c).await;
+    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
     let s = script_uuid(lab.generic);
     c.publish(to_uuid(s), &action("start", json!({"x": 2, "label": "a"})), None).await.unwrap();
     state_of(&mut l, s, "running").await;

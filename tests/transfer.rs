@@ -73,10 +73,8 @@ async fn models_download_with_the_token_and_results_upload_as_multipart() {
     let yaml = env.config_yaml_with(&format!(
         "  - {{category: simulator, type: generic, uuid: {sim}, whitelist: [\"{bin}/\"]}}\n"
     ));
-    let d = env.start_with(env.config(&yaml)).await;
+    let (d, c, mut l) = env.up(&yaml).await;
     let (base, seen) = server().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
     let body = json!({
         "action": "start",
         "parameters": {"executable": format!("{}/model-args.sh", fixtures_bin()), "argv": ["%MODEL%"]},
@@ -124,10 +122,8 @@ async fn a_failed_download_or_upload_is_an_error_with_the_http_status() {
     let yaml = env.config_yaml_with(&format!(
         "  - {{category: simulator, type: generic, uuid: {sim}, whitelist: [\"{bin}/\"]}}\n"
     ));
-    let d = env.start_with(env.config(&yaml)).await;
+    let (d, c, mut l) = env.up(&yaml).await;
     let (base, _seen) = server().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
     let exe = format!("{}/exit-with.sh", fixtures_bin());
     // Wrong token: 401 from the model server.
     let body = json!({"action": "start", "parameters": {"executable": exe, "argv": ["0"]},

@@ -355,7 +355,9 @@ impl Component {
         }
     }
 
-    fn dummy(&mut self, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
+    /// Enter the transient state of a simulator action (counting a refused
+    /// transition) and clear the previous error.
+    fn begin(&mut self, action: Action) -> Result<(), ErrorInfo> {
         let from = self.lifecycle.state();
         let to = self.lifecycle.begin(action).map_err(|e| {
             self.shared.metrics.error("invalid_transition");
@@ -363,6 +365,11 @@ impl Component {
         })?;
         self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
         self.error = None;
+        Ok(())
+    }
+
+    fn dummy(&mut self, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
+        self.begin(action)?;
         if action == Action::Start {
             self.model = req.payload.get("model").cloned().unwrap_or(Value::Null);
             self.results = req.payload.get("results").cloned().unwrap_or(Value::Null);

@@ -14,7 +14,6 @@ use serde_json::{Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -205,18 +204,8 @@ fn signal_name(sig: i32) -> String {
     Signal::try_from(sig).map(|s| s.as_str().to_owned()).unwrap_or_else(|_| sig.to_string())
 }
 
-static HTTP: LazyLock<Result<reqwest::Client, String>> = LazyLock::new(|| {
-    // One TLS backend (ring) for the whole process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(300))
-        .build()
-        .map_err(|e| e.to_string())
-});
-
 fn http() -> Result<&'static reqwest::Client, ErrorInfo> {
-    HTTP.as_ref().map_err(|e| ErrorInfo::new(format!("HTTP client unavailable: {e}")))
+    crate::http::client().map_err(|e| ErrorInfo::new(format!("HTTP client unavailable: {e}")))
 }
 
 fn with_token(rb: reqwest::RequestBuilder, spec: &Value) -> reqwest::RequestBuilder {
@@ -435,13 +424,7 @@ impl Component {
 
     /// Run a process action.
     pub(super) fn process(&mut self, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
-        let from = self.lifecycle.state();
-        let to = self.lifecycle.begin(action).map_err(|e| {
-            self.shared.metrics.error("invalid_transition");
-            ErrorInfo::from(&e)
-        })?;
-        self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
-        self.error = None;
+        self.begin(action)?;
         let grace = self.grace();
         match action {
             Action::Start => self.start_process(req)?,

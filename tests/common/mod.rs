@@ -44,6 +44,7 @@ impl TestEnv {
     /// A fresh environment.
     pub fn new() -> TestEnv {
         busbar::telemetry::init("warn,lapin=off", false);
+        busbar::http::install_crypto_provider();
         let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
         TestEnv {
             exchange: format!("test-{id}"),
@@ -109,6 +110,15 @@ components:
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         running
+    }
+
+    /// Start a daemon with `yaml`, plus a client and a listener that sees
+    /// every message: the usual opening of a test.
+    pub async fn up(&self, yaml: &str) -> (Running, Client, Listener) {
+        let d = self.start_with(self.config(yaml)).await;
+        let c = self.client().await;
+        let l = self.listen_all(&c).await;
+        (d, c, l)
     }
 
     /// A client on this environment's exchange.
