@@ -246,3 +246,44 @@ async fn status_is_republished_periodically_and_announced_at_startup() {
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn the_shared_topology_routes_like_per_component_queues() {
+    let env = TestEnv::new();
+    let yaml = env.config_yaml().replace("status_interval: 30", "status_interval: 30\ntopology: shared");
+    let (d, c, mut l) = env.up(&yaml).await;
+    // By uuid: only the dummy answers.
+    c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
+    state_of(&mut l, env.dummy, "idle").await;
+    // By realm: both.
+    let realm = busbar::protocol::Filter { realm: Some(env.realm.clone()), ..Default::default() };
+    let mut seen = Vec::new();
+    c.ping(&realm, Duration::from_secs(5), Duration::from_millis(400), |s| {
+        seen.push(s.payload["properties"]["uuid"].clone())
+    })
+    .await
+    .unwrap();
+    assert!(seen.contains(&json!(env.dummy.to_string())) && seen.contains(&json!(env.manager.to_string())), "{seen:?}");
+    // Actions reach exactly their component.
+    c.publish(to_uuid(env.dummy), &action("start", json!({"runtime": 0})), None).await.unwrap();
+    state_of(&mut l, env.dummy, "running").await;
+    // Created components are routed, deleted ones unrouted.
+    let u = uuid::Uuid::new_v4();
+    c.publish(
+        to_uuid(env.manager),
+        &action("create", json!({"category": "simulator", "type": "dummy", "uuid": u.to_string()})),
+        None,
+    )
+    .await
+    .unwrap();
+    state_of(&mut l, u, "idle").await;
+    c.publish(to_uuid(u), &json!({"action": "ping"}), None).await.unwrap();
+    state_of(&mut l, u, "idle").await;
+    c.publish(to_uuid(env.manager), &action("delete", json!({"uuid": u.to_string()})), None).await.unwrap();
+    state_of(&mut l, u, "gone").await;
+    c.publish(to_uuid(u), &json!({"action": "ping"}), None).await.unwrap();
+    let after = collect_for(&mut l, Duration::from_millis(400)).await;
+    assert!(after.iter().all(|s| !s.is_status() || s.payload["properties"]["uuid"] != json!(u.to_string())));
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
