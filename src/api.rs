@@ -89,9 +89,10 @@ async fn component_status(State(s): State<Arc<Shared>>, Path(uuid): Path<String>
 async fn component_action(
     State(s): State<Arc<Shared>>,
     Path(uuid): Path<String>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let h = find(&s, &uuid)?;
+    let body = body.map_err(|r| ApiError(r.status(), r.body_text()))?;
     let decoded = protocol::decode(
         Some(protocol::CONTENT_TYPE),
         &body,

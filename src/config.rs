@@ -338,6 +338,10 @@ mod tests {
         assert!(e.starts_with("lab.yaml: components[1].type: is required"), "{e}");
         let e = parse("components:\n- {category: simulator, type: warp-drive}\n").unwrap_err().to_string();
         assert!(e.starts_with("lab.yaml: components[0].type:"), "{e}");
+        let e = parse("components:\n- {category: simulator, type: generic, whitelist: [ok, '(']}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("lab.yaml: components[0].whitelist[1]: invalid regex"), "{e}");
         let e = parse("components:\n- {category: simulator, type: dummy, uuid: nope}\n").unwrap_err().to_string();
         assert!(e.starts_with("lab.yaml: components[0].uuid: invalid uuid"), "{e}");
         let u = "3ddd318e-fee1-46d7-bff4-7c064d640d4e";

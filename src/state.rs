@@ -227,9 +227,23 @@ pub enum TransitionError {
     },
 }
 
-/// The lifecycle of one simulator: its state and last error, with checked
-/// transitions. Drivers call [`Lifecycle::begin`] for an action and
-/// [`Lifecycle::advance`] when their work moves the state on.
+/// The lifecycle of one simulator, with checked transitions. Drivers call
+/// [`Lifecycle::begin`] for an action and [`Lifecycle::advance`] (or
+/// [`Lifecycle::settle`]) when their work moves the state on.
+///
+/// ```
+/// use busbar::state::{Action, Lifecycle, State, TransitionError};
+///
+/// let mut sim = Lifecycle::default();
+/// assert_eq!(sim.begin(Action::Start), Ok(State::Starting));
+/// assert_eq!(sim.settle(), Some(State::Running));
+/// // "start while running" is refused, and changes nothing.
+/// assert_eq!(
+///     sim.begin(Action::Start),
+///     Err(TransitionError::Invalid { current: State::Running, next: State::Starting })
+/// );
+/// assert_eq!(sim.state(), State::Running);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lifecycle {
     state: State,

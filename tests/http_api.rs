@@ -50,6 +50,10 @@ async fn the_api_lists_reports_and_acts_on_components_with_json_errors() {
         let e: Value = r.json().await.expect("JSON error body");
         assert!(e["error"]["msg"].is_string(), "{e}");
     }
+    // An oversized body is a JSON 413, not a dropped connection.
+    let r = http.post(&url).body(vec![b' '; 2 << 20]).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(r.json::<Value>().await.unwrap()["error"]["msg"].is_string());
     // A refused transition is an ordinary status with error, not a 500.
     let st: Value = http.post(&url).body(r#"{"action":"resume"}"#).send().await.unwrap().json().await.unwrap();
     assert_eq!(st["status"]["state"], "error");

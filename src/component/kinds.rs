@@ -370,6 +370,19 @@ impl Kinds {
             )
         })?;
         kind.validate_properties(&spec.properties)?;
+        // A whitelist entry that does not compile would silently match
+        // nothing; refuse it where it is written.
+        if let Driver::Process(p) = &kind.driver
+            && p.from_parameters
+            && let Some(list) = spec.properties.get("whitelist").and_then(Value::as_array)
+        {
+            for (i, pat) in list.iter().enumerate() {
+                let pat = pat.as_str().unwrap_or_default();
+                if let Err(e) = regex::Regex::new(pat) {
+                    return Err((format!("whitelist[{i}]"), format!("invalid regex {pat:?}: {e}")));
+                }
+            }
+        }
         Ok(kind)
     }
 }

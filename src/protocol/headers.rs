@@ -55,6 +55,21 @@ impl RoutingKeys {
 
     /// Whether a message with `headers` reaches this component under
     /// `x-match: any`: some header equals the component's value.
+    ///
+    /// ```
+    /// use busbar::protocol::{Filter, RoutingKeys};
+    ///
+    /// let keys = RoutingKeys {
+    ///     category: "simulator".into(),
+    ///     kind: "dummy".into(),
+    ///     uuid: uuid::Uuid::new_v4(),
+    ///     realm: Some("lab".into()),
+    /// };
+    /// let by_realm = Filter { realm: Some("lab".into()), ..Default::default() };
+    /// assert!(keys.matches(&by_realm.action_headers()));
+    /// // VILLASweb's broadcast ping {uuid: ""} is routed to no component.
+    /// assert!(!keys.matches(&Filter::default().action_headers()));
+    /// ```
     pub fn matches(&self, headers: &FieldTable) -> bool {
         let eq = |key: &str, want: &str| matches!(header_str(headers, key), Some(HeaderValue::Str(v)) if v == want);
         eq("category", &self.category)
