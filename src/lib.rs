@@ -13,6 +13,7 @@
 //! - [`daemon`]: wiring and graceful shutdown.
 //! - [`api`]: the HTTP API (`/api/v1`, `/metrics`).
 //! - [`client`]: the client side used by the CLI (ping, monitor, actions).
+//! - [`k8s`]: pure builders of the Kubernetes Job simulator's objects.
 //! - [`config`], [`store`], [`metrics`], [`telemetry`], [`http`]: the usual.
 //!
 //! `ARCHITECTURE.md` follows one ping from the socket to the reply.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod http;
+pub mod k8s;
 pub mod metrics;
 pub mod protocol;
 pub mod state;
