@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod fake_kube;
+
 use busbar::client::{Client, Listener, Seen};
 use busbar::config::Config;
 use busbar::daemon::{self, Running};
