@@ -93,6 +93,7 @@ async fn raw() -> (f64, Duration, Duration) {
         got += 1;
     }
     let rate = n as f64 / t.elapsed().as_secs_f64();
+    let _ = ch.exchange_delete(ex.as_str().into(), Default::default()).await;
     let _ = conn.close(200, "bye".into()).await;
     (rate, pct(&rtts, 0.5), pct(&rtts, 0.99))
 }
@@ -224,6 +225,7 @@ async fn raw_discovery(n: usize) -> Duration {
         listener.next().await.unwrap().unwrap();
     }
     let took = t.elapsed();
+    let _ = ch.exchange_delete(ex.as_str().into(), Default::default()).await;
     let _ = conn.close(200, "bye".into()).await;
     took
 }
@@ -274,6 +276,7 @@ async fn rtt(blocks: usize, per_block: usize) -> [Duration; 4] {
     pings.sort();
     raws.sort();
     c.close().await;
+    let _ = ch.exchange_delete(ex.as_str().into(), Default::default()).await;
     let _ = conn.close(200, "bye".into()).await;
     [pct(&pings, 0.5), pct(&pings, 0.99), pct(&raws, 0.5), pct(&raws, 0.99)]
 }

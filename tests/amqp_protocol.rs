@@ -56,9 +56,7 @@ async fn ping_by_uuid_realm_category_and_type_is_answered() {
 #[tokio::test]
 async fn the_villasweb_broadcast_ping_reaches_every_component() {
     let env = TestEnv::new();
-    let d = env.start().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
     // VILLASweb's startup ping: headers exactly {uuid: ""}, body with when: 0.
     c.publish(to_empty_uuid(), &json!({"action": "ping", "when": 0}), None).await.unwrap();
     let mut missing = vec![env.dummy.to_string(), env.manager.to_string()];
@@ -80,9 +78,7 @@ fn to_empty_uuid() -> lapin::types::FieldTable {
 #[tokio::test]
 async fn status_envelopes_match_the_captured_anchor_replies() {
     let env = TestEnv::new();
-    let d = env.start().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
     c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
     let ours = state_of(&mut l, env.dummy, "idle").await;
     let theirs = sample("02-status-reply-dummy-simulator-idle.json")["body"].clone();
@@ -118,9 +114,7 @@ async fn status_envelopes_match_the_captured_anchor_replies() {
 #[tokio::test]
 async fn status_messages_carry_the_anchors_amqp_properties_and_headers() {
     let env = TestEnv::new();
-    let d = env.start().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
     c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
     let end = Instant::now() + WAIT;
     let seen = loop {
@@ -189,9 +183,7 @@ async fn reply_to_and_correlation_id_get_the_resulting_status_and_validation_err
 #[tokio::test]
 async fn every_kind_of_bad_input_is_rejected_and_pings_are_still_answered() {
     let env = TestEnv::new();
-    let d = env.start().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
     let big = format!(r#"{{"action":"ping","pad":"{}"}}"#, "x".repeat(2 << 20));
     let bad: Vec<(Option<&str>, Vec<u8>, &str)> = vec![
         (Some("text/plain"), b"{\"action\":\"ping\"}".to_vec(), "Unsupported content type"),

@@ -13,9 +13,7 @@ use uuid::Uuid;
 #[tokio::test]
 async fn every_dummy_action_completes() {
     let env = TestEnv::new();
-    let d = env.start().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
     let steps = [
         ("start", json!({"runtime": 0.05}), ["starting", "running"]),
         ("pause", json!({}), ["pausing", "paused"]),
@@ -38,9 +36,7 @@ async fn every_dummy_action_completes() {
 #[tokio::test]
 async fn an_invalid_transition_errors_and_reset_recovers() {
     let env = TestEnv::new();
-    let d = env.start().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
     c.publish(to_uuid(env.dummy), &action("stop", json!({})), None).await.unwrap();
     let st = state_of(&mut l, env.dummy, "error").await;
     assert_eq!(
@@ -70,9 +66,7 @@ fn unix_now() -> f64 {
 #[tokio::test]
 async fn a_future_when_is_honoured_within_50ms_and_later_actions_queue_behind_it() {
     let env = TestEnv::new();
-    let d = env.start().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
     let target = unix_now() + 0.6;
     let mut start = action("start", json!({"runtime": 5}));
     start["when"] = json!(target);
@@ -103,9 +97,7 @@ async fn a_future_when_is_honoured_within_50ms_and_later_actions_queue_behind_it
 #[tokio::test]
 async fn created_components_survive_a_restart_with_the_same_uuid() {
     let env = TestEnv::new();
-    let d = env.start().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
     let created = Uuid::new_v4();
     let params = json!({"category": "simulator", "type": "dummy", "name": "Created Dummy", "uuid": created.to_string(), "location": "here", "owner": "svg"});
     c.publish(to_uuid(env.manager), &action("create", params), None).await.unwrap();
@@ -143,9 +135,7 @@ async fn created_components_survive_a_restart_with_the_same_uuid() {
 #[tokio::test]
 async fn create_errors_are_clear_and_leave_the_daemon_running() {
     let env = TestEnv::new();
-    let d = env.start().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
     let cases = [
         (json!({"category": "simulator", "type": "warp-drive"}), "unknown type"),
         (json!({"category": "simulator", "type": "dummy", "uuid": env.dummy.to_string()}), "Duplicate uuid"),
@@ -179,9 +169,7 @@ async fn create_errors_are_clear_and_leave_the_daemon_running() {
 async fn a_deleted_component_publishes_gone_once_and_then_stays_silent() {
     let env = TestEnv::new();
     let yaml = env.config_yaml().replace("status_interval: 30", "status_interval: 0.1");
-    let d = env.start_with(env.config(&yaml)).await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&yaml).await;
     let u = Uuid::new_v4();
     c.publish(
         to_uuid(env.manager),
@@ -232,9 +220,7 @@ fn drop_connection(exchange: &str) {
 #[tokio::test]
 async fn state_survives_a_broker_side_connection_drop_and_the_daemon_reconnects() {
     let env = TestEnv::new();
-    let d = env.start().await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
     c.publish(to_uuid(env.dummy), &action("start", json!({"runtime": 0})), None).await.unwrap();
     state_of(&mut l, env.dummy, "running").await;
     let before = d.shared.metrics.connects.get();

@@ -81,9 +81,7 @@ schema:
     )
     .unwrap();
     let yaml = format!("{}component_dirs: [{}]\n", env.config_yaml(), env.dir.path().join("types").display());
-    let d = env.start_with(env.config(&yaml)).await;
-    let c = env.client().await;
-    let mut l = env.listen_all(&c).await;
+    let (d, c, mut l) = env.up(&yaml).await;
     let u = Uuid::new_v4();
     c.publish(
         to_uuid(env.manager),

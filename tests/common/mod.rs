@@ -134,6 +134,25 @@ components:
     }
 }
 
+impl Drop for TestEnv {
+    /// Delete the test's exchange, so repeated runs leave nothing on the
+    /// broker (the daemon declares it durable, as VILLAS requires).
+    fn drop(&mut self) {
+        let exchange = self.exchange.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.ok()?;
+                let ch = conn.create_channel().await.ok()?;
+                let _ = ch.exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await;
+                let _ = conn.close(200, "bye".into()).await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
 /// Wait for a status of `uuid` satisfying `pred`.
 pub async fn status_of(l: &mut Listener, uuid: Uuid, pred: impl Fn(&Value) -> bool) -> Value {
     let end = Instant::now() + WAIT;
