@@ -142,9 +142,12 @@ impl Drop for TestEnv {
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             rt.block_on(async {
-                let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.ok()?;
+                let conn =
+                    lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.ok()?;
                 let ch = conn.create_channel().await.ok()?;
-                let _ = ch.exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await;
+                let _ = ch
+                    .exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+                    .await;
                 let _ = conn.close(200, "bye".into()).await;
                 Some(())
             })
