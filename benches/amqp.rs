@@ -9,7 +9,7 @@
 use busbar::client::{Client, Listener};
 use busbar::protocol::Filter;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicPublishOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
@@ -43,26 +43,8 @@ async fn raw() -> (f64, Duration, Duration) {
     let ch = conn.create_channel().await.unwrap();
     let ex = format!("bench-raw-{}", Uuid::new_v4().simple());
     busbar::bus::declare_exchange(&ch, &ex).await.unwrap();
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    ch.queue_bind(q.name().clone(), ex.as_str().into(), "".into(), QueueBindOptions::default(), header("uuid", "raw"))
-        .await
-        .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            q.name().clone(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let q = busbar::bus::declare_bound_queue(&ch, &ex, header("uuid", "raw")).await.unwrap();
+    let mut consumer = busbar::bus::consume(&ch, q).await.unwrap();
     let body = br#"{"action":"ping"}"#;
     let props = || {
         let mut h = FieldTable::default();
@@ -289,33 +271,9 @@ async fn flood(n: usize) -> f64 {
     let u = uuids[0].to_string();
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     // Status replies carry `category`; our pings carry only `uuid`.
-    ch.queue_bind(
-        q.name().clone(),
-        d.exchange.as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        header("category", "simulator"),
-    )
-    .await
-    .unwrap();
-    let mut replies = ch
-        .basic_consume(
-            q.name().clone(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let q = busbar::bus::declare_bound_queue(&ch, &d.exchange, header("category", "simulator")).await.unwrap();
+    let mut replies = busbar::bus::consume(&ch, q).await.unwrap();
     let mut h = FieldTable::default();
     h.insert("uuid".into(), AMQPValue::LongString(LongString::from(u.as_str())));
     let props = BasicProperties::default().with_content_type("application/json".into()).with_headers(h);
