@@ -157,11 +157,6 @@ impl Bus {
             && self.channel.borrow().as_ref().is_some_and(|c| c.status().connected())
     }
 
-    /// A receiver that changes whenever the connection comes or goes.
-    pub fn watch_connected(&self) -> watch::Receiver<Option<Channel>> {
-        self.channel.clone()
-    }
-
     /// Route a component's queue (on connect, and now if connected).
     pub(crate) fn subscribe(&self, handle: ComponentHandle) {
         let _ = self.cmd.send(BusCmd::Subscribe(handle));

@@ -24,6 +24,8 @@ pub struct Seen {
     pub payload: Value,
     /// AMQP headers as JSON (void → null).
     pub headers: Value,
+    /// The AMQP headers as received, for routing decisions.
+    pub amqp_headers: FieldTable,
     /// `correlation_id`, if any.
     pub correlation_id: Option<String>,
     /// `content_type`, if any.
@@ -73,11 +75,12 @@ impl Listener {
         let d = tokio::time::timeout_at(deadline, self.consumer.next()).await.ok()??.ok()?;
         let payload = serde_json::from_slice(&d.data)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&d.data).into_owned()));
-        let empty = FieldTable::default();
+        let amqp_headers = d.properties.headers().clone().unwrap_or_default();
         Some(Seen {
             time: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
             payload,
-            headers: headers_to_json(d.properties.headers().as_ref().unwrap_or(&empty)),
+            headers: headers_to_json(&amqp_headers),
+            amqp_headers,
             correlation_id: d.properties.correlation_id().as_ref().map(|c| c.to_string()),
             content_type: d.properties.content_type().as_ref().map(|c| c.to_string()),
         })
@@ -162,7 +165,7 @@ impl Client {
             let Some(seen) = l.next_until(deadline).await else {
                 break;
             };
-            if seen.is_status() && headers_match(filter, &seen.headers) {
+            if seen.is_status() && filter.matches(&seen.amqp_headers) {
                 n += 1;
                 on_reply(&seen);
             }
@@ -212,14 +215,4 @@ impl Client {
     pub async fn close(self) {
         let _ = self.conn.close(200, "bye".into()).await;
     }
-}
-
-fn headers_match(filter: &Filter, headers: &Value) -> bool {
-    let eq =
-        |k: &str, v: &Option<String>| v.as_deref().is_some_and(|v| headers.get(k).and_then(Value::as_str) == Some(v));
-    filter.is_empty()
-        || eq("uuid", &filter.uuid)
-        || eq("realm", &filter.realm)
-        || eq("category", &filter.category)
-        || eq("type", &filter.kind)
 }
