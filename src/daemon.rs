@@ -41,6 +41,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every long-lived task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Kubernetes API clients.
+    pub kube: Arc<crate::k8s::Clients>,
     registry: RwLock<IndexMap<Uuid, ComponentHandle>>,
 }
 
@@ -114,9 +116,28 @@ impl Running {
     }
 }
 
+/// What a daemon can be given besides its configuration (embedding, tests).
+#[derive(Default)]
+pub struct Options {
+    /// Send every Kubernetes request to this client instead of inferring one
+    /// from the environment or a kubeconfig.
+    pub kube_client: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options").field("kube_client", &self.kube_client.is_some()).finish()
+    }
+}
+
 /// Start a daemon: open the store, connect the bus (in the background), start
 /// every configured and persisted component, and serve the API.
 pub async fn start(config: Config) -> Result<Running, Error> {
+    start_with(config, Options::default()).await
+}
+
+/// [`start`] with [`Options`].
+pub async fn start_with(config: Config, options: Options) -> Result<Running, Error> {
     let kinds = config.kinds()?;
     let store = Store::open(&config.data_dir)?;
     let shutdown = CancellationToken::new();
@@ -132,6 +153,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         store,
         shutdown,
         tracker,
+        kube: Arc::new(options.kube_client.map(crate::k8s::Clients::fixed).unwrap_or_default()),
         registry: RwLock::new(IndexMap::new()),
     });
     runner.spawn(&shared);

@@ -24,7 +24,10 @@ const BUILTIN: &[(&str, &str)] = &[
     ("components/simulator/generic.yaml", include_str!("../../components/simulator/generic.yaml")),
     ("components/simulator/script.yaml", include_str!("../../components/simulator/script.yaml")),
     ("components/simulator/dpsim.yaml", include_str!("../../components/simulator/dpsim.yaml")),
+    ("components/simulator/kubernetes.yaml", include_str!("../../components/simulator/kubernetes.yaml")),
     ("components/manager/generic.yaml", include_str!("../../components/manager/generic.yaml")),
+    ("components/manager/kubernetes.yaml", include_str!("../../components/manager/kubernetes.yaml")),
+    ("components/manager/kubernetes-simple.yaml", include_str!("../../components/manager/kubernetes-simple.yaml")),
 ];
 
 const MANIFEST_SCHEMA: &str = include_str!("../../schemas/component-manifest.schema.json");
@@ -99,6 +102,21 @@ pub enum Driver {
     GenericManager,
     /// Runs a child process group per start.
     Process(ProcessSpec),
+    /// Runs a Kubernetes Job per start.
+    KubernetesJob,
+    /// Creates `simulator/kubernetes` components from a Job template
+    /// (`properties.job`).
+    KubernetesManager,
+    /// Creates `simulator/kubernetes` components from VILLASweb's flat
+    /// duplication parameters.
+    KubernetesSimpleManager,
+}
+
+impl Driver {
+    /// Whether the driver creates and deletes components.
+    pub fn is_manager(&self) -> bool {
+        matches!(self, Driver::GenericManager | Driver::KubernetesManager | Driver::KubernetesSimpleManager)
+    }
 }
 
 #[derive(Deserialize)]
@@ -186,6 +204,9 @@ impl Kind {
             "dummy" => Driver::Dummy,
             "generic-manager" => Driver::GenericManager,
             "process" => Driver::Process(m.process.clone().unwrap_or_default()),
+            "kubernetes-job" => Driver::KubernetesJob,
+            "kubernetes-manager" => Driver::KubernetesManager,
+            "kubernetes-simple-manager" => Driver::KubernetesSimpleManager,
             other => return Err(err("driver", format!("unknown driver {other:?}"))),
         };
         let compile = |key: &str, schema: &Value| {
@@ -257,6 +278,39 @@ impl Kind {
             source: file.to_owned(),
             schema,
             properties_schema,
+            validators,
+            properties,
+        })
+    }
+
+    /// This type with `custom` schemas (name → JSON Schema, e.g. a `start`
+    /// schema given at create) merged over its own, as a Kubernetes
+    /// simulator advertises them. The error is `(key, message)`.
+    pub fn with_custom_schema(&self, custom: &Map<String, Value>) -> Result<Kind, (String, String)> {
+        let mut schema = self.schema.clone();
+        let mut validators = HashMap::new();
+        for (key, s) in custom {
+            if key == "properties" {
+                return Err(("schema.properties".into(), "cannot be replaced".into()));
+            }
+            schema.insert(key.clone(), s.clone());
+        }
+        for (key, s) in &schema {
+            let v = jsonschema::validator_for(s).map_err(|e| (format!("schema.{key}"), e.to_string()))?;
+            validators.insert(key.clone(), v);
+        }
+        let properties = match &self.properties_schema {
+            Some(s) => Some(jsonschema::validator_for(s).map_err(|e| ("schema.properties".to_string(), e.to_string()))?),
+            None => None,
+        };
+        Ok(Kind {
+            category: self.category.clone(),
+            kind: self.kind.clone(),
+            driver: self.driver.clone(),
+            description: self.description.clone(),
+            source: self.source.clone(),
+            schema,
+            properties_schema: self.properties_schema.clone(),
             validators,
             properties,
         })
@@ -370,6 +424,12 @@ impl Kinds {
             )
         })?;
         kind.validate_properties(&spec.properties)?;
+        // A Kubernetes simulator may advertise (and validate) its own schemas.
+        if kind.driver == Driver::KubernetesJob
+            && let Some(custom) = spec.properties.get("schema").and_then(Value::as_object)
+        {
+            return kind.with_custom_schema(custom).map(Arc::new);
+        }
         // A whitelist entry that does not compile would silently match
         // nothing; refuse it where it is written.
         if let Driver::Process(p) = &kind.driver
@@ -465,6 +525,30 @@ mod tests {
             assert_eq!(e.file, "site/x.yaml");
             assert_eq!(e.field, field, "{e}");
         }
+    }
+
+    #[test]
+    fn a_kubernetes_simulator_advertises_and_validates_its_custom_schemas() {
+        let kinds = Kinds::builtin();
+        let spec = |schema: Value| {
+            ComponentSpec::from_map(params(json!({
+                "category": "simulator", "type": "kubernetes", "name": "k",
+                "job": {"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "perl"}]}}}},
+                "schema": schema,
+            })))
+            .unwrap()
+        };
+        let start = json!({"type": "object", "required": ["digits"], "properties": {"digits": {"type": "integer"}}});
+        let k = kinds.check(&spec(json!({"start": start}))).unwrap();
+        assert_eq!(k.schema["start"], start);
+        assert!(k.validate(Action::Start, &params(json!({"digits": 20}))).is_ok());
+        let e = k.validate(Action::Start, &params(json!({"digits": "many"}))).unwrap_err();
+        assert_eq!(e.0["path"], json!("$.digits"));
+        let (key, _) = kinds.check(&spec(json!({"start": {"type": 7}}))).unwrap_err();
+        assert_eq!(key, "schema.start");
+        // Without custom schemas the built-in one applies.
+        let plain = kinds.lookup("simulator", "kubernetes").unwrap();
+        assert!(plain.validate(Action::Start, &params(json!({"digits": "many"}))).is_ok());
     }
 
     #[test]

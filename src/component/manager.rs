@@ -1,10 +1,13 @@
-//! `manager/generic`: creates, persists and deletes components.
+//! Managers: create, persist and delete components. `manager/generic`
+//! takes component parameters as they are; the Kubernetes managers shape
+//! theirs first (see `kubernetes.rs`).
 
 use serde_json::Value;
 use tracing::info;
 use uuid::Uuid;
 
 use super::Component;
+use super::kinds::Driver;
 use crate::config::ComponentSpec;
 use crate::protocol::{ActionRequest, ErrorInfo};
 use crate::state::{Action, State, TransitionError};
@@ -32,7 +35,15 @@ impl Component {
     }
 
     async fn create(&mut self, req: &ActionRequest) -> Result<(), ErrorInfo> {
-        let mut params = req.parameters.clone();
+        let mut params = match self.kind.driver {
+            Driver::KubernetesManager => super::kubernetes::simulator_spec(&req.parameters, &self.properties),
+            Driver::KubernetesSimpleManager => {
+                super::kubernetes::simple_simulator_spec(&req.parameters, &self.properties).inspect_err(|_| {
+                    self.shared.metrics.error("invalid_create");
+                })?
+            }
+            _ => req.parameters.clone(),
+        };
         let spec = ComponentSpec::from_map(params.clone()).map_err(|(key, msg)| {
             self.shared.metrics.error("invalid_create");
             ErrorInfo::new(format!("Invalid create parameters: {key} {msg}")).with("path", format!("$.{key}"))

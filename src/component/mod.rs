@@ -7,6 +7,7 @@
 //! the current transient state, the periodic status tick, and shutdown.
 
 pub mod kinds;
+mod kubernetes;
 mod manager;
 mod process;
 
@@ -145,6 +146,8 @@ pub(crate) struct Component {
     consumer: Option<lapin::Consumer>,
     /// The running process of a process component.
     run: Option<process::Run>,
+    /// The job task of a Kubernetes simulator.
+    job: Option<crate::k8s::job::JobRun>,
 }
 
 /// Build the properties object: every given key in order, with the identity
@@ -191,6 +194,7 @@ pub(crate) fn spawn(
         scheduled: VecDeque::new(),
         consumer: None,
         run: None,
+        job: None,
     };
     shared.metrics.state_change(None, Some(State::Idle.as_str()));
     shared.tracker.spawn(component.run(rx));
@@ -224,6 +228,9 @@ impl Component {
         let period = self.shared.config.status_interval();
         let mut tick = tokio::time::interval_at(Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if self.kind.driver == Driver::KubernetesJob {
+            self.adopt_job();
+        }
         loop {
             // A transient state that is already due settles now, not on the
             // next timer tick (a dummy with `runtime: 0` runs at once).
@@ -236,6 +243,9 @@ impl Component {
                 cmd = rx.recv() => match cmd {
                     None => break,
                     Some(Command::Remove(done)) => {
+                        if self.kind.driver == Driver::KubernetesJob {
+                            self.delete_job().await;
+                        }
                         self.set_state(State::Gone);
                         self.publish(None).await;
                         let _ = done.send(());
@@ -258,6 +268,7 @@ impl Component {
                 }
                 _ = sleep_until_opt(self.settle_at) => self.settle().await,
                 Some(ev) = process::Run::next(&mut self.run) => Box::pin(self.on_run_event(ev)).await,
+                Some(ev) = crate::k8s::job::JobRun::next(&mut self.job) => Box::pin(self.on_job_event(ev)).await,
                 _ = sleep_until_opt(kill_at) => self.kill_now(),
                 _ = tick.tick() => self.publish(None).await,
                 _ = token.cancelled() => break,
@@ -343,8 +354,10 @@ impl Component {
             Driver::Dummy => self.dummy(action, &req),
             // Boxed: the manager path holds store and registry futures that
             // would otherwise inflate every component task by kilobytes.
-            Driver::GenericManager => Box::pin(self.manage(action, &req)).await,
+            d if d.is_manager() => Box::pin(self.manage(action, &req)).await,
             Driver::Process(_) => self.process(action, &req),
+            Driver::KubernetesJob => self.kubernetes(action, &req),
+            _ => unreachable!("managers are handled above"),
         };
         match outcome {
             Ok(()) => {

@@ -1,7 +1,7 @@
 //! Pure builders for the Kubernetes Job simulator: the Job and the payload
-//! ConfigMap a `start` creates, and the Job template of the
-//! `kubernetes-simple` manager. No API calls here, so every rule is tested
-//! as JSON against checked-in expected objects.
+//! ConfigMap a `start` creates, the Job template of the `kubernetes-simple`
+//! manager, and the reading of a Job's status as a [`Phase`]. No API calls
+//! here, so every rule is tested as JSON against checked-in expected objects.
 //!
 //! Labels, annotations, the payload mount and `VILLAS_PAYLOAD_FILE` follow
 //! VILLAScontroller's `simulators/kubernetes.py` (reference §5.2), except
@@ -190,6 +190,57 @@ fn deadline_error(got: &str) -> ErrorInfo {
         .with("instance", got)
 }
 
+/// Where a Job is, read from its `status` (and `spec.suspend`), never from
+/// Events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepted; no pod is active yet.
+    Pending,
+    /// At least one pod is active.
+    Running,
+    /// `spec.suspend` is set and no pod is active.
+    Suspended,
+    /// The Job completed (`Complete` condition, or every completion done).
+    Succeeded,
+    /// The Job failed (`Failed` condition: backoff limit, deadline, …).
+    Failed {
+        /// The condition's reason (`BackoffLimitExceeded`, `DeadlineExceeded`).
+        reason: String,
+        /// The condition's message.
+        message: String,
+    },
+}
+
+impl Phase {
+    /// Whether the Job will not run again.
+    pub fn is_finished(&self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed { .. })
+    }
+}
+
+/// Read the [`Phase`] of a Job.
+pub fn phase(job: &Job) -> Phase {
+    let status = job.status.clone().unwrap_or_default();
+    let conditions = status.conditions.unwrap_or_default();
+    let holds = |t: &str| conditions.iter().find(|c| c.type_ == t && c.status == "True");
+    if let Some(c) = holds("Failed") {
+        return Phase::Failed {
+            reason: c.reason.clone().unwrap_or_default(),
+            message: c.message.clone().unwrap_or_default(),
+        };
+    }
+    let completions = job.spec.as_ref().and_then(|s| s.completions).unwrap_or(1);
+    let active = status.active.unwrap_or(0);
+    if holds("Complete").is_some() || (active == 0 && status.succeeded.unwrap_or(0) >= completions) {
+        return Phase::Succeeded;
+    }
+    if active > 0 {
+        return Phase::Running;
+    }
+    let suspended = job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
+    if suspended || holds("Suspended").is_some() { Phase::Suspended } else { Phase::Pending }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +324,43 @@ mod tests {
             assert_eq!(e.0["path"], "$.activeDeadlineSeconds", "{v}");
         }
         assert!(simple_job_template(&Map::new()).unwrap_err().msg().contains("image"));
+    }
+
+    fn job_with(spec: Value, status: Value) -> Job {
+        serde_json::from_value(json!({"metadata": {"name": "j"}, "spec": spec, "status": status})).unwrap()
+    }
+
+    #[test]
+    fn the_phase_comes_from_the_job_status() {
+        let tpl = json!({"template": {"spec": {"containers": []}}});
+        let with = |extra: Value| {
+            let mut s = tpl.clone();
+            merge(&mut s, &extra);
+            s
+        };
+        assert_eq!(phase(&job_with(tpl.clone(), json!({}))), Phase::Pending);
+        assert_eq!(phase(&job_with(tpl.clone(), json!({"active": 1}))), Phase::Running);
+        assert_eq!(phase(&job_with(with(json!({"suspend": true})), json!({}))), Phase::Suspended);
+        // Suspending a running Job: pods are still terminating.
+        assert_eq!(phase(&job_with(with(json!({"suspend": true})), json!({"active": 1}))), Phase::Running);
+        let done = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
+        assert_eq!(phase(&job_with(tpl.clone(), done)), Phase::Succeeded);
+        assert_eq!(phase(&job_with(tpl.clone(), json!({"succeeded": 1}))), Phase::Succeeded);
+        // Two of three completions: still running.
+        assert_eq!(phase(&job_with(with(json!({"completions": 3})), json!({"succeeded": 2, "active": 1}))), Phase::Running);
+        let failed = json!({"failed": 2, "conditions": [
+            {"type": "Complete", "status": "False"},
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]});
+        let p = phase(&job_with(tpl.clone(), failed));
+        assert_eq!(
+            p,
+            Phase::Failed {
+                reason: "BackoffLimitExceeded".into(),
+                message: "Job has reached the specified backoff limit".into()
+            }
+        );
+        assert!(p.is_finished() && Phase::Succeeded.is_finished() && !Phase::Running.is_finished());
+        let not_yet = json!({"conditions": [{"type": "Failed", "status": "False"}], "active": 1});
+        assert_eq!(phase(&job_with(tpl, not_yet)), Phase::Running);
     }
 }

@@ -1,0 +1,276 @@
+//! `simulator/kubernetes`: each start runs a Kubernetes Job. The component
+//! turns actions into [`Mode`]s and [`JobCmd`]s for its job task
+//! ([`crate::k8s::job`]) and the task's [`JobEvent`]s into states:
+//!
+//! | Job                       | state                      |
+//! |---------------------------|----------------------------|
+//! | created, pods pending     | `starting`                 |
+//! | a pod active              | `running`                  |
+//! | `suspend` set / cleared   | `paused` / `running`       |
+//! | succeeded                 | `stopping`, then `idle` once the payload is deleted |
+//! | failed                    | `error` with the Job's reason and message |
+//! | deleted (stop, reset)     | `idle`                     |
+//!
+//! The managers (`manager/kubernetes`, `manager/kubernetes-simple`) only
+//! shape create parameters; see [`simulator_spec`] and [`simple_simulator_spec`].
+
+use serde_json::{Map, Value};
+use std::time::Duration;
+use tracing::warn;
+use uuid::Uuid;
+
+use super::Component;
+use crate::k8s::job::{JobCmd, JobEvent, JobRun, Mode, Target};
+use crate::k8s::{Owner, Phase, simple_job_template};
+use crate::protocol::{ActionRequest, ErrorInfo};
+use crate::state::{Action, State};
+
+/// How long deleting a component waits for its Job to be deleted.
+const DELETE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keys a manager hands down to the simulators it creates.
+const INHERITED: &[&str] = &["namespace", "kubeconfig"];
+
+fn str_prop(props: &Map<String, Value>, key: &str) -> Option<String> {
+    props.get(key).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned)
+}
+
+/// The simulator create parameters of `manager/kubernetes` (shaped like
+/// VILLAScontroller's `etc/params_k8s_create.yaml`): the identity keys, plus
+/// `properties.job` and `properties.schema` lifted to the simulator's
+/// `job` and `schema`, plus the manager's namespace and kubeconfig.
+pub(crate) fn simulator_spec(params: &Map<String, Value>, manager: &Map<String, Value>) -> Map<String, Value> {
+    let mut spec: Map<String, Value> = params.iter().filter(|(k, _)| *k != "properties").map(clone_pair).collect();
+    if let Some(Value::Object(p)) = params.get("properties") {
+        spec.extend(p.iter().map(clone_pair));
+    }
+    finish_spec(spec, manager)
+}
+
+/// The simulator create parameters of `manager/kubernetes-simple`, from
+/// VILLASweb's flat duplication parameters.
+pub(crate) fn simple_simulator_spec(
+    params: &Map<String, Value>,
+    manager: &Map<String, Value>,
+) -> Result<Map<String, Value>, ErrorInfo> {
+    let job = simple_job_template(params)?;
+    let mut spec: Map<String, Value> = params
+        .iter()
+        .filter(|(k, _)| matches!(k.as_str(), "name" | "location" | "realm" | "owner" | "uuid" | "description"))
+        .map(clone_pair)
+        .collect();
+    spec.insert("job".into(), job);
+    Ok(finish_spec(spec, manager))
+}
+
+fn clone_pair((k, v): (&String, &Value)) -> (String, Value) {
+    (k.clone(), v.clone())
+}
+
+fn finish_spec(mut spec: Map<String, Value>, manager: &Map<String, Value>) -> Map<String, Value> {
+    spec.insert("category".into(), "simulator".into());
+    spec.insert("type".into(), "kubernetes".into());
+    spec.entry("name").or_insert_with(|| "Kubernetes Simulator".into());
+    for key in INHERITED {
+        if let (false, Some(v)) = (spec.contains_key(*key), manager.get(*key)) {
+            spec.insert((*key).to_owned(), v.clone());
+        }
+    }
+    spec
+}
+
+impl Component {
+    fn job_target(&self) -> Target {
+        let pod = match (std::env::var("POD_NAME"), std::env::var("POD_UID")) {
+            (Ok(name), Ok(uid)) if !name.is_empty() && !uid.is_empty() => Some((name, uid)),
+            _ => None,
+        };
+        Target {
+            kubeconfig: str_prop(&self.properties, "kubeconfig"),
+            namespace: str_prop(&self.properties, "namespace"),
+            owner: Owner {
+                component: self.keys.uuid,
+                manager: self.managed_by.unwrap_or(Uuid::nil()),
+                name: str_prop(&self.properties, "name").unwrap_or_default(),
+                location: str_prop(&self.properties, "location").unwrap_or_default(),
+                realm: self.keys.realm.clone(),
+                pod,
+            },
+        }
+    }
+
+    fn spawn_job(&mut self, mode: Mode) {
+        let run = JobRun::spawn(&self.shared.tracker, self.shared.kube.clone(), self.job_target(), mode);
+        // Replacing a run aborts its task; the Job itself stays.
+        self.job = Some(run);
+    }
+
+    /// After a (re)start of the daemon: watch the component's unfinished
+    /// Job, if it has one.
+    pub(super) fn adopt_job(&mut self) {
+        self.spawn_job(Mode::Adopt);
+    }
+
+    /// Run a Kubernetes simulator action.
+    pub(super) fn kubernetes(&mut self, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
+        // Refuse pause/resume without a watched Job before changing state.
+        let suspend = match action {
+            Action::Pause => Some(true),
+            Action::Resume => Some(false),
+            _ => None,
+        };
+        let target = if action == Action::Pause { State::Pausing } else { State::Resuming };
+        if suspend.is_some() && self.job.is_none() && self.lifecycle.state().can_transition_to(target) {
+            return Err(ErrorInfo::new("No Job is being watched for this simulator"));
+        }
+        self.begin(action)?;
+        match action {
+            Action::Start => {
+                self.model = req.payload.get("model").cloned().unwrap_or(Value::Null);
+                self.results = req.payload.get("results").cloned().unwrap_or(Value::Null);
+                self.extra.insert("pod_names".into(), Value::Array(Vec::new()));
+                let template = self.properties.get("job").cloned().unwrap_or(Value::Null);
+                let overlay = req.payload.get("job").or_else(|| req.parameters.get("job")).cloned();
+                let payload = Value::Object(req.payload.clone());
+                self.spawn_job(Mode::Start { template, overlay, payload });
+            }
+            Action::Pause | Action::Resume => {
+                let on = suspend.unwrap_or_default();
+                if !self.job.as_ref().is_some_and(|j| j.send(JobCmd::Suspend(on))) {
+                    return Err(ErrorInfo::new("No Job is being watched for this simulator"));
+                }
+            }
+            Action::Stop | Action::Reset | Action::Shutdown => self.spawn_job(Mode::Cleanup),
+            Action::Ping | Action::Create | Action::Delete => {}
+        }
+        Ok(())
+    }
+
+    /// Delete the component's Job before the component goes away.
+    pub(super) async fn delete_job(&mut self) {
+        self.spawn_job(Mode::Cleanup);
+        let outcome = tokio::time::timeout(DELETE_TIMEOUT, JobRun::next(&mut self.job)).await;
+        if !matches!(outcome, Ok(Some(JobEvent::Deleted))) {
+            warn!(component = %self.keys.uuid, ?outcome, "could not delete the component's Job");
+        }
+        self.job = None;
+    }
+
+    /// Apply what the job task reported.
+    pub(super) async fn on_job_event(&mut self, ev: JobEvent) {
+        let state = self.lifecycle.state();
+        match ev {
+            JobEvent::Watching { name, namespace } => {
+                self.properties.insert("job_name".into(), name.into());
+                self.properties.insert("namespace".into(), namespace.into());
+            }
+            JobEvent::Observed { phase, pods } => {
+                self.extra.insert("pod_names".into(), pods.into());
+                match phase {
+                    Phase::Running => {
+                        if matches!(state, State::Starting | State::Resuming | State::Idle) {
+                            self.set_state(State::Running);
+                        }
+                    }
+                    Phase::Suspended => {
+                        if matches!(state, State::Pausing | State::Idle) {
+                            self.set_state(State::Paused);
+                        }
+                    }
+                    Phase::Succeeded => {
+                        if matches!(state, State::Starting | State::Running | State::Pausing | State::Paused | State::Resuming)
+                        {
+                            self.set_state(State::Stopping);
+                        }
+                    }
+                    Phase::Failed { reason, message } => {
+                        if !matches!(state, State::Stopping | State::Resetting | State::Idle) {
+                            self.shared.metrics.error("job_failed");
+                            let info = ErrorInfo::new(format!("Job failed: {reason}"))
+                                .with("reason", reason)
+                                .with("message", message);
+                            return self.fail(info, None).await;
+                        }
+                    }
+                    Phase::Pending => {}
+                }
+            }
+            JobEvent::Suspended(on) => match (on, state) {
+                (true, State::Pausing) => self.set_state(State::Paused),
+                (false, State::Resuming) => self.set_state(State::Running),
+                _ => return,
+            },
+            JobEvent::Finished => {
+                self.job = None;
+                if state == State::Stopping {
+                    self.set_state(State::Idle);
+                }
+            }
+            JobEvent::Vanished => {
+                self.job = None;
+                self.extra.insert("pod_names".into(), Value::Array(Vec::new()));
+                if !matches!(state, State::Idle | State::Stopping | State::Resetting | State::Error) {
+                    self.shared.metrics.error("job_vanished");
+                    return self.fail(ErrorInfo::new("The Job was deleted outside busbar"), None).await;
+                }
+            }
+            JobEvent::Deleted => {
+                self.job = None;
+                self.properties.shift_remove("job_name");
+                self.extra.insert("pod_names".into(), Value::Array(Vec::new()));
+                if matches!(state, State::Stopping | State::Resetting | State::ShuttingDown)
+                    && let Some(to) = state.settled()
+                {
+                    self.set_state(to);
+                }
+            }
+            JobEvent::Failed(info) => {
+                self.job = None;
+                self.shared.metrics.error("kubernetes_api");
+                return self.fail(info, None).await;
+            }
+        }
+        self.publish(None).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn the_kubernetes_manager_lifts_job_and_schema_and_hands_down_its_namespace() {
+        let params = map(json!({
+            "name": "kubernetes simulator", "location": "ACS lab", "realm": "de.rwth-aachen.eonerc.acs",
+            "category": "simulator", "type": "kubernetes", "uuid": "c487a470-6af6-11eb-beee-7fa268050224",
+            "properties": {"job": {"spec": {}}, "schema": {"start": {"type": "object"}}},
+        }));
+        let spec = simulator_spec(&params, &map(json!({"namespace": "lab", "kubeconfig": "/k"})));
+        assert_eq!(spec["job"], json!({"spec": {}}));
+        assert_eq!(spec["schema"], json!({"start": {"type": "object"}}));
+        assert_eq!((spec["namespace"].as_str(), spec["kubeconfig"].as_str()), (Some("lab"), Some("/k")));
+        assert!(!spec.contains_key("properties"));
+        assert_eq!(spec["uuid"], "c487a470-6af6-11eb-beee-7fa268050224");
+        // A namespace given at create wins over the manager's.
+        let own = map(json!({"properties": {"job": {}, "namespace": "mine"}}));
+        assert_eq!(simulator_spec(&own, &map(json!({"namespace": "lab"})))["namespace"], "mine");
+        assert_eq!(simulator_spec(&own, &Map::new())["name"], "Kubernetes Simulator");
+    }
+
+    #[test]
+    fn the_simple_manager_builds_the_job_from_flat_parameters() {
+        let params = map(json!({"name": "DPsim user42", "image": "perl", "jobname": "j", "privileged": true,
+            "category": "simulator", "type": "kubernetes", "activeDeadlineSeconds": "60"}));
+        let spec = simple_simulator_spec(&params, &map(json!({"namespace": "lab"}))).unwrap();
+        assert_eq!(spec["job"]["metadata"]["name"], "j");
+        assert_eq!(spec["job"]["spec"]["activeDeadlineSeconds"], 60);
+        assert_eq!(spec["namespace"], "lab");
+        assert!(!spec.contains_key("image") && !spec.contains_key("jobname"), "{spec:?}");
+        assert!(simple_simulator_spec(&Map::new(), &Map::new()).is_err());
+    }
+}
