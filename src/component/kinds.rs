@@ -300,7 +300,9 @@ impl Kind {
             validators.insert(key.clone(), v);
         }
         let properties = match &self.properties_schema {
-            Some(s) => Some(jsonschema::validator_for(s).map_err(|e| ("schema.properties".to_string(), e.to_string()))?),
+            Some(s) => {
+                Some(jsonschema::validator_for(s).map_err(|e| ("schema.properties".to_string(), e.to_string()))?)
+            }
             None => None,
         };
         Ok(Kind {

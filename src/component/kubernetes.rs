@@ -20,7 +20,7 @@ use tracing::warn;
 use uuid::Uuid;
 
 use super::Component;
-use crate::k8s::job::{JobCmd, JobEvent, JobRun, Mode, Target};
+use crate::k8s::job::{JobCmd, JobEvent, JobRun, Mode, StartJob, Target};
 use crate::k8s::{Owner, Phase, simple_job_template};
 use crate::protocol::{ActionRequest, ErrorInfo};
 use crate::state::{Action, State};
@@ -132,7 +132,7 @@ impl Component {
                 let template = self.properties.get("job").cloned().unwrap_or(Value::Null);
                 let overlay = req.payload.get("job").or_else(|| req.parameters.get("job")).cloned();
                 let payload = Value::Object(req.payload.clone());
-                self.spawn_job(Mode::Start { template, overlay, payload });
+                self.spawn_job(Mode::Start(Box::new(StartJob { template, overlay, payload })));
             }
             Action::Pause | Action::Resume => {
                 let on = suspend.unwrap_or_default();
@@ -178,8 +178,10 @@ impl Component {
                         }
                     }
                     Phase::Succeeded => {
-                        if matches!(state, State::Starting | State::Running | State::Pausing | State::Paused | State::Resuming)
-                        {
+                        if matches!(
+                            state,
+                            State::Starting | State::Running | State::Pausing | State::Paused | State::Resuming
+                        ) {
                             self.set_state(State::Stopping);
                         }
                     }

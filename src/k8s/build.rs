@@ -347,7 +347,10 @@ mod tests {
         assert_eq!(phase(&job_with(tpl.clone(), done)), Phase::Succeeded);
         assert_eq!(phase(&job_with(tpl.clone(), json!({"succeeded": 1}))), Phase::Succeeded);
         // Two of three completions: still running.
-        assert_eq!(phase(&job_with(with(json!({"completions": 3})), json!({"succeeded": 2, "active": 1}))), Phase::Running);
+        assert_eq!(
+            phase(&job_with(with(json!({"completions": 3})), json!({"succeeded": 2, "active": 1}))),
+            Phase::Running
+        );
         let failed = json!({"failed": 2, "conditions": [
             {"type": "Complete", "status": "False"},
             {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]});

@@ -35,18 +35,22 @@ pub struct Target {
 pub enum Mode {
     /// Delete earlier objects, create the payload ConfigMap and the Job, then
     /// watch it.
-    Start {
-        /// `properties.job`.
-        template: Value,
-        /// The action's `job`, merged over the template.
-        overlay: Option<Value>,
-        /// The whole action payload, for `payload.json`.
-        payload: Value,
-    },
+    Start(Box<StartJob>),
     /// Find an unfinished Job of the component (after a restart) and watch it.
     Adopt,
     /// Delete every Job and ConfigMap of the component.
     Cleanup,
+}
+
+/// The inputs of a start.
+#[derive(Debug)]
+pub struct StartJob {
+    /// `properties.job`.
+    pub template: Value,
+    /// The action's `job`, merged over the template.
+    pub overlay: Option<Value>,
+    /// The whole action payload, for `payload.json`.
+    pub payload: Value,
 }
 
 /// What the component asks of a running task.
@@ -101,12 +105,7 @@ impl std::fmt::Debug for JobRun {
 
 impl JobRun {
     /// Start a task on `tracker`.
-    pub fn spawn(
-        tracker: &tokio_util::task::TaskTracker,
-        clients: Arc<Clients>,
-        target: Target,
-        mode: Mode,
-    ) -> JobRun {
+    pub fn spawn(tracker: &tokio_util::task::TaskTracker, clients: Arc<Clients>, target: Target, mode: Mode) -> JobRun {
         let (cmds, cmd_rx) = mpsc::channel(4);
         let (tx, events) = mpsc::channel(16);
         let span = info_span!("job", component = %target.owner.component);
@@ -241,7 +240,8 @@ impl Apis {
     }
 
     async fn pod_names(&self, job: &str) -> Result<Vec<String>, ErrorInfo> {
-        let pods = self.pods.list(&ListParams::default().labels(&format!("job-name={job}"))).await.map_err(api_error)?;
+        let pods =
+            self.pods.list(&ListParams::default().labels(&format!("job-name={job}"))).await.map_err(api_error)?;
         let mut names: Vec<String> = pods.items.into_iter().filter_map(|p| p.metadata.name).collect();
         names.sort();
         Ok(names)
@@ -276,7 +276,7 @@ async fn run(
         Mode::Cleanup => {
             return report(apis.cleanup().await.map_or_else(JobEvent::Failed, |()| JobEvent::Deleted)).await;
         }
-        Mode::Start { template, overlay, payload } => match apis.create(&template, overlay.as_ref(), &payload).await {
+        Mode::Start(s) => match apis.create(&s.template, s.overlay.as_ref(), &s.payload).await {
             Ok(name) => name,
             Err(e) => return report(JobEvent::Failed(e)).await,
         },

@@ -1,6 +1,6 @@
 //! An in-process fake of the parts of the Kubernetes API busbar uses:
-//! `batch/v1` Jobs and `v1` ConfigMaps (create with generateName, get, list
-//! by label or field selector, merge-patch, delete) and watch streams. It is
+//! `batch/v1` Jobs, `v1` ConfigMaps and Pods (create with generateName, get,
+//! list by label or field selector, merge-patch, delete) and watch streams. It is
 //! an axum `Router`, handed to `kube::Client::new`, so the real kube client
 //! (de)serialises every request. Tests advance Job status, inject API
 //! errors and drop watches through [`FakeKube`].
@@ -25,8 +25,9 @@ type Key = (String, String, String);
 struct Inner {
     objects: BTreeMap<Key, Value>,
     rv: u64,
-    /// Injected failures: (status code, message) for the next N requests.
-    failures: Vec<(u16, String)>,
+    /// Injected failures: (only this method, status code, message), one per
+    /// matching request, in order.
+    failures: Vec<(Option<Method>, u16, String)>,
     /// Every request seen, as "METHOD path".
     log: Vec<String>,
     /// Every event, so a watch from a resourceVersion replays what it missed.
@@ -60,13 +61,19 @@ impl FakeKube {
             .route("/apis/batch/v1/namespaces/{ns}/jobs/{name}", get(item).delete(item).patch(item))
             .route("/api/v1/namespaces/{ns}/configmaps", get(collection).post(create))
             .route("/api/v1/namespaces/{ns}/configmaps/{name}", get(item).delete(item).patch(item))
+            .route("/api/v1/namespaces/{ns}/pods", get(collection).post(create))
             .with_state(self.clone())
     }
 
     /// Make the next `n` requests fail with `code` and `message`.
     pub fn fail_next(&self, n: usize, code: u16, message: &str) {
         let mut i = self.inner.lock().unwrap();
-        i.failures.extend(std::iter::repeat_n((code, message.to_owned()), n));
+        i.failures.extend(std::iter::repeat_n((None, code, message.to_owned()), n));
+    }
+
+    /// Make the next request with `method` fail with `code` and `message`.
+    pub fn fail_next_on(&self, method: Method, code: u16, message: &str) {
+        self.inner.lock().unwrap().failures.push((Some(method), code, message.to_owned()));
     }
 
     /// End every open watch (the client must re-establish it).
@@ -82,6 +89,34 @@ impl FakeKube {
     /// Every stored object of `resource` ("jobs", "configmaps").
     pub fn objects(&self, resource: &str) -> Vec<Value> {
         self.inner.lock().unwrap().objects.iter().filter(|(k, _)| k.0 == resource).map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Add a running pod of Job `job`, labelled as the Job controller does.
+    pub fn add_pod(&self, ns: &str, job: &str, name: &str) {
+        let mut i = self.inner.lock().unwrap();
+        i.rv += 1;
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": ns, "resourceVersion": i.rv.to_string(),
+            "labels": {"job-name": job, "batch.kubernetes.io/job-name": job}},
+            "status": {"phase": "Running"}});
+        i.objects.insert(("pods".into(), ns.into(), name.into()), pod);
+    }
+
+    /// The Jobs labelled with component `uuid`.
+    pub fn jobs_of(&self, uuid: uuid::Uuid) -> Vec<Value> {
+        self.labelled("jobs", uuid)
+    }
+
+    /// The ConfigMaps labelled with component `uuid`.
+    pub fn configmaps_of(&self, uuid: uuid::Uuid) -> Vec<Value> {
+        self.labelled("configmaps", uuid)
+    }
+
+    fn labelled(&self, resource: &str, uuid: uuid::Uuid) -> Vec<Value> {
+        self.objects(resource)
+            .into_iter()
+            .filter(|o| o["metadata"]["labels"]["villas.fein-aachen.org/ic-uuid"] == uuid.to_string())
+            .collect()
     }
 
     /// Replace `status` of Job `name` and notify watchers.
@@ -105,9 +140,11 @@ impl FakeKube {
         let _ = self.events.send((resource.to_owned(), event));
     }
 
-    fn take_failure(&self) -> Option<(u16, String)> {
+    fn take_failure(&self, method: &Method) -> Option<(u16, String)> {
         let mut i = self.inner.lock().unwrap();
-        if i.failures.is_empty() { None } else { Some(i.failures.remove(0)) }
+        let pos = i.failures.iter().position(|(m, _, _)| m.as_ref().is_none_or(|m| m == method))?;
+        let (_, code, msg) = i.failures.remove(pos);
+        Some((code, msg))
     }
 
     fn record(&self, method: &Method, path: &str) {
@@ -118,12 +155,28 @@ impl FakeKube {
 fn kind_of(resource: &str) -> (&'static str, &'static str) {
     match resource {
         "jobs" => ("batch/v1", "Job"),
+        "pods" => ("v1", "Pod"),
         _ => ("v1", "ConfigMap"),
     }
 }
 
 fn resource_of(path: &str) -> &'static str {
-    if path.contains("/jobs") { "jobs" } else { "configmaps" }
+    if path.contains("/jobs") {
+        "jobs"
+    } else if path.contains("/pods") {
+        "pods"
+    } else {
+        "configmaps"
+    }
+}
+
+fn reason_of(code: u16) -> &'static str {
+    match code {
+        403 => "Forbidden",
+        404 => "NotFound",
+        409 => "AlreadyExists",
+        _ => "InternalError",
+    }
 }
 
 /// A Kubernetes `Status` error body.
@@ -159,8 +212,8 @@ async fn collection(
     uri: axum::http::Uri,
 ) -> Response {
     f.record(&method, uri.path());
-    if let Some((code, msg)) = f.take_failure() {
-        return status_error(code, "InternalError", &msg);
+    if let Some((code, msg)) = f.take_failure(&method) {
+        return status_error(code, reason_of(code), &msg);
     }
     let resource = resource_of(uri.path());
     let (api, kind) = kind_of(resource);
@@ -235,8 +288,8 @@ where
 
 async fn create(State(f): State<FakeKube>, Path(ns): Path<String>, uri: axum::http::Uri, body: Bytes) -> Response {
     f.record(&Method::POST, uri.path());
-    if let Some((code, msg)) = f.take_failure() {
-        return status_error(code, if code == 403 { "Forbidden" } else { "InternalError" }, &msg);
+    if let Some((code, msg)) = f.take_failure(&Method::POST) {
+        return status_error(code, reason_of(code), &msg);
     }
     let resource = resource_of(uri.path());
     let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {
@@ -278,8 +331,8 @@ async fn item(
     body: Bytes,
 ) -> Response {
     f.record(&method, uri.path());
-    if let Some((code, msg)) = f.take_failure() {
-        return status_error(code, if code == 403 { "Forbidden" } else { "InternalError" }, &msg);
+    if let Some((code, msg)) = f.take_failure(&method) {
+        return status_error(code, reason_of(code), &msg);
     }
     let resource = resource_of(uri.path());
     let key = (resource.to_owned(), ns, name.clone());

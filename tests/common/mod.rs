@@ -105,7 +105,13 @@ components:
 
     /// Start a daemon with `config` and wait until it is connected.
     pub async fn start_with(&self, config: Config) -> Running {
-        let running = daemon::start(config).await.expect("daemon starts");
+        self.start_opts(config, daemon::Options::default()).await
+    }
+
+    /// Start a daemon with `config` and `options` and wait until it is
+    /// connected.
+    pub async fn start_opts(&self, config: Config, options: daemon::Options) -> Running {
+        let running = daemon::start_with(config, options).await.expect("daemon starts");
         let end = Instant::now() + WAIT;
         while !running.shared.bus.connected() {
             assert!(Instant::now() < end, "daemon did not connect to the broker");
