@@ -158,6 +158,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
     });
     runner.spawn(&shared);
     start_components(&shared).await?;
+    component::sweep_orphans(&shared);
     let api_addr = if shared.config.api.enabled { Some(crate::api::serve(shared.clone()).await?) } else { None };
     info!(components = shared.handles().len(), api = ?api_addr, "busbar started");
     Ok(Running { shared, api_addr })

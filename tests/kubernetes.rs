@@ -405,3 +405,30 @@ async fn real_cluster_lifecycle() {
     wait(&mut l, sim, "gone", long).await;
     d.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_manager_deletes_jobs_whose_component_no_longer_exists() {
+    use k8s_openapi::api::batch::v1::Job;
+    use kube::api::{Api, PostParams};
+    let lab = Lab::new();
+    let jobs: Api<Job> = Api::namespaced(lab.fake.client(), NS);
+    let (orphan, foreign) = (Uuid::new_v4(), Uuid::new_v4());
+    for (ic, manager) in [(orphan, lab.k8s), (foreign, Uuid::new_v4())] {
+        let job = json!({"metadata": {"generateName": "old-", "labels": {
+                format!("{LABEL_PREFIX}/ic-uuid"): ic.to_string(),
+                format!("{LABEL_PREFIX}/ic-manager-uuid"): manager.to_string()}},
+            "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "perl"}]}}}});
+        jobs.create(&PostParams::default(), &serde_json::from_value(job).unwrap()).await.unwrap();
+    }
+    let (d, c, mut l) = lab.up().await;
+    eventually(|| lab.fake.jobs_of(orphan).is_empty().then_some(())).await;
+    assert_eq!(lab.fake.jobs_of(foreign).len(), 1, "another manager's Job is left alone");
+    // A live component's Job survives a restart.
+    let sim = create(&lab, &c, &mut l).await;
+    run(&lab, &c, &mut l, sim).await;
+    d.stop().await.unwrap();
+    let d = lab.daemon().await;
+    state_of(&mut l, sim, "running").await;
+    assert_eq!(lab.fake.jobs_of(sim).len(), 1);
+    d.stop().await.unwrap();
+}

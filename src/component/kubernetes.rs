@@ -15,11 +15,14 @@
 //! shape create parameters; see [`simulator_spec`] and [`simple_simulator_spec`].
 
 use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::warn;
 use uuid::Uuid;
 
 use super::Component;
+use crate::daemon::Shared;
 use crate::k8s::job::{JobCmd, JobEvent, JobRun, Mode, StartJob, Target};
 use crate::k8s::{Owner, Phase, simple_job_template};
 use crate::protocol::{ActionRequest, ErrorInfo};
@@ -77,6 +80,37 @@ fn finish_spec(mut spec: Map<String, Value>, manager: &Map<String, Value>) -> Ma
         }
     }
     spec
+}
+
+/// Once every component is loaded: each Kubernetes manager deletes the
+/// Jobs it once created for components that no longer exist (in the
+/// background; failures are logged).
+pub(crate) fn sweep_orphans(shared: &Arc<Shared>) {
+    for handle in shared.handles() {
+        if handle.keys.category != "manager" || !handle.keys.kind.starts_with("kubernetes") {
+            continue;
+        }
+        let shared = shared.clone();
+        shared.tracker.clone().spawn(async move {
+            let Some(status) = handle.status().await else { return };
+            let props = status["properties"].as_object().cloned().unwrap_or_default();
+            let known: HashSet<Uuid> = shared.managed_by(handle.uuid()).into_iter().collect();
+            let (kubeconfig, namespace) = (str_prop(&props, "kubeconfig"), str_prop(&props, "namespace"));
+            let sweep = crate::k8s::job::sweep_orphans(
+                &shared.kube,
+                kubeconfig.as_deref(),
+                namespace.as_deref(),
+                handle.uuid(),
+                &known,
+            );
+            tokio::select! {
+                r = sweep => if let Err(e) = r {
+                    warn!(manager = %handle.uuid(), error = %e.msg(), "cannot look for orphaned jobs");
+                },
+                _ = shared.shutdown.cancelled() => {}
+            }
+        });
+    }
 }
 
 impl Component {

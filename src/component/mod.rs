@@ -8,6 +8,7 @@
 
 pub mod kinds;
 mod kubernetes;
+pub(crate) use kubernetes::sweep_orphans;
 mod manager;
 mod process;
 

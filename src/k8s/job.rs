@@ -248,6 +248,43 @@ impl Apis {
     }
 }
 
+/// Delete the Jobs (and payload ConfigMaps) of `manager` whose component
+/// is not in `known`: left behind by a component deleted while the daemon
+/// was down, they would otherwise run unseen. Returns the deleted Jobs.
+pub async fn sweep_orphans(
+    clients: &Clients,
+    kubeconfig: Option<&str>,
+    namespace: Option<&str>,
+    manager: uuid::Uuid,
+    known: &std::collections::HashSet<uuid::Uuid>,
+) -> Result<Vec<String>, ErrorInfo> {
+    let client = clients.get(kubeconfig).await?;
+    let ns = namespace.map_or_else(|| client.default_namespace().to_owned(), str::to_owned);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let configmaps: Api<ConfigMap> = Api::namespaced(client, &ns);
+    let by_manager = ListParams::default().labels(&format!("{}/ic-manager-uuid={manager}", super::LABEL_PREFIX));
+    let ic_of = |labels: &Option<std::collections::BTreeMap<String, String>>| {
+        labels.as_ref().and_then(|l| l.get(&format!("{}/ic-uuid", super::LABEL_PREFIX))).cloned()
+    };
+    let orphan = |ic: &Option<String>| ic.as_deref().and_then(|s| s.parse().ok()).is_none_or(|u| !known.contains(&u));
+    let mut deleted = Vec::new();
+    for job in jobs.list(&by_manager).await.map_err(api_error)?.items {
+        if orphan(&ic_of(&job.metadata.labels)) {
+            let name = job.metadata.name.unwrap_or_default();
+            tolerate_404(jobs.delete(&name, &DeleteParams::background()).await.map(drop))?;
+            warn!(job = %name, namespace = %ns, "deleted a job whose component no longer exists");
+            deleted.push(name);
+        }
+    }
+    for cm in configmaps.list(&by_manager).await.map_err(api_error)?.items {
+        if orphan(&ic_of(&cm.metadata.labels)) {
+            let name = cm.metadata.name.unwrap_or_default();
+            tolerate_404(configmaps.delete(&name, &DeleteParams::default()).await.map(drop))?;
+        }
+    }
+    Ok(deleted)
+}
+
 fn tolerate_404(r: Result<(), kube::Error>) -> Result<(), ErrorInfo> {
     match r {
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
