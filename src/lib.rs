@@ -13,7 +13,8 @@
 //! - [`daemon`]: wiring and graceful shutdown.
 //! - [`api`]: the HTTP API (`/api/v1`, `/metrics`).
 //! - [`client`]: the client side used by the CLI (ping, monitor, actions).
-//! - [`k8s`]: pure builders of the Kubernetes Job simulator's objects.
+//! - [`k8s`]: the Kubernetes Job simulator: pure object builders, API
+//!   clients, and the task that creates, watches and deletes a Job.
 //! - [`config`], [`store`], [`metrics`], [`telemetry`], [`http`]: the usual.
 //!
 //! `ARCHITECTURE.md` follows one ping from the socket to the reply.
