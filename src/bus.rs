@@ -157,6 +157,18 @@ impl Bus {
             && self.channel.borrow().as_ref().is_some_and(|c| c.status().connected())
     }
 
+    /// The current channel (`None` while disconnected), as a watch that
+    /// changes on every (re)connect: for tasks that keep their own queues
+    /// on the exchange (the IoT gateway's device components).
+    pub fn channel_watch(&self) -> watch::Receiver<Option<Channel>> {
+        self.channel.clone()
+    }
+
+    /// The exchange name.
+    pub fn exchange(&self) -> &str {
+        self.exchange.as_str()
+    }
+
     /// Route a component's queue (on connect, and now if connected).
     pub(crate) fn subscribe(&self, handle: ComponentHandle) {
         let _ = self.cmd.send(BusCmd::Subscribe(handle));

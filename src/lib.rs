@@ -15,6 +15,8 @@
 //! - [`client`]: the client side used by the CLI (ping, monitor, actions).
 //! - [`k8s`]: the Kubernetes Job simulator: pure object builders, API
 //!   clients, and the task that creates, watches and deletes a Job.
+//! - [`iot`]: the embedded IoT device platform run by `gateway/iot-agent`
+//!   components (north API, MQTT/HTTP/AMQP south, federation, device ICs).
 //! - [`config`], [`store`], [`metrics`], [`telemetry`], [`http`]: the usual.
 //!
 //! `ARCHITECTURE.md` follows one ping from the socket to the reply.
@@ -27,6 +29,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod http;
+pub mod iot;
 pub mod k8s;
 pub mod metrics;
 pub mod protocol;

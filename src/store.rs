@@ -1,6 +1,7 @@
 //! The embedded store: SQLite in the data directory. It keeps what must
-//! survive a restart: components created at runtime and uuids generated for
-//! components that were configured without one.
+//! survive a restart: components created at runtime, uuids generated for
+//! components that were configured without one, and the groups and devices
+//! provisioned in each IoT gateway.
 //!
 //! Calls are small and synchronous; async callers go through
 //! [`tokio::task::spawn_blocking`] so a slow disk never stalls a runtime thread.
@@ -44,6 +45,21 @@ pub struct StoredComponent {
     pub spec: Map<String, Value>,
 }
 
+/// A provisioned IoT group or device, as persisted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IotRecord {
+    /// `group` or `device`.
+    pub kind: String,
+    /// Its unique key within the gateway and kind.
+    pub key: String,
+    /// Its tenant's `fiware-service`.
+    pub service: String,
+    /// Its tenant's `fiware-servicepath`.
+    pub servicepath: String,
+    /// The provisioned object.
+    pub body: Value,
+}
+
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -76,6 +92,16 @@ impl Store {
              CREATE TABLE IF NOT EXISTS identities (
                 key TEXT PRIMARY KEY,
                 uuid TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS iot_records (
+                gateway TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                key TEXT NOT NULL,
+                service TEXT NOT NULL,
+                servicepath TEXT NOT NULL,
+                body TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                PRIMARY KEY (gateway, kind, key)
              );",
         )?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })
@@ -128,6 +154,60 @@ impl Store {
                     _ => return Err(StoreError::Corrupt(u)),
                 };
                 out.push(StoredComponent { uuid: parse(&u)?, manager: parse(&m)?, spec });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Insert or replace IoT records of `gateway`, in one transaction.
+    pub async fn iot_put(&self, gateway: Uuid, records: Vec<IotRecord>) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            for r in records {
+                tx.execute(
+                    "INSERT OR REPLACE INTO iot_records (gateway, kind, key, service, servicepath, body, seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6,
+                       COALESCE((SELECT seq FROM iot_records WHERE gateway = ?1 AND kind = ?2 AND key = ?3),
+                                (SELECT COALESCE(MAX(seq), 0) + 1 FROM iot_records)))",
+                    params![gateway.to_string(), r.kind, r.key, r.service, r.servicepath, r.body.to_string()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Delete IoT records `(kind, key)` of `gateway`, in one transaction.
+    pub async fn iot_delete(&self, gateway: Uuid, keys: Vec<(String, String)>) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            for (kind, key) in keys {
+                tx.execute(
+                    "DELETE FROM iot_records WHERE gateway = ?1 AND kind = ?2 AND key = ?3",
+                    params![gateway.to_string(), kind, key],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every IoT record of `gateway`, in creation order.
+    pub fn iot_load(&self, gateway: Uuid) -> Result<Vec<IotRecord>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT kind, key, service, servicepath, body FROM iot_records WHERE gateway = ?1 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map([gateway.to_string()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get::<_, String>(4)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (kind, key, service, servicepath, body) = row?;
+                let body = serde_json::from_str(&body).map_err(|_| StoreError::Corrupt(key.clone()))?;
+                out.push(IotRecord { kind, key, service, servicepath, body });
             }
             Ok(out)
         })

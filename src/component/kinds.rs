@@ -25,6 +25,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("components/simulator/script.yaml", include_str!("../../components/simulator/script.yaml")),
     ("components/simulator/dpsim.yaml", include_str!("../../components/simulator/dpsim.yaml")),
     ("components/simulator/kubernetes.yaml", include_str!("../../components/simulator/kubernetes.yaml")),
+    ("components/gateway/iot-agent.yaml", include_str!("../../components/gateway/iot-agent.yaml")),
     ("components/manager/generic.yaml", include_str!("../../components/manager/generic.yaml")),
     ("components/manager/kubernetes.yaml", include_str!("../../components/manager/kubernetes.yaml")),
     ("components/manager/kubernetes-simple.yaml", include_str!("../../components/manager/kubernetes-simple.yaml")),
@@ -110,6 +111,9 @@ pub enum Driver {
     /// Creates `simulator/kubernetes` components from VILLASweb's flat
     /// duplication parameters.
     KubernetesSimpleManager,
+    /// Runs an IoT agent: provisioning API, MQTT/HTTP/AMQP measures in,
+    /// federation out, devices as `equipment` components.
+    IotAgent,
 }
 
 impl Driver {
@@ -207,6 +211,7 @@ impl Kind {
             "kubernetes-job" => Driver::KubernetesJob,
             "kubernetes-manager" => Driver::KubernetesManager,
             "kubernetes-simple-manager" => Driver::KubernetesSimpleManager,
+            "iot-agent" => Driver::IotAgent,
             other => return Err(err("driver", format!("unknown driver {other:?}"))),
         };
         let compile = |key: &str, schema: &Value| {

@@ -6,6 +6,7 @@
 //! the due time of the next scheduled (`when`) action, the settle timer of
 //! the current transient state, the periodic status tick, and shutdown.
 
+mod gateway;
 pub mod kinds;
 mod kubernetes;
 pub(crate) use kubernetes::sweep_orphans;
@@ -149,6 +150,8 @@ pub(crate) struct Component {
     run: Option<process::Run>,
     /// The job task of a Kubernetes simulator.
     job: Option<crate::k8s::job::JobRun>,
+    /// The IoT agent of a gateway.
+    agent: Option<Box<crate::iot::Agent>>,
 }
 
 /// Build the properties object: every given key in order, with the identity
@@ -196,6 +199,7 @@ pub(crate) fn spawn(
         consumer: None,
         run: None,
         job: None,
+        agent: None,
     };
     shared.metrics.state_change(None, Some(State::Idle.as_str()));
     shared.tracker.spawn(component.run(rx));
@@ -232,6 +236,9 @@ impl Component {
         if self.kind.driver == Driver::KubernetesJob {
             self.adopt_job();
         }
+        if self.kind.driver == Driver::IotAgent {
+            self.start_agent().await;
+        }
         loop {
             // A transient state that is already due settles now, not on the
             // next timer tick (a dummy with `runtime: 0` runs at once).
@@ -247,6 +254,7 @@ impl Component {
                         if self.kind.driver == Driver::KubernetesJob {
                             self.delete_job().await;
                         }
+                        self.remove_agent().await;
                         self.set_state(State::Gone);
                         self.publish(None).await;
                         let _ = done.send(());
@@ -295,6 +303,7 @@ impl Component {
             Command::Attach(consumer) => self.consumer = Some(*consumer),
             Command::Announce => {
                 debug!(component = %self.keys.uuid, "announce");
+                self.announce_devices();
                 self.publish(None).await
             }
             Command::Act(req, reply) => {
@@ -358,6 +367,7 @@ impl Component {
             d if d.is_manager() => Box::pin(self.manage(action, &req)).await,
             Driver::Process(_) => self.process(action, &req),
             Driver::KubernetesJob => self.kubernetes(action, &req),
+            Driver::IotAgent => self.gateway(action),
             _ => unreachable!("managers are handled above"),
         };
         match outcome {
@@ -423,7 +433,7 @@ impl Component {
         self.shared.metrics.state_change(Some(from.as_str()), Some(self.lifecycle.state().as_str()));
     }
 
-    fn view(&self) -> StatusView<'_> {
+    fn view<'a>(&'a self, extra: &'a Map<String, Value>) -> StatusView<'a> {
         let prefix = match self.keys.category.as_str() {
             "simulator" => Prefix::Simulator { model: &self.model, results: &self.results },
             "manager" => Prefix::Manager { components: self.shared.managed_by(self.keys.uuid) },
@@ -434,20 +444,22 @@ impl Component {
             state: self.lifecycle.state(),
             managed_by: self.managed_by,
             error: self.error.as_ref(),
-            extra: &self.extra,
+            extra,
             properties: &self.properties,
             schema: &self.kind.schema,
         }
     }
 
     fn status(&self) -> Value {
-        self.view().render(&self.shared.info)
+        let live = self.agent_status();
+        self.view(live.as_ref().unwrap_or(&self.extra)).render(&self.shared.info)
     }
 
     /// Publish the status on the exchange; if `cause` asked for a reply, also
     /// send it to `reply_to` with its `correlation_id`.
     async fn publish(&self, cause: Option<&ActionRequest>) {
-        let body = self.view().to_vec(&self.shared.info);
+        let live = self.agent_status();
+        let body = self.view(live.as_ref().unwrap_or(&self.extra)).to_vec(&self.shared.info);
         let reply = cause.map(|r| &r.reply).filter(|r| r.wanted());
         // Boxed: lapin's publish future is kilobytes, and would otherwise be
         // part of every idle component task.

@@ -1,0 +1,71 @@
+//! `gateway/iot-agent`: the component side of an IoT agent
+//! ([`crate::iot::Agent`]). The agent starts with the component; `start`
+//! and `resume` let measures in, `stop`, `pause`, `reset` and `shutdown`
+//! refuse them (MQTT unsubscribes, HTTP answers 503), while provisioning
+//! stays available. Deleting the gateway makes its devices `gone`.
+
+use serde_json::{Map, Value};
+use tracing::info;
+
+use super::Component;
+use crate::iot::Agent;
+use crate::protocol::ErrorInfo;
+use crate::state::{Action, State};
+
+impl Component {
+    /// Start the agent (once, when the component task starts).
+    pub(super) async fn start_agent(&mut self) {
+        match Agent::start(&self.shared, self.keys.uuid, self.keys.realm.clone(), &self.properties).await {
+            Ok(agent) => {
+                info!(gateway = %self.keys.uuid, north = %agent.north_addr, south = %agent.south_addr, "IoT agent started");
+                if *agent.core.running.borrow() {
+                    self.set_state(State::Running);
+                }
+                self.agent = Some(Box::new(agent));
+            }
+            Err(info) => {
+                self.shared.metrics.error("gateway_start");
+                self.fail(info, None).await;
+            }
+        }
+    }
+
+    /// Run a gateway action.
+    pub(super) fn gateway(&mut self, action: Action) -> Result<(), ErrorInfo> {
+        if self.agent.is_none() && matches!(action, Action::Start | Action::Resume) {
+            return Err(ErrorInfo::new("The IoT agent is not running; see the previous error"));
+        }
+        self.begin(action)?;
+        let on = matches!(action, Action::Start | Action::Resume);
+        if let Some(agent) = &self.agent {
+            agent.set_running(on);
+        }
+        if let Some(to) = self.lifecycle.state().settled() {
+            self.set_state(to);
+        }
+        Ok(())
+    }
+
+    /// The gateway's live status fields (counters, listeners), merged over
+    /// the stored ones.
+    pub(super) fn agent_status(&self) -> Option<Map<String, Value>> {
+        let agent = self.agent.as_ref()?;
+        let mut m = self.extra.clone();
+        m.extend(agent.status());
+        Some(m)
+    }
+
+    /// Publish the status of every device too (discovery, reconnect).
+    pub(super) fn announce_devices(&self) {
+        if let Some(agent) = &self.agent {
+            agent.announce_devices();
+        }
+    }
+
+    /// The gateway is deleted: its devices go `gone`, its tasks stop.
+    pub(super) async fn remove_agent(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.remove().await;
+        }
+    }
+}

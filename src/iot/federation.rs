@@ -1,0 +1,202 @@
+//! Into the federation: every accepted measure is published to a durable
+//! topic exchange (`villas.data` by default) with publisher confirms.
+//!
+//! One task owns the connection. While connected it keeps a window of
+//! unconfirmed publishes and takes new measures only as confirms come back,
+//! so a slow broker back-pressures the sources. While disconnected it keeps
+//! taking measures into a bounded buffer (oldest dropped and counted when
+//! full) and sends them in order once the broker is back; unconfirmed
+//! publishes of a lost connection are sent again (at least once).
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Counters;
+
+/// Publishes in flight before the oldest confirm is awaited.
+const WINDOW: usize = 1024;
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// One message for the federation.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// `{realm}.{service}.{entity_type}.{device_id}`.
+    pub routing_key: String,
+    /// The `device-data` JSON.
+    pub body: Vec<u8>,
+}
+
+/// Where to publish.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Broker URL.
+    pub url: String,
+    /// The topic exchange.
+    pub exchange: String,
+    /// Measures kept while the broker is unreachable.
+    pub buffer: usize,
+}
+
+async fn connect(t: &Target) -> Result<(Connection, Channel), lapin::Error> {
+    let uri = crate::bus::amqp_uri(&t.url).map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
+    let conn = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    ch.exchange_declare(
+        t.exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        FieldTable::default(),
+    )
+    .await?;
+    Ok((conn, ch))
+}
+
+struct Buffer {
+    queue: VecDeque<Envelope>,
+    cap: usize,
+    counters: Arc<Counters>,
+}
+
+impl Buffer {
+    /// Keep `e`, dropping (and counting) the oldest when full.
+    fn push(&mut self, e: Envelope) {
+        if self.queue.len() >= self.cap {
+            self.queue.pop_front();
+            self.counters.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.queue.push_back(e);
+        self.sync();
+    }
+
+    fn sync(&self) {
+        self.counters.buffered.store(self.queue.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Run the publisher until `token` is cancelled or every sender is gone.
+pub async fn run(target: Target, mut rx: mpsc::Receiver<Envelope>, counters: Arc<Counters>, token: CancellationToken) {
+    let mut buf = Buffer { queue: VecDeque::new(), cap: target.buffer.max(1), counters: counters.clone() };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match tokio::select! { r = connect(&target) => Some(r), _ = token.cancelled() => None } {
+            None => break,
+            Some(Ok((conn, ch))) => {
+                info!(exchange = %target.exchange, "federation publisher connected");
+                counters.federation_up.store(true, std::sync::atomic::Ordering::Relaxed);
+                backoff = Duration::from_millis(100);
+                let outcome = pump(&target, &ch, &mut buf, &mut rx, &counters, &token).await;
+                counters.federation_up.store(false, std::sync::atomic::Ordering::Relaxed);
+                let _ = conn.close(200, "bye".into()).await;
+                match outcome {
+                    Ok(()) => break,
+                    Err(e) => warn!(error = %e, buffered = buf.queue.len(), "federation publisher lost the broker"),
+                }
+            }
+            Some(Err(e)) => warn!(error = %e, "federation publisher cannot connect"),
+        }
+        // Disconnected: keep taking measures into the bounded buffer.
+        let wake = tokio::time::sleep(backoff);
+        tokio::pin!(wake);
+        loop {
+            tokio::select! {
+                _ = &mut wake => break,
+                e = rx.recv() => match e {
+                    Some(e) => buf.push(e),
+                    None => break,
+                },
+                _ = token.cancelled() => break,
+            }
+        }
+        if token.is_cancelled() {
+            break;
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    if !buf.queue.is_empty() {
+        warn!(lost = buf.queue.len(), "federation publisher stopped with measures still buffered");
+        counters.dropped.fetch_add(buf.queue.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Publish while connected. `Ok` on shutdown, `Err` when the connection
+/// fails (every unconfirmed measure is back in `buf`, in order).
+async fn pump(
+    target: &Target,
+    ch: &Channel,
+    buf: &mut Buffer,
+    rx: &mut mpsc::Receiver<Envelope>,
+    counters: &Counters,
+    token: &CancellationToken,
+) -> Result<(), lapin::Error> {
+    let props = BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
+    let exchange: lapin::types::ShortString = target.exchange.as_str().into();
+    let mut inflight: VecDeque<(Envelope, lapin::PublisherConfirm)> = VecDeque::new();
+    let requeue = |buf: &mut Buffer, inflight: &mut VecDeque<(Envelope, _)>, first: Option<Envelope>| {
+        while let Some((e, _)) = inflight.pop_back() {
+            buf.queue.push_front(e);
+        }
+        if let Some(e) = first {
+            buf.queue.push_front(e);
+        }
+        buf.sync();
+    };
+    loop {
+        while inflight.len() < WINDOW {
+            let next = match buf.queue.pop_front() {
+                Some(e) => Some(e),
+                None => rx.try_recv().ok(),
+            };
+            let Some(e) = next else { break };
+            let sent = ch
+                .basic_publish(
+                    exchange.clone(),
+                    e.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &e.body,
+                    props.clone(),
+                )
+                .await;
+            match sent {
+                Ok(confirm) => inflight.push_back((e, confirm)),
+                Err(err) => {
+                    requeue(buf, &mut inflight, Some(e));
+                    return Err(err);
+                }
+            }
+        }
+        buf.sync();
+        let Some((e, confirm)) = inflight.pop_front() else {
+            tokio::select! {
+                e = rx.recv() => match e {
+                    Some(e) => buf.queue.push_back(e),
+                    None => return Ok(()),
+                },
+                _ = token.cancelled() => return Ok(()),
+            }
+            continue;
+        };
+        match confirm.await {
+            Ok(c) if c.is_ack() => {
+                counters.measures_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(_) => {
+                // Refused by the broker: try again before anything newer.
+                counters.error("federation_nack");
+                requeue(buf, &mut inflight, Some(e));
+            }
+            Err(err) => {
+                requeue(buf, &mut inflight, Some(e));
+                return Err(err);
+            }
+        }
+    }
+}

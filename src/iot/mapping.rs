@@ -1,0 +1,425 @@
+//! Pure southbound rules: which device a topic names, and how a measure
+//! becomes attributes (reference §2.2), then a `device-data` message for
+//! the federation. No I/O; every rule is unit-tested here.
+
+use indexmap::IndexMap;
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use super::model::{ApiError, Attribute, Device, Group, Tenant};
+
+/// Where a measure came from, as a topic or routing key names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// iotagent-json: `/json/{apikey}/{id}/attrs[/{attr}]` and its legacy forms.
+    Apikey {
+        /// The group's (or device's) apikey.
+        apikey: String,
+        /// The device id.
+        device_id: String,
+        /// A single attribute, for `…/attrs/{attr}`.
+        attr: Option<String>,
+    },
+    /// dojot: `{tenant}:{device}/attrs` or `/{tenant}/{device}/attrs`.
+    Dojot {
+        /// The tenant (fiware-service).
+        tenant: String,
+        /// The device id.
+        device_id: String,
+    },
+}
+
+/// Parse an MQTT topic (after the gateway's prefix is removed). The
+/// iotagent-json grammar: a missing leading `/` is added, a first segment
+/// `json` (any case) is dropped, then `apikey/id/attrs[/attr]`. With
+/// `dojot`, `tenant:device/attrs` too; `/{x}/{y}/attrs` is ambiguous and is
+/// resolved by the caller (an apikey first, then a dojot tenant).
+pub fn parse_topic(topic: &str, dojot: bool) -> Option<Address> {
+    if dojot
+        && let Some(id) = topic.strip_suffix("/attrs")
+        && !id.contains('/')
+        && let Some((tenant, device)) = id.split_once(':')
+        && !tenant.is_empty()
+        && !device.is_empty()
+    {
+        return Some(Address::Dojot { tenant: tenant.into(), device_id: device.into() });
+    }
+    let had_slash = topic.starts_with('/');
+    let mut parts: Vec<&str> = topic.trim_start_matches('/').split('/').collect();
+    if parts.first().is_some_and(|p| p.eq_ignore_ascii_case("json")) {
+        parts.remove(0);
+    } else if !had_slash {
+        // `{apikey}/{id}/attrs` is not an iotagent-json topic (reference §1).
+        return None;
+    }
+    match parts.as_slice() {
+        [apikey, id, "attrs"] => Some(apikey_address(apikey, id, None)),
+        [apikey, id, "attrs", attr] if !attr.is_empty() => Some(apikey_address(apikey, id, Some(attr))),
+        _ => None,
+    }
+    .filter(|a| matches!(a, Address::Apikey { apikey, device_id, .. } if !apikey.is_empty() && !device_id.is_empty()))
+}
+
+fn apikey_address(apikey: &str, id: &str, attr: Option<&str>) -> Address {
+    Address::Apikey { apikey: apikey.into(), device_id: id.into(), attr: attr.map(Into::into) }
+}
+
+/// Parse an AMQP southbound routing key `.{apikey}.{id}.attrs[.{attr}]`.
+pub fn parse_routing_key(key: &str) -> Option<Address> {
+    let parts: Vec<&str> = key.strip_prefix('.')?.split('.').collect();
+    match parts.as_slice() {
+        [apikey, id, "attrs"] if !apikey.is_empty() && !id.is_empty() => Some(apikey_address(apikey, id, None)),
+        [apikey, id, "attrs", attr] if !apikey.is_empty() && !id.is_empty() && !attr.is_empty() => {
+            Some(apikey_address(apikey, id, Some(attr)))
+        }
+        _ => None,
+    }
+}
+
+/// A single-attribute body: JSON if it parses, else text (UTF-8) or, for
+/// binary, lowercase hex as iotagent-json does.
+pub fn single_value(body: &[u8], binary: bool) -> Value {
+    if !binary && let Ok(v) = serde_json::from_slice::<Value>(body) {
+        return v;
+    }
+    match std::str::from_utf8(body) {
+        Ok(s) if !binary => Value::String(s.to_owned()),
+        _ => Value::String(body.iter().map(|b| format!("{b:02x}")).collect()),
+    }
+}
+
+/// One mapped measure: attributes in order, with types, and its time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    /// name → (type, value).
+    pub attrs: IndexMap<String, (String, Value)>,
+    /// Milliseconds since the epoch.
+    pub timestamp_ms: i64,
+}
+
+/// The time of a measure: an ISO-8601 `TimeInstant`, else `t=`, else now.
+fn parse_time(s: &str) -> Result<i64, ApiError> {
+    let ts: jiff::Timestamp =
+        s.parse().map_err(|_| ApiError::new(400, "BAD_TIMESTAMP", format!("Invalid ISO8601 timestamp [{s}]")))?;
+    Ok(ts.as_millisecond())
+}
+
+fn explicit_names(device: &Device, group: Option<&Group>) -> Option<Vec<String>> {
+    let v = device.explicit_attrs.as_ref().or(group.and_then(|g| g.explicit_attrs.as_ref()))?;
+    match v {
+        Value::Bool(true) => {
+            let provisioned = device.attributes.iter().chain(group.iter().flat_map(|g| g.attributes.iter()));
+            Some(provisioned.map(|a| a.name.clone()).collect())
+        }
+        Value::Array(a) => Some(a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()),
+        _ => None,
+    }
+}
+
+fn lookup<'a>(key: &str, device: &'a Device, group: Option<&'a Group>) -> Option<&'a Attribute> {
+    let all = device.attributes.iter().chain(group.iter().flat_map(|g| g.attributes.iter()));
+    let mut by_name = None;
+    for a in all {
+        match &a.object_id {
+            Some(o) if o == key => return Some(a),
+            None if a.name == key && by_name.is_none() => by_name = Some(a),
+            _ => {}
+        }
+    }
+    by_name
+}
+
+/// Map a measure body (an object, or an array of objects processed in
+/// order) of `device` in `group`. `t` is HTTP's `t=`; `now_ms` the server
+/// time. Scalars, `{}`, and arrays of non-objects are refused.
+pub fn map_measures(
+    body: &Value,
+    device: &Device,
+    group: Option<&Group>,
+    t: Option<&str>,
+    now_ms: i64,
+) -> Result<Vec<Mapped>, ApiError> {
+    let items: Vec<&Map<String, Value>> = match body {
+        Value::Object(o) => vec![o],
+        Value::Array(a) if !a.is_empty() => a
+            .iter()
+            .map(|x| x.as_object().ok_or_else(|| ApiError::payload("a multimeasure array holds only objects")))
+            .collect::<Result<_, _>>()?,
+        Value::Array(_) => return Err(ApiError::payload("empty multimeasure array")),
+        other => return Err(ApiError::payload(format!("a measure is a JSON object, not {other}"))),
+    };
+    let default_time = match t {
+        Some(t) => parse_time(t)?,
+        None => now_ms,
+    };
+    let explicit = explicit_names(device, group);
+    items.into_iter().map(|o| map_one(o, device, group, default_time, explicit.as_deref())).collect()
+}
+
+fn map_one(
+    o: &Map<String, Value>,
+    device: &Device,
+    group: Option<&Group>,
+    default_time: i64,
+    explicit: Option<&[String]>,
+) -> Result<Mapped, ApiError> {
+    let mut attrs = IndexMap::new();
+    let mut time = default_time;
+    for (key, value) in o {
+        if value.is_null() {
+            continue;
+        }
+        if key == "TimeInstant" {
+            time = parse_time(value.as_str().ok_or_else(|| ApiError::payload("TimeInstant must be a string"))?)?;
+            continue;
+        }
+        let (name, kind) = match lookup(key, device, group) {
+            Some(a) => (a.name.clone(), a.kind.clone()),
+            None => match key.as_str() {
+                "id" => ("measure_id".to_owned(), "Text".to_owned()),
+                "type" => ("measure_type".to_owned(), "Text".to_owned()),
+                _ => (key.clone(), "Text".to_owned()),
+            },
+        };
+        if let Some(allowed) = explicit {
+            let object_id = lookup(key, device, group).and_then(|a| a.object_id.clone());
+            if !allowed.iter().any(|n| *n == name || Some(n) == object_id.as_ref()) {
+                continue;
+            }
+        }
+        attrs.insert(name, (kind, value.clone()));
+    }
+    if attrs.is_empty() {
+        return Err(ApiError::payload("the measure has no attributes"));
+    }
+    // Statics: the group's, overridden by the device's of the same name.
+    let statics = group.iter().flat_map(|g| g.static_attributes.iter()).chain(device.static_attributes.iter());
+    for s in statics {
+        if let Some(v) = &s.value {
+            attrs.insert(s.name.clone(), (s.kind.clone(), v.clone()));
+        }
+    }
+    Ok(Mapped { attrs, timestamp_ms: time })
+}
+
+/// Who sends a measure into the federation, for its `device-data` message.
+#[derive(Debug, Clone)]
+pub struct Origin<'a> {
+    /// The device's tenant.
+    pub tenant: &'a Tenant,
+    /// The device id.
+    pub device_id: &'a str,
+    /// Its entity name.
+    pub entity_name: &'a str,
+    /// Its entity type.
+    pub entity_type: &'a str,
+    /// The gateway's uuid.
+    pub gateway: Uuid,
+    /// The gateway's realm.
+    pub realm: &'a str,
+}
+
+/// A routing key segment: dots would split it into two segments.
+fn segment(s: &str) -> String {
+    s.replace('.', "_")
+}
+
+impl Origin<'_> {
+    /// `{realm}.{service}.{entity_type}.{device_id}` with dots in the last
+    /// three replaced by `_`.
+    pub fn routing_key(&self) -> String {
+        format!(
+            "{}.{}.{}.{}",
+            self.realm,
+            segment(&self.tenant.service),
+            segment(self.entity_type),
+            segment(self.device_id)
+        )
+    }
+
+    /// The dojot `device-data` message, extended with the FIWARE tenancy,
+    /// entity and the gateway; `types` carries the attribute types.
+    pub fn device_data(&self, m: &Mapped) -> Value {
+        let attrs: Map<String, Value> = m.attrs.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect();
+        let types: Map<String, Value> =
+            m.attrs.iter().map(|(k, (t, _))| (k.clone(), Value::String(t.clone()))).collect();
+        json!({
+            "metadata": {
+                "deviceid": self.device_id,
+                "tenant": self.tenant.service,
+                "timestamp": m.timestamp_ms,
+                "service": self.tenant.service,
+                "servicepath": self.tenant.servicepath,
+                "entity_name": self.entity_name,
+                "entity_type": self.entity_type,
+                "gateway": self.gateway.to_string(),
+                "types": types,
+            },
+            "attrs": attrs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iot::model::{parse_device, parse_group};
+
+    fn dev(v: Value) -> Device {
+        parse_device(&v).unwrap()
+    }
+
+    fn grp(v: Value) -> Group {
+        parse_group(&v).unwrap()
+    }
+
+    fn key(apikey: &str, id: &str, attr: Option<&str>) -> Option<Address> {
+        Some(apikey_address(apikey, id, attr))
+    }
+
+    #[test]
+    fn topics_follow_the_iotagent_json_grammar() {
+        assert_eq!(parse_topic("/json/k1/dev1/attrs", false), key("k1", "dev1", None));
+        assert_eq!(parse_topic("/json/k1/dev1/attrs/t", false), key("k1", "dev1", Some("t")));
+        assert_eq!(parse_topic("json/k1/dev1/attrs", false), key("k1", "dev1", None));
+        assert_eq!(parse_topic("/JSON/k1/dev1/attrs", false), key("k1", "dev1", None));
+        assert_eq!(parse_topic("/k1/dev1/attrs", false), key("k1", "dev1", None));
+        assert_eq!(parse_topic("/k1/dev1/attrs/t", false), key("k1", "dev1", Some("t")));
+        for bad in ["k1/dev1/attrs", "/json/k1/dev1/cmd", "/json//dev1/attrs", "/json/k1/dev1/attrs/", "/a/b/c/d/e"] {
+            assert_eq!(parse_topic(bad, false), None, "{bad}");
+        }
+        assert_eq!(
+            parse_topic("admin:a1998e/attrs", true),
+            Some(Address::Dojot { tenant: "admin".into(), device_id: "a1998e".into() })
+        );
+        assert_eq!(parse_topic("admin:a1998e/attrs", false), None);
+        // The Mosca form reads as an apikey topic; the caller tries a tenant next.
+        assert_eq!(parse_topic("/admin/efac/attrs", true), key("admin", "efac", None));
+    }
+
+    #[test]
+    fn routing_keys_follow_the_amqp_binding() {
+        assert_eq!(parse_routing_key(".k1.dev1.attrs"), key("k1", "dev1", None));
+        assert_eq!(parse_routing_key(".k1.dev1.attrs.t"), key("k1", "dev1", Some("t")));
+        for bad in ["k1.dev1.attrs", ".k1.dev1.cmd", "..dev1.attrs", ".k1.dev1.attrs.t.x"] {
+            assert_eq!(parse_routing_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn single_values_are_json_text_or_hex() {
+        assert_eq!(single_value(b"34", false), json!(34));
+        assert_eq!(single_value(b"hello", false), json!("hello"));
+        assert_eq!(single_value(b"hello", true), json!("68656c6c6f"));
+        assert_eq!(single_value(&[0xff, 0x00], false), json!("ff00"));
+    }
+
+    fn attrs(m: &Mapped) -> Value {
+        Value::Object(m.attrs.iter().map(|(k, (t, v))| (k.clone(), json!({"type": t, "value": v}))).collect())
+    }
+
+    #[test]
+    fn the_observed_upstream_mapping_with_aliases_types_and_statics() {
+        // Reference §2.2: dev1 with t→temperature:Number, group static lab, device static room.
+        let g = grp(json!({"resource": "/iot/json", "apikey": "k1", "entity_type": "Sensor",
+            "static_attributes": [{"name": "lab", "type": "Text", "value": "L1"}]}));
+        let d = dev(json!({"device_id": "dev1", "entity_name": "urn:lab:Sensor:dev1",
+            "attributes": [{"object_id": "t", "name": "temperature", "type": "Number"}],
+            "static_attributes": [{"name": "room", "type": "Text", "value": "B12"}]}));
+        let m = map_measures(&json!({"t": 21.5, "h": 40}), &d, Some(&g), None, 7).unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(
+            attrs(&m[0]),
+            json!({"temperature": {"type": "Number", "value": 21.5}, "h": {"type": "Text", "value": 40},
+                "lab": {"type": "Text", "value": "L1"}, "room": {"type": "Text", "value": "B12"}})
+        );
+        assert_eq!(m[0].timestamp_ms, 7);
+    }
+
+    #[test]
+    fn nulls_drop_and_id_and_type_are_renamed() {
+        let d = dev(json!({"device_id": "d"}));
+        let m =
+            map_measures(&json!({"id": "spoof", "type": "Spoof", "t": 1, "gone": null}), &d, None, None, 0).unwrap();
+        assert_eq!(
+            attrs(&m[0]),
+            json!({"measure_id": {"type": "Text", "value": "spoof"}, "measure_type": {"type": "Text", "value": "Spoof"},
+                "t": {"type": "Text", "value": 1}})
+        );
+    }
+
+    #[test]
+    fn explicit_attrs_keep_only_provisioned_or_listed_attributes() {
+        let d = dev(json!({"device_id": "d", "explicitAttrs": true,
+            "attributes": [{"object_id": "t", "name": "temperature", "type": "Number"}],
+            "static_attributes": [{"name": "room", "type": "Text", "value": "B12"}]}));
+        let m = map_measures(&json!({"t": 20, "junk": 1}), &d, None, None, 0).unwrap();
+        assert_eq!(m[0].attrs.keys().collect::<Vec<_>>(), ["temperature", "room"]);
+        let listed = dev(json!({"device_id": "d", "explicitAttrs": ["h"]}));
+        let m = map_measures(&json!({"h": 1, "junk": 2}), &listed, None, None, 0).unwrap();
+        assert_eq!(m[0].attrs.keys().collect::<Vec<_>>(), ["h"]);
+        // The device's setting wins over the group's.
+        let g = grp(json!({"resource": "/iot/json", "apikey": "k", "explicitAttrs": true}));
+        let open = dev(json!({"device_id": "d", "explicitAttrs": false}));
+        assert!(map_measures(&json!({"x": 1}), &open, Some(&g), None, 0).is_ok());
+        assert!(map_measures(&json!({"x": 1}), &dev(json!({"device_id": "d"})), Some(&g), None, 0).is_err());
+    }
+
+    #[test]
+    fn multimeasures_keep_their_order_and_times() {
+        let d = dev(json!({"device_id": "d"}));
+        let body =
+            json!([{"t": 1, "TimeInstant": "2024-04-10T10:15:00Z"}, {"t": 2, "TimeInstant": "2024-04-10T10:05:00Z"}]);
+        let m = map_measures(&body, &d, None, None, 0).unwrap();
+        assert_eq!(m.iter().map(|x| x.attrs["t"].1.clone()).collect::<Vec<_>>(), [json!(1), json!(2)]);
+        assert_eq!(m[0].timestamp_ms, 1_712_744_100_000);
+        assert_eq!(m[1].timestamp_ms, 1_712_743_500_000);
+        assert!(m.iter().all(|x| !x.attrs.contains_key("TimeInstant")));
+        // A one-element array is one measure, never an attribute "0".
+        let one = map_measures(&json!([{"t": 3}]), &d, None, None, 0).unwrap();
+        assert_eq!(one[0].attrs.keys().collect::<Vec<_>>(), ["t"]);
+    }
+
+    #[test]
+    fn the_time_comes_from_the_payload_then_t_then_the_server() {
+        let d = dev(json!({"device_id": "d"}));
+        let m = map_measures(&json!({"a": 1}), &d, None, Some("2020-02-22T22:22:22Z"), 5).unwrap();
+        assert_eq!(m[0].timestamp_ms, 1_582_410_142_000);
+        assert_eq!(map_measures(&json!({"a": 1}), &d, None, None, 5).unwrap()[0].timestamp_ms, 5);
+        let e = map_measures(&json!({"a": 1, "TimeInstant": "yesterday"}), &d, None, None, 5).unwrap_err();
+        assert_eq!(e.name, "BAD_TIMESTAMP");
+        assert_eq!(map_measures(&json!({"a": 1}), &d, None, Some("soon"), 5).unwrap_err().name, "BAD_TIMESTAMP");
+    }
+
+    #[test]
+    fn scalars_empty_objects_and_bad_arrays_are_refused() {
+        let d = dev(json!({"device_id": "d"}));
+        for body in [json!(42), json!("x"), json!({}), json!([]), json!([1]), json!({"a": null}), json!(null)] {
+            let e = map_measures(&body, &d, None, None, 0).unwrap_err();
+            assert_eq!(e.name, "BAD_PAYLOAD", "{body}");
+        }
+    }
+
+    #[test]
+    fn the_federation_message_is_dojot_device_data_with_tenancy() {
+        let tenant = Tenant { service: "lab.a".into(), servicepath: "/rig1".into() };
+        let gw = Uuid::nil();
+        let o = Origin {
+            tenant: &tenant,
+            device_id: "dev.1",
+            entity_name: "urn:x",
+            entity_type: "Sensor",
+            gateway: gw,
+            realm: "org.example",
+        };
+        assert_eq!(o.routing_key(), "org.example.lab_a.Sensor.dev_1");
+        let d = dev(json!({"device_id": "dev.1"}));
+        let m = &map_measures(&json!({"h": 60}), &d, None, None, 1_528_226_137_452).unwrap()[0];
+        assert_eq!(
+            o.device_data(m),
+            json!({"metadata": {"deviceid": "dev.1", "tenant": "lab.a", "timestamp": 1_528_226_137_452_i64,
+                "service": "lab.a", "servicepath": "/rig1", "entity_name": "urn:x", "entity_type": "Sensor",
+                "gateway": gw.to_string(), "types": {"h": "Text"}}, "attrs": {"h": 60}})
+        );
+    }
+}

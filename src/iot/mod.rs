@@ -1,0 +1,418 @@
+//! The embedded IoT device platform: an iotagent-json-compatible agent run
+//! by each `gateway/iot-agent` component.
+//!
+//! - [`model`]: groups, devices, attributes and north API errors;
+//! - [`mapping`]: topic grammar and measure rules (pure);
+//! - [`registry`]: provisioned groups and devices, tenancy, persistence;
+//! - [`north`]: the provisioning API (iotagent-node-lib compatible);
+//! - [`south`]: measures in over HTTP, MQTT (rumqttc) and AMQP;
+//! - [`federation`]: measures out to the `villas.data` topic exchange;
+//! - [`devices`]: every device as an `equipment` component on `villas`.
+//!
+//! One [`Agent`] per gateway owns these tasks; dropping it stops them.
+
+pub mod devices;
+pub mod federation;
+pub mod mapping;
+pub mod model;
+pub mod north;
+pub mod registry;
+pub mod south;
+
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::daemon::Shared;
+use crate::protocol::ErrorInfo;
+use mapping::{Address, Origin};
+use model::ApiError;
+
+/// The settings of one gateway, from its component properties.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// MQTT broker URL; `None` disables MQTT.
+    pub mqtt_url: Option<String>,
+    /// QoS of the MQTT subscriptions (0 or 1).
+    pub mqtt_qos: u8,
+    /// Shared-subscription group (`$share/{group}/…`); empty: none.
+    pub mqtt_shared_group: String,
+    /// A topic level in front of every subscription (test isolation,
+    /// multi-site brokers); empty: none.
+    pub mqtt_prefix: String,
+    /// Provisioning API listener.
+    pub north_bind: SocketAddr,
+    /// HTTP southbound listener.
+    pub south_bind: SocketAddr,
+    /// HTTP southbound resource.
+    pub resource: String,
+    /// AMQP southbound topic exchange; `None` disables it.
+    pub amqp_south_exchange: Option<String>,
+    /// AMQP southbound queue.
+    pub amqp_south_queue: String,
+    /// The federation's topic exchange.
+    pub federation_exchange: String,
+    /// Measures kept while the federation broker is down.
+    pub buffer: usize,
+    /// Accept dojot topics (`tenant:device/attrs`, `/tenant/device/attrs`).
+    pub dojot: bool,
+    /// The services this gateway serves (empty: any).
+    pub services: Vec<String>,
+    /// Southbound HTTP body limit.
+    pub max_body_bytes: usize,
+}
+
+fn prop_str(p: &Map<String, Value>, k: &str) -> Option<String> {
+    p.get(k).and_then(Value::as_str).map(str::to_owned)
+}
+
+fn bind(p: &Map<String, Value>, k: &str, default: &str) -> Result<SocketAddr, ErrorInfo> {
+    let s = prop_str(p, k).unwrap_or_else(|| default.to_owned());
+    s.parse().map_err(|e| ErrorInfo::new(format!("Invalid {k} {s:?}: {e}")))
+}
+
+impl Settings {
+    /// Read the settings from component properties (already validated
+    /// against the type's properties schema).
+    pub fn from_properties(p: &Map<String, Value>) -> Result<Settings, ErrorInfo> {
+        let mqtt_url = match p.get("mqtt_url") {
+            None => Some("mqtt://127.0.0.1:1883".to_owned()),
+            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        };
+        Ok(Settings {
+            mqtt_url,
+            mqtt_qos: p.get("mqtt_qos").and_then(Value::as_u64).unwrap_or(1).min(1) as u8,
+            mqtt_shared_group: prop_str(p, "mqtt_shared_group").unwrap_or_else(|| "busbar".into()),
+            mqtt_prefix: prop_str(p, "mqtt_prefix").unwrap_or_default().trim_matches('/').to_owned(),
+            north_bind: bind(p, "north_bind", "127.0.0.1:4041")?,
+            south_bind: bind(p, "south_bind", "127.0.0.1:7896")?,
+            resource: prop_str(p, "resource").unwrap_or_else(|| "/iot/json".into()),
+            amqp_south_exchange: prop_str(p, "amqp_south_exchange").filter(|s| !s.is_empty()),
+            amqp_south_queue: prop_str(p, "amqp_south_queue").unwrap_or_else(|| "iotaqueue".into()),
+            federation_exchange: prop_str(p, "federation_exchange").unwrap_or_else(|| "villas.data".into()),
+            buffer: p.get("buffer").and_then(Value::as_u64).unwrap_or(100_000) as usize,
+            dojot: p.get("dojot").and_then(Value::as_bool).unwrap_or(false),
+            services: p
+                .get("services")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default(),
+            max_body_bytes: p.get("max_body_bytes").and_then(Value::as_u64).unwrap_or(1 << 20) as usize,
+        })
+    }
+}
+
+/// A southbound transport, for counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// MQTT.
+    Mqtt,
+    /// HTTP.
+    Http,
+    /// AMQP.
+    Amqp,
+}
+
+/// The counters a gateway reports in its status.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Measures accepted over MQTT.
+    pub mqtt_in: AtomicU64,
+    /// Measures accepted over HTTP.
+    pub http_in: AtomicU64,
+    /// Measures accepted over AMQP.
+    pub amqp_in: AtomicU64,
+    /// Measures confirmed by the federation broker.
+    pub measures_out: AtomicU64,
+    /// Measures dropped because the buffer was full (or at shutdown).
+    pub dropped: AtomicU64,
+    /// Measures waiting for the federation broker.
+    pub buffered: AtomicU64,
+    /// Whether the federation publisher is connected.
+    pub federation_up: AtomicBool,
+    /// Whether the MQTT client is connected.
+    pub mqtt_up: AtomicBool,
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Counters {
+    /// Count an error of `kind`.
+    pub fn error(&self, kind: &str) {
+        *self.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(kind.to_owned()).or_default() += 1;
+    }
+
+    fn inc(&self, t: Transport, n: u64) {
+        let c = match t {
+            Transport::Mqtt => &self.mqtt_in,
+            Transport::Http => &self.http_in,
+            Transport::Amqp => &self.amqp_in,
+        };
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counters as status JSON.
+    pub fn snapshot(&self, devices: usize) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "devices": devices,
+            "measures_in": {"mqtt": get(&self.mqtt_in), "http": get(&self.http_in), "amqp": get(&self.amqp_in)},
+            "measures_out": get(&self.measures_out),
+            "dropped": get(&self.dropped),
+            "buffered": get(&self.buffered),
+            "errors": *self.errors.lock().unwrap_or_else(|p| p.into_inner()),
+        })
+    }
+}
+
+/// A measure body as it arrived.
+#[derive(Debug)]
+pub enum Payload {
+    /// A JSON object or array of objects.
+    Json(Value),
+    /// One attribute's value (`…/attrs/{attr}`).
+    Single(String, Value),
+}
+
+/// The state shared by one gateway's tasks.
+pub struct Core {
+    /// The gateway's uuid.
+    pub gateway: Uuid,
+    /// The realm in federation routing keys.
+    pub realm: String,
+    /// Settings.
+    pub settings: Settings,
+    /// Groups and devices.
+    pub registry: registry::Registry,
+    /// Counters.
+    pub counters: Arc<Counters>,
+    /// Whether south traffic is accepted (the gateway is running).
+    pub running: watch::Sender<bool>,
+    /// The level `/admin/log` reports.
+    pub log_level: Mutex<String>,
+    outbox: mpsc::Sender<federation::Envelope>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("gateway", &self.gateway).finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+impl Core {
+    /// Whether the north API may serve `service`.
+    pub fn serves(&self, service: &str) -> bool {
+        self.settings.services.is_empty() || self.settings.services.iter().any(|s| s == service)
+    }
+
+    /// Take one southbound measure: resolve the device (autoprovisioning
+    /// if its group allows), map it, update the device's last values and
+    /// hand every resulting message to the federation (waiting if it is
+    /// saturated). Returns how many measures it held.
+    pub async fn ingest(
+        &self,
+        transport: Transport,
+        addr: &Address,
+        payload: Payload,
+        t: Option<&str>,
+    ) -> Result<usize, ApiError> {
+        let result = self.ingest_inner(transport, addr, payload, t).await;
+        if let Err(e) = &result {
+            self.counters.error(&e.kind());
+        }
+        result
+    }
+
+    async fn ingest_inner(
+        &self,
+        transport: Transport,
+        addr: &Address,
+        payload: Payload,
+        t: Option<&str>,
+    ) -> Result<usize, ApiError> {
+        if !*self.running.borrow() {
+            return Err(ApiError::new(503, "GATEWAY_STOPPED", "The gateway is stopped and accepts no measures"));
+        }
+        let resolved = match self.registry.resolve(addr).await {
+            Err(e) if e.name == "DEVICE_GROUP_NOT_FOUND" && self.settings.dojot => {
+                // `/{tenant}/{device}/attrs` (dojot, Mosca) reads like an apikey topic.
+                match addr {
+                    Address::Apikey { apikey, device_id, attr: None } => {
+                        let dojot = Address::Dojot { tenant: apikey.clone(), device_id: device_id.clone() };
+                        self.registry.resolve(&dojot).await.map_err(|_| e)?
+                    }
+                    _ => return Err(e),
+                }
+            }
+            other => other?,
+        };
+        let body = match payload {
+            Payload::Json(v) => v,
+            Payload::Single(attr, value) => json!({ attr: value }),
+        };
+        let device = &resolved.record.device;
+        let group = resolved.group.as_deref();
+        let measures = mapping::map_measures(&body, device, group, t, now_ms())?;
+        let entity_type = device.entity_type(group);
+        let entity_name = device.entity_name(group);
+        let origin = Origin {
+            tenant: &resolved.record.tenant,
+            device_id: &device.device_id,
+            entity_name: &entity_name,
+            entity_type,
+            gateway: self.gateway,
+            realm: &self.realm,
+        };
+        let routing_key = origin.routing_key();
+        for m in &measures {
+            let body = serde_json::to_vec(&origin.device_data(m)).unwrap_or_default();
+            let envelope = federation::Envelope { routing_key: routing_key.clone(), body };
+            if self.outbox.send(envelope).await.is_err() {
+                return Err(ApiError::new(503, "GATEWAY_STOPPED", "The gateway is shutting down"));
+            }
+        }
+        {
+            let mut last = resolved.record.last.lock().unwrap_or_else(|p| p.into_inner());
+            for m in &measures {
+                for (name, (kind, value)) in &m.attrs {
+                    last.insert(name.clone(), (kind.clone(), value.clone(), m.timestamp_ms));
+                }
+            }
+        }
+        self.counters.inc(transport, measures.len() as u64);
+        Ok(measures.len())
+    }
+}
+
+/// A running gateway agent. Dropping it stops every task.
+pub struct Agent {
+    /// The shared state.
+    pub core: Arc<Core>,
+    /// Where the provisioning API listens.
+    pub north_addr: SocketAddr,
+    /// Where the HTTP southbound listens.
+    pub south_addr: SocketAddr,
+    token: CancellationToken,
+    announce: mpsc::UnboundedSender<devices::Announce>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("north", &self.north_addr).field("south", &self.south_addr).finish()
+    }
+}
+
+impl Agent {
+    /// Load the registry, bind the listeners and start every task of the
+    /// gateway `gateway` (realm `realm`, properties `props`).
+    pub async fn start(
+        shared: &Arc<Shared>,
+        gateway: Uuid,
+        realm: Option<String>,
+        props: &Map<String, Value>,
+    ) -> Result<Agent, ErrorInfo> {
+        let settings = Settings::from_properties(props)?;
+        let token = shared.shutdown.child_token();
+        let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+        let registry = registry::Registry::load(gateway, shared.store.clone(), changes_tx)
+            .map_err(|e| ErrorInfo::new(format!("Cannot load the device registry: {}", e.message)))?;
+        let counters = Arc::new(Counters::default());
+        let (outbox, outbox_rx) = mpsc::channel(4096);
+        let (running, _) = watch::channel(props.get("autostart").and_then(Value::as_bool).unwrap_or(true));
+        let core = Arc::new(Core {
+            gateway,
+            realm: realm.unwrap_or_else(|| "busbar".into()),
+            settings: settings.clone(),
+            registry,
+            counters: counters.clone(),
+            running,
+            log_level: Mutex::new("INFO".into()),
+            outbox,
+        });
+        let span = tracing::info_span!("gateway", gateway = %gateway);
+        let north = tokio::net::TcpListener::bind(settings.north_bind)
+            .await
+            .map_err(|e| ErrorInfo::new(format!("Cannot listen on {}: {e}", settings.north_bind)))?;
+        let south = tokio::net::TcpListener::bind(settings.south_bind)
+            .await
+            .map_err(|e| ErrorInfo::new(format!("Cannot listen on {}: {e}", settings.south_bind)))?;
+        let (north_addr, south_addr) = (north.local_addr().ok(), south.local_addr().ok());
+        let serve = |listener: tokio::net::TcpListener, router: axum::Router, token: CancellationToken| async move {
+            let _ = axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await;
+        };
+        let t = &shared.tracker;
+        t.spawn(serve(north, north::router(core.clone()), token.clone()).instrument(span.clone()));
+        t.spawn(serve(south, south::http_router(core.clone()), token.clone()).instrument(span.clone()));
+        let fed = federation::Target {
+            url: shared.config.broker.url.clone(),
+            exchange: settings.federation_exchange.clone(),
+            buffer: settings.buffer,
+        };
+        t.spawn(federation::run(fed, outbox_rx, counters, token.clone()).instrument(span.clone()));
+        if let Some(url) = &settings.mqtt_url {
+            t.spawn(south::mqtt(core.clone(), url.clone(), token.clone()).instrument(span.clone()));
+        }
+        if let Some(exchange) = &settings.amqp_south_exchange {
+            let url = shared.config.broker.url.clone();
+            t.spawn(south::amqp(core.clone(), url, exchange.clone(), token.clone()).instrument(span.clone()));
+        }
+        let (announce, announce_rx) = mpsc::unbounded_channel();
+        t.spawn(devices::run(shared.clone(), core.clone(), changes_rx, announce_rx, token.clone()).instrument(span));
+        let unknown = || "0.0.0.0:0".parse().expect("a literal address");
+        Ok(Agent {
+            core,
+            north_addr: north_addr.unwrap_or_else(unknown),
+            south_addr: south_addr.unwrap_or_else(unknown),
+            token,
+            announce,
+        })
+    }
+
+    /// Accept (true) or refuse (false) south traffic; MQTT unsubscribes
+    /// while refused.
+    pub fn set_running(&self, on: bool) {
+        self.core.running.send_replace(on);
+        let _ = self.announce.send(devices::Announce::All);
+    }
+
+    /// Publish the status of every device (discovery, reconnect).
+    pub fn announce_devices(&self) {
+        let _ = self.announce.send(devices::Announce::All);
+    }
+
+    /// Publish `gone` for every device and stop (the gateway is deleted).
+    pub async fn remove(self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.announce.send(devices::Announce::Gone(tx)).is_ok() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), rx).await;
+        }
+    }
+
+    /// The gateway's live status fields.
+    pub fn status(&self) -> Map<String, Value> {
+        let c = &self.core.counters;
+        let mut m = Map::new();
+        m.insert("counters".into(), c.snapshot(self.core.registry.device_count()));
+        m.insert("north_url".into(), format!("http://{}", self.north_addr).into());
+        m.insert("south_url".into(), format!("http://{}{}", self.south_addr, self.core.settings.resource).into());
+        m.insert("mqtt_connected".into(), c.mqtt_up.load(Ordering::Relaxed).into());
+        m.insert("federation_connected".into(), c.federation_up.load(Ordering::Relaxed).into());
+        m
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}

@@ -1,0 +1,284 @@
+//! The provisioning data model of iotagent-node-lib (reference §2.4): config
+//! groups and devices, their attributes, and the north API's errors.
+//!
+//! Known fields are typed; every other field is kept as given, so a `GET`
+//! returns what was provisioned.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A tenant: the `fiware-service` and `fiware-servicepath` pair.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Tenant {
+    /// `fiware-service`.
+    pub service: String,
+    /// `fiware-servicepath`.
+    pub servicepath: String,
+}
+
+/// One attribute mapping (`attributes`, `static_attributes`, …).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attribute {
+    /// The key in measures, when it differs from `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_id: Option<String>,
+    /// The attribute name published.
+    pub name: String,
+    /// The attribute type (`Number`, `Text`, …).
+    #[serde(rename = "type", default = "text")]
+    pub kind: String,
+    /// The value of a static attribute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    /// Everything else (`metadata`, `expression`, …), kept as given.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn text() -> String {
+    "Text".into()
+}
+
+/// A config group ("service group"): an apikey and the defaults of its
+/// devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    /// The southbound resource (`/iot/json`).
+    pub resource: String,
+    /// The shared key devices present.
+    pub apikey: String,
+    /// Entity type of its devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_type: Option<String>,
+    /// Whether measures get a `TimeInstant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<bool>,
+    /// Attribute mappings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<Attribute>,
+    /// Attributes added to every measure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub static_attributes: Vec<Attribute>,
+    /// `false`, `true`, or a list of attribute names or object ids.
+    #[serde(rename = "explicitAttrs", default, skip_serializing_if = "Option::is_none")]
+    pub explicit_attrs: Option<Value>,
+    /// Whether unknown devices are created on their first measure (default
+    /// true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoprovision: Option<bool>,
+    /// Everything else, kept as given.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A provisioned device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// Its id in measures.
+    pub device_id: String,
+    /// Entity name (default `entity_type:device_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_name: Option<String>,
+    /// Entity type (default the group's, else `Thing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_type: Option<String>,
+    /// Its own apikey, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apikey: Option<String>,
+    /// Whether measures get a `TimeInstant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<bool>,
+    /// Attribute mappings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<Attribute>,
+    /// Attributes added to every measure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub static_attributes: Vec<Attribute>,
+    /// `false`, `true`, or a list of attribute names or object ids.
+    #[serde(rename = "explicitAttrs", default, skip_serializing_if = "Option::is_none")]
+    pub explicit_attrs: Option<Value>,
+    /// Everything else (`lazy`, `commands`, `internal_attributes`,
+    /// `timezone`, `endpoint`, `protocol`, `transport`, …), kept as given.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The entity type used when neither device nor group sets one.
+pub const DEFAULT_ENTITY_TYPE: &str = "Thing";
+
+impl Device {
+    /// The entity type: the device's, the group's, or `Thing`.
+    pub fn entity_type<'a>(&'a self, group: Option<&'a Group>) -> &'a str {
+        self.entity_type.as_deref().or(group.and_then(|g| g.entity_type.as_deref())).unwrap_or(DEFAULT_ENTITY_TYPE)
+    }
+
+    /// The entity name: the device's, or `entity_type:device_id`.
+    pub fn entity_name(&self, group: Option<&Group>) -> String {
+        self.entity_name.clone().unwrap_or_else(|| format!("{}:{}", self.entity_type(group), self.device_id))
+    }
+}
+
+/// A north API error: an HTTP status and the `{"name","message"}` body of
+/// iotagent-node-lib.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name}: {message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// The error name (`DEVICE_NOT_FOUND`).
+    pub name: &'static str,
+    /// The message.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error.
+    pub fn new(status: u16, name: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, name, message: message.into() }
+    }
+
+    /// 400 `WRONG_SYNTAX`.
+    pub fn syntax(detail: impl std::fmt::Display) -> ApiError {
+        ApiError::new(400, "WRONG_SYNTAX", format!("Wrong syntax in request: {detail}"))
+    }
+
+    /// 404 `DEVICE_NOT_FOUND`.
+    pub fn device_not_found(id: &str) -> ApiError {
+        ApiError::new(404, "DEVICE_NOT_FOUND", format!("No device was found with id:{id}"))
+    }
+
+    /// 404 `DEVICE_GROUP_NOT_FOUND`.
+    pub fn group_not_found(what: &str) -> ApiError {
+        ApiError::new(404, "DEVICE_GROUP_NOT_FOUND", format!("Couldn't find device group for {what}"))
+    }
+
+    /// 400 `BAD_PAYLOAD`.
+    pub fn payload(detail: impl std::fmt::Display) -> ApiError {
+        ApiError::new(400, "BAD_PAYLOAD", format!("Unprocessable payload: {detail}"))
+    }
+
+    /// The metric label of this error (`device_not_found`).
+    pub fn kind(&self) -> String {
+        self.name.to_ascii_lowercase()
+    }
+}
+
+/// Characters iotagent-node-lib forbids in names and types.
+const FORBIDDEN: &[char] = &['<', '>', '(', ')', ';', '\'', '=', '"'];
+
+fn check_names(attrs: &[Attribute], field: &str) -> Result<(), ApiError> {
+    for a in attrs {
+        for (what, v) in [("name", Some(&a.name)), ("type", Some(&a.kind)), ("object_id", a.object_id.as_ref())] {
+            if let Some(v) = v
+                && (v.is_empty() || v.contains(FORBIDDEN))
+            {
+                return Err(ApiError::syntax(format!("invalid {field} {what} {v:?}")));
+            }
+        }
+        if a.name == "undefined" || a.name.chars().all(|c| c.is_ascii_digit()) {
+            return Err(ApiError::syntax(format!("invalid {field} name {:?}", a.name)));
+        }
+    }
+    Ok(())
+}
+
+fn explicit_ok(v: &Option<Value>) -> Result<(), ApiError> {
+    match v {
+        None | Some(Value::Bool(_)) => Ok(()),
+        Some(Value::Array(a)) if a.iter().all(|x| x.is_string()) => Ok(()),
+        Some(other) => {
+            Err(ApiError::syntax(format!("explicitAttrs must be a boolean or a list of names, not {other}")))
+        }
+    }
+}
+
+/// Parse one group of a `POST /iot/groups` body.
+pub fn parse_group(v: &Value) -> Result<Group, ApiError> {
+    let o = v.as_object().ok_or_else(|| ApiError::syntax("a group must be an object"))?;
+    for key in ["resource", "apikey"] {
+        if !o.get(key).and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::syntax(format!("Errors found validating request: {key} is required")));
+        }
+    }
+    let mut g: Group = serde_json::from_value(v.clone()).map_err(ApiError::syntax)?;
+    // Tenancy comes from the headers, never from the body.
+    for key in ["service", "subservice"] {
+        g.extra.shift_remove(key);
+    }
+    check_names(&g.attributes, "attributes")?;
+    check_names(&g.static_attributes, "static_attributes")?;
+    explicit_ok(&g.explicit_attrs)?;
+    Ok(g)
+}
+
+/// Parse one device of a `POST /iot/devices` body.
+pub fn parse_device(v: &Value) -> Result<Device, ApiError> {
+    let o = v.as_object().ok_or_else(|| ApiError::syntax("a device must be an object"))?;
+    if !o.get("device_id").and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::new(
+            400,
+            "MISSING_ATTRIBUTES",
+            "The request was not well formed:Missing attributes: [\"device_id\"]",
+        ));
+    }
+    let mut d: Device = serde_json::from_value(v.clone()).map_err(ApiError::syntax)?;
+    for key in ["service", "service_path", "subservice"] {
+        d.extra.shift_remove(key);
+    }
+    if d.device_id.contains(['/', '#', '+']) || d.device_id.contains(FORBIDDEN) {
+        return Err(ApiError::syntax(format!("invalid device_id {:?}", d.device_id)));
+    }
+    check_names(&d.attributes, "attributes")?;
+    check_names(&d.static_attributes, "static_attributes")?;
+    explicit_ok(&d.explicit_attrs)?;
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn groups_need_resource_and_apikey_and_keep_unknown_fields() {
+        let g = parse_group(&json!({"resource": "/iot/json", "apikey": "k1", "cbroker": "http://orion:1026",
+            "entity_type": "Thing", "attributes": [{"object_id": "t", "name": "temperature", "type": "Number"}]}))
+        .unwrap();
+        assert_eq!(g.attributes[0].object_id.as_deref(), Some("t"));
+        assert_eq!(g.extra["cbroker"], "http://orion:1026");
+        assert_eq!(serde_json::to_value(&g).unwrap()["cbroker"], "http://orion:1026");
+        for bad in
+            [json!({"resource": "/iot/json"}), json!({"apikey": "k"}), json!(3), json!({"apikey": "", "resource": "r"})]
+        {
+            assert_eq!(parse_group(&bad).unwrap_err().name, "WRONG_SYNTAX", "{bad}");
+        }
+    }
+
+    #[test]
+    fn devices_need_a_device_id_and_valid_names() {
+        let d = parse_device(&json!({"device_id": "dev1", "entity_type": "Sensor", "protocol": "PDI-IoTA-JSON",
+            "static_attributes": [{"name": "room", "type": "Text", "value": "B12"}]}))
+        .unwrap();
+        assert_eq!(d.entity_name(None), "Sensor:dev1");
+        assert_eq!(d.static_attributes[0].value, Some(json!("B12")));
+        assert_eq!(parse_device(&json!({"entity_type": "x"})).unwrap_err().name, "MISSING_ATTRIBUTES");
+        let bad = json!({"device_id": "d", "attributes": [{"name": "te<mp", "type": "Number"}]});
+        assert_eq!(parse_device(&bad).unwrap_err().name, "WRONG_SYNTAX");
+        for name in ["undefined", "0"] {
+            let bad = json!({"device_id": "d", "attributes": [{"name": name, "type": "Number"}]});
+            assert_eq!(parse_device(&bad).unwrap_err().name, "WRONG_SYNTAX", "{name}");
+        }
+        assert_eq!(parse_device(&json!({"device_id": "a/b"})).unwrap_err().name, "WRONG_SYNTAX");
+        let d = parse_device(&json!({"device_id": "d", "service": "other"})).unwrap();
+        assert!(!d.extra.contains_key("service"), "tenancy comes from the headers");
+    }
+
+    #[test]
+    fn the_entity_type_falls_back_to_the_group_then_thing() {
+        let d = parse_device(&json!({"device_id": "d"})).unwrap();
+        let g = parse_group(&json!({"resource": "/iot/json", "apikey": "k", "entity_type": "Meter"})).unwrap();
+        assert_eq!(d.entity_type(Some(&g)), "Meter");
+        assert_eq!(d.entity_type(None), DEFAULT_ENTITY_TYPE);
+        assert_eq!(d.entity_name(Some(&g)), "Meter:d");
+    }
+}

@@ -1,0 +1,294 @@
+//! The provisioning ("north") API, compatible with iotagent-node-lib
+//! (reference §2.4, §2.5): the same paths, status codes and
+//! `{"name","message"}` error bodies. Unlike upstream, malformed JSON is a
+//! 400, never a 500.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::Core;
+use super::model::{ApiError, Tenant, parse_device, parse_group};
+
+/// Largest provisioning request.
+const MAX_BODY: usize = 1 << 20;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(json!({"name": self.name, "message": self.message}))).into_response()
+    }
+}
+
+type Shared = State<Arc<Core>>;
+type Params = Query<HashMap<String, String>>;
+
+/// The router of the provisioning API.
+pub fn router(core: Arc<Core>) -> Router {
+    Router::new()
+        .route("/iot/groups", get(list_groups).post(create_groups).put(update_group).delete(delete_group))
+        .route("/iot/services", get(list_services).post(create_groups).put(update_group).delete(delete_group))
+        .route("/iot/devices", get(list_devices).post(create_devices))
+        .route("/iot/devices/{id}", get(get_device).put(update_device).delete(delete_device))
+        .route("/iot/op/delete", post(op_delete))
+        .route("/iot/about", get(about))
+        .route("/version", get(about))
+        .route("/admin/log", get(get_log).put(put_log))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(404, "NOT_FOUND", "No such resource") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(core)
+}
+
+fn header(h: &HeaderMap, k: &str) -> Option<String> {
+    h.get(k).and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned)
+}
+
+/// The tenant of a request: both headers are mandatory.
+fn tenant(core: &Core, h: &HeaderMap) -> Result<Tenant, ApiError> {
+    let (service, path) = (header(h, "fiware-service"), header(h, "fiware-servicepath"));
+    let missing: Vec<&str> = [("fiware-service", &service), ("fiware-servicepath", &path)]
+        .iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| *k)
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApiError::new(
+            400,
+            "MISSING_HEADERS",
+            format!(
+                "Some headers were missing from the request: {}",
+                serde_json::to_string(&missing).unwrap_or_default()
+            ),
+        ));
+    }
+    let (service, servicepath) = (service.unwrap_or_default(), path.unwrap_or_default());
+    if !servicepath.starts_with('/') {
+        return Err(ApiError::syntax("fiware-servicepath must start with /"));
+    }
+    if !core.serves(&service) {
+        return Err(ApiError::new(403, "ACCESS_FORBIDDEN", format!("This gateway does not serve service {service}")));
+    }
+    Ok(Tenant { service, servicepath })
+}
+
+/// A concrete tenant: `/*` only selects for reads.
+fn exact(t: Tenant) -> Result<Tenant, ApiError> {
+    if t.servicepath.contains('*') {
+        return Err(ApiError::syntax("a wildcard servicepath can only be read"));
+    }
+    Ok(t)
+}
+
+fn json_body(h: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    let ct = header(h, "content-type").unwrap_or_default();
+    if !ct.contains("json") {
+        return Err(ApiError::syntax(format!("expected a JSON body, got content type {ct:?}")));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::syntax(format!("invalid JSON: {e}")))
+}
+
+fn items<'a>(v: &'a Value, key: &str) -> Result<&'a Vec<Value>, ApiError> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| ApiError::syntax(format!("the body must be {{\"{key}\": [ … ]}}")))
+}
+
+fn page(mut all: Vec<Value>, q: &HashMap<String, String>, key: &str) -> Result<Response, ApiError> {
+    let num = |k: &str| -> Result<Option<usize>, ApiError> {
+        q.get(k).map(|v| v.parse().map_err(|_| ApiError::syntax(format!("{k} must be a number")))).transpose()
+    };
+    let count = all.len();
+    let offset = num("offset")?.unwrap_or(0).min(count);
+    let limit = num("limit")?.unwrap_or(usize::MAX);
+    all = all.into_iter().skip(offset).take(limit).collect();
+    let mut body = Map::new();
+    body.insert("count".into(), count.into());
+    body.insert(key.into(), Value::Array(all));
+    Ok(axum::Json(Value::Object(body)).into_response())
+}
+
+fn created() -> Response {
+    (StatusCode::CREATED, axum::Json(json!({}))).into_response()
+}
+
+async fn create_groups(State(core): Shared, h: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    let v = json_body(&h, &body)?;
+    let list = items(&v, "groups").or_else(|_| items(&v, "services"))?;
+    let groups = list.iter().map(parse_group).collect::<Result<Vec<_>, _>>()?;
+    core.registry.create_groups(&tenant, groups).await?;
+    Ok(created())
+}
+
+async fn list_groups(State(core): Shared, h: HeaderMap, q: Params) -> Result<Response, ApiError> {
+    page(core.registry.groups(&tenant(&core, &h)?), &q, "groups")
+}
+
+async fn list_services(State(core): Shared, h: HeaderMap, q: Params) -> Result<Response, ApiError> {
+    page(core.registry.groups(&tenant(&core, &h)?), &q, "services")
+}
+
+fn group_key(q: &HashMap<String, String>) -> Result<(String, String), ApiError> {
+    match (q.get("resource"), q.get("apikey")) {
+        (Some(r), Some(k)) if !r.is_empty() && !k.is_empty() => Ok((r.clone(), k.clone())),
+        _ => {
+            Err(ApiError::new(400, "MISSING_HEADERS", "Some query parameters were missing: [\"resource\",\"apikey\"]"))
+        }
+    }
+}
+
+async fn update_group(State(core): Shared, h: HeaderMap, q: Params, body: Bytes) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    let (resource, apikey) = group_key(&q)?;
+    let v = json_body(&h, &body)?;
+    let patch = v.as_object().ok_or_else(|| ApiError::syntax("the body must be an object"))?;
+    core.registry.update_group(&tenant, &resource, &apikey, patch).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_group(State(core): Shared, h: HeaderMap, q: Params) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    let (resource, apikey) = group_key(&q)?;
+    let devices = q.get("device").is_some_and(|d| d == "true");
+    core.registry.delete_group(&tenant, &resource, &apikey, devices).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn create_devices(State(core): Shared, h: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    let v = json_body(&h, &body)?;
+    let devices = items(&v, "devices")?.iter().map(parse_device).collect::<Result<Vec<_>, _>>()?;
+    core.registry.create_devices(&tenant, devices).await?;
+    Ok(created())
+}
+
+async fn list_devices(State(core): Shared, h: HeaderMap, q: Params) -> Result<Response, ApiError> {
+    page(core.registry.list_devices(&tenant(&core, &h)?), &q, "devices")
+}
+
+async fn get_device(State(core): Shared, h: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    Ok(axum::Json(core.registry.get_device(&tenant, &id)?).into_response())
+}
+
+async fn update_device(
+    State(core): Shared,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    let v = json_body(&h, &body)?;
+    let patch = v.as_object().ok_or_else(|| ApiError::syntax("the body must be an object"))?;
+    core.registry.update_device(&tenant, &id, patch).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_device(State(core): Shared, h: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    let missing = core.registry.delete_devices(&tenant, std::slice::from_ref(&id)).await?;
+    if !missing.is_empty() {
+        return Err(ApiError::device_not_found(&id));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn op_delete(State(core): Shared, h: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    let v = json_body(&h, &body)?;
+    let ids = items(&v, "devices")?
+        .iter()
+        .map(|d| {
+            d.get("deviceId")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| ApiError::syntax("every entry needs a deviceId"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Every device found is deleted; any missing one makes it a 404.
+    let missing = core.registry.delete_devices(&tenant, &ids).await?;
+    if let Some(first) = missing.first() {
+        return Err(ApiError::device_not_found(first));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn about(State(core): Shared) -> Response {
+    axum::Json(json!({
+        "libVersion": concat!("busbar-", env!("CARGO_PKG_VERSION")),
+        "port": core.settings.north_bind.port(),
+        "baseRoot": "/",
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+    .into_response()
+}
+
+const LEVELS: &[&str] = &["DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL"];
+
+async fn get_log(State(core): Shared) -> Response {
+    let level = core.log_level.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    axum::Json(json!({ "level": level })).into_response()
+}
+
+async fn put_log(State(core): Shared, q: Params) -> Response {
+    let bad = |msg: &str| (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": msg }))).into_response();
+    let Some(level) = q.get("level") else { return bad("log level missing") };
+    let level = level.to_ascii_uppercase();
+    if !LEVELS.contains(&level.as_str()) {
+        return bad("invalid log level");
+    }
+    *core.log_level.lock().unwrap_or_else(|p| p.into_inner()) = level;
+    StatusCode::OK.into_response()
+}
+
+async fn metrics(State(core): Shared) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &core.counters;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in samples {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    metric("devices", "gauge", "provisioned devices", &[("", core.registry.device_count() as u64)]);
+    metric(
+        "measureRequests",
+        "counter",
+        "measures accepted, by transport",
+        &[
+            ("{transport=\"mqtt\"}", c.mqtt_in.load(Relaxed)),
+            ("{transport=\"http\"}", c.http_in.load(Relaxed)),
+            ("{transport=\"amqp\"}", c.amqp_in.load(Relaxed)),
+        ],
+    );
+    metric(
+        "measuresOut",
+        "counter",
+        "measures confirmed by the federation broker",
+        &[("", c.measures_out.load(Relaxed))],
+    );
+    metric("measuresDropped", "counter", "measures dropped by a full buffer", &[("", c.dropped.load(Relaxed))]);
+    metric(
+        "measuresBuffered",
+        "gauge",
+        "measures waiting for the federation broker",
+        &[("", c.buffered.load(Relaxed))],
+    );
+    let errors = c.snapshot(0)["errors"].as_object().cloned().unwrap_or_default();
+    let samples: Vec<(String, u64)> =
+        errors.iter().map(|(k, v)| (format!("{{kind=\"{k}\"}}"), v.as_u64().unwrap_or(0))).collect();
+    let refs: Vec<(&str, u64)> = samples.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    metric("errors", "counter", "errors by kind", &refs);
+    metric("ready", "gauge", "1 when the gateway accepts measures", &[("", u64::from(*core.running.borrow()))]);
+    out.push_str("# EOF\n");
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}

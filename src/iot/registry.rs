@@ -1,0 +1,498 @@
+//! The groups and devices of one gateway: an in-memory index for the hot
+//! southbound path, written through to the embedded store so nothing
+//! provisioned is lost (not even by `kill -9`).
+//!
+//! Tenancy is enforced here, once, for every path: north calls name their
+//! tenant; a southbound apikey belongs to exactly one tenant (apikeys are
+//! unique per gateway), and devices are looked up only within that tenant.
+
+use indexmap::IndexMap;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::mapping::Address;
+use super::model::{ApiError, Device, Group, Tenant, parse_device, parse_group};
+use crate::store::{IotRecord, Store};
+
+/// Namespace of device IC uuids (UUIDv5 of `service|servicepath|device_id`).
+pub const DEVICE_NAMESPACE: Uuid = Uuid::from_u128(0x6b7a_61b2_3c4e_4d7a_9f3c_2b1e_0d9c_8a71);
+
+/// The stable uuid of a device's infrastructure component.
+pub fn device_uuid(tenant: &Tenant, device_id: &str) -> Uuid {
+    Uuid::new_v5(&DEVICE_NAMESPACE, format!("{}|{}|{}", tenant.service, tenant.servicepath, device_id).as_bytes())
+}
+
+/// The last value of each attribute: name → (type, value, time in ms).
+pub type LastValues = IndexMap<String, (String, Value, i64)>;
+
+/// A device with its tenant and what it last reported.
+#[derive(Debug)]
+pub struct DeviceRecord {
+    /// Its tenant.
+    pub tenant: Tenant,
+    /// The provisioned device.
+    pub device: Device,
+    /// Its IC uuid.
+    pub uuid: Uuid,
+    /// Last values, for the device IC's status.
+    pub last: Mutex<LastValues>,
+}
+
+/// What changed, for the device ICs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A device was created or updated.
+    Upsert(Uuid),
+    /// A device was deleted.
+    Removed(Uuid),
+}
+
+/// A device resolved for a measure.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The device.
+    pub record: Arc<DeviceRecord>,
+    /// Its group, if any.
+    pub group: Option<Arc<Group>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (resource, apikey) → group.
+    groups: IndexMap<(String, String), (Tenant, Arc<Group>)>,
+    /// apikey → its tenant (unique across tenants).
+    apikeys: HashMap<String, Tenant>,
+    devices: IndexMap<(Tenant, String), Arc<DeviceRecord>>,
+    by_uuid: HashMap<Uuid, (Tenant, String)>,
+}
+
+impl Inner {
+    fn group_by_apikey(&self, apikey: &str) -> Option<Arc<Group>> {
+        self.groups.iter().find(|((_, k), _)| k == apikey).map(|(_, (_, g))| g.clone())
+    }
+}
+
+/// The registry of one gateway.
+pub struct Registry {
+    gateway: Uuid,
+    store: Store,
+    inner: RwLock<Inner>,
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("gateway", &self.gateway).finish_non_exhaustive()
+    }
+}
+
+fn group_key(g: &Group) -> String {
+    format!("{}\u{1f}{}", g.resource, g.apikey)
+}
+
+fn device_key(t: &Tenant, id: &str) -> String {
+    format!("{}\u{1f}{}\u{1f}{}", t.service, t.servicepath, id)
+}
+
+fn store_err(e: crate::store::StoreError) -> ApiError {
+    ApiError::new(500, "INTERNAL_DB_ERROR", format!("Cannot persist: {e}"))
+}
+
+/// Whether `tenant` is selected by a north request's tenant (`/*` selects
+/// every servicepath of the service).
+fn selects(request: &Tenant, t: &Tenant) -> bool {
+    request.service == t.service && (request.servicepath == "/*" || request.servicepath == t.servicepath)
+}
+
+/// Merge a PUT body into an object: top-level keys replace.
+fn merged(base: Value, patch: &Map<String, Value>) -> Value {
+    let mut base = base;
+    if let Value::Object(b) = &mut base {
+        for (k, v) in patch {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    base
+}
+
+impl Registry {
+    /// Load the registry of `gateway` from the store.
+    pub fn load(gateway: Uuid, store: Store, changes: mpsc::UnboundedSender<Change>) -> Result<Registry, ApiError> {
+        let mut inner = Inner::default();
+        for r in store.iot_load(gateway).map_err(store_err)? {
+            let tenant = Tenant { service: r.service, servicepath: r.servicepath };
+            match r.kind.as_str() {
+                "group" => {
+                    let g = parse_group(&r.body)?;
+                    inner.apikeys.insert(g.apikey.clone(), tenant.clone());
+                    inner.groups.insert((g.resource.clone(), g.apikey.clone()), (tenant, Arc::new(g)));
+                }
+                _ => {
+                    let d = parse_device(&r.body)?;
+                    let uuid = device_uuid(&tenant, &d.device_id);
+                    inner.by_uuid.insert(uuid, (tenant.clone(), d.device_id.clone()));
+                    let rec = DeviceRecord { tenant: tenant.clone(), device: d, uuid, last: Mutex::default() };
+                    inner.devices.insert((tenant, rec.device.device_id.clone()), Arc::new(rec));
+                }
+            }
+        }
+        Ok(Registry { gateway, store, inner: RwLock::new(inner), changes })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many devices are provisioned.
+    pub fn device_count(&self) -> usize {
+        self.read().devices.len()
+    }
+
+    /// Every device.
+    pub fn devices(&self) -> Vec<Arc<DeviceRecord>> {
+        self.read().devices.values().cloned().collect()
+    }
+
+    /// The device with IC uuid `uuid`.
+    pub fn device_by_uuid(&self, uuid: Uuid) -> Option<Resolved> {
+        let inner = self.read();
+        let key = inner.by_uuid.get(&uuid)?;
+        let record = inner.devices.get(key)?.clone();
+        let group = record
+            .device
+            .apikey
+            .as_deref()
+            .and_then(|k| inner.group_by_apikey(k))
+            .or_else(|| inner.groups.values().find(|(t, _)| *t == record.tenant).map(|(_, g)| g.clone()));
+        Some(Resolved { record, group })
+    }
+
+    /// The group of a device, for entity defaults.
+    pub fn group_of(&self, record: &DeviceRecord) -> Option<Arc<Group>> {
+        self.device_by_uuid(record.uuid).and_then(|r| r.group)
+    }
+
+    // ----- north: groups -----
+
+    /// Create groups (all or none).
+    pub async fn create_groups(&self, tenant: &Tenant, groups: Vec<Group>) -> Result<(), ApiError> {
+        {
+            let inner = self.read();
+            let mut seen = Vec::new();
+            for g in &groups {
+                let taken_elsewhere = inner.apikeys.get(&g.apikey).is_some_and(|t| t != tenant);
+                let k = (g.resource.clone(), g.apikey.clone());
+                if taken_elsewhere || inner.groups.contains_key(&k) || seen.contains(&k) {
+                    return Err(ApiError::new(
+                        409,
+                        "DUPLICATE_GROUP",
+                        format!(
+                            "A device configuration already exists for resource {} and API Key {}",
+                            g.resource, g.apikey
+                        ),
+                    ));
+                }
+                seen.push(k);
+            }
+        }
+        let records = groups.iter().map(|g| self.group_record(tenant, g)).collect();
+        self.store.iot_put(self.gateway, records).await.map_err(store_err)?;
+        let mut inner = self.write();
+        for g in groups {
+            inner.apikeys.insert(g.apikey.clone(), tenant.clone());
+            inner.groups.insert((g.resource.clone(), g.apikey.clone()), (tenant.clone(), Arc::new(g)));
+        }
+        Ok(())
+    }
+
+    fn group_record(&self, tenant: &Tenant, g: &Group) -> IotRecord {
+        IotRecord {
+            kind: "group".into(),
+            key: group_key(g),
+            service: tenant.service.clone(),
+            servicepath: tenant.servicepath.clone(),
+            body: serde_json::to_value(g).unwrap_or_default(),
+        }
+    }
+
+    /// The groups of `tenant` (with `/*`: of every servicepath).
+    pub fn groups(&self, tenant: &Tenant) -> Vec<Value> {
+        self.read()
+            .groups
+            .values()
+            .filter(|(t, _)| selects(tenant, t))
+            .map(|(t, g)| {
+                let mut v = serde_json::to_value(g.as_ref()).unwrap_or_default();
+                v["service"] = t.service.clone().into();
+                v["subservice"] = t.servicepath.clone().into();
+                v
+            })
+            .collect()
+    }
+
+    fn find_group(&self, tenant: &Tenant, resource: &str, apikey: &str) -> Result<Arc<Group>, ApiError> {
+        let inner = self.read();
+        match inner.groups.get(&(resource.to_owned(), apikey.to_owned())) {
+            Some((t, g)) if t == tenant => Ok(g.clone()),
+            Some(_) => Err(ApiError::new(
+                403,
+                "MISMATCHED_SERVICE",
+                "The declared service didn't match the stored one in the entity",
+            )),
+            None => Err(ApiError::group_not_found(&format!("resource {resource} and apikey {apikey}"))),
+        }
+    }
+
+    /// Update a group (top-level fields of `patch` replace).
+    pub async fn update_group(
+        &self,
+        tenant: &Tenant,
+        resource: &str,
+        apikey: &str,
+        patch: &Map<String, Value>,
+    ) -> Result<(), ApiError> {
+        let old = self.find_group(tenant, resource, apikey)?;
+        let mut patch = patch.clone();
+        // The key of a group cannot move.
+        patch.insert("resource".into(), resource.into());
+        patch.insert("apikey".into(), apikey.into());
+        let g = parse_group(&merged(serde_json::to_value(old.as_ref()).unwrap_or_default(), &patch))?;
+        self.store.iot_put(self.gateway, vec![self.group_record(tenant, &g)]).await.map_err(store_err)?;
+        self.write().groups.insert((resource.to_owned(), apikey.to_owned()), (tenant.clone(), Arc::new(g)));
+        Ok(())
+    }
+
+    /// Delete a group and, with `devices`, the devices using its apikey.
+    pub async fn delete_group(
+        &self,
+        tenant: &Tenant,
+        resource: &str,
+        apikey: &str,
+        devices: bool,
+    ) -> Result<(), ApiError> {
+        let g = self.find_group(tenant, resource, apikey)?;
+        let doomed: Vec<String> = if devices {
+            self.read()
+                .devices
+                .values()
+                .filter(|r| r.tenant == *tenant && r.device.apikey.as_deref().is_none_or(|k| k == g.apikey))
+                .map(|r| r.device.device_id.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut keys = vec![("group".to_owned(), group_key(&g))];
+        keys.extend(doomed.iter().map(|id| ("device".to_owned(), device_key(tenant, id))));
+        self.store.iot_delete(self.gateway, keys).await.map_err(store_err)?;
+        let mut inner = self.write();
+        inner.groups.shift_remove(&(resource.to_owned(), apikey.to_owned()));
+        if !inner.groups.keys().any(|(_, k)| k == apikey) {
+            inner.apikeys.remove(apikey);
+        }
+        for id in doomed {
+            self.forget(&mut inner, tenant, &id);
+        }
+        Ok(())
+    }
+
+    // ----- north: devices -----
+
+    /// Create devices (all or none).
+    pub async fn create_devices(&self, tenant: &Tenant, devices: Vec<Device>) -> Result<(), ApiError> {
+        {
+            let inner = self.read();
+            let mut seen = Vec::new();
+            for d in &devices {
+                let k = (tenant.clone(), d.device_id.clone());
+                if inner.devices.contains_key(&k) || seen.contains(&k) {
+                    return Err(ApiError::new(
+                        409,
+                        "DUPLICATE_DEVICE_ID",
+                        format!(
+                            "A device with the same info (DeviceId, ApiKey, Service, Subservice) was found:{}",
+                            d.device_id
+                        ),
+                    ));
+                }
+                if let Some(key) = &d.apikey
+                    && inner.apikeys.get(key).is_some_and(|t| t != tenant)
+                {
+                    return Err(ApiError::new(
+                        403,
+                        "MISMATCHED_SERVICE",
+                        "The declared service didn't match the stored one in the entity",
+                    ));
+                }
+                seen.push(k);
+            }
+        }
+        self.put_devices(tenant, devices).await
+    }
+
+    async fn put_devices(&self, tenant: &Tenant, devices: Vec<Device>) -> Result<(), ApiError> {
+        let records = devices
+            .iter()
+            .map(|d| IotRecord {
+                kind: "device".into(),
+                key: device_key(tenant, &d.device_id),
+                service: tenant.service.clone(),
+                servicepath: tenant.servicepath.clone(),
+                body: serde_json::to_value(d).unwrap_or_default(),
+            })
+            .collect();
+        self.store.iot_put(self.gateway, records).await.map_err(store_err)?;
+        let mut inner = self.write();
+        for d in devices {
+            let uuid = device_uuid(tenant, &d.device_id);
+            let key = (tenant.clone(), d.device_id.clone());
+            let last = inner.devices.get(&key).map(|r| r.last.lock().unwrap_or_else(|p| p.into_inner()).clone());
+            inner.by_uuid.insert(uuid, key.clone());
+            let rec =
+                DeviceRecord { tenant: tenant.clone(), device: d, uuid, last: Mutex::new(last.unwrap_or_default()) };
+            inner.devices.insert(key, Arc::new(rec));
+            let _ = self.changes.send(Change::Upsert(uuid));
+        }
+        Ok(())
+    }
+
+    /// The devices of `tenant`, with their tenancy fields.
+    pub fn list_devices(&self, tenant: &Tenant) -> Vec<Value> {
+        self.read().devices.values().filter(|r| selects(tenant, &r.tenant)).map(|r| device_json(r)).collect()
+    }
+
+    /// One device of `tenant`.
+    pub fn get_device(&self, tenant: &Tenant, id: &str) -> Result<Value, ApiError> {
+        self.read()
+            .devices
+            .get(&(tenant.clone(), id.to_owned()))
+            .map(|r| device_json(r))
+            .ok_or_else(|| ApiError::device_not_found(id))
+    }
+
+    /// Update a device (top-level fields of `patch` replace).
+    pub async fn update_device(&self, tenant: &Tenant, id: &str, patch: &Map<String, Value>) -> Result<(), ApiError> {
+        let old = self
+            .read()
+            .devices
+            .get(&(tenant.clone(), id.to_owned()))
+            .cloned()
+            .ok_or_else(|| ApiError::device_not_found(id))?;
+        if patch.get("device_id").is_some_and(|v| v.as_str() != Some(id)) {
+            return Err(ApiError::new(400, "BAD_REQUEST", "Can't change the ID of a provisioned device"));
+        }
+        let d = parse_device(&merged(serde_json::to_value(&old.device).unwrap_or_default(), patch))?;
+        self.put_devices(tenant, vec![d]).await
+    }
+
+    /// Delete devices of `tenant`; the ids not found are returned.
+    pub async fn delete_devices(&self, tenant: &Tenant, ids: &[String]) -> Result<Vec<String>, ApiError> {
+        let (found, missing): (Vec<String>, Vec<String>) = {
+            let inner = self.read();
+            ids.iter().cloned().partition(|id| inner.devices.contains_key(&(tenant.clone(), id.clone())))
+        };
+        let keys = found.iter().map(|id| ("device".to_owned(), device_key(tenant, id))).collect();
+        self.store.iot_delete(self.gateway, keys).await.map_err(store_err)?;
+        let mut inner = self.write();
+        for id in &found {
+            self.forget(&mut inner, tenant, id);
+        }
+        Ok(missing)
+    }
+
+    fn forget(&self, inner: &mut Inner, tenant: &Tenant, id: &str) {
+        if let Some(r) = inner.devices.shift_remove(&(tenant.clone(), id.to_owned())) {
+            inner.by_uuid.remove(&r.uuid);
+            let _ = self.changes.send(Change::Removed(r.uuid));
+        }
+    }
+
+    // ----- south -----
+
+    /// The device a measure is for, creating it if its group autoprovisions.
+    pub async fn resolve(&self, addr: &Address) -> Result<Resolved, ApiError> {
+        match addr {
+            Address::Apikey { apikey, device_id, .. } => {
+                let group_hit = {
+                    let inner = self.read();
+                    match inner.apikeys.get(apikey) {
+                        Some(tenant) => {
+                            let group = inner.group_by_apikey(apikey);
+                            let record = inner.devices.get(&(tenant.clone(), device_id.clone())).cloned();
+                            Some((tenant.clone(), group, record))
+                        }
+                        None => None,
+                    }
+                };
+                match group_hit {
+                    Some((_, group, Some(record))) => {
+                        if record.device.apikey.as_deref().is_some_and(|k| k != apikey) {
+                            return Err(ApiError::device_not_found(device_id));
+                        }
+                        Ok(Resolved { record, group })
+                    }
+                    Some((tenant, Some(group), None)) => {
+                        if group.autoprovision == Some(false) {
+                            return Err(ApiError::device_not_found(device_id));
+                        }
+                        self.autoprovision(&tenant, device_id, group).await
+                    }
+                    Some((_, None, None)) => Err(ApiError::device_not_found(device_id)),
+                    None => {
+                        // A device with its own apikey and no group.
+                        let inner = self.read();
+                        let record = inner
+                            .devices
+                            .values()
+                            .find(|r| r.device.device_id == *device_id && r.device.apikey.as_deref() == Some(apikey))
+                            .cloned();
+                        record
+                            .map(|record| Resolved { record, group: None })
+                            .ok_or_else(|| ApiError::group_not_found(&format!("apikey {apikey}")))
+                    }
+                }
+            }
+            Address::Dojot { tenant, device_id } => {
+                let inner = self.read();
+                let record = inner
+                    .devices
+                    .values()
+                    .find(|r| r.tenant.service == *tenant && r.device.device_id == *device_id)
+                    .cloned()
+                    .ok_or_else(|| ApiError::device_not_found(device_id))?;
+                let group = record.device.apikey.as_deref().and_then(|k| inner.group_by_apikey(k));
+                Ok(Resolved { record, group })
+            }
+        }
+    }
+
+    async fn autoprovision(&self, tenant: &Tenant, id: &str, group: Arc<Group>) -> Result<Resolved, ApiError> {
+        let device = parse_device(&serde_json::json!({"device_id": id}))?;
+        // Two first measures may race: the second finds the first's device.
+        if let Some(record) = self.read().devices.get(&(tenant.clone(), id.to_owned())).cloned() {
+            return Ok(Resolved { record, group: Some(group) });
+        }
+        self.put_devices(tenant, vec![device]).await?;
+        let record = self
+            .read()
+            .devices
+            .get(&(tenant.clone(), id.to_owned()))
+            .cloned()
+            .ok_or_else(|| ApiError::device_not_found(id))?;
+        tracing::info!(device = %id, service = %tenant.service, servicepath = %tenant.servicepath, "autoprovisioned device");
+        Ok(Resolved { record, group: Some(group) })
+    }
+}
+
+fn device_json(r: &DeviceRecord) -> Value {
+    let mut v = serde_json::to_value(&r.device).unwrap_or_default();
+    v["service"] = r.tenant.service.clone().into();
+    v["service_path"] = r.tenant.servicepath.clone().into();
+    v
+}

@@ -1,0 +1,456 @@
+//! Measures in: HTTP (iotagent-json's `/iot/json` API), MQTT (rumqttc, the
+//! iotagent-json and dojot topic grammars) and AMQP (a topic exchange with
+//! routing keys `.{apikey}.{id}.attrs[.{attr}]`). Every transport ends in
+//! [`Core::ingest`]; a bad measure is answered (HTTP) or counted and logged
+//! (MQTT, AMQP), and never stops a loop.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::mapping::{Address, parse_routing_key, parse_topic, single_value};
+use super::model::ApiError;
+use super::{Core, Payload, Transport};
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+// ----- HTTP -----
+
+type Shared = State<Arc<Core>>;
+type Params = Query<HashMap<String, String>>;
+
+/// The HTTP southbound router (`{resource}` is `/iot/json` by default).
+pub fn http_router(core: Arc<Core>) -> Router {
+    let resource = core.settings.resource.clone();
+    let limit = core.settings.max_body_bytes;
+    Router::new()
+        .route(&resource, axum::routing::post(post_measure).get(get_measure))
+        .route(&format!("{resource}/attrs/{{attr}}"), axum::routing::post(post_attr))
+        .fallback(|| async { ApiError::new(404, "NOT_FOUND", "No such resource") })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(core)
+}
+
+/// The body, or a JSON 413 when it is over the limit.
+pub(crate) fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    b.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) => ApiError::new(413, "PayloadTooLargeError", "request entity too large"),
+        other => ApiError::payload(other.body_text()),
+    })
+}
+
+fn address(q: &HashMap<String, String>, attr: Option<String>) -> Result<Address, ApiError> {
+    let get = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
+    match (get("k"), get("i")) {
+        (Some(apikey), Some(device_id)) => Ok(Address::Apikey { apikey, device_id, attr }),
+        (k, i) => {
+            let missing: Vec<&str> =
+                [("API Key", k.is_none()), ("Device Id", i.is_none())].iter().filter(|x| x.1).map(|x| x.0).collect();
+            Err(ApiError::new(
+                400,
+                "MANDATORY_PARAMS_NOT_FOUND",
+                format!(
+                    "Some of the mandatory params weren't found in the request: {}",
+                    serde_json::to_string(&missing).unwrap_or_default()
+                ),
+            ))
+        }
+    }
+}
+
+fn content_type(h: &HeaderMap) -> String {
+    h.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase()
+}
+
+fn unsupported() -> ApiError {
+    ApiError::new(
+        400,
+        "UNSUPPORTED_TYPE",
+        "The request content didn't have the expected type [application/json, text/plain, application/octet-stream]",
+    )
+}
+
+fn ok() -> Response {
+    axum::Json(json!({})).into_response()
+}
+
+async fn post_measure(
+    State(core): Shared,
+    q: Params,
+    h: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b = body(b)?;
+    let addr = address(&q, None)?;
+    if !content_type(&h).contains("json") {
+        return Err(count(&core, unsupported()));
+    }
+    let v: Value =
+        serde_json::from_slice(&b).map_err(|e| count(&core, ApiError::payload(format!("invalid JSON: {e}"))))?;
+    core.ingest(Transport::Http, &addr, Payload::Json(v), q.get("t").map(String::as_str)).await?;
+    Ok(ok())
+}
+
+async fn get_measure(State(core): Shared, q: Params) -> Result<Response, ApiError> {
+    let addr = address(&q, None)?;
+    let d = q.get("d").ok_or_else(|| {
+        ApiError::new(
+            400,
+            "MANDATORY_PARAMS_NOT_FOUND",
+            "Some of the mandatory params weren't found in the request: [\"Payload\"]",
+        )
+    })?;
+    let v: Value =
+        serde_json::from_str(d).map_err(|e| count(&core, ApiError::payload(format!("invalid JSON in d: {e}"))))?;
+    core.ingest(Transport::Http, &addr, Payload::Json(v), q.get("t").map(String::as_str)).await?;
+    Ok(ok())
+}
+
+async fn post_attr(
+    State(core): Shared,
+    Path(attr): Path<String>,
+    q: Params,
+    h: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b = body(b)?;
+    let addr = address(&q, Some(attr.clone()))?;
+    let ct = content_type(&h);
+    let value = if ct.contains("json") {
+        serde_json::from_slice(&b).map_err(|e| count(&core, ApiError::payload(format!("invalid JSON: {e}"))))?
+    } else if ct.starts_with("text/plain") {
+        Value::String(String::from_utf8_lossy(&b).into_owned())
+    } else if ct.starts_with("application/octet-stream") {
+        single_value(&b, true)
+    } else {
+        return Err(count(&core, unsupported()));
+    };
+    core.ingest(Transport::Http, &addr, Payload::Single(attr, value), q.get("t").map(String::as_str)).await?;
+    Ok(ok())
+}
+
+fn count(core: &Core, e: ApiError) -> ApiError {
+    core.counters.error(&e.kind());
+    e
+}
+
+// ----- MQTT -----
+
+/// Host, port and credentials of an `mqtt://[user[:pass]@]host[:port]` URL.
+fn parse_mqtt_url(url: &str) -> Option<(String, u16, Option<(String, String)>)> {
+    let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://"))?;
+    let rest = rest.trim_end_matches('/');
+    let (creds, hostport) = match rest.rsplit_once('@') {
+        Some((c, h)) => (Some(c), h),
+        None => (None, rest),
+    };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (h.to_owned(), p.parse().ok()?),
+        None => (hostport.to_owned(), 1883),
+    };
+    let creds = creds.map(|c| match c.split_once(':') {
+        Some((u, p)) => (u.to_owned(), p.to_owned()),
+        None => (c.to_owned(), String::new()),
+    });
+    (!host.is_empty()).then_some((host, port, creds))
+}
+
+/// The subscriptions of a gateway.
+pub fn mqtt_filters(prefix: &str, shared_group: &str, dojot: bool) -> Vec<String> {
+    let bases: Vec<String> = if prefix.is_empty() {
+        let mut b = vec![
+            "/json/+/+/attrs",
+            "/json/+/+/attrs/+",
+            "json/+/+/attrs",
+            "json/+/+/attrs/+",
+            "/+/+/attrs",
+            "/+/+/attrs/+",
+        ];
+        if dojot {
+            b.push("+/attrs");
+        }
+        b.into_iter().map(str::to_owned).collect()
+    } else {
+        let mut b = vec!["json/+/+/attrs", "json/+/+/attrs/+", "+/+/attrs", "+/+/attrs/+"];
+        if dojot {
+            b.push("+/attrs");
+        }
+        b.into_iter().map(|f| format!("{prefix}/{f}")).collect()
+    };
+    bases.into_iter().map(|f| if shared_group.is_empty() { f } else { format!("$share/{shared_group}/{f}") }).collect()
+}
+
+/// The topic as the grammar sees it: the prefix removed (a prefixed topic
+/// reads like one with a leading slash).
+fn strip_prefix<'a>(topic: &'a str, prefix: &str) -> Option<std::borrow::Cow<'a, str>> {
+    if prefix.is_empty() {
+        return Some(topic.into());
+    }
+    let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
+    // `{prefix}/{tenant}:{device}/attrs` keeps its dojot shape.
+    if rest.split('/').count() == 2 && rest.contains(':') {
+        return Some(rest.into());
+    }
+    Some(format!("/{rest}").into())
+}
+
+async fn on_publish(core: &Core, topic: &str, payload: &[u8]) {
+    let prefix = &core.settings.mqtt_prefix;
+    let addr = strip_prefix(topic, prefix).and_then(|t| parse_topic(&t, core.settings.dojot));
+    let Some(addr) = addr else {
+        core.counters.error("bad_topic");
+        debug!(%topic, "not a measure topic");
+        return;
+    };
+    let payload = match &addr {
+        Address::Apikey { attr: Some(a), .. } => Payload::Single(a.clone(), single_value(payload, false)),
+        _ => match serde_json::from_slice(payload) {
+            Ok(v) => Payload::Json(v),
+            Err(e) => {
+                core.counters.error("bad_payload");
+                warn!(%topic, error = %e, "dropped a measure that is not JSON");
+                return;
+            }
+        },
+    };
+    if let Err(e) = core.ingest(Transport::Mqtt, &addr, payload, None).await {
+        warn!(%topic, error = %e, "dropped a measure");
+    }
+}
+
+/// The MQTT client of a gateway: reconnects forever with backoff,
+/// re-subscribes after every connect, unsubscribes while the gateway is
+/// stopped, and acknowledges a QoS 1 measure only once the federation has
+/// taken it.
+pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
+    let Some((host, port, creds)) = parse_mqtt_url(&url) else {
+        core.counters.error("bad_mqtt_url");
+        warn!(url = %crate::config::redact_url(&url), "invalid MQTT URL; MQTT is off for this gateway");
+        return;
+    };
+    let mut opts = MqttOptions::new(format!("busbar-{}", core.gateway.simple()), host, port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_request_channel_capacity(65_536)
+        .set_inflight(1000);
+    if let Some((u, p)) = creds {
+        opts.set_credentials(u, p);
+    }
+    let (client, mut events) = AsyncClient::new(opts, 65_536);
+    let qos = if core.settings.mqtt_qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+    let filters = mqtt_filters(&core.settings.mqtt_prefix, &core.settings.mqtt_shared_group, core.settings.dojot);
+    let mut running = core.running.subscribe();
+    let mut subscribed = false;
+    let mut connected = false;
+    let mut backoff = Duration::from_millis(100);
+    let set = |client: &AsyncClient, on: bool| {
+        for f in &filters {
+            let r = if on { client.try_subscribe(f.clone(), qos) } else { client.try_unsubscribe(f.clone()) };
+            if let Err(e) = r {
+                warn!(filter = %f, error = %e, "cannot (un)subscribe");
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            ev = events.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    info!(filters = filters.len(), "MQTT connected");
+                    connected = true;
+                    core.counters.mqtt_up.store(true, Ordering::Relaxed);
+                    backoff = Duration::from_millis(100);
+                    subscribed = *running.borrow();
+                    if subscribed {
+                        set(&client, true);
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    on_publish(&core, &p.topic, &p.payload).await;
+                    if let Err(e) = client.try_ack(&p) {
+                        warn!(error = %e, "cannot acknowledge a measure");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if connected {
+                        warn!(error = %e, "MQTT connection lost; reconnecting");
+                        core.counters.error("mqtt_disconnect");
+                    } else {
+                        debug!(error = %e, "MQTT connect failed");
+                    }
+                    connected = false;
+                    core.counters.mqtt_up.store(false, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = token.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            },
+            changed = running.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let on = *running.borrow();
+                if connected && on != subscribed {
+                    set(&client, on);
+                    subscribed = on;
+                }
+            }
+            _ = token.cancelled() => break,
+        }
+    }
+    core.counters.mqtt_up.store(false, Ordering::Relaxed);
+    let _ = client.try_disconnect();
+    // Let the DISCONNECT go out.
+    let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
+}
+
+// ----- AMQP -----
+
+/// The AMQP southbound consumer: queue `amqp_south_queue` on topic
+/// exchange `exchange`, bound `.*.*.attrs` and `.*.*.attrs.*`; a delivery
+/// is acknowledged once the federation has taken its measure.
+pub async fn amqp(core: Arc<Core>, url: String, exchange: String, token: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let session = amqp_session(&core, &url, &exchange, &token);
+        match session.await {
+            Ok(()) => return,
+            Err(e) => {
+                core.counters.error("amqp_south_disconnect");
+                warn!(error = %e, "AMQP southbound lost the broker; reconnecting");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = token.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &CancellationToken) -> Result<(), lapin::Error> {
+    let uri = crate::bus::amqp_uri(url).map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
+    let conn = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(1000, BasicQosOptions::default()).await?;
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    ch.exchange_declare(exchange.into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+    let queue = core.settings.amqp_south_queue.as_str();
+    ch.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+        .await?;
+    for key in [".*.*.attrs", ".*.*.attrs.*"] {
+        ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+    }
+    let mut consumer =
+        ch.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+    info!(%exchange, %queue, "AMQP southbound consuming");
+    let mut running = core.running.subscribe();
+    loop {
+        tokio::select! {
+            d = consumer.next() => match d {
+                Some(Ok(d)) => {
+                    let key = d.routing_key.as_str();
+                    match parse_routing_key(key) {
+                        Some(addr) => {
+                            let payload = match &addr {
+                                Address::Apikey { attr: Some(a), .. } => Ok(Payload::Single(a.clone(), single_value(&d.data, false))),
+                                _ => serde_json::from_slice(&d.data).map(Payload::Json),
+                            };
+                            match payload {
+                                Ok(p) => {
+                                    if let Err(e) = core.ingest(Transport::Amqp, &addr, p, None).await {
+                                        warn!(routing_key = %key, error = %e, "dropped a measure");
+                                    }
+                                }
+                                Err(e) => {
+                                    core.counters.error("bad_payload");
+                                    warn!(routing_key = %key, error = %e, "dropped a measure that is not JSON");
+                                }
+                            }
+                        }
+                        None => {
+                            core.counters.error("bad_routing_key");
+                            warn!(routing_key = %key, "not a measure routing key");
+                        }
+                    }
+                    d.ack(BasicAckOptions::default()).await?;
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Err(lapin::Error::from(std::io::Error::other("consumer ended"))),
+            },
+            // While stopped, stop consuming: measures wait in the queue.
+            _ = async { drop(running.wait_for(|on| !on).await) } => break,
+            _ = token.cancelled() => {
+                let _ = conn.close(200, "bye".into()).await;
+                return Ok(());
+            }
+        }
+    }
+    let _ = conn.close(200, "gateway stopped".into()).await;
+    tokio::select! {
+        _ = async { drop(running.wait_for(|on| *on).await) } => Err(lapin::Error::from(std::io::Error::other("gateway restarted"))),
+        _ = token.cancelled() => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_urls_parse() {
+        assert_eq!(parse_mqtt_url("mqtt://127.0.0.1:1883"), Some(("127.0.0.1".into(), 1883, None)));
+        assert_eq!(parse_mqtt_url("mqtt://broker"), Some(("broker".into(), 1883, None)));
+        assert_eq!(
+            parse_mqtt_url("mqtt://u:p@broker:1884/"),
+            Some(("broker".into(), 1884, Some(("u".into(), "p".into()))))
+        );
+        assert_eq!(parse_mqtt_url("http://x"), None);
+        assert_eq!(parse_mqtt_url("mqtt://x:port"), None);
+    }
+
+    #[test]
+    fn subscriptions_cover_the_iotagent_json_topics_shared_or_prefixed() {
+        let f = mqtt_filters("", "busbar", false);
+        assert!(f.contains(&"$share/busbar//json/+/+/attrs".to_owned()));
+        assert!(f.contains(&"$share/busbar/json/+/+/attrs/+".to_owned()));
+        assert!(f.contains(&"$share/busbar//+/+/attrs".to_owned()));
+        assert!(!f.iter().any(|x| x.ends_with("+/attrs") && !x.contains("+/+/attrs")), "dojot off");
+        let p = mqtt_filters("site1", "", true);
+        assert_eq!(
+            p,
+            ["site1/json/+/+/attrs", "site1/json/+/+/attrs/+", "site1/+/+/attrs", "site1/+/+/attrs/+", "site1/+/attrs"]
+        );
+    }
+
+    #[test]
+    fn prefixed_topics_read_like_their_unprefixed_forms() {
+        let t = |topic: &str| strip_prefix(topic, "p1").and_then(|t| parse_topic(&t, true));
+        assert_eq!(t("p1/json/k/d/attrs"), parse_topic("/json/k/d/attrs", false));
+        assert_eq!(t("p1/k/d/attrs/x"), parse_topic("/k/d/attrs/x", false));
+        assert_eq!(t("p1/admin:dev/attrs"), parse_topic("admin:dev/attrs", true));
+        assert_eq!(t("p2/json/k/d/attrs"), None);
+    }
+}
