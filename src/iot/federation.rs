@@ -43,11 +43,14 @@ pub struct Target {
     pub exchange: String,
     /// Measures kept while the broker is unreachable.
     pub buffer: usize,
+    /// The connection name the broker shows (`busbar federation gateway=…`).
+    pub name: String,
 }
 
 async fn connect(t: &Target) -> Result<(Connection, Channel), lapin::Error> {
     let uri = crate::bus::amqp_uri(&t.url).map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
-    let conn = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
+    let props = ConnectionProperties::default().with_connection_name(t.name.as_str().into());
+    let conn = Connection::connect_uri(uri, props).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     ch.exchange_declare(

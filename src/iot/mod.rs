@@ -357,6 +357,7 @@ impl Agent {
             url: shared.config.broker.url.clone(),
             exchange: settings.federation_exchange.clone(),
             buffer: settings.buffer,
+            name: format!("busbar federation gateway={gateway}"),
         };
         t.spawn(federation::run(fed, outbox_rx, counters, token.clone()).instrument(span.clone()));
         if let Some(url) = &settings.mqtt_url {

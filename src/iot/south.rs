@@ -351,7 +351,8 @@ pub async fn amqp(core: Arc<Core>, url: String, exchange: String, token: Cancell
 
 async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &CancellationToken) -> Result<(), lapin::Error> {
     let uri = crate::bus::amqp_uri(url).map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
-    let conn = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
+    let name = format!("busbar amqp-south gateway={}", core.gateway);
+    let conn = Connection::connect_uri(uri, ConnectionProperties::default().with_connection_name(name.into())).await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(1000, BasicQosOptions::default()).await?;
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod fake_kube;
+pub mod iot;
 
 use busbar::client::{Client, Listener, Seen};
 use busbar::config::Config;
