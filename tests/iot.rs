@@ -161,3 +161,223 @@ async fn an_http_measure_becomes_the_exact_device_data_message_and_updates_the_d
     data.close().await;
     d.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn mqtt_and_amqp_measures_reach_the_federation_in_every_topic_form() {
+    let gw = Gw::with(&format!("amqp_south_exchange: south-{0}, amqp_south_queue: q-{0}", TestEnv::new().id));
+    let south_exchange = gw.extra.split(',').next().unwrap().split(": ").nth(1).unwrap().to_owned();
+    let (d, g, _c, _l, mut data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(LAB, group(&k), dev1()).await;
+    let mqtt = Mqtt::connect(1883).await;
+    for (i, topic) in [
+        format!("json/{k}/dev1/attrs"),
+        format!("{k}/dev1/attrs"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        mqtt.publish(&gw.topic(topic), json!({"t": i}).to_string(), 1).await;
+        let m = data.next().await;
+        assert_eq!(m.body["attrs"]["temperature"], i, "{topic}");
+        assert_eq!(m.body["metadata"]["deviceid"], "dev1");
+    }
+    // A single attribute: JSON if it parses, text otherwise.
+    mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs/t")), "34", 1).await;
+    assert_eq!(data.next().await.body["attrs"]["temperature"], 34);
+    mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs/blob")), "hello", 1).await;
+    assert_eq!(data.next().await.body["attrs"]["blob"], "hello");
+    // Not JSON on the attrs topic: dropped and counted, the client keeps going.
+    mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), "{\"t\": }", 1).await;
+    mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), "42", 1).await;
+    mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), json!({"t": 99}).to_string(), 1).await;
+    assert_eq!(data.next().await.body["attrs"]["temperature"], 99);
+
+    // AMQP southbound.
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let end = tokio::time::Instant::now() + WAIT;
+    loop {
+        // The gateway declares the exchange when it connects.
+        let ok = ch
+            .exchange_declare(
+                south_exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() },
+                Default::default(),
+            )
+            .await
+            .is_ok();
+        if ok {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ch = conn.create_channel().await.unwrap();
+    let publish = |key: String, body: String| {
+        let ch = ch.clone();
+        let ex = south_exchange.clone();
+        async move {
+            ch.basic_publish(ex.as_str().into(), key.as_str().into(), Default::default(), body.as_bytes(), Default::default())
+                .await
+                .unwrap();
+        }
+    };
+    publish(format!(".{k}.dev1.attrs"), json!({"t": 7}).to_string()).await;
+    assert_eq!(data.next().await.body["attrs"]["temperature"], 7);
+    publish(format!(".{k}.dev1.attrs.h"), "55".into()).await;
+    assert_eq!(data.next().await.body["attrs"]["h"], 55);
+    let st = d.shared.lookup(gw.uuid).unwrap().status().await.unwrap();
+    let counters = &st["status"]["counters"];
+    assert_eq!(counters["measures_in"]["mqtt"], 5, "{counters}");
+    assert_eq!(counters["measures_in"]["amqp"], 2, "{counters}");
+    assert_eq!(counters["errors"]["bad_payload"], 2, "{counters}");
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch.exchange_delete(south_exchange.as_str().into(), Default::default()).await;
+    let _ = ch.queue_delete(format!("q-{}", &south_exchange[6..]).as_str().into(), Default::default()).await;
+    data.close().await;
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_mapping_rules_aliases_statics_explicit_attrs_multimeasures_time_and_autoprovision() {
+    let gw = Gw::new();
+    let (d, g, _c, _l, mut data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    let closed = format!("c{}", gw.env.id);
+    g.provision(LAB, group(&k), dev1()).await;
+    let locked = json!({"resource": "/iot/json", "apikey": closed, "entity_type": "Locked", "autoprovision": false,
+        "explicitAttrs": true, "attributes": [{"object_id": "t", "name": "temperature", "type": "Number"}]});
+    g.provision(LAB, locked, json!([{"device_id": "strict"}])).await;
+
+    // id/type renamed, null dropped, unknown typed Text, statics merged.
+    g.measure(&k, "dev1", json!({"id": "spoof", "type": "Spoof", "t": 1, "n": null})).await;
+    let m = data.next().await.body;
+    assert_eq!(m["attrs"], json!({"measure_id": "spoof", "measure_type": "Spoof", "temperature": 1, "lab": "L1", "room": "B12"}));
+    assert_eq!(m["metadata"]["types"]["measure_id"], "Text");
+    // explicitAttrs (from the group): only provisioned attributes.
+    let (s, _) = g.measure(&closed, "strict", json!({"t": 20, "junk": 1})).await;
+    assert_eq!(s, 200);
+    assert_eq!(data.next().await.body["attrs"], json!({"temperature": 20}));
+    // Multimeasure: in order, each with its own time.
+    let body = json!([{"t": 1, "TimeInstant": "2024-04-10T10:15:00Z"}, {"t": 2, "TimeInstant": "2024-04-10T10:05:00Z"}]);
+    g.measure(&k, "dev1", body).await;
+    let (a, b) = (data.next().await.body, data.next().await.body);
+    assert_eq!((a["attrs"]["temperature"].clone(), b["attrs"]["temperature"].clone()), (json!(1), json!(2)));
+    assert_eq!(a["metadata"]["timestamp"], 1_712_744_100_000_i64);
+    assert_eq!(b["metadata"]["timestamp"], 1_712_743_500_000_i64);
+    // t= sets the time.
+    let (s, _) = g.south_raw(&format!("/iot/json?k={k}&i=dev1&t=2020-02-22T22:22:22Z"), "application/json", b"{\"t\":3}".to_vec()).await;
+    assert_eq!(s, 200);
+    assert_eq!(data.next().await.body["metadata"]["timestamp"], 1_582_410_142_000_i64);
+    // GET with d=, and the single-attribute POST in every content type.
+    let (s, _) = g.south_get(&format!("/iot/json?k={k}&i=dev1&d=%7B%22t%22%3A4%7D")).await;
+    assert_eq!(s, 200);
+    assert_eq!(data.next().await.body["attrs"]["temperature"], 4);
+    let attr = |a: &str| format!("/iot/json/attrs/{a}?k={k}&i=dev1");
+    assert_eq!(g.south_raw(&attr("t"), "application/json", b"5".to_vec()).await.0, 200);
+    assert_eq!(data.next().await.body["attrs"]["temperature"], 5);
+    assert_eq!(g.south_raw(&attr("note"), "text/plain", b"22.5".to_vec()).await.0, 200);
+    assert_eq!(data.next().await.body["attrs"]["note"], "22.5");
+    assert_eq!(g.south_raw(&attr("blob"), "application/octet-stream", b"hello".to_vec()).await.0, 200);
+    assert_eq!(data.next().await.body["attrs"]["blob"], "68656c6c6f");
+    let (s, b) = g.south_raw(&attr("x"), "application/xml", b"<a/>".to_vec()).await;
+    assert_eq!((s, b["name"].as_str()), (400, Some("UNSUPPORTED_TYPE")));
+    // Autoprovisioning: on by default (entity type:id), off gives DEVICE_NOT_FOUND.
+    let (s, _) = g.measure(&k, "auto7", json!({"t": 5, "x": "extra"})).await;
+    assert_eq!(s, 200);
+    let m = data.next().await.body;
+    assert_eq!(m["metadata"]["entity_name"], "Sensor:auto7");
+    assert_eq!(m["attrs"], json!({"t": 5, "x": "extra", "lab": "L1"}));
+    let (s, b) = g.north("GET", "/iot/devices/auto7", Some(LAB), None).await;
+    assert_eq!((s, b["device_id"].as_str()), (200, Some("auto7")));
+    let (s, b) = g.measure(&closed, "ghost", json!({"t": 1})).await;
+    assert_eq!((s, b["name"].as_str()), (404, Some("DEVICE_NOT_FOUND")));
+    // Errors of the south API.
+    let (s, b) = g.measure("nokey", "dev1", json!({"t": 1})).await;
+    assert_eq!((s, b["name"].as_str()), (404, Some("DEVICE_GROUP_NOT_FOUND")));
+    let (s, b) = g.south_raw("/iot/json?i=dev1", "application/json", b"{}".to_vec()).await;
+    assert_eq!((s, b["name"].as_str()), (400, Some("MANDATORY_PARAMS_NOT_FOUND")));
+    let (s, b) = g.south_raw(&format!("/iot/json?k={k}&i=dev1"), "application/json", b"{\"t\": }".to_vec()).await;
+    assert_eq!((s, b["name"].as_str()), (400, Some("BAD_PAYLOAD")));
+    let (s, b) = g.measure(&k, "dev1", json!({"t": 1, "TimeInstant": "yesterday"})).await;
+    assert_eq!((s, b["name"].as_str()), (400, Some("BAD_TIMESTAMP")));
+    let big = vec![b' '; 2 << 20];
+    let (s, b) = g.south_raw(&format!("/iot/json?k={k}&i=dev1"), "application/json", big).await;
+    assert_eq!((s, b["name"].as_str()), (413, Some("PayloadTooLargeError")));
+    data.quiet(Duration::from_millis(200)).await;
+    data.close().await;
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_upstream_bugs_do_not_happen() {
+    let gw = Gw::new();
+    let (d, g, _c, _l, mut data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(LAB, group(&k), dev1()).await;
+    // A scalar or {} is refused, never an attribute named "undefined".
+    for body in [json!(42), json!({}), json!([]), json!([1])] {
+        let (s, b) = g.measure(&k, "dev1", body.clone()).await;
+        assert_eq!((s, b["name"].as_str()), (400, Some("BAD_PAYLOAD")), "{body}");
+    }
+    // A one-element array is one measure, never an attribute "0" (MQTT too).
+    let mqtt = Mqtt::connect(1883).await;
+    mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), "[{\"t\":3}]", 1).await;
+    let m = data.next().await.body;
+    assert_eq!(m["attrs"]["temperature"], 3);
+    assert!(m["attrs"].get("0").is_none() && m["attrs"].get("undefined").is_none(), "{m}");
+    // An attribute may not be provisioned as "undefined" or "0" either.
+    let bad = json!({"devices": [{"device_id": "x", "attributes": [{"name": "undefined", "type": "Text"}]}]});
+    assert_eq!(g.north("POST", "/iot/devices", Some(LAB), Some(bad)).await.0, 400);
+    // No default apikey reaches across tenants: another tenant's key with
+    // this tenant's device id creates a device in *that* tenant.
+    let other = ("other", "/");
+    let k2 = format!("o{}", gw.env.id);
+    g.provision(other, group(&k2), Value::Null).await;
+    g.measure(&k2, "dev1", json!({"t": 100})).await;
+    let m = data.next().await.body;
+    assert_eq!((m["metadata"]["service"].as_str(), m["metadata"]["entity_name"].as_str()), (Some("other"), Some("Sensor:dev1")));
+    let (_, b) = g.north("GET", "/iot/devices/dev1", Some(LAB), None).await;
+    assert_eq!(b["entity_name"], "urn:lab:Sensor:dev1", "tenant lab's device untouched");
+    // The MQTT client reconnects after the broker drops it, and re-subscribes.
+    let st = d.shared.lookup(gw.uuid).unwrap().status().await.unwrap();
+    assert_eq!(st["status"]["mqtt_connected"], true);
+    data.close().await;
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn stopped_gateways_refuse_south_traffic_and_start_takes_it_again() {
+    let gw = Gw::new();
+    let (d, g, c, mut l, mut data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(LAB, group(&k), dev1()).await;
+    c.publish(to_uuid(gw.uuid), &action("stop", json!({})), None).await.unwrap();
+    state_of(&mut l, gw.uuid, "idle").await;
+    let (s, b) = g.measure(&k, "dev1", json!({"t": 1})).await;
+    assert_eq!((s, b["name"].as_str()), (503, Some("GATEWAY_STOPPED")));
+    let mqtt = Mqtt::connect(1883).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), "{\"t\":2}", 0).await;
+    data.quiet(Duration::from_millis(300)).await;
+    // Provisioning still works while stopped.
+    assert_eq!(g.north("GET", "/iot/devices/dev1", Some(LAB), None).await.0, 200);
+    c.publish(to_uuid(gw.uuid), &action("start", json!({})), None).await.unwrap();
+    state_of(&mut l, gw.uuid, "running").await;
+    assert_eq!(g.measure(&k, "dev1", json!({"t": 3})).await.0, 200);
+    assert_eq!(data.next().await.body["attrs"]["temperature"], 3);
+    // MQTT is subscribed again.
+    let end = tokio::time::Instant::now() + WAIT;
+    loop {
+        mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), "{\"t\":4}", 1).await;
+        if let Some(m) = data.next_within(Duration::from_millis(300)).await {
+            assert_eq!(m.body["attrs"]["temperature"], 4);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "MQTT not resubscribed");
+    }
+    data.close().await;
+    d.stop().await.unwrap();
+}

@@ -261,6 +261,8 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
     let mut running = core.running.subscribe();
     let mut subscribed = false;
     let mut connected = false;
+    // SUBACKs still expected; the client counts as up once they are in.
+    let mut pending = 0usize;
     let mut backoff = Duration::from_millis(100);
     let set = |client: &AsyncClient, on: bool| {
         for f in &filters {
@@ -276,11 +278,19 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     info!(filters = filters.len(), "MQTT connected");
                     connected = true;
-                    core.counters.mqtt_up.store(true, Ordering::Relaxed);
                     backoff = Duration::from_millis(100);
                     subscribed = *running.borrow();
                     if subscribed {
                         set(&client, true);
+                        pending = filters.len();
+                    } else {
+                        core.counters.mqtt_up.store(true, Ordering::Relaxed);
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    pending = pending.saturating_sub(1);
+                    if pending == 0 {
+                        core.counters.mqtt_up.store(true, Ordering::Relaxed);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
