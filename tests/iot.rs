@@ -4,8 +4,8 @@
 
 mod common;
 
-use busbar::iot::registry::device_uuid;
 use busbar::iot::model::Tenant;
+use busbar::iot::registry::device_uuid;
 use common::iot::*;
 use common::*;
 use serde_json::{Value, json};
@@ -111,7 +111,10 @@ async fn provisioning_calls_answer_with_the_upstream_codes_and_errors() {
     assert_eq!(g.north("GET", "/admin/log", None, None).await, (200, json!({"level": "INFO"})));
     assert_eq!(g.north("PUT", "/admin/log?level=DEBUG", None, None).await.0, 200);
     assert_eq!(g.north("GET", "/admin/log", None, None).await.1, json!({"level": "DEBUG"}));
-    assert_eq!(g.north("PUT", "/admin/log?level=bogus", None, None).await, (400, json!({"error": "invalid log level"})));
+    assert_eq!(
+        g.north("PUT", "/admin/log?level=bogus", None, None).await,
+        (400, json!({"error": "invalid log level"}))
+    );
     assert_eq!(g.north("PUT", "/admin/log", None, None).await, (400, json!({"error": "log level missing"})));
     let (s, b) = g.north("GET", "/metrics", None, None).await;
     assert_eq!(s, 200);
@@ -170,13 +173,7 @@ async fn mqtt_and_amqp_measures_reach_the_federation_in_every_topic_form() {
     let k = format!("k{}", gw.env.id);
     g.provision(LAB, group(&k), dev1()).await;
     let mqtt = Mqtt::connect(1883).await;
-    for (i, topic) in [
-        format!("json/{k}/dev1/attrs"),
-        format!("{k}/dev1/attrs"),
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (i, topic) in [format!("json/{k}/dev1/attrs"), format!("{k}/dev1/attrs")].iter().enumerate() {
         mqtt.publish(&gw.topic(topic), json!({"t": i}).to_string(), 1).await;
         let m = data.next().await;
         assert_eq!(m.body["attrs"]["temperature"], i, "{topic}");
@@ -219,9 +216,15 @@ async fn mqtt_and_amqp_measures_reach_the_federation_in_every_topic_form() {
         let ch = ch.clone();
         let ex = south_exchange.clone();
         async move {
-            ch.basic_publish(ex.as_str().into(), key.as_str().into(), Default::default(), body.as_bytes(), Default::default())
-                .await
-                .unwrap();
+            ch.basic_publish(
+                ex.as_str().into(),
+                key.as_str().into(),
+                Default::default(),
+                body.as_bytes(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
         }
     };
     publish(format!(".{k}.dev1.attrs"), json!({"t": 7}).to_string()).await;
@@ -254,21 +257,27 @@ async fn the_mapping_rules_aliases_statics_explicit_attrs_multimeasures_time_and
     // id/type renamed, null dropped, unknown typed Text, statics merged.
     g.measure(&k, "dev1", json!({"id": "spoof", "type": "Spoof", "t": 1, "n": null})).await;
     let m = data.next().await.body;
-    assert_eq!(m["attrs"], json!({"measure_id": "spoof", "measure_type": "Spoof", "temperature": 1, "lab": "L1", "room": "B12"}));
+    assert_eq!(
+        m["attrs"],
+        json!({"measure_id": "spoof", "measure_type": "Spoof", "temperature": 1, "lab": "L1", "room": "B12"})
+    );
     assert_eq!(m["metadata"]["types"]["measure_id"], "Text");
     // explicitAttrs (from the group): only provisioned attributes.
     let (s, _) = g.measure(&closed, "strict", json!({"t": 20, "junk": 1})).await;
     assert_eq!(s, 200);
     assert_eq!(data.next().await.body["attrs"], json!({"temperature": 20}));
     // Multimeasure: in order, each with its own time.
-    let body = json!([{"t": 1, "TimeInstant": "2024-04-10T10:15:00Z"}, {"t": 2, "TimeInstant": "2024-04-10T10:05:00Z"}]);
+    let body =
+        json!([{"t": 1, "TimeInstant": "2024-04-10T10:15:00Z"}, {"t": 2, "TimeInstant": "2024-04-10T10:05:00Z"}]);
     g.measure(&k, "dev1", body).await;
     let (a, b) = (data.next().await.body, data.next().await.body);
     assert_eq!((a["attrs"]["temperature"].clone(), b["attrs"]["temperature"].clone()), (json!(1), json!(2)));
     assert_eq!(a["metadata"]["timestamp"], 1_712_744_100_000_i64);
     assert_eq!(b["metadata"]["timestamp"], 1_712_743_500_000_i64);
     // t= sets the time.
-    let (s, _) = g.south_raw(&format!("/iot/json?k={k}&i=dev1&t=2020-02-22T22:22:22Z"), "application/json", b"{\"t\":3}".to_vec()).await;
+    let (s, _) = g
+        .south_raw(&format!("/iot/json?k={k}&i=dev1&t=2020-02-22T22:22:22Z"), "application/json", b"{\"t\":3}".to_vec())
+        .await;
     assert_eq!(s, 200);
     assert_eq!(data.next().await.body["metadata"]["timestamp"], 1_582_410_142_000_i64);
     // GET with d=, and the single-attribute POST in every content type.
@@ -338,7 +347,10 @@ async fn the_upstream_bugs_do_not_happen() {
     g.provision(other, group(&k2), Value::Null).await;
     g.measure(&k2, "dev1", json!({"t": 100})).await;
     let m = data.next().await.body;
-    assert_eq!((m["metadata"]["service"].as_str(), m["metadata"]["entity_name"].as_str()), (Some("other"), Some("Sensor:dev1")));
+    assert_eq!(
+        (m["metadata"]["service"].as_str(), m["metadata"]["entity_name"].as_str()),
+        (Some("other"), Some("Sensor:dev1"))
+    );
     let (_, b) = g.north("GET", "/iot/devices/dev1", Some(LAB), None).await;
     assert_eq!(b["entity_name"], "urn:lab:Sensor:dev1", "tenant lab's device untouched");
     // The MQTT client reconnects after the broker drops it, and re-subscribes.
@@ -380,4 +392,228 @@ async fn stopped_gateways_refuse_south_traffic_and_start_takes_it_again() {
     }
     data.close().await;
     d.stop().await.unwrap();
+}
+
+/// A private Mosquitto on a free port, with persistence in `dir`.
+struct Broker {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Broker {
+    fn start(dir: &std::path::Path) -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut b = Broker { port, dir: dir.to_owned(), child: None };
+        b.restart();
+        b
+    }
+
+    fn restart(&mut self) {
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\nlog_dest none\n",
+                self.port,
+                self.dir.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto").arg("-c").arg(&conf).spawn().expect("mosquitto runs");
+        self.child = Some(child);
+        let end = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < end, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM (Mosquitto saves its sessions) and wait.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test]
+async fn an_mqtt_broker_restart_mid_stream_loses_no_qos1_measure() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path());
+    let gw = Gw::with(&format!("mqtt_url: \"mqtt://127.0.0.1:{}\"", broker.port));
+    let (d, g, _c, _l, mut data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(LAB, group(&k), dev1()).await;
+    let mqtt = Mqtt::connect(broker.port).await;
+    let topic = gw.topic(&format!("json/{k}/dev1/attrs"));
+    const N: u64 = 300;
+    for seq in 0..N {
+        if seq == N / 2 {
+            broker.stop();
+            broker.restart();
+        }
+        mqtt.publish(&topic, json!({"seq": seq}).to_string(), 1).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while (seen.len() as u64) < N {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = data.next_within(left).await else {
+            let missing: Vec<u64> = (0..N).filter(|s| !seen.contains(s)).collect();
+            panic!("lost {} measures: {:?}", missing.len(), &missing[..missing.len().min(20)]);
+        };
+        seen.insert(m.body["attrs"]["seq"].as_u64().unwrap());
+    }
+    let st = d.shared.lookup(gw.uuid).unwrap().status().await.unwrap();
+    assert!(st["status"]["counters"]["errors"]["mqtt_disconnect"].as_u64() >= Some(1), "{st}");
+    data.close().await;
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn gateways_in_a_shared_subscription_group_split_the_measures() {
+    let gw = Gw::with("mqtt_shared_group: split");
+    let second = uuid::Uuid::new_v4();
+    let yaml = gw.yaml()
+        + &format!(
+            "  - {{category: gateway, type: iot-agent, name: Second, uuid: {second}, north_bind: \"127.0.0.1:0\", south_bind: \"127.0.0.1:0\", mqtt_prefix: {}, federation_exchange: {}, mqtt_shared_group: split}}\n",
+            gw.prefix, gw.data
+        );
+    let mut data = Data::bind(&gw.data).await;
+    let d = gw.env.start_with(gw.env.config(&yaml)).await;
+    let (a, b) = (Gateway::of(&d, gw.uuid).await, Gateway::of(&d, second).await);
+    let k = format!("k{}", gw.env.id);
+    // The same group and device in both (each gateway has its own registry).
+    a.provision(LAB, group(&k), dev1()).await;
+    b.provision(LAB, group(&k), dev1()).await;
+    let mqtt = Mqtt::connect(1883).await;
+    const N: u64 = 100;
+    for seq in 0..N {
+        mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), json!({"seq": seq}).to_string(), 1).await;
+    }
+    let mut by_gateway = std::collections::HashMap::<String, u64>::new();
+    for _ in 0..N {
+        let m = data.next().await;
+        *by_gateway.entry(m.body["metadata"]["gateway"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    data.quiet(Duration::from_millis(300)).await;
+    assert_eq!(by_gateway.values().sum::<u64>(), N, "each measure once");
+    assert_eq!(by_gateway.len(), 2, "both gateways took a share: {by_gateway:?}");
+    data.close().await;
+    d.stop().await.unwrap();
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Close every connection whose client-provided name contains `name`.
+fn close_connections(name: &str) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q", "--no-table-headers"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<&str> =
+        text.lines().filter(|l| l.contains(name)).filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(!pids.is_empty(), "no connection named {name}");
+    for pid in pids {
+        rabbitmqctl(&["close_connection", pid, "test: federation connection dropped"]);
+    }
+}
+
+#[tokio::test]
+async fn measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order() {
+    let gw = Gw::new();
+    let user = format!("busbar-{}", gw.env.id);
+    rabbitmqctl(&["add_user", &user, "secret"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let yaml = gw.yaml().replace("guest:guest@", &format!("{user}:secret@"));
+    let mut data = Data::bind(&gw.data).await;
+    let d = gw.env.start_with(gw.env.config(&yaml)).await;
+    let g = Gateway::of(&d, gw.uuid).await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(LAB, group(&k), dev1()).await;
+    let status = || async { d.shared.lookup(gw.uuid).unwrap().status().await.unwrap()["status"].clone() };
+    for seq in 0..20 {
+        assert_eq!(g.measure(&k, "dev1", json!({"seq": seq})).await.0, 200);
+    }
+    // Keep the broker from taking the publisher back, then drop its connection.
+    rabbitmqctl(&["set_user_limits", &user, "{\"max-connections\": 0}"]);
+    close_connections(&format!("busbar federation gateway={}", gw.uuid));
+    let end = tokio::time::Instant::now() + WAIT;
+    while status().await["federation_connected"] == true {
+        assert!(tokio::time::Instant::now() < end, "the publisher did not notice");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for seq in 20..120 {
+        assert_eq!(g.measure(&k, "dev1", json!({"seq": seq})).await.0, 200, "accepted while the broker is gone");
+    }
+    let buffered = status().await["counters"]["buffered"].as_u64().unwrap();
+    assert!(buffered >= 100, "buffered {buffered}");
+    rabbitmqctl(&["set_user_limits", &user, "{\"max-connections\": -1}"]);
+    let mut order = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !(0..120).all(|s| order.contains(&s)) {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        let m = data.next_within(left).await.expect("every measure arrives");
+        let seq = m.body["attrs"]["seq"].as_u64().unwrap();
+        if !order.contains(&seq) {
+            order.push(seq);
+        }
+    }
+    assert_eq!(order, (0..120).collect::<Vec<u64>>(), "in order");
+    let st = status().await;
+    assert_eq!(st["counters"]["dropped"], 0);
+    assert_eq!(st["counters"]["buffered"], 0);
+    d.stop().await.unwrap();
+    data.close().await;
+    rabbitmqctl(&["delete_user", &user]);
+}
+
+#[tokio::test]
+async fn a_full_buffer_drops_the_oldest_and_counts_them() {
+    let gw = Gw::with("buffer: 10");
+    let user = format!("busbar-{}", gw.env.id);
+    rabbitmqctl(&["add_user", &user, "secret"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let yaml = gw.yaml().replace("guest:guest@", &format!("{user}:secret@"));
+    let mut data = Data::bind(&gw.data).await;
+    let d = gw.env.start_with(gw.env.config(&yaml)).await;
+    let g = Gateway::of(&d, gw.uuid).await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(LAB, group(&k), dev1()).await;
+    rabbitmqctl(&["set_user_limits", &user, "{\"max-connections\": 0}"]);
+    close_connections(&format!("busbar federation gateway={}", gw.uuid));
+    let status = || async { d.shared.lookup(gw.uuid).unwrap().status().await.unwrap()["status"].clone() };
+    let end = tokio::time::Instant::now() + WAIT;
+    while status().await["federation_connected"] == true {
+        assert!(tokio::time::Instant::now() < end);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for seq in 0..25 {
+        assert_eq!(g.measure(&k, "dev1", json!({"seq": seq})).await.0, 200);
+    }
+    let st = status().await;
+    assert_eq!((st["counters"]["buffered"].as_u64(), st["counters"]["dropped"].as_u64()), (Some(10), Some(15)));
+    rabbitmqctl(&["set_user_limits", &user, "{\"max-connections\": -1}"]);
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        got.push(data.next().await.body["attrs"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(got, (15..25).collect::<Vec<u64>>(), "the newest ten, in order");
+    d.stop().await.unwrap();
+    data.close().await;
+    rabbitmqctl(&["delete_user", &user]);
 }

@@ -47,10 +47,14 @@ pub struct Target {
     pub name: String,
 }
 
-async fn connect(t: &Target) -> Result<(Connection, Channel), lapin::Error> {
+type Events = futures_util::stream::BoxStream<'static, lapin::Event>;
+
+async fn connect(t: &Target) -> Result<(Connection, Channel, Events), lapin::Error> {
     let uri = crate::bus::amqp_uri(&t.url).map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
     let props = ConnectionProperties::default().with_connection_name(t.name.as_str().into());
     let conn = Connection::connect_uri(uri, props).await?;
+    // A lost connection is noticed even while idle, not only by the next publish.
+    let lost = futures_util::StreamExt::boxed(conn.events_listener());
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     ch.exchange_declare(
@@ -60,7 +64,7 @@ async fn connect(t: &Target) -> Result<(Connection, Channel), lapin::Error> {
         FieldTable::default(),
     )
     .await?;
-    Ok((conn, ch))
+    Ok((conn, ch, lost))
 }
 
 struct Buffer {
@@ -92,11 +96,11 @@ pub async fn run(target: Target, mut rx: mpsc::Receiver<Envelope>, counters: Arc
     loop {
         match tokio::select! { r = connect(&target) => Some(r), _ = token.cancelled() => None } {
             None => break,
-            Some(Ok((conn, ch))) => {
+            Some(Ok((conn, ch, mut lost))) => {
                 info!(exchange = %target.exchange, "federation publisher connected");
                 counters.federation_up.store(true, std::sync::atomic::Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
-                let outcome = pump(&target, &ch, &mut buf, &mut rx, &counters, &token).await;
+                let outcome = pump(&target, &ch, &mut lost, &mut buf, &mut rx, &counters, &token).await;
                 counters.federation_up.store(false, std::sync::atomic::Ordering::Relaxed);
                 let _ = conn.close(200, "bye".into()).await;
                 match outcome {
@@ -135,6 +139,7 @@ pub async fn run(target: Target, mut rx: mpsc::Receiver<Envelope>, counters: Arc
 async fn pump(
     target: &Target,
     ch: &Channel,
+    lost: &mut Events,
     buf: &mut Buffer,
     rx: &mut mpsc::Receiver<Envelope>,
     counters: &Counters,
@@ -184,6 +189,11 @@ async fn pump(
                     None => return Ok(()),
                 },
                 _ = token.cancelled() => return Ok(()),
+                ev = futures_util::StreamExt::next(lost) => match ev {
+                    Some(lapin::Event::Error(e)) => return Err(e),
+                    Some(_) => {}
+                    None => return Err(lapin::Error::from(std::io::Error::other("connection lost"))),
+                },
             }
             continue;
         };

@@ -41,7 +41,10 @@ pub struct Settings {
     pub mqtt_url: Option<String>,
     /// QoS of the MQTT subscriptions (0 or 1).
     pub mqtt_qos: u8,
-    /// Shared-subscription group (`$share/{group}/…`); empty: none.
+    /// Shared-subscription group (`$share/{group}/…`); empty (the
+    /// default): plain subscriptions. Mosquitto queues nothing for an
+    /// offline member of a shared subscription, so only plain ones keep
+    /// QoS 1 measures across a broker restart.
     pub mqtt_shared_group: String,
     /// A topic level in front of every subscription (test isolation,
     /// multi-site brokers); empty: none.
@@ -89,7 +92,7 @@ impl Settings {
         Ok(Settings {
             mqtt_url,
             mqtt_qos: p.get("mqtt_qos").and_then(Value::as_u64).unwrap_or(1).min(1) as u8,
-            mqtt_shared_group: prop_str(p, "mqtt_shared_group").unwrap_or_else(|| "busbar".into()),
+            mqtt_shared_group: prop_str(p, "mqtt_shared_group").unwrap_or_default(),
             mqtt_prefix: prop_str(p, "mqtt_prefix").unwrap_or_default().trim_matches('/').to_owned(),
             north_bind: bind(p, "north_bind", "127.0.0.1:4041")?,
             south_bind: bind(p, "south_bind", "127.0.0.1:7896")?,

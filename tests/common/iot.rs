@@ -188,9 +188,15 @@ impl Data {
         ch.exchange_declare(exchange.into(), lapin::ExchangeKind::Topic, durable, FieldTable::default()).await.unwrap();
         let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         let q = ch.queue_declare("".into(), opts, FieldTable::default()).await.unwrap();
-        ch.queue_bind(q.name().clone(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .unwrap();
+        ch.queue_bind(
+            q.name().clone(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
         let consumer = ch
             .basic_consume(
                 q.name().clone(),
