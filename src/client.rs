@@ -87,6 +87,30 @@ impl Listener {
     }
 }
 
+/// A client queue on a federation data exchange (`busbar monitor --data`).
+pub struct DataListener {
+    consumer: lapin::Consumer,
+}
+
+/// One federation message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSeen {
+    /// Its routing key (`realm.service.entity_type.device_id`).
+    pub routing_key: String,
+    /// The `device-data` body (or the raw text if it is not JSON).
+    pub body: Value,
+}
+
+impl DataListener {
+    /// The next message, or `None` at `deadline` (or if the queue ends).
+    pub async fn next_until(&mut self, deadline: Instant) -> Option<DataSeen> {
+        let d = tokio::time::timeout_at(deadline, self.consumer.next()).await.ok()??.ok()?;
+        let body = serde_json::from_slice(&d.data)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&d.data).into_owned()));
+        Some(DataSeen { routing_key: d.routing_key.to_string(), body })
+    }
+}
+
 /// How an awaited action ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -106,6 +130,21 @@ impl Client {
         let ch = conn.create_channel().await?;
         declare_exchange(&ch, exchange).await?;
         Ok(Client { conn, ch, exchange: exchange.to_owned() })
+    }
+
+    /// Bind a private queue to the federation topic exchange `exchange`
+    /// with routing key pattern `key` (`#`, `*.lab.#`, …) and consume it.
+    pub async fn listen_data(&self, exchange: &str, key: &str) -> Result<DataListener> {
+        use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        self.ch.exchange_declare(exchange.into(), lapin::ExchangeKind::Topic, durable, FieldTable::default()).await?;
+        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let q = self.ch.queue_declare("".into(), opts, FieldTable::default()).await?;
+        let name = q.name().clone();
+        self.ch
+            .queue_bind(name.clone(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        Ok(DataListener { consumer: consume(&self.ch, name).await? })
     }
 
     /// Bind a private queue with `binding` and start consuming it.

@@ -119,9 +119,19 @@ enum Cmd {
         conn: Conn,
         #[command(flatten)]
         filter: FilterArgs,
-        /// Print JSON lines (VILLAScontroller's monitor format).
+        /// Print JSON lines (VILLAScontroller's monitor format; with
+        /// --data, `{"routing_key", "body"}`).
         #[arg(long)]
         json: bool,
+        /// Watch device measures on the federation data exchange instead.
+        #[arg(long)]
+        data: bool,
+        /// The federation data exchange (with --data).
+        #[arg(long, default_value = "villas.data")]
+        data_exchange: String,
+        /// Routing key pattern (with --data): `realm.service.entity_type.device_id`, `#` for all.
+        #[arg(long, default_value = "#")]
+        key: String,
     },
     /// Send an action to a component, optionally waiting for a state.
     Action {
@@ -294,7 +304,29 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
-        Cmd::Monitor { conn, filter, json } => {
+        Cmd::Monitor { conn, data: true, data_exchange, key, json, .. } => {
+            let client = conn.connect().await?;
+            let mut l = client.listen_data(&data_exchange, &key).await?;
+            let stop = shutdown_signal();
+            tokio::pin!(stop);
+            loop {
+                let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+                tokio::select! {
+                    seen = l.next_until(far) => match seen {
+                        Some(m) if json => println!("{}", serde_json::json!({"routing_key": m.routing_key, "body": m.body})),
+                        Some(m) => {
+                            let ms = m.body.pointer("/metadata/timestamp").and_then(Value::as_i64).unwrap_or_default();
+                            let time = jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_default();
+                            println!("{time}  {}  {}", m.routing_key, m.body.get("attrs").unwrap_or(&m.body));
+                        }
+                        None => continue,
+                    },
+                    _ = &mut stop => break,
+                }
+            }
+            client.close().await;
+        }
+        Cmd::Monitor { conn, filter, json, .. } => {
             let client = conn.connect().await?;
             let filter: Filter = filter.into();
             let mut l = client.listen(filter.binding()).await?;

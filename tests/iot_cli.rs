@@ -1,0 +1,153 @@
+//! The IoT gateway as operators run it: the `busbar` binary, killed with
+//! SIGKILL and restarted, listed with `busbar ping --category equipment`,
+//! watched with `busbar monitor --data`.
+
+mod common;
+
+use busbar::iot::model::Tenant;
+use busbar::iot::registry::device_uuid;
+use common::*;
+use serde_json::{Value, json};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+use tokio::time::Instant;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Daemon {
+    child: tokio::process::Child,
+}
+
+impl Daemon {
+    fn spawn(config: &std::path::Path) -> Daemon {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"))
+            .args(["--log-level", "warn", "daemon", "-c"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("daemon runs");
+        Daemon { child }
+    }
+
+    async fn kill9(mut self) {
+        let pid = self.child.id().unwrap() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let _ = self.child.wait().await;
+    }
+
+    async fn stop(mut self) {
+        let pid = self.child.id().unwrap() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await.expect("stops").unwrap();
+        assert!(status.success(), "clean shutdown: {status}");
+    }
+}
+
+async fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
+    let http = reqwest::Client::new();
+    let mut rb = http
+        .request(method.parse().unwrap(), url)
+        .header("fiware-service", "lab")
+        .header("fiware-servicepath", "/rig1");
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    match rb.send().await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            (s, r.json().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+async fn until_up(url: &str) {
+    let end = Instant::now() + WAIT;
+    while call("GET", url, None).await.0 != 200 {
+        assert!(Instant::now() < end, "{url} did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn busbar(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"))
+        .args(args)
+        .args(["--exchange", &env.exchange])
+        .env("AMQP_URL", amqp_url())
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_survives_kill_9_and_devices_are_listed_and_monitored() {
+    let env = TestEnv::new();
+    let (north, south) = (free_port(), free_port());
+    let data = format!("data-{}", env.id);
+    let gw = uuid::Uuid::new_v4();
+    let yaml = env.config_yaml_with(&format!(
+        "  - {{category: gateway, type: iot-agent, name: IoT, uuid: {gw}, north_bind: \"127.0.0.1:{north}\", south_bind: \"127.0.0.1:{south}\", mqtt_prefix: t{}, federation_exchange: {data}}}\n",
+        env.id
+    ));
+    let config = env.dir.path().join("lab.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let base = format!("http://127.0.0.1:{north}");
+    let d = Daemon::spawn(&config);
+    until_up(&format!("{base}/iot/about")).await;
+    let k = format!("k{}", env.id);
+    let group = json!({"groups": [{"resource": "/iot/json", "apikey": k, "entity_type": "Meter"}]});
+    assert_eq!(call("POST", &format!("{base}/iot/groups"), Some(group)).await.0, 201);
+    let devices: Vec<Value> = (1..=3).map(|i| json!({"device_id": format!("m{i}")})).collect();
+    assert_eq!(call("POST", &format!("{base}/iot/devices"), Some(json!({"devices": devices}))).await.0, 201);
+
+    // `busbar ping --category equipment` lists the devices.
+    let tenant = Tenant { service: "lab".into(), servicepath: "/rig1".into() };
+    let uuids: Vec<String> = (1..=3).map(|i| device_uuid(&tenant, &format!("m{i}")).to_string()).collect();
+    let o = busbar(&env, &["ping", "--category", "equipment", "--timeout", "3", "--quiet", "1"]).await;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    for u in &uuids {
+        assert!(out.lines().any(|l| l.starts_with(u.as_str()) && l.contains("equipment") && l.contains("Meter")), "{u} in\n{out}");
+    }
+    assert_eq!(out.lines().count(), 3, "only the devices:\n{out}");
+
+    d.kill9().await;
+    let d = Daemon::spawn(&config);
+    until_up(&format!("{base}/iot/about")).await;
+    let (s, b) = call("GET", &format!("{base}/iot/devices"), None).await;
+    assert_eq!((s, b["count"].as_u64()), (200, Some(3)), "{b}");
+    let (_, b) = call("GET", &format!("{base}/iot/groups"), None).await;
+    assert_eq!(b["groups"][0]["apikey"], k.as_str());
+
+    // `busbar monitor --data` shows a measure as it passes.
+    let mut monitor = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"))
+        .args(["monitor", "--data", "--data-exchange", &data, "--json"])
+        .env("AMQP_URL", amqp_url())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(monitor.stdout.take().unwrap()).lines();
+    let url = format!("http://127.0.0.1:{south}/iot/json?k={k}&i=m1");
+    let seen = async {
+        loop {
+            // Until the monitor's queue is bound, measures pass unseen.
+            assert_eq!(call("POST", &url, Some(json!({"kwh": 12.5}))).await.0, 200);
+            if let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await {
+                return serde_json::from_str::<Value>(&line).unwrap();
+            }
+        }
+    };
+    let m = tokio::time::timeout(WAIT, seen).await.expect("monitor prints the measure");
+    assert_eq!(m["routing_key"], format!("{}.lab.Meter.m1", env.realm));
+    assert_eq!(m["body"]["attrs"]["kwh"], 12.5);
+    let _ = monitor.kill().await;
+    d.stop().await;
+    let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch.exchange_delete(data.as_str().into(), Default::default()).await;
+}
