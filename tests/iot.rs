@@ -153,7 +153,7 @@ async fn an_http_measure_becomes_the_exact_device_data_message_and_updates_the_d
     );
     let now = jiff::Timestamp::now().as_millisecond();
     assert!((now - ts).abs() < 10_000, "server time");
-    let st = ping_status(&c, &mut l, uuid).await;
+    let st = ping_status(&c, &mut l, uuid, |v| v["status"]["attributes"]["temperature"].is_object()).await;
     assert_eq!(st["status"]["attributes"]["temperature"]["value"], 21.5);
     assert_eq!(st["status"]["attributes"]["temperature"]["type"], "Number");
     assert!(st["status"]["attributes"]["temperature"]["time"].is_string());
@@ -616,4 +616,151 @@ async fn a_full_buffer_drops_the_oldest_and_counts_them() {
     d.stop().await.unwrap();
     data.close().await;
     rabbitmqctl(&["delete_user", &user]);
+}
+
+#[tokio::test]
+async fn tenants_are_isolated_north_south_in_the_federation_and_as_device_ics() {
+    let gw = Gw::new();
+    let (d, g, c, mut l, mut data) = gw.up().await;
+    let (a, b) = (("alpha", "/site"), ("beta", "/site"));
+    let (ka, kb) = (format!("a{}", gw.env.id), format!("b{}", gw.env.id));
+    g.provision(a, group(&ka), json!([{"device_id": "shared-id"}, {"device_id": "only-a"}])).await;
+    g.provision(b, group(&kb), json!([{"device_id": "shared-id"}])).await;
+    // North: each tenant sees, reads, changes and deletes only its own.
+    let (_, la) = g.north("GET", "/iot/devices", Some(a), None).await;
+    let (_, lb) = g.north("GET", "/iot/devices", Some(b), None).await;
+    assert_eq!((la["count"].as_u64(), lb["count"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(g.north("GET", "/iot/devices/only-a", Some(b), None).await.0, 404);
+    assert_eq!(g.north("PUT", "/iot/devices/only-a", Some(b), Some(json!({"entity_type": "X"}))).await.0, 404);
+    assert_eq!(g.north("DELETE", "/iot/devices/only-a", Some(b), None).await.0, 404);
+    let (_, ga) = g.north("GET", "/iot/groups", Some(a), None).await;
+    assert_eq!(ga["count"], 1);
+    let q = format!("/iot/groups?resource=/iot/json&apikey={ka}");
+    assert_eq!(g.north("DELETE", &q, Some(b), None).await.0, 403);
+    // Another servicepath of the same service is another tenant; `/*` reads all of a service.
+    assert_eq!(g.north("GET", "/iot/devices/only-a", Some(("alpha", "/other")), None).await.0, 404);
+    let (_, all) = g.north("GET", "/iot/devices", Some(("alpha", "/*")), None).await;
+    assert_eq!(all["count"], 2);
+    // An apikey is one tenant's: beta cannot reuse alpha's.
+    let (s, _) = g.north("POST", "/iot/groups", Some(b), Some(json!({"groups": [group(&ka)]}))).await;
+    assert_eq!(s, 409);
+    let dev = json!({"devices": [{"device_id": "sneaky", "apikey": ka}]});
+    assert_eq!(g.north("POST", "/iot/devices", Some(b), Some(dev)).await.0, 403);
+    // South: alpha's key writes alpha's device, beta's key beta's, never across.
+    g.measure(&ka, "shared-id", json!({"v": 1})).await;
+    let m = data.next().await;
+    assert_eq!(m.body["metadata"]["service"], "alpha");
+    assert_eq!(m.key, format!("{}.alpha.Sensor.shared-id", gw.env.realm));
+    g.measure(&kb, "shared-id", json!({"v": 2})).await;
+    let m = data.next().await;
+    assert_eq!(m.body["metadata"]["service"], "beta");
+    assert_eq!(m.key, format!("{}.beta.Sensor.shared-id", gw.env.realm));
+    // beta's key and alpha's device id: a new beta device, not alpha's.
+    g.measure(&kb, "only-a", json!({"v": 3})).await;
+    assert_eq!(data.next().await.body["metadata"]["service"], "beta");
+    let (_, la) = g.north("GET", "/iot/devices", Some(a), None).await;
+    assert_eq!(la["count"], 2, "alpha unchanged");
+    // Device ICs: one per tenant, with its own uuid and last values.
+    let ua = device_uuid(&Tenant { service: "alpha".into(), servicepath: "/site".into() }, "shared-id");
+    let ub = device_uuid(&Tenant { service: "beta".into(), servicepath: "/site".into() }, "shared-id");
+    assert_ne!(ua, ub);
+    let has_v = |v: &Value| v["status"]["attributes"]["v"].is_object();
+    let sa = ping_status(&c, &mut l, ua, has_v).await;
+    let sb = ping_status(&c, &mut l, ub, has_v).await;
+    assert_eq!(
+        (sa["properties"]["service"].as_str(), sb["properties"]["service"].as_str()),
+        (Some("alpha"), Some("beta"))
+    );
+    assert_eq!(
+        (sa["status"]["attributes"]["v"]["value"].clone(), sb["status"]["attributes"]["v"]["value"].clone()),
+        (json!(1), json!(2))
+    );
+    data.close().await;
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deleted_device_goes_gone_once() {
+    let gw = Gw::new();
+    let (d, g, _c, mut l, data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(LAB, group(&k), dev1()).await;
+    let uuid = device_uuid(&Tenant { service: "lab".into(), servicepath: "/rig1".into() }, "dev1");
+    state_of(&mut l, uuid, "running").await;
+    assert_eq!(g.north("DELETE", "/iot/devices/dev1", Some(LAB), None).await.0, 204);
+    let st = state_of(&mut l, uuid, "gone").await;
+    assert_eq!(st["properties"]["category"], "equipment");
+    let later = collect_for(&mut l, Duration::from_millis(300)).await;
+    assert!(!later.iter().any(|s| s.payload["properties"]["uuid"] == uuid.to_string()), "gone only once");
+    data.close().await;
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn dojot_topics_feed_provisioned_devices_when_enabled() {
+    let gw = Gw::with("dojot: true");
+    let (d, g, _c, _l, mut data) = gw.up().await;
+    let tenant = format!("admin{}", gw.env.id);
+    g.provision((tenant.as_str(), "/"), Value::Null, json!([{"device_id": "a1998e", "entity_type": "Sensor"}])).await;
+    let mqtt = Mqtt::connect(1883).await;
+    // VerneMQ form, then Mosca form.
+    mqtt.publish(&gw.topic(&format!("{tenant}:a1998e/attrs")), "{\"attr_example\": 10}", 1).await;
+    let m = data.next().await.body;
+    assert_eq!(
+        (m["metadata"]["tenant"].as_str(), m["metadata"]["deviceid"].as_str()),
+        (Some(tenant.as_str()), Some("a1998e"))
+    );
+    assert_eq!(m["attrs"]["attr_example"], 10);
+    mqtt.publish(&gw.topic(&format!("{tenant}/a1998e/attrs")), "{\"attr_example\": 11}", 1).await;
+    assert_eq!(data.next().await.body["attrs"]["attr_example"], 11);
+    // No autoprovisioning for dojot: an unknown device is dropped and counted.
+    mqtt.publish(&gw.topic(&format!("{tenant}:ffff/attrs")), "{\"x\": 1}", 1).await;
+    data.quiet(Duration::from_millis(300)).await;
+    let st = d.shared.lookup(gw.uuid).unwrap().status().await.unwrap();
+    assert_eq!(st["status"]["counters"]["errors"]["device_not_found"], 1, "{st}");
+    data.close().await;
+    d.stop().await.unwrap();
+}
+
+/// FIWARE's "IoT Agent JSON" tutorial (reference §4.1), ports adjusted:
+/// about, a service group, a device, a measure over HTTP and over MQTT.
+#[tokio::test]
+async fn the_fiware_tutorial_sequence_works_as_written() {
+    let mut gw = Gw::new();
+    gw.prefix = String::new();
+    let (d, g, _c, _l, mut data) = gw.up().await;
+    let openiot = ("openiot", "/");
+    let (s, about) = g.north("GET", "/iot/about", None, None).await;
+    assert_eq!(s, 200, "{about}");
+    let apikey = "4jggokgpepnvsb2uv4s40d59ov";
+    let (s, _) = g
+        .north(
+            "POST",
+            "/iot/services",
+            Some(openiot),
+            Some(json!({"services": [{"apikey": apikey, "cbroker": "http://orion:1026", "entity_type": "Thing", "resource": "/iot/json"}]})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let motion = json!({"devices": [{
+        "device_id": "motion001", "entity_name": "urn:ngsi-ld:Motion:001", "entity_type": "Motion",
+        "timezone": "Europe/Berlin",
+        "attributes": [{"object_id": "c", "name": "count", "type": "Integer"}],
+        "static_attributes": [{"name": "refStore", "type": "Relationship", "value": "urn:ngsi-ld:Store:001"}]}]});
+    assert_eq!(g.north("POST", "/iot/devices", Some(openiot), Some(motion)).await.0, 201);
+    let (s, _) = g.measure(apikey, "motion001", json!({"c": "1"})).await;
+    assert_eq!(s, 200);
+    let m = data.next().await;
+    assert_eq!(m.body["attrs"], json!({"count": "1", "refStore": "urn:ngsi-ld:Store:001"}));
+    assert_eq!(m.body["metadata"]["types"]["count"], "Integer");
+    assert_eq!(m.body["metadata"]["entity_name"], "urn:ngsi-ld:Motion:001");
+    assert!(m.body["metadata"]["timestamp"].is_i64());
+    // The same over MQTT, on the iotagent-json topic.
+    let mqtt = Mqtt::connect(1883).await;
+    mqtt.publish(&format!("/json/{apikey}/motion001/attrs"), "{\"c\": 1}", 0).await;
+    let m = data.next().await;
+    assert_eq!(m.body["attrs"]["count"], 1);
+    assert_eq!(m.key, format!("{}.openiot.Motion.motion001", gw.env.realm));
+    data.close().await;
+    d.stop().await.unwrap();
 }

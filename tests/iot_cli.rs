@@ -111,7 +111,10 @@ async fn provisioning_survives_kill_9_and_devices_are_listed_and_monitored() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     for u in &uuids {
-        assert!(out.lines().any(|l| l.starts_with(u.as_str()) && l.contains("equipment") && l.contains("Meter")), "{u} in\n{out}");
+        assert!(
+            out.lines().any(|l| l.starts_with(u.as_str()) && l.contains("equipment") && l.contains("Meter")),
+            "{u} in\n{out}"
+        );
     }
     assert_eq!(out.lines().count(), 3, "only the devices:\n{out}");
 

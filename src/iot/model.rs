@@ -196,7 +196,7 @@ fn explicit_ok(v: &Option<Value>) -> Result<(), ApiError> {
 pub fn parse_group(v: &Value) -> Result<Group, ApiError> {
     let o = v.as_object().ok_or_else(|| ApiError::syntax("a group must be an object"))?;
     for key in ["resource", "apikey"] {
-        if !o.get(key).and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
+        if o.get(key).and_then(Value::as_str).is_none_or(str::is_empty) {
             return Err(ApiError::syntax(format!("Errors found validating request: {key} is required")));
         }
     }
@@ -214,7 +214,7 @@ pub fn parse_group(v: &Value) -> Result<Group, ApiError> {
 /// Parse one device of a `POST /iot/devices` body.
 pub fn parse_device(v: &Value) -> Result<Device, ApiError> {
     let o = v.as_object().ok_or_else(|| ApiError::syntax("a device must be an object"))?;
-    if !o.get("device_id").and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
+    if o.get("device_id").and_then(Value::as_str).is_none_or(str::is_empty) {
         return Err(ApiError::new(
             400,
             "MISSING_ATTRIBUTES",

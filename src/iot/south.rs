@@ -153,8 +153,11 @@ fn count(core: &Core, e: ApiError) -> ApiError {
 
 // ----- MQTT -----
 
+/// User name and password.
+type Credentials = (String, String);
+
 /// Host, port and credentials of an `mqtt://[user[:pass]@]host[:port]` URL.
-fn parse_mqtt_url(url: &str) -> Option<(String, u16, Option<(String, String)>)> {
+fn parse_mqtt_url(url: &str) -> Option<(String, u16, Option<Credentials>)> {
     let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://"))?;
     let rest = rest.trim_end_matches('/');
     let (creds, hostport) = match rest.rsplit_once('@') {

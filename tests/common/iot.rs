@@ -52,7 +52,7 @@ impl Gw {
     pub fn yaml(&self) -> String {
         let extra = if self.extra.is_empty() { String::new() } else { format!(", {}", self.extra) };
         self.env.config_yaml_with(&format!(
-            "  - {{category: gateway, type: iot-agent, name: IoT Agent, uuid: {}, north_bind: \"127.0.0.1:0\", south_bind: \"127.0.0.1:0\", mqtt_prefix: {}, federation_exchange: {}{extra}}}\n",
+            "  - {{category: gateway, type: iot-agent, name: IoT Agent, uuid: {}, north_bind: \"127.0.0.1:0\", south_bind: \"127.0.0.1:0\", mqtt_prefix: \"{}\", federation_exchange: {}{extra}}}\n",
             self.uuid, self.prefix, self.data
         ))
     }
@@ -281,8 +281,8 @@ impl Drop for Mqtt {
     }
 }
 
-/// Ping `uuid` on `villas` and return its status.
-pub async fn ping_status(c: &Client, l: &mut Listener, uuid: Uuid) -> Value {
+/// Ping `uuid` on `villas` and return its first status satisfying `pred`.
+pub async fn ping_status(c: &Client, l: &mut Listener, uuid: Uuid, pred: impl Fn(&Value) -> bool) -> Value {
     c.publish(to_uuid(uuid), &action("ping", json!({})), None).await.unwrap();
-    status_of(l, uuid, |_| true).await
+    status_of(l, uuid, pred).await
 }
