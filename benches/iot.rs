@@ -1,0 +1,380 @@
+//! IoT gateway benchmarks against the real Mosquitto and RabbitMQ, each next
+//! to the brokers' own limits measured in the same run. A measure needs
+//! both hops (MQTT in, AMQP out), so the smaller limit is the ceiling.
+//!
+//! Run: `cargo bench --bench iot` (all), or name scenarios:
+//! `cargo bench --bench iot -- ceiling mqtt latency http rss`.
+//! The daemon runs as a separate release process; `http` needs `wrk`.
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::json;
+use std::collections::VecDeque;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+fn url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
+}
+
+/// An MQTT client with its event loop polled in a task; received publishes
+/// go to `rx`.
+async fn mqtt(id: &str, inflight: u16) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let mut opts = MqttOptions::new(format!("{id}-{}", Uuid::new_v4().simple()), "127.0.0.1", 1883);
+    opts.set_keep_alive(Duration::from_secs(30)).set_inflight(inflight).set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(opts, 100_000);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        while let Ok(ev) = events.poll().await {
+            match ev {
+                Event::Incoming(Packet::ConnAck(_)) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let _ = tx.send(p.payload.to_vec());
+                }
+                Event::Incoming(Packet::SubAck(_)) => {
+                    let _ = tx.send(Vec::new());
+                }
+                _ => {}
+            }
+        }
+    });
+    ready_rx.await.unwrap();
+    (client, rx)
+}
+
+/// Mosquitto alone: one publisher, one subscriber, `n` messages at `qos`.
+async fn mosquitto(n: usize, qos: QoS) -> f64 {
+    let topic = format!("bench/{}/json/k/d/attrs", Uuid::new_v4().simple());
+    let (sub, mut rx) = mqtt("sub", 1000).await;
+    sub.subscribe(&topic, qos).await.unwrap();
+    rx.recv().await; // SUBACK
+    let (publisher, _) = mqtt("pub", 1000).await;
+    let body = br#"{"t":21.5,"h":40}"#.to_vec();
+    let t = Instant::now();
+    let p = tokio::spawn(async move {
+        for _ in 0..n {
+            publisher.publish(&topic, qos, false, body.clone()).await.unwrap();
+        }
+        publisher
+    });
+    let mut got = 0;
+    while got < n {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(_)) => got += 1,
+            _ => break,
+        }
+    }
+    let rate = got as f64 / t.elapsed().as_secs_f64();
+    let _ = p.await;
+    if got < n {
+        println!("  (mosquitto delivered {got} of {n} at {qos:?})");
+    }
+    rate
+}
+
+async fn data_consumer(exchange: &str) -> (Connection, lapin::Consumer) {
+    let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    ch.exchange_declare(exchange.into(), ExchangeKind::Topic, durable, FieldTable::default()).await.unwrap();
+    let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let q = ch.queue_declare("".into(), opts, FieldTable::default()).await.unwrap();
+    ch.queue_bind(q.name().clone(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let consume = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let c = ch.basic_consume(q.name().clone(), "".into(), consume, FieldTable::default()).await.unwrap();
+    (conn, c)
+}
+
+/// RabbitMQ alone: publish with confirms (a window of 1024, as the gateway
+/// does) to a topic exchange, consume from a bound queue.
+async fn rabbitmq(n: usize) -> f64 {
+    let exchange = format!("bench-data-{}", Uuid::new_v4().simple());
+    let (_c, mut consumer) = data_consumer(&exchange).await;
+    let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let body = serde_json::to_vec(&json!({"metadata": {"deviceid": "d", "tenant": "lab", "timestamp": 1, "service": "lab",
+        "servicepath": "/", "entity_name": "Sensor:d", "entity_type": "Sensor", "gateway": Uuid::nil().to_string(),
+        "types": {"t": "Number", "h": "Text"}}, "attrs": {"t": 21.5, "h": 40}}))
+    .unwrap();
+    let t = Instant::now();
+    let ex = exchange.clone();
+    let publisher = tokio::spawn(async move {
+        let mut window = VecDeque::new();
+        for _ in 0..n {
+            let props = BasicProperties::default().with_delivery_mode(2);
+            let c = ch
+                .basic_publish(ex.as_str().into(), "bench.lab.Sensor.d".into(), BasicPublishOptions::default(), &body, props)
+                .await
+                .unwrap();
+            window.push_back(c);
+            if window.len() >= 1024 {
+                window.pop_front().unwrap().await.unwrap();
+            }
+        }
+        for c in window {
+            c.await.unwrap();
+        }
+    });
+    let mut got = 0;
+    while got < n {
+        match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
+            Ok(Some(Ok(_))) => got += 1,
+            _ => break,
+        }
+    }
+    let rate = got as f64 / t.elapsed().as_secs_f64();
+    publisher.await.unwrap();
+    rate
+}
+
+struct Daemon {
+    child: Child,
+    north: u16,
+    south: u16,
+    data: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Daemon {
+    async fn start(qos: u8, prefix: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let (north, south) = (free_port(), free_port());
+        let data = format!("bench-data-{}", Uuid::new_v4().simple());
+        let yaml = format!(
+            "broker: {{url: \"{}\"}}\nexchange: bench-{}\nrealm: bench\napi: {{enabled: false}}\ndata_dir: data\ncomponents:\n  - {{category: gateway, type: iot-agent, name: gw, north_bind: \"127.0.0.1:{north}\", south_bind: \"127.0.0.1:{south}\", mqtt_prefix: {prefix}, mqtt_qos: {qos}, federation_exchange: {data}}}\n",
+            url(),
+            Uuid::new_v4().simple()
+        );
+        let cfg = dir.path().join("bench.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_busbar"))
+            .args(["--log-level", "error", "daemon", "-c"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("daemon starts");
+        let d = Daemon { child, north, south, data, _dir: dir };
+        let http = reqwest::Client::new();
+        let about = format!("http://127.0.0.1:{north}/iot/about");
+        while http.get(&about).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let group = json!({"groups": [{"resource": "/iot/json", "apikey": "k", "entity_type": "Sensor",
+            "attributes": [{"object_id": "t", "name": "temperature", "type": "Number"}]}]});
+        d.north("/iot/groups", group).await;
+        d.north("/iot/devices", json!({"devices": [{"device_id": "d"}]})).await;
+        // Let the MQTT subscriptions settle.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        d
+    }
+
+    async fn north(&self, path: &str, body: serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{}{path}", self.north))
+            .header("fiware-service", "lab")
+            .header("fiware-servicepath", "/")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap_or_default());
+    }
+
+    fn proc_stat(&self, field: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// User + system CPU seconds of the daemon.
+    fn cpu(&self) -> f64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let rest = s.rsplit_once(')').unwrap().1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        ticks as f64 / 100.0
+    }
+}
+
+/// Measures/s from MQTT through busbar into the data exchange, and CPU
+/// seconds per measure of the daemon.
+async fn through(qos: u8, n: usize) -> (f64, f64, usize) {
+    let prefix = format!("b{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let d = Daemon::start(qos, &prefix).await;
+    let (_c, mut consumer) = data_consumer(&d.data).await;
+    let (publisher, _) = mqtt("pub", 1000).await;
+    let topic = format!("{prefix}/json/k/d/attrs");
+    let q = if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+    let cpu0 = d.cpu();
+    let t = Instant::now();
+    let p = tokio::spawn(async move {
+        for i in 0..n {
+            publisher.publish(&topic, q, false, format!("{{\"t\":{i},\"h\":40}}")).await.unwrap();
+        }
+        publisher
+    });
+    let mut got = 0;
+    while got < n {
+        match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
+            Ok(Some(Ok(_))) => got += 1,
+            _ => break,
+        }
+    }
+    let secs = t.elapsed().as_secs_f64() - if got < n { 5.0 } else { 0.0 };
+    let cpu = d.cpu() - cpu0;
+    let _ = p.await;
+    (got as f64 / secs, cpu / got.max(1) as f64, got)
+}
+
+/// Publish at `rate`/s for `n` measures with the send time inside; the
+/// latency from MQTT publish to AMQP delivery, p50 and p99 in ms.
+async fn latency(rate: u64, n: usize) -> (f64, f64) {
+    let prefix = format!("b{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let d = Daemon::start(1, &prefix).await;
+    let (_c, mut consumer) = data_consumer(&d.data).await;
+    let (publisher, _) = mqtt("pub", 1000).await;
+    let topic = format!("{prefix}/json/k/d/attrs");
+    let gap = Duration::from_micros(1_000_000 / rate);
+    tokio::spawn(async move {
+        let mut next = tokio::time::Instant::now();
+        for _ in 0..n {
+            next += gap;
+            tokio::time::sleep_until(next).await;
+            publisher.publish(&topic, QoS::AtLeastOnce, false, format!("{{\"sent\":{}}}", now_us())).await.unwrap();
+        }
+    });
+    let mut lat = Vec::with_capacity(n);
+    while lat.len() < n {
+        let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await else { break };
+        let v: serde_json::Value = serde_json::from_slice(&m.data).unwrap();
+        lat.push(now_us().saturating_sub(v["attrs"]["sent"].as_u64().unwrap()));
+    }
+    lat.sort_unstable();
+    (pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+/// `wrk` against the HTTP southbound: (requests/s, p99 ms, raw output).
+async fn http(seconds: u32, connections: u32) -> Option<(f64, String)> {
+    let d = Daemon::start(0, "none").await;
+    let script = d._dir.path().join("post.lua");
+    std::fs::write(
+        &script,
+        "wrk.method = \"POST\"\nwrk.body = '{\"t\":21.5,\"h\":40}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n",
+    )
+    .unwrap();
+    let (_c, mut consumer) = data_consumer(&d.data).await;
+    let drain = tokio::spawn(async move { while let Some(Ok(_)) = consumer.next().await {} });
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-s"])
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{}/iot/json?k=k&i=d", d.south))
+        .output()
+        .ok()?;
+    drain.abort();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rate = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok())?;
+    Some((rate, text))
+}
+
+/// RSS of a daemon with one gateway, idle and with `n` provisioned devices.
+async fn rss(n: usize) -> (f64, f64) {
+    let d = Daemon::start(1, "rss").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = d.proc_stat("VmRSS:") as f64 / 1024.0;
+    for chunk in 0..n.div_ceil(1000) {
+        let devices: Vec<_> = (chunk * 1000..((chunk + 1) * 1000).min(n))
+            .map(|i| json!({"device_id": format!("dev{i}"), "entity_type": "Meter",
+                "attributes": [{"object_id": "p", "name": "power", "type": "Number"}]}))
+            .collect();
+        d.north("/iot/devices", json!({"devices": devices})).await;
+    }
+    // Let the device announcements go out.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    (idle, d.proc_stat("VmRSS:") as f64 / 1024.0)
+}
+
+#[tokio::main]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    busbar::http::install_crypto_provider();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    let mut ceiling = [None, None];
+    if want("ceiling") || want("mqtt") {
+        let m0 = mosquitto(200_000, QoS::AtMostOnce).await;
+        let m1 = mosquitto(100_000, QoS::AtLeastOnce).await;
+        let r = rabbitmq(200_000).await;
+        println!("mosquitto relay: {m0:.0} msg/s at QoS 0, {m1:.0} msg/s at QoS 1");
+        println!("rabbitmq publish (confirms, window 1024) + consume: {r:.0} msg/s");
+        ceiling = [Some(m0.min(r)), Some(m1.min(r))];
+        println!("ceiling: {:.0}/s at QoS 0, {:.0}/s at QoS 1", m0.min(r), m1.min(r));
+    }
+    if want("mqtt") {
+        for (qos, n) in [(0u8, 200_000), (1, 100_000)] {
+            let (rate, cpu, got) = through(qos, n).await;
+            let c = ceiling[qos as usize].unwrap();
+            println!(
+                "MQTT QoS {qos} -> busbar -> villas.data: {rate:.0} measures/s ({:.2}x ceiling), {got}/{n} delivered, {:.1} µs CPU per measure",
+                rate / c,
+                cpu * 1e6
+            );
+        }
+    }
+    if want("latency") {
+        let (p50, p99) = latency(2000, 20_000).await;
+        println!("MQTT publish -> AMQP delivery at 2000/s (QoS 1): p50 {p50:.2} ms, p99 {p99:.2} ms");
+    }
+    if want("http") {
+        match http(10, 64).await {
+            Some((rate, text)) => {
+                let p99 = text.lines().find(|l| l.trim_start().starts_with("99%")).unwrap_or("").trim().to_owned();
+                println!("HTTP south (wrk -t2 -c64 -d10s): {rate:.0} req/s, latency {p99}");
+            }
+            None => println!("HTTP south: wrk not found (apt-get install wrk)"),
+        }
+    }
+    if want("rss") {
+        let (idle, full) = rss(10_000).await;
+        println!("RSS: {idle:.1} MiB with one gateway and no device, {full:.1} MiB with 10000 devices");
+    }
+}
