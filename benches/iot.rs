@@ -116,10 +116,11 @@ async fn rabbitmq(n: usize) -> f64 {
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    let body = serde_json::to_vec(&json!({"metadata": {"deviceid": "d", "tenant": "lab", "timestamp": 1, "service": "lab",
+    let body =
+        serde_json::to_vec(&json!({"metadata": {"deviceid": "d", "tenant": "lab", "timestamp": 1, "service": "lab",
         "servicepath": "/", "entity_name": "Sensor:d", "entity_type": "Sensor", "gateway": Uuid::nil().to_string(),
         "types": {"t": "Number", "h": "Text"}}, "attrs": {"t": 21.5, "h": 40}}))
-    .unwrap();
+        .unwrap();
     let t = Instant::now();
     let ex = exchange.clone();
     let publisher = tokio::spawn(async move {
@@ -127,7 +128,13 @@ async fn rabbitmq(n: usize) -> f64 {
         for _ in 0..n {
             let props = BasicProperties::default().with_delivery_mode(2);
             let c = ch
-                .basic_publish(ex.as_str().into(), "bench.lab.Sensor.d".into(), BasicPublishOptions::default(), &body, props)
+                .basic_publish(
+                    ex.as_str().into(),
+                    "bench.lab.Sensor.d".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
                 .await
                 .unwrap();
             window.push_back(c);
@@ -321,8 +328,10 @@ async fn rss(n: usize) -> (f64, f64) {
     let idle = d.proc_stat("VmRSS:") as f64 / 1024.0;
     for chunk in 0..n.div_ceil(1000) {
         let devices: Vec<_> = (chunk * 1000..((chunk + 1) * 1000).min(n))
-            .map(|i| json!({"device_id": format!("dev{i}"), "entity_type": "Meter",
-                "attributes": [{"object_id": "p", "name": "power", "type": "Number"}]}))
+            .map(|i| {
+                json!({"device_id": format!("dev{i}"), "entity_type": "Meter",
+                "attributes": [{"object_id": "p", "name": "power", "type": "Number"}]})
+            })
             .collect();
         d.north("/iot/devices", json!({"devices": devices})).await;
     }

@@ -137,6 +137,22 @@ pub async fn consume(ch: &Channel, queue: ShortString) -> Result<lapin::Consumer
     .await
 }
 
+/// The next delivery of an optional consumer; pending forever without one.
+/// When the consumer ends (queue deleted, connection lost) it is dropped,
+/// and the owner waits for a new one.
+pub async fn next_delivery(consumer: &mut Option<lapin::Consumer>) -> Option<lapin::message::Delivery> {
+    match consumer {
+        Some(c) => match c.next().await {
+            Some(Ok(d)) => Some(d),
+            _ => {
+                *consumer = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
 impl Bus {
     /// A bus handle plus the supervisor that will serve it once started
     /// with [`BusRunner::spawn`].

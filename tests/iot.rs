@@ -687,6 +687,15 @@ async fn a_deleted_device_goes_gone_once() {
     g.provision(LAB, group(&k), dev1()).await;
     let uuid = device_uuid(&Tenant { service: "lab".into(), servicepath: "/rig1".into() }, "dev1");
     state_of(&mut l, uuid, "running").await;
+    // Pings by type and by category reach the device.
+    let (c, _) = (gw.env.client().await, ());
+    for filter in [
+        busbar::protocol::Filter { kind: Some("Sensor".into()), ..Default::default() },
+        busbar::protocol::Filter { category: Some("equipment".into()), ..Default::default() },
+    ] {
+        c.publish(filter.action_headers(), &action("ping", json!({})), None).await.unwrap();
+        state_of(&mut l, uuid, "running").await;
+    }
     assert_eq!(g.north("DELETE", "/iot/devices/dev1", Some(LAB), None).await.0, 204);
     let st = state_of(&mut l, uuid, "gone").await;
     assert_eq!(st["properties"]["category"], "equipment");

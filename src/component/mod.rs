@@ -13,7 +13,6 @@ pub(crate) use kubernetes::sweep_orphans;
 mod manager;
 mod process;
 
-use futures_util::StreamExt;
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -206,20 +205,6 @@ pub(crate) fn spawn(
     ComponentHandle { keys, managed_by, persisted, tx }
 }
 
-async fn next_delivery(consumer: &mut Option<lapin::Consumer>) -> Option<lapin::message::Delivery> {
-    match consumer {
-        Some(c) => match c.next().await {
-            Some(Ok(d)) => Some(d),
-            // The queue or connection is gone; the bus will attach a new one.
-            _ => {
-                *consumer = None;
-                None
-            }
-        },
-        None => std::future::pending().await,
-    }
-}
-
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -265,7 +250,7 @@ impl Component {
                     // select, which every one of thousands of tasks holds.
                     Some(cmd) => Box::pin(self.command(cmd)).await,
                 },
-                Some(d) = next_delivery(&mut self.consumer) => {
+                Some(d) = crate::bus::next_delivery(&mut self.consumer) => {
                     if let Some(msg) = crate::bus::decode_delivery(&self.shared, &d) {
                         Box::pin(self.message(msg)).await;
                     }

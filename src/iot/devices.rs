@@ -4,12 +4,11 @@
 //!
 //! One task per gateway speaks for all its devices (thousands of them cost
 //! no task or queue each). It owns a queue on the `villas` exchange bound
-//! to `category: equipment` and to each device's uuid, answers pings with
+//! to `category: equipment`, to each entity type and to each device's uuid, answers pings with
 //! the device's last attribute values, announces devices when they are
 //! provisioned, on discovery and periodically, and publishes `gone` once
 //! when a device is deleted.
 
-use futures_util::StreamExt;
 use lapin::options::QueueBindOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer};
@@ -50,6 +49,8 @@ struct Devices {
     /// Routing keys of every device announced, for `gone` and matching.
     known: HashMap<Uuid, RoutingKeys>,
     queue: Option<(Channel, ShortString)>,
+    /// Entity types bound on the current queue.
+    types: std::collections::HashSet<String>,
     empty: Map<String, Value>,
 }
 
@@ -111,8 +112,12 @@ impl Devices {
         };
         let body = view.to_vec(&self.shared.info);
         self.shared.bus.publish_status(&keys, &body, reply).await;
+        let kind = keys.kind.clone();
         if self.known.insert(uuid, keys).is_none() {
-            self.bind(uuid).await;
+            self.bind("uuid", &uuid.to_string()).await;
+        }
+        if self.queue.is_some() && self.types.insert(kind.clone()) {
+            self.bind("type", &kind).await;
         }
     }
 
@@ -140,12 +145,12 @@ impl Devices {
         }
     }
 
-    async fn bind(&self, uuid: Uuid) {
+    async fn bind(&self, key: &str, value: &str) {
         if let Some((ch, q)) = &self.queue {
             let exchange = self.shared.bus.exchange();
-            let b = binding("uuid", &uuid.to_string());
+            let b = binding(key, value);
             if let Err(e) = ch.queue_bind(q.clone(), exchange.into(), "".into(), QueueBindOptions::default(), b).await {
-                warn!(error = %e, "cannot bind a device uuid");
+                warn!(error = %e, %key, "cannot bind a device queue");
             }
         }
     }
@@ -161,8 +166,15 @@ impl Devices {
         let exchange = self.shared.bus.exchange().to_owned();
         let q = crate::bus::declare_bound_queue(&ch, &exchange, binding("category", "equipment")).await.ok()?;
         self.queue = Some((ch.clone(), q.clone()));
+        self.types.clear();
         for uuid in self.core.registry.devices().iter().map(|r| r.uuid) {
-            self.bind(uuid).await;
+            self.bind("uuid", &uuid.to_string()).await;
+        }
+        let types: Vec<String> = self.known.values().map(|k| k.kind.clone()).collect();
+        for t in types {
+            if self.types.insert(t.clone()) {
+                self.bind("type", &t).await;
+            }
         }
         crate::bus::consume(&ch, q).await.ok()
     }
@@ -191,19 +203,6 @@ impl Devices {
     }
 }
 
-async fn next(consumer: &mut Option<Consumer>) -> Option<lapin::message::Delivery> {
-    match consumer {
-        Some(c) => match c.next().await {
-            Some(Ok(d)) => Some(d),
-            _ => {
-                *consumer = None;
-                None
-            }
-        },
-        None => std::future::pending().await,
-    }
-}
-
 /// Run the device components of a gateway until `token` is cancelled.
 pub async fn run(
     shared: Arc<Shared>,
@@ -215,7 +214,8 @@ pub async fn run(
     let mut channel = shared.bus.channel_watch();
     let period = shared.config.status_interval();
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let mut devices = Devices { shared, core, known: HashMap::new(), queue: None, empty: Map::new() };
+    let mut devices =
+        Devices { shared, core, known: HashMap::new(), queue: None, types: Default::default(), empty: Map::new() };
     let mut consumer: Option<Consumer> = None;
     let mut attach = true;
     loop {
@@ -235,7 +235,7 @@ pub async fn run(
                 }
                 attach = true;
             }
-            Some(d) = next(&mut consumer) => devices.delivery(d).await,
+            Some(d) = crate::bus::next_delivery(&mut consumer) => devices.delivery(d).await,
             Some(c) = changes.recv() => match c {
                 Change::Upsert(uuid) => devices.publish(uuid, None, None).await,
                 Change::Removed(uuid) => devices.gone(uuid).await,

@@ -105,10 +105,11 @@ fn parse_time(s: &str) -> Result<i64, ApiError> {
 }
 
 fn explicit_names(device: &Device, group: Option<&Group>) -> Option<Vec<String>> {
-    let v = device.explicit_attrs.as_ref().or(group.and_then(|g| g.explicit_attrs.as_ref()))?;
+    let v = device.mapping.explicit_attrs.as_ref().or(group.and_then(|g| g.mapping.explicit_attrs.as_ref()))?;
     match v {
         Value::Bool(true) => {
-            let provisioned = device.attributes.iter().chain(group.iter().flat_map(|g| g.attributes.iter()));
+            let provisioned =
+                device.mapping.attributes.iter().chain(group.iter().flat_map(|g| g.mapping.attributes.iter()));
             Some(provisioned.map(|a| a.name.clone()).collect())
         }
         Value::Array(a) => Some(a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()),
@@ -117,7 +118,7 @@ fn explicit_names(device: &Device, group: Option<&Group>) -> Option<Vec<String>>
 }
 
 fn lookup<'a>(key: &str, device: &'a Device, group: Option<&'a Group>) -> Option<&'a Attribute> {
-    let all = device.attributes.iter().chain(group.iter().flat_map(|g| g.attributes.iter()));
+    let all = device.mapping.attributes.iter().chain(group.iter().flat_map(|g| g.mapping.attributes.iter()));
     let mut by_name = None;
     for a in all {
         match &a.object_id {
@@ -193,7 +194,8 @@ fn map_one(
         return Err(ApiError::payload("the measure has no attributes"));
     }
     // Statics: the group's, overridden by the device's of the same name.
-    let statics = group.iter().flat_map(|g| g.static_attributes.iter()).chain(device.static_attributes.iter());
+    let statics =
+        group.iter().flat_map(|g| g.mapping.static_attributes.iter()).chain(device.mapping.static_attributes.iter());
     for s in statics {
         if let Some(v) = &s.value {
             attrs.insert(s.name.clone(), (s.kind.clone(), v.clone()));

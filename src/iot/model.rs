@@ -39,17 +39,10 @@ fn text() -> String {
     "Text".into()
 }
 
-/// A config group ("service group"): an apikey and the defaults of its
-/// devices.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Group {
-    /// The southbound resource (`/iot/json`).
-    pub resource: String,
-    /// The shared key devices present.
-    pub apikey: String,
-    /// Entity type of its devices.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub entity_type: Option<String>,
+/// How measures map to attributes; the same fields on groups and devices
+/// (a device's win).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Mapping {
     /// Whether measures get a `TimeInstant`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<bool>,
@@ -62,6 +55,22 @@ pub struct Group {
     /// `false`, `true`, or a list of attribute names or object ids.
     #[serde(rename = "explicitAttrs", default, skip_serializing_if = "Option::is_none")]
     pub explicit_attrs: Option<Value>,
+}
+
+/// A config group ("service group"): an apikey and the defaults of its
+/// devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    /// The southbound resource (`/iot/json`).
+    pub resource: String,
+    /// The shared key devices present.
+    pub apikey: String,
+    /// Entity type of its devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_type: Option<String>,
+    /// Attribute mapping defaults.
+    #[serde(flatten)]
+    pub mapping: Mapping,
     /// Whether unknown devices are created on their first measure (default
     /// true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,18 +94,9 @@ pub struct Device {
     /// Its own apikey, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apikey: Option<String>,
-    /// Whether measures get a `TimeInstant`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timestamp: Option<bool>,
-    /// Attribute mappings.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub attributes: Vec<Attribute>,
-    /// Attributes added to every measure.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub static_attributes: Vec<Attribute>,
-    /// `false`, `true`, or a list of attribute names or object ids.
-    #[serde(rename = "explicitAttrs", default, skip_serializing_if = "Option::is_none")]
-    pub explicit_attrs: Option<Value>,
+    /// Attribute mapping.
+    #[serde(flatten)]
+    pub mapping: Mapping,
     /// Everything else (`lazy`, `commands`, `internal_attributes`,
     /// `timezone`, `endpoint`, `protocol`, `transport`, …), kept as given.
     #[serde(flatten)]
@@ -182,12 +182,16 @@ fn check_names(attrs: &[Attribute], field: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn explicit_ok(v: &Option<Value>) -> Result<(), ApiError> {
-    match v {
-        None | Some(Value::Bool(_)) => Ok(()),
-        Some(Value::Array(a)) if a.iter().all(|x| x.is_string()) => Ok(()),
-        Some(other) => {
-            Err(ApiError::syntax(format!("explicitAttrs must be a boolean or a list of names, not {other}")))
+impl Mapping {
+    fn check(&self) -> Result<(), ApiError> {
+        check_names(&self.attributes, "attributes")?;
+        check_names(&self.static_attributes, "static_attributes")?;
+        match &self.explicit_attrs {
+            None | Some(Value::Bool(_)) => Ok(()),
+            Some(Value::Array(a)) if a.iter().all(|x| x.is_string()) => Ok(()),
+            Some(other) => {
+                Err(ApiError::syntax(format!("explicitAttrs must be a boolean or a list of names, not {other}")))
+            }
         }
     }
 }
@@ -205,9 +209,7 @@ pub fn parse_group(v: &Value) -> Result<Group, ApiError> {
     for key in ["service", "subservice"] {
         g.extra.shift_remove(key);
     }
-    check_names(&g.attributes, "attributes")?;
-    check_names(&g.static_attributes, "static_attributes")?;
-    explicit_ok(&g.explicit_attrs)?;
+    g.mapping.check()?;
     Ok(g)
 }
 
@@ -228,9 +230,7 @@ pub fn parse_device(v: &Value) -> Result<Device, ApiError> {
     if d.device_id.contains(['/', '#', '+']) || d.device_id.contains(FORBIDDEN) {
         return Err(ApiError::syntax(format!("invalid device_id {:?}", d.device_id)));
     }
-    check_names(&d.attributes, "attributes")?;
-    check_names(&d.static_attributes, "static_attributes")?;
-    explicit_ok(&d.explicit_attrs)?;
+    d.mapping.check()?;
     Ok(d)
 }
 
@@ -244,7 +244,7 @@ mod tests {
         let g = parse_group(&json!({"resource": "/iot/json", "apikey": "k1", "cbroker": "http://orion:1026",
             "entity_type": "Thing", "attributes": [{"object_id": "t", "name": "temperature", "type": "Number"}]}))
         .unwrap();
-        assert_eq!(g.attributes[0].object_id.as_deref(), Some("t"));
+        assert_eq!(g.mapping.attributes[0].object_id.as_deref(), Some("t"));
         assert_eq!(g.extra["cbroker"], "http://orion:1026");
         assert_eq!(serde_json::to_value(&g).unwrap()["cbroker"], "http://orion:1026");
         for bad in
@@ -260,7 +260,8 @@ mod tests {
             "static_attributes": [{"name": "room", "type": "Text", "value": "B12"}]}))
         .unwrap();
         assert_eq!(d.entity_name(None), "Sensor:dev1");
-        assert_eq!(d.static_attributes[0].value, Some(json!("B12")));
+        assert_eq!(d.mapping.static_attributes[0].value, Some(json!("B12")));
+        assert!(!d.extra.contains_key("static_attributes"), "mapping fields are not kept twice");
         assert_eq!(parse_device(&json!({"entity_type": "x"})).unwrap_err().name, "MISSING_ATTRIBUTES");
         let bad = json!({"device_id": "d", "attributes": [{"name": "te<mp", "type": "Number"}]});
         assert_eq!(parse_device(&bad).unwrap_err().name, "WRONG_SYNTAX");
