@@ -65,6 +65,7 @@ pub fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, BusError> {
 enum BusCmd {
     Subscribe(ComponentHandle),
     Unsubscribe(RoutingKeys),
+    OpenChannel(tokio::sync::oneshot::Sender<Channel>),
 }
 
 /// The daemon's handle on the bus: subscribe components and publish.
@@ -83,6 +84,7 @@ impl std::fmt::Debug for BusCmd {
         match self {
             BusCmd::Subscribe(h) => write!(f, "Subscribe({})", h.uuid()),
             BusCmd::Unsubscribe(k) => write!(f, "Unsubscribe({})", k.uuid),
+            BusCmd::OpenChannel(_) => f.write_str("OpenChannel"),
         }
     }
 }
@@ -183,6 +185,16 @@ impl Bus {
     /// The exchange name.
     pub fn exchange(&self) -> &str {
         self.exchange.as_str()
+    }
+
+    /// A new channel on the current connection (`None` while disconnected).
+    /// lapin remembers every binding made on a channel until the channel
+    /// closes; a task that binds many headers (one per device) does so on a
+    /// channel of its own and closes it.
+    pub async fn open_channel(&self) -> Option<Channel> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.cmd.send(BusCmd::OpenChannel(tx)).ok()?;
+        rx.await.ok()
     }
 
     /// Route a component's queue (on connect, and now if connected).
@@ -370,6 +382,9 @@ async fn session(
                 Some(BusCmd::Subscribe(h)) => {
                     debug!(component = %h.uuid(), "subscribing");
                     subscribe(h, &mut queues).await?
+                }
+                Some(BusCmd::OpenChannel(tx)) => {
+                    let _ = tx.send(conn.create_channel().await?);
                 }
                 Some(BusCmd::Unsubscribe(keys)) => match &shared_queue {
                     Some(q) => sub.queue_unbind(q.clone(), exchange.as_str().into(), "".into(), keys.binding()).await?,

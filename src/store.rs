@@ -56,8 +56,8 @@ pub struct IotRecord {
     pub service: String,
     /// Its tenant's `fiware-servicepath`.
     pub servicepath: String,
-    /// The provisioned object.
-    pub body: Value,
+    /// The provisioned object, as JSON text.
+    pub body: String,
 }
 
 /// Handle to the store; cheap to clone.
@@ -169,7 +169,7 @@ impl Store {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6,
                        COALESCE((SELECT seq FROM iot_records WHERE gateway = ?1 AND kind = ?2 AND key = ?3),
                                 (SELECT COALESCE(MAX(seq), 0) + 1 FROM iot_records)))",
-                    params![gateway.to_string(), r.kind, r.key, r.service, r.servicepath, r.body.to_string()],
+                    params![gateway.to_string(), r.kind, r.key, r.service, r.servicepath, r.body],
                 )?;
             }
             tx.commit()?;
@@ -206,7 +206,6 @@ impl Store {
             let mut out = Vec::new();
             for row in rows {
                 let (kind, key, service, servicepath, body) = row?;
-                let body = serde_json::from_str(&body).map_err(|_| StoreError::Corrupt(key.clone()))?;
                 out.push(IotRecord { kind, key, service, servicepath, body });
             }
             Ok(out)

@@ -6,14 +6,15 @@
 //! no task or queue each). It owns a queue on the `villas` exchange bound
 //! to `category: equipment`, to each entity type and to each device's uuid, answers pings with
 //! the device's last attribute values, announces devices when they are
-//! provisioned, on discovery and periodically, and publishes `gone` once
+//! provisioned, on discovery and after a reconnect (not periodically: the
+//! gateway's own status is periodic, and thousands of devices would make the
+//! exchange busy for nothing), and publishes `gone` once
 //! when a device is deleted.
 
-use lapin::options::QueueBindOptions;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer};
 use serde_json::{Map, Value, json};
-use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,13 @@ use crate::daemon::Shared;
 use crate::protocol::status::{Prefix, StatusView};
 use crate::protocol::{ActionRequest, ErrorInfo, ReplyTo, RoutingKeys};
 use crate::state::State;
+
+/// Messages the device queue holds at most (the broker drops the oldest).
+const QUEUE_CAP: i64 = 1000;
+/// Bindings made per short-lived channel.
+const BIND_CHUNK: usize = 256;
+/// Unacknowledged deliveries in flight to the device task.
+const PREFETCH: u16 = 64;
 
 /// A request to the device task.
 #[derive(Debug)]
@@ -46,8 +54,6 @@ fn binding(key: &str, value: &str) -> FieldTable {
 struct Devices {
     shared: Arc<Shared>,
     core: Arc<Core>,
-    /// Routing keys of every device announced, for `gone` and matching.
-    known: HashMap<Uuid, RoutingKeys>,
     queue: Option<(Channel, ShortString)>,
     /// Entity types bound on the current queue.
     types: std::collections::HashSet<String>,
@@ -112,17 +118,26 @@ impl Devices {
         };
         let body = view.to_vec(&self.shared.info);
         self.shared.bus.publish_status(&keys, &body, reply).await;
-        let kind = keys.kind.clone();
-        if self.known.insert(uuid, keys).is_none() {
-            self.bind("uuid", &uuid.to_string()).await;
-        }
-        if self.queue.is_some() && self.types.insert(kind.clone()) {
-            self.bind("type", &kind).await;
-        }
     }
 
-    async fn gone(&mut self, uuid: Uuid) {
-        let Some(keys) = self.known.remove(&uuid) else { return };
+    /// A device was provisioned or changed: route it, then announce it.
+    async fn upsert(&mut self, uuid: Uuid, new: bool) {
+        let mut pairs = Vec::new();
+        if new {
+            pairs.push(("uuid", uuid.to_string()));
+        }
+        if let Some(r) = self.core.registry.device_by_uuid(uuid) {
+            let kind = self.keys(&r).kind;
+            if self.types.insert(kind.clone()) {
+                pairs.push(("type", kind));
+            }
+        }
+        self.bind_all(&pairs).await;
+        self.publish(uuid, None, None).await;
+    }
+
+    async fn gone(&mut self, uuid: Uuid, kind: String) {
+        let keys = RoutingKeys { category: "equipment".into(), kind, uuid, realm: Some(self.core.realm.clone()) };
         let mut properties = Map::new();
         properties.insert("category".into(), json!("equipment"));
         properties.insert("type".into(), json!(keys.kind));
@@ -145,44 +160,86 @@ impl Devices {
         }
     }
 
-    async fn bind(&self, key: &str, value: &str) {
-        if let Some((ch, q)) = &self.queue {
-            let exchange = self.shared.bus.exchange();
-            let b = binding(key, value);
-            if let Err(e) = ch.queue_bind(q.clone(), exchange.into(), "".into(), QueueBindOptions::default(), b).await {
-                warn!(error = %e, %key, "cannot bind a device queue");
+    /// Bind the device queue to `key: value` pairs, on a channel of its own
+    /// that is closed afterwards (lapin keeps a record of every binding of
+    /// an open channel; thousands of devices would cost megabytes).
+    async fn bind_all(&self, pairs: &[(&str, String)]) {
+        let Some((_, q)) = &self.queue else { return };
+        let exchange = self.shared.bus.exchange();
+        // Without waiting for each bind-ok (a failure closes the channel and
+        // the next bind reports it), a few hundred per channel.
+        let opts = QueueBindOptions { nowait: true };
+        for chunk in pairs.chunks(BIND_CHUNK) {
+            let Some(ch) = self.shared.bus.open_channel().await else { return };
+            for (key, value) in chunk {
+                let b = binding(key, value);
+                if let Err(e) = ch.queue_bind(q.clone(), exchange.into(), "".into(), opts, b).await {
+                    warn!(error = %e, %key, "cannot bind a device queue");
+                    return;
+                }
             }
+            let _ = ch.close(200, "bindings done".into()).await;
+        }
+        if pairs.len() > BIND_CHUNK {
+            super::trim_heap();
         }
     }
 
     async fn announce_all(&mut self) {
-        for r in self.core.registry.devices() {
+        let all = self.core.registry.devices();
+        for r in &all {
             self.publish(r.uuid, None, None).await;
+        }
+        if all.len() > 100 {
+            super::trim_heap();
         }
     }
 
     /// Declare the device queue on a new channel and bind every device.
-    async fn attach(&mut self, ch: Channel) -> Option<Consumer> {
+    /// Declare the device queue on a channel of its own and bind every
+    /// device. The queue also receives every equipment status on the
+    /// exchange (the protocol's `x-match: any` does that), ours included:
+    /// it is capped at [`QUEUE_CAP`] messages (oldest dropped by the broker)
+    /// and consumed with a prefetch of [`PREFETCH`], so a burst of
+    /// announcements never piles up in memory here.
+    async fn attach(&mut self) -> Option<Consumer> {
+        let ch = self.shared.bus.open_channel().await?;
         let exchange = self.shared.bus.exchange().to_owned();
-        let q = crate::bus::declare_bound_queue(&ch, &exchange, binding("category", "equipment")).await.ok()?;
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(QUEUE_CAP));
+        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let q = ch.queue_declare("".into(), opts, args).await.ok()?.name().clone();
+        let b = binding("category", "equipment");
+        ch.queue_bind(q.clone(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), b).await.ok()?;
+        ch.basic_qos(PREFETCH, BasicQosOptions::default()).await.ok()?;
         self.queue = Some((ch.clone(), q.clone()));
         self.types.clear();
-        for uuid in self.core.registry.devices().iter().map(|r| r.uuid) {
-            self.bind("uuid", &uuid.to_string()).await;
-        }
-        let types: Vec<String> = self.known.values().map(|k| k.kind.clone()).collect();
-        for t in types {
-            if self.types.insert(t.clone()) {
-                self.bind("type", &t).await;
+        let mut pairs: Vec<(&str, String)> = Vec::new();
+        for r in self.core.registry.devices() {
+            pairs.push(("uuid", r.uuid.to_string()));
+            if let Some(res) = self.core.registry.device_by_uuid(r.uuid) {
+                let kind = self.keys(&res).kind;
+                if self.types.insert(kind.clone()) {
+                    pairs.push(("type", kind));
+                }
             }
         }
-        crate::bus::consume(&ch, q).await.ok()
+        self.bind_all(&pairs).await;
+        ch.basic_consume(q, "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.ok()
     }
 
     async fn delivery(&mut self, d: lapin::message::Delivery) {
+        let _ = d.ack(BasicAckOptions::default()).await;
         let Some(msg) = crate::bus::decode_delivery(&self.shared, &d) else { return };
         let headers = d.properties.headers().clone().unwrap_or_default();
-        let addressed: Vec<Uuid> = self.known.iter().filter(|(_, k)| k.matches(&headers)).map(|(u, _)| *u).collect();
+        let addressed: Vec<Uuid> = self
+            .core
+            .registry
+            .resolved()
+            .iter()
+            .filter(|r| self.keys(r).matches(&headers))
+            .map(|r| r.record.uuid)
+            .collect();
         let req: ActionRequest = match msg {
             Ok(r) => r,
             Err(rejection) => {
@@ -212,21 +269,27 @@ pub async fn run(
     token: CancellationToken,
 ) {
     let mut channel = shared.bus.channel_watch();
-    let period = shared.config.status_interval();
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let mut devices =
-        Devices { shared, core, known: HashMap::new(), queue: None, types: Default::default(), empty: Map::new() };
+    let mut devices = Devices { shared, core, queue: None, types: Default::default(), empty: Map::new() };
     let mut consumer: Option<Consumer> = None;
     let mut attach = true;
     loop {
         if attach {
             attach = false;
-            let current = channel.borrow_and_update().clone();
-            consumer = match current {
-                Some(ch) => devices.attach(ch).await,
-                None => None,
-            };
-            devices.announce_all().await;
+            let connected = channel.borrow_and_update().is_some();
+            if let Some((old, _)) = devices.queue.take() {
+                let _ = old.close(200, "reattaching".into()).await;
+            }
+            consumer = None;
+            if connected {
+                tokio::select! {
+                    c = devices.attach() => consumer = c,
+                    _ = token.cancelled() => break,
+                }
+            }
+            tokio::select! {
+                _ = devices.announce_all() => {}
+                _ = token.cancelled() => break,
+            }
         }
         tokio::select! {
             changed = channel.changed() => {
@@ -237,21 +300,23 @@ pub async fn run(
             }
             Some(d) = crate::bus::next_delivery(&mut consumer) => devices.delivery(d).await,
             Some(c) = changes.recv() => match c {
-                Change::Upsert(uuid) => devices.publish(uuid, None, None).await,
-                Change::Removed(uuid) => devices.gone(uuid).await,
+                Change::Upsert { uuid, new } => devices.upsert(uuid, new).await,
+                Change::Removed { uuid, kind } => devices.gone(uuid, kind).await,
             },
             Some(a) = announce.recv() => match a {
-                Announce::All => devices.announce_all().await,
+                Announce::All => tokio::select! {
+                    _ = devices.announce_all() => {}
+                    _ = token.cancelled() => break,
+                },
                 Announce::Gone(done) => {
-                    let all: Vec<Uuid> = devices.known.keys().copied().collect();
-                    for uuid in all {
-                        devices.gone(uuid).await;
+                    for r in devices.core.registry.resolved() {
+                        let kind = devices.keys(&r).kind;
+                        devices.gone(r.record.uuid, kind).await;
                     }
                     let _ = done.send(());
                     break;
                 }
             },
-            _ = tick.tick() => devices.announce_all().await,
             _ = token.cancelled() => break,
         }
     }

@@ -208,6 +208,16 @@ impl std::fmt::Debug for Core {
     }
 }
 
+/// Give memory freed by a bulk operation (thousands of devices provisioned,
+/// loaded or bound) back to the system: glibc keeps freed heap otherwise.
+pub(crate) fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }

@@ -166,7 +166,12 @@ async fn create_devices(State(core): Shared, h: HeaderMap, body: Bytes) -> Resul
     let tenant = exact(tenant(&core, &h)?)?;
     let v = json_body(&h, &body)?;
     let devices = items(&v, "devices")?.iter().map(parse_device).collect::<Result<Vec<_>, _>>()?;
+    let bulk = devices.len() > 100;
+    drop(v);
     core.registry.create_devices(&tenant, devices).await?;
+    if bulk {
+        super::trim_heap();
+    }
     Ok(created())
 }
 

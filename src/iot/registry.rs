@@ -44,10 +44,20 @@ pub struct DeviceRecord {
 /// What changed, for the device ICs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// A device was created or updated.
-    Upsert(Uuid),
+    /// A device was created (`new`) or updated.
+    Upsert {
+        /// Its IC uuid.
+        uuid: Uuid,
+        /// Whether it did not exist before.
+        new: bool,
+    },
     /// A device was deleted.
-    Removed(Uuid),
+    Removed {
+        /// Its IC uuid.
+        uuid: Uuid,
+        /// Its entity type (its IC's `type`).
+        kind: String,
+    },
 }
 
 /// A device resolved for a measure.
@@ -66,12 +76,23 @@ struct Inner {
     /// apikey → its tenant (unique across tenants).
     apikeys: HashMap<String, Tenant>,
     devices: IndexMap<(Tenant, String), Arc<DeviceRecord>>,
-    by_uuid: HashMap<Uuid, (Tenant, String)>,
+    by_uuid: HashMap<Uuid, Arc<DeviceRecord>>,
 }
 
 impl Inner {
     fn group_by_apikey(&self, apikey: &str) -> Option<Arc<Group>> {
         self.groups.iter().find(|((_, k), _)| k == apikey).map(|(_, (_, g))| g.clone())
+    }
+
+    /// The group a device takes its defaults from: its apikey's, else the
+    /// first of its tenant.
+    fn group_of(&self, record: &DeviceRecord) -> Option<Arc<Group>> {
+        record
+            .device
+            .apikey
+            .as_deref()
+            .and_then(|k| self.group_by_apikey(k))
+            .or_else(|| self.groups.values().find(|(t, _)| *t == record.tenant).map(|(_, g)| g.clone()))
     }
 }
 
@@ -126,18 +147,22 @@ impl Registry {
             let tenant = Tenant { service: r.service, servicepath: r.servicepath };
             match r.kind.as_str() {
                 "group" => {
-                    let g = parse_group(&r.body)?;
+                    let g = Group::from_json(&r.body)?;
                     inner.apikeys.insert(g.apikey.clone(), tenant.clone());
                     inner.groups.insert((g.resource.clone(), g.apikey.clone()), (tenant, Arc::new(g)));
                 }
                 _ => {
-                    let d = parse_device(&r.body)?;
+                    let d = Device::from_json(&r.body)?;
                     let uuid = device_uuid(&tenant, &d.device_id);
-                    inner.by_uuid.insert(uuid, (tenant.clone(), d.device_id.clone()));
-                    let rec = DeviceRecord { tenant: tenant.clone(), device: d, uuid, last: Mutex::default() };
-                    inner.devices.insert((tenant, rec.device.device_id.clone()), Arc::new(rec));
+                    let rec =
+                        Arc::new(DeviceRecord { tenant: tenant.clone(), device: d, uuid, last: Mutex::default() });
+                    inner.by_uuid.insert(uuid, rec.clone());
+                    inner.devices.insert((tenant, rec.device.device_id.clone()), rec);
                 }
             }
+        }
+        if inner.devices.len() > 100 {
+            super::trim_heap();
         }
         Ok(Registry { gateway, store, inner: RwLock::new(inner), changes })
     }
@@ -163,20 +188,15 @@ impl Registry {
     /// The device with IC uuid `uuid`.
     pub fn device_by_uuid(&self, uuid: Uuid) -> Option<Resolved> {
         let inner = self.read();
-        let key = inner.by_uuid.get(&uuid)?;
-        let record = inner.devices.get(key)?.clone();
-        let group = record
-            .device
-            .apikey
-            .as_deref()
-            .and_then(|k| inner.group_by_apikey(k))
-            .or_else(|| inner.groups.values().find(|(t, _)| *t == record.tenant).map(|(_, g)| g.clone()));
+        let record = inner.by_uuid.get(&uuid)?.clone();
+        let group = inner.group_of(&record);
         Some(Resolved { record, group })
     }
 
-    /// The group of a device, for entity defaults.
-    pub fn group_of(&self, record: &DeviceRecord) -> Option<Arc<Group>> {
-        self.device_by_uuid(record.uuid).and_then(|r| r.group)
+    /// Every device with its group.
+    pub fn resolved(&self) -> Vec<Resolved> {
+        let inner = self.read();
+        inner.devices.values().map(|r| Resolved { record: r.clone(), group: inner.group_of(r) }).collect()
     }
 
     // ----- north: groups -----
@@ -218,7 +238,7 @@ impl Registry {
             key: group_key(g),
             service: tenant.service.clone(),
             servicepath: tenant.servicepath.clone(),
-            body: serde_json::to_value(g).unwrap_or_default(),
+            body: serde_json::to_string(g).unwrap_or_default(),
         }
     }
 
@@ -344,7 +364,7 @@ impl Registry {
                 key: device_key(tenant, &d.device_id),
                 service: tenant.service.clone(),
                 servicepath: tenant.servicepath.clone(),
-                body: serde_json::to_value(d).unwrap_or_default(),
+                body: serde_json::to_string(d).unwrap_or_default(),
             })
             .collect();
         self.store.iot_put(self.gateway, records).await.map_err(store_err)?;
@@ -353,11 +373,16 @@ impl Registry {
             let uuid = device_uuid(tenant, &d.device_id);
             let key = (tenant.clone(), d.device_id.clone());
             let last = inner.devices.get(&key).map(|r| r.last.lock().unwrap_or_else(|p| p.into_inner()).clone());
-            inner.by_uuid.insert(uuid, key.clone());
-            let rec =
-                DeviceRecord { tenant: tenant.clone(), device: d, uuid, last: Mutex::new(last.unwrap_or_default()) };
-            inner.devices.insert(key, Arc::new(rec));
-            let _ = self.changes.send(Change::Upsert(uuid));
+            let new = last.is_none();
+            let rec = Arc::new(DeviceRecord {
+                tenant: tenant.clone(),
+                device: d,
+                uuid,
+                last: Mutex::new(last.unwrap_or_default()),
+            });
+            inner.by_uuid.insert(uuid, rec.clone());
+            inner.devices.insert(key, rec);
+            let _ = self.changes.send(Change::Upsert { uuid, new });
         }
         Ok(())
     }
@@ -409,7 +434,8 @@ impl Registry {
     fn forget(&self, inner: &mut Inner, tenant: &Tenant, id: &str) {
         if let Some(r) = inner.devices.shift_remove(&(tenant.clone(), id.to_owned())) {
             inner.by_uuid.remove(&r.uuid);
-            let _ = self.changes.send(Change::Removed(r.uuid));
+            let kind = r.device.entity_type(inner.group_of(&r).as_deref()).to_owned();
+            let _ = self.changes.send(Change::Removed { uuid: r.uuid, kind });
         }
     }
 
