@@ -141,7 +141,8 @@ async fn create_errors_are_clear_and_leave_the_daemon_running() {
         (json!({"category": "simulator", "type": "dummy", "uuid": env.dummy.to_string()}), "Duplicate uuid"),
         (json!({"name": "no type"}), "Invalid parameters"),
         (json!({"category": "simulator", "type": "dummy", "uuid": "not-a-uuid"}), "Invalid parameters"),
-        (json!({"category": "gateway", "type": "x"}), "unknown category"),
+        (json!({"category": "teleporter", "type": "x"}), "unknown category"),
+        (json!({"category": "gateway", "type": "x"}), "unknown type \"x\" for category gateway"),
     ];
     for (params, msg) in cases {
         c.publish(to_uuid(env.manager), &action("create", params), None).await.unwrap();
