@@ -245,15 +245,32 @@ impl Daemon {
     }
 }
 
+/// A daemon with a gateway at `qos`, a consumer on its data exchange, and
+/// an MQTT publisher for its device's topic.
+struct Pipeline {
+    daemon: Daemon,
+    _conn: Connection,
+    consumer: lapin::Consumer,
+    publisher: AsyncClient,
+    topic: String,
+    qos: QoS,
+}
+
+impl Pipeline {
+    async fn start(qos: u8) -> Pipeline {
+        let prefix = format!("b{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let daemon = Daemon::start(qos, &prefix).await;
+        let (_conn, consumer) = data_consumer(&daemon.data).await;
+        let (publisher, _) = mqtt("pub", 1000).await;
+        let qos = if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+        Pipeline { daemon, _conn, consumer, publisher, topic: format!("{prefix}/json/k/d/attrs"), qos }
+    }
+}
+
 /// Measures/s from MQTT through busbar into the data exchange, and CPU
 /// seconds per measure of the daemon.
 async fn through(qos: u8, n: usize) -> (f64, f64, usize) {
-    let prefix = format!("b{}", &Uuid::new_v4().simple().to_string()[..8]);
-    let d = Daemon::start(qos, &prefix).await;
-    let (_c, mut consumer) = data_consumer(&d.data).await;
-    let (publisher, _) = mqtt("pub", 1000).await;
-    let topic = format!("{prefix}/json/k/d/attrs");
-    let q = if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+    let Pipeline { daemon: d, _conn, mut consumer, publisher, topic, qos: q } = Pipeline::start(qos).await;
     let cpu0 = d.cpu();
     let t = Instant::now();
     let p = tokio::spawn(async move {
@@ -280,12 +297,7 @@ async fn through(qos: u8, n: usize) -> (f64, f64, usize) {
 
 /// Publish at a steady `rate` for `secs` seconds: how many arrive.
 async fn sustained(qos: u8, rate: u64, secs: u64) -> (usize, usize) {
-    let prefix = format!("b{}", &Uuid::new_v4().simple().to_string()[..8]);
-    let d = Daemon::start(qos, &prefix).await;
-    let (_c, mut consumer) = data_consumer(&d.data).await;
-    let (publisher, _) = mqtt("pub", 1000).await;
-    let topic = format!("{prefix}/json/k/d/attrs");
-    let q = if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+    let Pipeline { daemon: _d, _conn, mut consumer, publisher, topic, qos: q } = Pipeline::start(qos).await;
     let n = (rate * secs) as usize;
     let gap = Duration::from_secs_f64(1.0 / rate as f64);
     tokio::spawn(async move {
@@ -310,11 +322,7 @@ async fn sustained(qos: u8, rate: u64, secs: u64) -> (usize, usize) {
 /// Publish at `rate`/s for `n` measures with the send time inside; the
 /// latency from MQTT publish to AMQP delivery, p50 and p99 in ms.
 async fn latency(rate: u64, n: usize) -> (f64, f64) {
-    let prefix = format!("b{}", &Uuid::new_v4().simple().to_string()[..8]);
-    let d = Daemon::start(1, &prefix).await;
-    let (_c, mut consumer) = data_consumer(&d.data).await;
-    let (publisher, _) = mqtt("pub", 1000).await;
-    let topic = format!("{prefix}/json/k/d/attrs");
+    let Pipeline { daemon: _d, _conn, mut consumer, publisher, topic, .. } = Pipeline::start(1).await;
     let gap = Duration::from_micros(1_000_000 / rate);
     tokio::spawn(async move {
         let mut next = tokio::time::Instant::now();
