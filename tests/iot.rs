@@ -773,3 +773,31 @@ async fn the_fiware_tutorial_sequence_works_as_written() {
     data.close().await;
     d.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_gateway_that_cannot_listen_is_an_error_until_reset_after_the_port_is_free() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let gw = Gw::new();
+    let yaml = gw.yaml().replace("north_bind: \"127.0.0.1:0\"", &format!("north_bind: \"127.0.0.1:{port}\""));
+    let data = Data::bind(&gw.data).await;
+    let (d, c, mut l) = gw.env.up(&yaml).await;
+    let st = d.shared.lookup(gw.uuid).unwrap().status().await.unwrap();
+    assert_eq!(st["status"]["state"], "error", "{st}");
+    assert!(
+        st["status"]["error"]["msg"].as_str().unwrap().contains(&format!("Cannot listen on 127.0.0.1:{port}")),
+        "{st}"
+    );
+    // The daemon and its other components carry on.
+    c.publish(to_uuid(gw.env.dummy), &action("ping", json!({})), None).await.unwrap();
+    state_of(&mut l, gw.env.dummy, "idle").await;
+    drop(taken);
+    c.publish(to_uuid(gw.uuid), &action("reset", json!({})), None).await.unwrap();
+    state_of(&mut l, gw.uuid, "idle").await;
+    c.publish(to_uuid(gw.uuid), &action("start", json!({})), None).await.unwrap();
+    state_of(&mut l, gw.uuid, "running").await;
+    let g = Gateway::of(&d, gw.uuid).await;
+    assert_eq!(g.north("GET", "/iot/about", None, None).await.0, 200);
+    d.stop().await.unwrap();
+    data.close().await;
+}

@@ -30,9 +30,15 @@ impl Component {
         }
     }
 
-    /// Run a gateway action.
-    pub(super) fn gateway(&mut self, action: Action) -> Result<(), ErrorInfo> {
-        if self.agent.is_none() && matches!(action, Action::Start | Action::Resume) {
+    /// Run a gateway action. An agent that could not start (a port in use,
+    /// say) is tried again by `reset` and `start`.
+    pub(super) async fn gateway(&mut self, action: Action) -> Result<(), ErrorInfo> {
+        if self.agent.is_none() && matches!(action, Action::Start | Action::Reset) {
+            let agent = Agent::start(&self.shared, self.keys.uuid, self.keys.realm.clone(), &self.properties).await?;
+            agent.set_running(false);
+            self.agent = Some(Box::new(agent));
+        }
+        if self.agent.is_none() && action == Action::Resume {
             return Err(ErrorInfo::new("The IoT agent is not running; see the previous error"));
         }
         self.begin(action)?;

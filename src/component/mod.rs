@@ -352,7 +352,7 @@ impl Component {
             d if d.is_manager() => Box::pin(self.manage(action, &req)).await,
             Driver::Process(_) => self.process(action, &req),
             Driver::KubernetesJob => self.kubernetes(action, &req),
-            Driver::IotAgent => self.gateway(action),
+            Driver::IotAgent => Box::pin(self.gateway(action)).await,
             _ => unreachable!("managers are handled above"),
         };
         match outcome {
