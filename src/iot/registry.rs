@@ -77,9 +77,38 @@ struct Inner {
     apikeys: HashMap<String, Tenant>,
     devices: IndexMap<(Tenant, String), Arc<DeviceRecord>>,
     by_uuid: HashMap<Uuid, Arc<DeviceRecord>>,
+    /// (apikey, device_id) of devices with an apikey of their own.
+    by_key: HashMap<(String, String), Arc<DeviceRecord>>,
 }
 
 impl Inner {
+    /// Add (or replace) a device in every index.
+    fn index(&mut self, rec: Arc<DeviceRecord>) {
+        let key = (rec.tenant.clone(), rec.device.device_id.clone());
+        if let Some(old) = self.devices.get(&key).cloned() {
+            self.unindex_keys(&old);
+        }
+        self.by_uuid.insert(rec.uuid, rec.clone());
+        if let Some(k) = &rec.device.apikey {
+            self.by_key.insert((k.clone(), rec.device.device_id.clone()), rec.clone());
+        }
+        self.devices.insert(key, rec);
+    }
+
+    /// Remove a device from every index.
+    fn unindex(&mut self, tenant: &Tenant, id: &str) -> Option<Arc<DeviceRecord>> {
+        let rec = self.devices.shift_remove(&(tenant.clone(), id.to_owned()))?;
+        self.unindex_keys(&rec);
+        Some(rec)
+    }
+
+    fn unindex_keys(&mut self, rec: &DeviceRecord) {
+        self.by_uuid.remove(&rec.uuid);
+        if let Some(k) = &rec.device.apikey {
+            self.by_key.remove(&(k.clone(), rec.device.device_id.clone()));
+        }
+    }
+
     fn group_by_apikey(&self, apikey: &str) -> Option<Arc<Group>> {
         self.groups.iter().find(|((_, k), _)| k == apikey).map(|(_, (_, g))| g.clone())
     }
@@ -154,10 +183,7 @@ impl Registry {
                 _ => {
                     let d = Device::from_json(&r.body)?;
                     let uuid = device_uuid(&tenant, &d.device_id);
-                    let rec =
-                        Arc::new(DeviceRecord { tenant: tenant.clone(), device: d, uuid, last: Mutex::default() });
-                    inner.by_uuid.insert(uuid, rec.clone());
-                    inner.devices.insert((tenant, rec.device.device_id.clone()), rec);
+                    inner.index(Arc::new(DeviceRecord { tenant, device: d, uuid, last: Mutex::default() }));
                 }
             }
         }
@@ -342,7 +368,8 @@ impl Registry {
                     ));
                 }
                 if let Some(key) = &d.apikey
-                    && inner.apikeys.get(key).is_some_and(|t| t != tenant)
+                    && (inner.apikeys.get(key).is_some_and(|t| t != tenant)
+                        || inner.by_key.get(&(key.clone(), d.device_id.clone())).is_some_and(|r| r.tenant != *tenant))
                 {
                     return Err(ApiError::new(
                         403,
@@ -380,8 +407,7 @@ impl Registry {
                 uuid,
                 last: Mutex::new(last.unwrap_or_default()),
             });
-            inner.by_uuid.insert(uuid, rec.clone());
-            inner.devices.insert(key, rec);
+            inner.index(rec);
             let _ = self.changes.send(Change::Upsert { uuid, new });
         }
         Ok(())
@@ -432,8 +458,7 @@ impl Registry {
     }
 
     fn forget(&self, inner: &mut Inner, tenant: &Tenant, id: &str) {
-        if let Some(r) = inner.devices.shift_remove(&(tenant.clone(), id.to_owned())) {
-            inner.by_uuid.remove(&r.uuid);
+        if let Some(r) = inner.unindex(tenant, id) {
             let kind = r.device.entity_type(inner.group_of(&r).as_deref()).to_owned();
             let _ = self.changes.send(Change::Removed { uuid: r.uuid, kind });
         }
@@ -472,12 +497,7 @@ impl Registry {
                     Some((_, None, None)) => Err(ApiError::device_not_found(device_id)),
                     None => {
                         // A device with its own apikey and no group.
-                        let inner = self.read();
-                        let record = inner
-                            .devices
-                            .values()
-                            .find(|r| r.device.device_id == *device_id && r.device.apikey.as_deref() == Some(apikey))
-                            .cloned();
+                        let record = self.read().by_key.get(&(apikey.clone(), device_id.clone())).cloned();
                         record
                             .map(|record| Resolved { record, group: None })
                             .ok_or_else(|| ApiError::group_not_found(&format!("apikey {apikey}")))
@@ -486,10 +506,15 @@ impl Registry {
             }
             Address::Dojot { tenant, device_id } => {
                 let inner = self.read();
+                // dojot has one level of tenancy: servicepath `/` first, then
+                // any path of the service.
+                let root = Tenant { service: tenant.clone(), servicepath: "/".into() };
                 let record = inner
                     .devices
-                    .values()
-                    .find(|r| r.tenant.service == *tenant && r.device.device_id == *device_id)
+                    .get(&(root, device_id.clone()))
+                    .or_else(|| {
+                        inner.devices.values().find(|r| r.tenant.service == *tenant && r.device.device_id == *device_id)
+                    })
                     .cloned()
                     .ok_or_else(|| ApiError::device_not_found(device_id))?;
                 let group = record.device.apikey.as_deref().and_then(|k| inner.group_by_apikey(k));
@@ -521,4 +546,62 @@ fn device_json(r: &DeviceRecord) -> Value {
     v["service"] = r.tenant.service.clone().into();
     v["service_path"] = r.tenant.servicepath.clone().into();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn registry(dir: &std::path::Path) -> Registry {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Registry::load(Uuid::nil(), Store::open(dir).unwrap(), tx).unwrap()
+    }
+
+    fn key(apikey: &str, id: &str) -> Address {
+        Address::Apikey { apikey: apikey.into(), device_id: id.into(), attr: None }
+    }
+
+    #[tokio::test]
+    async fn devices_with_their_own_apikey_follow_it_and_stay_in_their_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        let (a, b) = (
+            Tenant { service: "a".into(), servicepath: "/".into() },
+            Tenant { service: "b".into(), servicepath: "/".into() },
+        );
+        let dev = |v: Value| parse_device(&v).unwrap();
+        r.create_devices(&a, vec![dev(json!({"device_id": "d", "apikey": "own"}))]).await.unwrap();
+        assert_eq!(r.resolve(&key("own", "d")).await.unwrap().record.tenant, a);
+        // The same key and id in another tenant would be ambiguous in the south.
+        let e = r.create_devices(&b, vec![dev(json!({"device_id": "d", "apikey": "own"}))]).await.unwrap_err();
+        assert_eq!(e.name, "MISMATCHED_SERVICE");
+        // A new apikey replaces the old one in the index.
+        let patch = json!({"apikey": "new"});
+        r.update_device(&a, "d", patch.as_object().unwrap()).await.unwrap();
+        assert_eq!(r.resolve(&key("own", "d")).await.unwrap_err().name, "DEVICE_GROUP_NOT_FOUND");
+        assert_eq!(r.resolve(&key("new", "d")).await.unwrap().record.device.device_id, "d");
+        // Deleted: gone from every index; reloading from the store gives the same.
+        let r2 = registry(dir.path());
+        let got = r2.resolve(&key("new", "d")).await;
+        assert!(got.is_ok(), "persisted: {got:?} {}", r2.device_count());
+        assert_eq!(r.delete_devices(&a, &["d".into()]).await.unwrap(), Vec::<String>::new());
+        assert!(r.resolve(&key("new", "d")).await.is_err());
+        assert!(r.device_by_uuid(device_uuid(&a, "d")).is_none());
+        assert_eq!(registry(dir.path()).device_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn dojot_addresses_find_provisioned_devices_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        let t = Tenant { service: "admin".into(), servicepath: "/".into() };
+        r.create_devices(&t, vec![parse_device(&json!({"device_id": "efac"})).unwrap()]).await.unwrap();
+        let found = r.resolve(&Address::Dojot { tenant: "admin".into(), device_id: "efac".into() }).await.unwrap();
+        assert_eq!(found.record.tenant, t);
+        let e = r.resolve(&Address::Dojot { tenant: "admin".into(), device_id: "nope".into() }).await.unwrap_err();
+        assert_eq!(e.name, "DEVICE_NOT_FOUND");
+        let e = r.resolve(&Address::Dojot { tenant: "other".into(), device_id: "efac".into() }).await.unwrap_err();
+        assert_eq!(e.name, "DEVICE_NOT_FOUND");
+    }
 }
