@@ -148,6 +148,8 @@ async fn pump(
     let props = BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
     let exchange: lapin::types::ShortString = target.exchange.as_str().into();
     let mut inflight: VecDeque<(Envelope, lapin::PublisherConfirm)> = VecDeque::new();
+    // Put what is in flight back in front of the buffer, in order, after
+    // `first` (the oldest, whose confirm just failed).
     let requeue = |buf: &mut Buffer, inflight: &mut VecDeque<(Envelope, _)>, first: Option<Envelope>| {
         while let Some((e, _)) = inflight.pop_back() {
             buf.queue.push_front(e);
@@ -176,7 +178,9 @@ async fn pump(
             match sent {
                 Ok(confirm) => inflight.push_back((e, confirm)),
                 Err(err) => {
-                    requeue(buf, &mut inflight, Some(e));
+                    // `e` is newer than everything in flight: it goes last.
+                    buf.queue.push_front(e);
+                    requeue(buf, &mut inflight, None);
                     return Err(err);
                 }
             }
