@@ -361,6 +361,18 @@ async fn the_upstream_bugs_do_not_happen() {
 }
 
 #[tokio::test]
+async fn an_mqtt_password_is_never_published() {
+    let gw = Gw::with("mqtt_url: \"mqtt://lab:s3cret@127.0.0.1:1883\"");
+    let (d, _g, c, mut l, data) = gw.up().await;
+    let st = ping_status(&c, &mut l, gw.uuid, |_| true).await;
+    assert_eq!(st["properties"]["mqtt_url"], "mqtt://lab:***@127.0.0.1:1883");
+    assert!(!st.to_string().contains("s3cret"));
+    assert_eq!(st["status"]["mqtt_connected"], true);
+    data.close().await;
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn stopped_gateways_refuse_south_traffic_and_start_takes_it_again() {
     let gw = Gw::new();
     let (d, g, c, mut l, mut data) = gw.up().await;

@@ -15,7 +15,8 @@ use crate::state::{Action, State};
 impl Component {
     /// Start the agent (once, when the component task starts).
     pub(super) async fn start_agent(&mut self) {
-        match Agent::start(&self.shared, self.keys.uuid, self.keys.realm.clone(), &self.properties).await {
+        let props = self.driver_properties().into_owned();
+        match Agent::start(&self.shared, self.keys.uuid, self.keys.realm.clone(), &props).await {
             Ok(agent) => {
                 info!(gateway = %self.keys.uuid, north = %agent.north_addr, south = %agent.south_addr, "IoT agent started");
                 if *agent.core.running.borrow() {
@@ -34,7 +35,8 @@ impl Component {
     /// say) is tried again by `reset` and `start`.
     pub(super) async fn gateway(&mut self, action: Action) -> Result<(), ErrorInfo> {
         if self.agent.is_none() && matches!(action, Action::Start | Action::Reset) {
-            let agent = Agent::start(&self.shared, self.keys.uuid, self.keys.realm.clone(), &self.properties).await?;
+            let props = self.driver_properties().into_owned();
+            let agent = Agent::start(&self.shared, self.keys.uuid, self.keys.realm.clone(), &props).await?;
             agent.set_running(false);
             self.agent = Some(Box::new(agent));
         }

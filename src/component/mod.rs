@@ -151,6 +151,25 @@ pub(crate) struct Component {
     job: Option<crate::k8s::job::JobRun>,
     /// The IoT agent of a gateway.
     agent: Option<Box<crate::iot::Agent>>,
+    /// Properties whose published value is redacted (URLs with a password),
+    /// as given: only drivers see them.
+    secrets: Map<String, Value>,
+}
+
+/// Split off the properties that must not be published: URLs with a
+/// password (`mqtt://user:secret@host`) are published redacted, and kept as
+/// given for the drivers.
+fn split_secrets(p: &mut Map<String, Value>) -> Map<String, Value> {
+    let mut secrets = Map::new();
+    for (k, v) in p.iter_mut() {
+        if let Value::String(s) = v {
+            let shown = crate::config::redact_url(s);
+            if shown != *s {
+                secrets.insert(k.clone(), std::mem::replace(v, Value::String(shown)));
+            }
+        }
+    }
+    secrets
 }
 
 /// Build the properties object: every given key in order, with the identity
@@ -179,7 +198,8 @@ pub(crate) fn spawn(
     let realm = spec.realm.clone().or_else(|| shared.config.realm.clone());
     let keys = RoutingKeys { category: spec.category.clone(), kind: spec.kind.clone(), uuid, realm: realm.clone() };
     let (tx, rx) = mpsc::channel(MAILBOX);
-    let properties = properties_of(spec, uuid, &realm);
+    let mut properties = properties_of(spec, uuid, &realm);
+    let secrets = split_secrets(&mut properties);
     let durations = Durations(properties.get("durations").and_then(Value::as_object).cloned().unwrap_or_default());
     let component = Component {
         shared: shared.clone(),
@@ -199,6 +219,7 @@ pub(crate) fn spawn(
         run: None,
         job: None,
         agent: None,
+        secrets,
     };
     shared.metrics.state_change(None, Some(State::Idle.as_str()));
     shared.tracker.spawn(component.run(rx));
@@ -213,6 +234,17 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 impl Component {
+    /// The properties as configured, secrets included: for drivers only,
+    /// never for status messages.
+    fn driver_properties(&self) -> std::borrow::Cow<'_, Map<String, Value>> {
+        if self.secrets.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.properties);
+        }
+        let mut p = self.properties.clone();
+        p.extend(self.secrets.clone());
+        std::borrow::Cow::Owned(p)
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let token = self.shared.shutdown.clone();
         let period = self.shared.config.status_interval();
@@ -449,5 +481,24 @@ impl Component {
         // Boxed: lapin's publish future is kilobytes, and would otherwise be
         // part of every idle component task.
         Box::pin(self.shared.bus.publish_status(&self.keys, &body, reply)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn urls_with_a_password_are_published_redacted_and_kept_for_drivers() {
+        let mut p = json!({"mqtt_url": "mqtt://lab:s3cret@broker:1883", "api_url": "http://host/api", "n": 1})
+            .as_object()
+            .unwrap()
+            .clone();
+        let secrets = split_secrets(&mut p);
+        assert_eq!(p["mqtt_url"], "mqtt://lab:***@broker:1883");
+        assert_eq!(p["api_url"], "http://host/api");
+        assert_eq!(secrets.len(), 1);
+        assert_eq!(secrets["mqtt_url"], "mqtt://lab:s3cret@broker:1883");
     }
 }

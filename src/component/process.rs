@@ -478,8 +478,8 @@ impl Component {
         self.results = req.payload.get("results").cloned().unwrap_or(Value::Null);
         self.extra.insert("return_code".into(), Value::Null);
         self.extra.shift_remove("pid");
-        let cmd =
-            command_line(&spec, req, &self.properties).inspect_err(|_| self.shared.metrics.error("refused_command"))?;
+        let cmd = command_line(&spec, req, &self.driver_properties())
+            .inspect_err(|_| self.shared.metrics.error("refused_command"))?;
         let dir =
             self.shared.config.data_dir.join("runs").join(self.keys.uuid.to_string()).join(Uuid::new_v4().to_string());
         let (tx, events) = mpsc::channel(8);
