@@ -19,7 +19,8 @@
 //!   components (north API, MQTT/HTTP/AMQP south, federation, device ICs).
 //! - [`config`], [`store`], [`metrics`], [`telemetry`], [`http`]: the usual.
 //!
-//! `ARCHITECTURE.md` follows one ping from the socket to the reply.
+//! `ARCHITECTURE.md` follows one ping from the socket to the reply, and one
+//! device measure from MQTT to the federation.
 
 pub mod api;
 pub mod bus;
