@@ -59,6 +59,16 @@ async fn provisioning_calls_answer_with_the_upstream_codes_and_errors() {
     assert_eq!((s, b["name"].as_str()), (400, Some("WRONG_SYNTAX")));
     let (s, b) = g.north_raw("POST", "/iot/devices", LAB, "text/plain", "device").await;
     assert_eq!((s, b["name"].as_str()), (400, Some("WRONG_SYNTAX")));
+    // Too large, wrong method, wrong path: JSON errors too.
+    let big = format!("{{\"devices\": [{}]}}", vec!["{\"device_id\": \"x\"}"; 60_000].join(","));
+    let (s, b) = g.north_raw("POST", "/iot/devices", LAB, "application/json", &big).await;
+    assert_eq!((s, b["name"].as_str()), (413, Some("PayloadTooLargeError")));
+    let (s, b) = g.north("PATCH", "/iot/devices", Some(LAB), None).await;
+    assert_eq!((s, b["name"].as_str()), (405, Some("METHOD_NOT_ALLOWED")));
+    let (s, b) = g.north("GET", "/iot/nothing", Some(LAB), None).await;
+    assert_eq!((s, b["name"].as_str()), (404, Some("NOT_FOUND")));
+    let (s, b) = g.south_get("/iot/json/attrs/t").await;
+    assert_eq!((s, b["name"].as_str()), (405, Some("METHOD_NOT_ALLOWED")));
 
     // Devices.
     let (s, b) = g.north("POST", "/iot/devices", Some(LAB), Some(json!({"devices": dev1()}))).await;

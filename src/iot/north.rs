@@ -42,6 +42,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/admin/log", get(get_log).put(put_log))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(404, "NOT_FOUND", "No such resource") })
+        .method_not_allowed_fallback(|| async { ApiError::new(405, "METHOD_NOT_ALLOWED", "Method not allowed here") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(core)
 }
@@ -86,12 +87,16 @@ fn exact(t: Tenant) -> Result<Tenant, ApiError> {
     Ok(t)
 }
 
-fn json_body(h: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+/// A request body, or why it could not be read (too large: 413).
+type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
+fn json_body(h: &HeaderMap, body: Body) -> Result<Value, ApiError> {
+    let body = super::south::body(body)?;
     let ct = header(h, "content-type").unwrap_or_default();
     if !ct.contains("json") {
         return Err(ApiError::syntax(format!("expected a JSON body, got content type {ct:?}")));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::syntax(format!("invalid JSON: {e}")))
+    serde_json::from_slice(&body).map_err(|e| ApiError::syntax(format!("invalid JSON: {e}")))
 }
 
 fn items<'a>(v: &'a Value, key: &str) -> Result<&'a Vec<Value>, ApiError> {
@@ -119,9 +124,9 @@ fn created() -> Response {
     (StatusCode::CREATED, axum::Json(json!({}))).into_response()
 }
 
-async fn create_groups(State(core): Shared, h: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn create_groups(State(core): Shared, h: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let tenant = exact(tenant(&core, &h)?)?;
-    let v = json_body(&h, &body)?;
+    let v = json_body(&h, body)?;
     let list = items(&v, "groups").or_else(|_| items(&v, "services"))?;
     let groups = list.iter().map(parse_group).collect::<Result<Vec<_>, _>>()?;
     core.registry.create_groups(&tenant, groups).await?;
@@ -145,10 +150,10 @@ fn group_key(q: &HashMap<String, String>) -> Result<(String, String), ApiError> 
     }
 }
 
-async fn update_group(State(core): Shared, h: HeaderMap, q: Params, body: Bytes) -> Result<Response, ApiError> {
+async fn update_group(State(core): Shared, h: HeaderMap, q: Params, body: Body) -> Result<Response, ApiError> {
     let tenant = exact(tenant(&core, &h)?)?;
     let (resource, apikey) = group_key(&q)?;
-    let v = json_body(&h, &body)?;
+    let v = json_body(&h, body)?;
     let patch = v.as_object().ok_or_else(|| ApiError::syntax("the body must be an object"))?;
     core.registry.update_group(&tenant, &resource, &apikey, patch).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -162,9 +167,9 @@ async fn delete_group(State(core): Shared, h: HeaderMap, q: Params) -> Result<Re
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn create_devices(State(core): Shared, h: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn create_devices(State(core): Shared, h: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let tenant = exact(tenant(&core, &h)?)?;
-    let v = json_body(&h, &body)?;
+    let v = json_body(&h, body)?;
     let devices = items(&v, "devices")?.iter().map(parse_device).collect::<Result<Vec<_>, _>>()?;
     let bulk = devices.len() > 100;
     drop(v);
@@ -188,10 +193,10 @@ async fn update_device(
     State(core): Shared,
     h: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let tenant = exact(tenant(&core, &h)?)?;
-    let v = json_body(&h, &body)?;
+    let v = json_body(&h, body)?;
     let patch = v.as_object().ok_or_else(|| ApiError::syntax("the body must be an object"))?;
     core.registry.update_device(&tenant, &id, patch).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -206,9 +211,9 @@ async fn delete_device(State(core): Shared, h: HeaderMap, Path(id): Path<String>
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn op_delete(State(core): Shared, h: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn op_delete(State(core): Shared, h: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let tenant = exact(tenant(&core, &h)?)?;
-    let v = json_body(&h, &body)?;
+    let v = json_body(&h, body)?;
     let ids = items(&v, "devices")?
         .iter()
         .map(|d| {

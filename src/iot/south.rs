@@ -44,11 +44,13 @@ pub fn http_router(core: Arc<Core>) -> Router {
         .route(&resource, axum::routing::post(post_measure).get(get_measure))
         .route(&format!("{resource}/attrs/{{attr}}"), axum::routing::post(post_attr))
         .fallback(|| async { ApiError::new(404, "NOT_FOUND", "No such resource") })
+        .method_not_allowed_fallback(|| async { ApiError::new(405, "METHOD_NOT_ALLOWED", "Method not allowed here") })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(core)
 }
 
-/// The body, or a JSON 413 when it is over the limit.
+/// The body, or a JSON error: 413 when it is over the limit (north and
+/// south alike).
 pub(crate) fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     b.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) => ApiError::new(413, "PayloadTooLargeError", "request entity too large"),
