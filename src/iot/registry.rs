@@ -131,6 +131,9 @@ pub struct Registry {
     store: Store,
     inner: RwLock<Inner>,
     changes: mpsc::UnboundedSender<Change>,
+    /// Serialises changes: each checks, persists and indexes as one step,
+    /// so two concurrent creates of one device cannot both succeed.
+    writer: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -190,7 +193,7 @@ impl Registry {
         if inner.devices.len() > 100 {
             super::trim_heap();
         }
-        Ok(Registry { gateway, store, inner: RwLock::new(inner), changes })
+        Ok(Registry { gateway, store, inner: RwLock::new(inner), changes, writer: tokio::sync::Mutex::new(()) })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -229,6 +232,7 @@ impl Registry {
 
     /// Create groups (all or none).
     pub async fn create_groups(&self, tenant: &Tenant, groups: Vec<Group>) -> Result<(), ApiError> {
+        let _writer = self.writer.lock().await;
         {
             let inner = self.read();
             let mut seen = Vec::new();
@@ -304,6 +308,7 @@ impl Registry {
         apikey: &str,
         patch: &Map<String, Value>,
     ) -> Result<(), ApiError> {
+        let _writer = self.writer.lock().await;
         let old = self.find_group(tenant, resource, apikey)?;
         let mut patch = patch.clone();
         // The key of a group cannot move.
@@ -323,6 +328,7 @@ impl Registry {
         apikey: &str,
         devices: bool,
     ) -> Result<(), ApiError> {
+        let _writer = self.writer.lock().await;
         let g = self.find_group(tenant, resource, apikey)?;
         let doomed: Vec<String> = if devices {
             self.read()
@@ -352,6 +358,7 @@ impl Registry {
 
     /// Create devices (all or none).
     pub async fn create_devices(&self, tenant: &Tenant, devices: Vec<Device>) -> Result<(), ApiError> {
+        let _writer = self.writer.lock().await;
         {
             let inner = self.read();
             let mut seen = Vec::new();
@@ -429,6 +436,7 @@ impl Registry {
 
     /// Update a device (top-level fields of `patch` replace).
     pub async fn update_device(&self, tenant: &Tenant, id: &str, patch: &Map<String, Value>) -> Result<(), ApiError> {
+        let _writer = self.writer.lock().await;
         let old = self
             .read()
             .devices
@@ -444,6 +452,7 @@ impl Registry {
 
     /// Delete devices of `tenant`; the ids not found are returned.
     pub async fn delete_devices(&self, tenant: &Tenant, ids: &[String]) -> Result<Vec<String>, ApiError> {
+        let _writer = self.writer.lock().await;
         let (found, missing): (Vec<String>, Vec<String>) = {
             let inner = self.read();
             ids.iter().cloned().partition(|id| inner.devices.contains_key(&(tenant.clone(), id.clone())))
@@ -524,6 +533,7 @@ impl Registry {
     }
 
     async fn autoprovision(&self, tenant: &Tenant, id: &str, group: Arc<Group>) -> Result<Resolved, ApiError> {
+        let _writer = self.writer.lock().await;
         let device = parse_device(&serde_json::json!({"device_id": id}))?;
         // Two first measures may race: the second finds the first's device.
         if let Some(record) = self.read().devices.get(&(tenant.clone(), id.to_owned())).cloned() {
@@ -589,6 +599,25 @@ mod tests {
         assert!(r.resolve(&key("new", "d")).await.is_err());
         assert!(r.device_by_uuid(device_uuid(&a, "d")).is_none());
         assert_eq!(registry(dir.path()).device_count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_creates_of_one_device_give_one_success_and_one_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Arc::new(registry(dir.path()));
+        let t = Tenant { service: "s".into(), servicepath: "/".into() };
+        for round in 0..20 {
+            let id = format!("d{round}");
+            let make = |r: Arc<Registry>, t: Tenant, id: String| {
+                tokio::spawn(async move {
+                    r.create_devices(&t, vec![parse_device(&json!({"device_id": id})).unwrap()]).await
+                })
+            };
+            let (a, b) = (make(r.clone(), t.clone(), id.clone()), make(r.clone(), t.clone(), id));
+            let results = [a.await.unwrap(), b.await.unwrap()];
+            assert_eq!(results.iter().filter(|x| x.is_ok()).count(), 1, "{results:?}");
+            assert_eq!(results.iter().filter_map(|x| x.as_ref().err()).next().unwrap().name, "DUPLICATE_DEVICE_ID");
+        }
     }
 
     #[tokio::test]
