@@ -191,6 +191,21 @@ enum Cmd {
     },
 }
 
+/// Hand what `next` yields to `show` until Ctrl-C or SIGTERM (`monitor`).
+async fn until_interrupted<T>(mut next: impl AsyncFnMut(tokio::time::Instant) -> Option<T>, mut show: impl FnMut(T)) {
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let until = tokio::time::Instant::now() + Duration::from_secs(3600);
+        tokio::select! {
+            item = next(until) => if let Some(item) = item {
+                show(item);
+            },
+            _ = &mut stop => break,
+        }
+    }
+}
+
 /// Parse `text` as JSON, else YAML; `@path` reads a file.
 fn document(text: &str) -> anyhow::Result<Value> {
     let (text, from) = match text.strip_prefix('@') {
@@ -307,43 +322,39 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Monitor { conn, data: true, data_exchange, key, json, .. } => {
             let client = conn.connect().await?;
             let mut l = client.listen_data(&data_exchange, &key).await?;
-            let stop = shutdown_signal();
-            tokio::pin!(stop);
-            loop {
-                let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-                tokio::select! {
-                    seen = l.next_until(far) => match seen {
-                        Some(m) if json => println!("{}", serde_json::json!({"routing_key": m.routing_key, "body": m.body})),
-                        Some(m) => {
-                            let ms = m.body.pointer("/metadata/timestamp").and_then(Value::as_i64).unwrap_or_default();
-                            let time = jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_default();
-                            println!("{time}  {}  {}", m.routing_key, m.body.get("attrs").unwrap_or(&m.body));
-                        }
-                        None => continue,
-                    },
-                    _ = &mut stop => break,
-                }
-            }
+            until_interrupted(
+                async |until| l.next_until(until).await,
+                |m| {
+                    if json {
+                        println!("{}", serde_json::json!({"routing_key": m.routing_key, "body": m.body}));
+                    } else {
+                        let ms = m.body.pointer("/metadata/timestamp").and_then(Value::as_i64).unwrap_or_default();
+                        let time = jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_default();
+                        println!("{time}  {}  {}", m.routing_key, m.body.get("attrs").unwrap_or(&m.body));
+                    }
+                },
+            )
+            .await;
             client.close().await;
         }
         Cmd::Monitor { conn, filter, json, .. } => {
             let client = conn.connect().await?;
             let filter: Filter = filter.into();
             let mut l = client.listen(filter.binding()).await?;
-            let stop = shutdown_signal();
-            tokio::pin!(stop);
-            loop {
-                let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-                tokio::select! {
-                    seen = l.next_until(far) => match seen {
-                        Some(seen) if json => println!("{}", seen.monitor_json()),
-                        Some(seen) if seen.is_status() => print_row(&seen.payload),
-                        Some(seen) => println!("{:<36}  action {}", seen.headers.get("uuid").and_then(Value::as_str).unwrap_or("-"), seen.payload),
-                        None => continue,
-                    },
-                    _ = &mut stop => break,
-                }
-            }
+            until_interrupted(
+                async |until| l.next_until(until).await,
+                |seen| {
+                    if json {
+                        println!("{}", seen.monitor_json());
+                    } else if seen.is_status() {
+                        print_row(&seen.payload);
+                    } else {
+                        let uuid = seen.headers.get("uuid").and_then(Value::as_str).unwrap_or("-");
+                        println!("{uuid:<36}  action {}", seen.payload);
+                    }
+                },
+            )
+            .await;
             client.close().await;
         }
         Cmd::Action { conn, action, uuid, parameters, model, results, when, wait, timeout } => {
