@@ -157,3 +157,44 @@ async fn types_lists_every_known_type_with_its_schemas() {
     let dpsim = types.iter().find(|t| t["type"] == "dpsim").unwrap();
     assert_eq!(dpsim["schema"]["start"]["required"], serde_json::json!(["name"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_prints_messages_as_they_pass_until_interrupted() {
+    use tokio::io::AsyncBufReadExt;
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let c = env.client().await;
+    let mut monitor = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"))
+        .args(["monitor", "--json", "--uuid", &env.dummy.to_string(), "--exchange", &env.exchange])
+        .env("AMQP_URL", amqp_url())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(monitor.stdout.take().unwrap()).lines();
+    let seen = async {
+        loop {
+            // Until the monitor's queue is bound, pings pass unseen.
+            c.publish(to_uuid(env.dummy), &action("ping", serde_json::json!({})), None).await.unwrap();
+            if let Ok(Ok(Some(line))) =
+                tokio::time::timeout(std::time::Duration::from_millis(300), lines.next_line()).await
+            {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                if v["payload"]["status"].is_object() {
+                    return v;
+                }
+            }
+        }
+    };
+    let v = tokio::time::timeout(WAIT, seen).await.expect("monitor prints the status");
+    assert_eq!(v["payload"]["properties"]["uuid"], env.dummy.to_string());
+    assert_eq!(v["application_headers"]["uuid"], env.dummy.to_string());
+    assert_eq!(v["content_type"], "application/json");
+    // SIGINT ends it cleanly.
+    let pid = nix::unistd::Pid::from_raw(monitor.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = tokio::time::timeout(WAIT, monitor.wait()).await.expect("monitor exits").unwrap();
+    assert!(status.success(), "{status}");
+    c.close().await;
+    d.stop().await.unwrap();
+}
