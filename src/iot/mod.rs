@@ -372,14 +372,30 @@ impl Agent {
             buffer: settings.buffer,
             name: format!("busbar federation gateway={gateway}"),
         };
-        t.spawn(federation::run(fed, outbox_rx, counters, token.clone()).instrument(span.clone()));
+        // The measure path (MQTT and AMQP in, federation out) runs on a thread
+        // of its own: handing every measure between the daemon's worker
+        // threads cost about a third of its CPU (BENCHMARKS.md).
+        type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+        let mut hot: Vec<Task> =
+            vec![Box::pin(federation::run(fed, outbox_rx, counters, token.clone()).instrument(span.clone()))];
         if let Some(url) = &settings.mqtt_url {
-            t.spawn(south::mqtt(core.clone(), url.clone(), token.clone()).instrument(span.clone()));
+            hot.push(Box::pin(south::mqtt(core.clone(), url.clone(), token.clone()).instrument(span.clone())));
         }
         if let Some(exchange) = &settings.amqp_south_exchange {
             let url = shared.config.broker.url.clone();
-            t.spawn(south::amqp(core.clone(), url, exchange.clone(), token.clone()).instrument(span.clone()));
+            hot.push(Box::pin(south::amqp(core.clone(), url, exchange.clone(), token.clone()).instrument(span.clone())));
         }
+        let hot = t.track_future(futures_util::future::join_all(hot));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ErrorInfo::new(format!("Cannot start the gateway's runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("gateway-io".into())
+            .spawn(move || {
+                runtime.block_on(hot);
+            })
+            .map_err(|e| ErrorInfo::new(format!("Cannot start the gateway's thread: {e}")))?;
         let (announce, announce_rx) = mpsc::unbounded_channel();
         t.spawn(devices::run(shared.clone(), core.clone(), changes_rx, announce_rx, token.clone()).instrument(span));
         let unknown = || "0.0.0.0:0".parse().expect("a literal address");
