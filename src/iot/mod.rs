@@ -384,7 +384,9 @@ impl Agent {
         }
         if let Some(exchange) = &settings.amqp_south_exchange {
             let url = shared.config.broker.url.clone();
-            hot.push(Box::pin(south::amqp(core.clone(), url, exchange.clone(), token.clone()).instrument(span.clone())));
+            hot.push(Box::pin(
+                south::amqp(core.clone(), url, exchange.clone(), token.clone()).instrument(span.clone()),
+            ));
         }
         let hot = t.track_future(futures_util::future::join_all(hot));
         let runtime = tokio::runtime::Builder::new_current_thread()
