@@ -582,8 +582,16 @@ async fn measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order()
     for seq in 20..120 {
         assert_eq!(g.measure(&k, "dev1", json!({"seq": seq})).await.0, 200, "accepted while the broker is gone");
     }
-    let buffered = status().await["counters"]["buffered"].as_u64().unwrap();
-    assert!(buffered >= 100, "buffered {buffered}");
+    // Taken into the publisher's buffer on its own thread.
+    let end = tokio::time::Instant::now() + WAIT;
+    loop {
+        let buffered = status().await["counters"]["buffered"].as_u64().unwrap();
+        if buffered >= 100 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "buffered {buffered}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     rabbitmqctl(&["set_user_limits", &user, "{\"max-connections\": -1}"]);
     let mut order = Vec::new();
     let end = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -627,8 +635,18 @@ async fn a_full_buffer_drops_the_oldest_and_counts_them() {
     for seq in 0..25 {
         assert_eq!(g.measure(&k, "dev1", json!({"seq": seq})).await.0, 200);
     }
-    let st = status().await;
-    assert_eq!((st["counters"]["buffered"].as_u64(), st["counters"]["dropped"].as_u64()), (Some(10), Some(15)));
+    // The publisher takes the accepted measures into its buffer on its own
+    // thread: wait for it to have seen all 25.
+    let counts = || async {
+        let st = status().await;
+        (st["counters"]["buffered"].as_u64(), st["counters"]["dropped"].as_u64())
+    };
+    let end = tokio::time::Instant::now() + WAIT;
+    while counts().await.1 < Some(15) {
+        assert!(tokio::time::Instant::now() < end, "{:?}", counts().await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(counts().await, (Some(10), Some(15)));
     rabbitmqctl(&["set_user_limits", &user, "{\"max-connections\": -1}"]);
     let mut got = Vec::new();
     while got.len() < 10 {
