@@ -186,8 +186,9 @@ impl Client {
         Ok(())
     }
 
-    /// Ping the components selected by `filter`, calling `on_reply` for each
-    /// status. Ends at `timeout`, or after `quiet` without a new reply.
+    /// Ping the components selected by `filter`, calling `on_reply` for the
+    /// first status of each component; returns how many answered. Ends at
+    /// `timeout`, or after `quiet` without a new reply.
     pub async fn ping(
         &self,
         filter: &Filter,
@@ -198,18 +199,20 @@ impl Client {
         let mut l = self.listen(filter.binding()).await?;
         self.publish(filter.action_headers(), &json!({"action": "ping"}), None).await?;
         let end = Instant::now() + timeout;
-        let mut n = 0;
+        // One reply per component: a status that was already on its way
+        // (an announcement) may arrive besides the answer.
+        let mut seen_uuids = std::collections::HashSet::new();
         loop {
             let deadline = end.min(Instant::now() + quiet);
             let Some(seen) = l.next_until(deadline).await else {
                 break;
             };
-            if seen.is_status() && filter.matches(&seen.amqp_headers) {
-                n += 1;
+            let uuid = seen.payload.pointer("/properties/uuid").and_then(Value::as_str).unwrap_or_default().to_owned();
+            if seen.is_status() && filter.matches(&seen.amqp_headers) && seen_uuids.insert(uuid) {
                 on_reply(&seen);
             }
         }
-        Ok(n)
+        Ok(seen_uuids.len())
     }
 
     /// Send `body` to component `uuid` and wait until its status reaches
