@@ -97,7 +97,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Ping components and print one line per reply.
+    /// Ping components and print one line per component that answers.
     Ping {
         #[command(flatten)]
         conn: Conn,
