@@ -12,7 +12,7 @@
 //! when a device is deleted.
 
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Consumer};
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use super::Core;
 use super::registry::{Change, Resolved};
 use crate::daemon::Shared;
 use crate::protocol::status::{Prefix, StatusView};
-use crate::protocol::{ActionRequest, ErrorInfo, ReplyTo, RoutingKeys};
+use crate::protocol::{ActionRequest, ErrorInfo, Filter, ReplyTo, RoutingKeys};
 use crate::state::State;
 
 /// Messages the device queue holds at most (the broker drops the oldest).
@@ -44,11 +44,12 @@ pub enum Announce {
     Gone(oneshot::Sender<()>),
 }
 
-fn binding(key: &str, value: &str) -> FieldTable {
-    let mut t = FieldTable::default();
-    t.insert("x-match".into(), AMQPValue::LongString(LongString::from("any")));
-    t.insert(ShortString::from(key), AMQPValue::LongString(LongString::from(value)));
-    t
+fn by_uuid(uuid: Uuid) -> Filter {
+    Filter { uuid: Some(uuid.to_string()), ..Default::default() }
+}
+
+fn by_type(kind: String) -> Filter {
+    Filter { kind: Some(kind), ..Default::default() }
 }
 
 struct Devices {
@@ -74,9 +75,9 @@ impl Devices {
         if *self.core.running.borrow() { State::Running } else { State::Idle }
     }
 
-    async fn publish(&mut self, uuid: Uuid, reply: Option<&ReplyTo>, error: Option<&ErrorInfo>) {
-        let Some(r) = self.core.registry.device_by_uuid(uuid) else { return };
-        let keys = self.keys(&r);
+    async fn publish(&self, r: &Resolved, reply: Option<&ReplyTo>, error: Option<&ErrorInfo>) {
+        let keys = self.keys(r);
+        let uuid = r.record.uuid;
         let d = &r.record.device;
         let group = r.group.as_deref();
         let mut properties = Map::new();
@@ -122,18 +123,17 @@ impl Devices {
 
     /// A device was provisioned or changed: route it, then announce it.
     async fn upsert(&mut self, uuid: Uuid, new: bool) {
-        let mut pairs = Vec::new();
+        let Some(r) = self.core.registry.device_by_uuid(uuid) else { return };
+        let mut bindings = Vec::new();
         if new {
-            pairs.push(("uuid", uuid.to_string()));
+            bindings.push(by_uuid(uuid));
         }
-        if let Some(r) = self.core.registry.device_by_uuid(uuid) {
-            let kind = self.keys(&r).kind;
-            if self.types.insert(kind.clone()) {
-                pairs.push(("type", kind));
-            }
+        let kind = self.keys(&r).kind;
+        if self.types.insert(kind.clone()) {
+            bindings.push(by_type(kind));
         }
-        self.bind_all(&pairs).await;
-        self.publish(uuid, None, None).await;
+        self.bind_all(&bindings).await;
+        self.publish(&r, None, None).await;
     }
 
     async fn gone(&mut self, uuid: Uuid, kind: String) {
@@ -156,46 +156,44 @@ impl Devices {
         self.shared.bus.publish_status(&keys, &body, None).await;
         if let Some((ch, q)) = &self.queue {
             let exchange = self.shared.bus.exchange();
-            let _ = ch.queue_unbind(q.clone(), exchange.into(), "".into(), binding("uuid", &uuid.to_string())).await;
+            let _ = ch.queue_unbind(q.clone(), exchange.into(), "".into(), by_uuid(uuid).binding()).await;
         }
     }
 
-    /// Bind the device queue to `key: value` pairs, on a channel of its own
-    /// that is closed afterwards (lapin keeps a record of every binding of
-    /// an open channel; thousands of devices would cost megabytes).
-    async fn bind_all(&self, pairs: &[(&str, String)]) {
+    /// Bind the device queue to each filter (`x-match: any`), on channels of
+    /// its own that are closed afterwards (lapin keeps a record of every
+    /// binding of an open channel; thousands of devices would cost megabytes).
+    async fn bind_all(&self, bindings: &[Filter]) {
         let Some((_, q)) = &self.queue else { return };
         let exchange = self.shared.bus.exchange();
         // Without waiting for each bind-ok (a failure closes the channel and
         // the next bind reports it), a few hundred per channel.
         let opts = QueueBindOptions { nowait: true };
-        for chunk in pairs.chunks(BIND_CHUNK) {
+        for chunk in bindings.chunks(BIND_CHUNK) {
             let Some(ch) = self.shared.bus.open_channel().await else { return };
-            for (key, value) in chunk {
-                let b = binding(key, value);
-                if let Err(e) = ch.queue_bind(q.clone(), exchange.into(), "".into(), opts, b).await {
-                    warn!(error = %e, %key, "cannot bind a device queue");
+            for f in chunk {
+                if let Err(e) = ch.queue_bind(q.clone(), exchange.into(), "".into(), opts, f.binding()).await {
+                    warn!(error = %e, "cannot bind a device queue");
                     return;
                 }
             }
             let _ = ch.close(200, "bindings done".into()).await;
         }
-        if pairs.len() > BIND_CHUNK {
+        if bindings.len() > BIND_CHUNK {
             super::trim_heap();
         }
     }
 
-    async fn announce_all(&mut self) {
-        let all = self.core.registry.devices();
+    async fn announce_all(&self) {
+        let all = self.core.registry.resolved();
         for r in &all {
-            self.publish(r.uuid, None, None).await;
+            self.publish(r, None, None).await;
         }
         if all.len() > 100 {
             super::trim_heap();
         }
     }
 
-    /// Declare the device queue on a new channel and bind every device.
     /// Declare the device queue on a channel of its own and bind every
     /// device. The queue also receives every equipment status on the
     /// exchange (the protocol's `x-match: any` does that), ours included:
@@ -209,37 +207,26 @@ impl Devices {
         args.insert("x-max-length".into(), AMQPValue::LongLongInt(QUEUE_CAP));
         let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         let q = ch.queue_declare("".into(), opts, args).await.ok()?.name().clone();
-        let b = binding("category", "equipment");
+        let b = Filter { category: Some("equipment".into()), ..Default::default() }.binding();
         ch.queue_bind(q.clone(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), b).await.ok()?;
         ch.basic_qos(PREFETCH, BasicQosOptions::default()).await.ok()?;
         self.queue = Some((ch.clone(), q.clone()));
         self.types.clear();
-        let mut pairs: Vec<(&str, String)> = Vec::new();
-        for r in self.core.registry.devices() {
-            pairs.push(("uuid", r.uuid.to_string()));
-            if let Some(res) = self.core.registry.device_by_uuid(r.uuid) {
-                let kind = self.keys(&res).kind;
-                if self.types.insert(kind.clone()) {
-                    pairs.push(("type", kind));
-                }
+        let mut bindings = Vec::new();
+        for r in self.core.registry.resolved() {
+            bindings.push(by_uuid(r.record.uuid));
+            let kind = self.keys(&r).kind;
+            if self.types.insert(kind.clone()) {
+                bindings.push(by_type(kind));
             }
         }
-        self.bind_all(&pairs).await;
+        self.bind_all(&bindings).await;
         ch.basic_consume(q, "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.ok()
     }
 
     async fn delivery(&mut self, d: lapin::message::Delivery) {
         let _ = d.ack(BasicAckOptions::default()).await;
         let Some(msg) = crate::bus::decode_delivery(&self.shared, &d) else { return };
-        let headers = d.properties.headers().clone().unwrap_or_default();
-        let addressed: Vec<Uuid> = self
-            .core
-            .registry
-            .resolved()
-            .iter()
-            .filter(|r| self.keys(r).matches(&headers))
-            .map(|r| r.record.uuid)
-            .collect();
         let req: ActionRequest = match msg {
             Ok(r) => r,
             Err(rejection) => {
@@ -247,15 +234,14 @@ impl Devices {
                 return;
             }
         };
+        let headers = d.properties.headers().clone().unwrap_or_default();
         let reply = Some(&req.reply).filter(|r| r.wanted());
-        for uuid in addressed {
-            if req.action == "ping" {
-                self.publish(uuid, reply, None).await;
-            } else {
-                let e = ErrorInfo::new(format!("Unsupported action {} for equipment", req.action))
-                    .with("action", req.action.as_str());
-                self.publish(uuid, reply, Some(&e)).await;
-            }
+        let unsupported = (req.action != "ping").then(|| {
+            ErrorInfo::new(format!("Unsupported action {} for equipment", req.action))
+                .with("action", req.action.as_str())
+        });
+        for r in self.core.registry.resolved().iter().filter(|r| self.keys(r).matches(&headers)) {
+            self.publish(r, reply, unsupported.as_ref()).await;
         }
     }
 }

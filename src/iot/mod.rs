@@ -239,11 +239,8 @@ impl Core {
         payload: Payload,
         t: Option<&str>,
     ) -> Result<usize, ApiError> {
-        let result = self.ingest_inner(transport, addr, payload, t).await;
-        if let Err(e) = &result {
-            self.counters.error(&e.kind());
-        }
-        result
+        let counters = &self.counters;
+        self.ingest_inner(transport, addr, payload, t).await.inspect_err(|e| counters.error(&e.kind()))
     }
 
     async fn ingest_inner(

@@ -209,11 +209,6 @@ impl Registry {
         self.read().devices.len()
     }
 
-    /// Every device.
-    pub fn devices(&self) -> Vec<Arc<DeviceRecord>> {
-        self.read().devices.values().cloned().collect()
-    }
-
     /// The device with IC uuid `uuid`.
     pub fn device_by_uuid(&self, uuid: Uuid) -> Option<Resolved> {
         let inner = self.read();
