@@ -151,6 +151,11 @@ impl Counters {
         *self.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(kind.to_owned()).or_default() += 1;
     }
 
+    /// Errors by kind.
+    pub fn errors(&self) -> BTreeMap<String, u64> {
+        self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn inc(&self, t: Transport, n: u64) {
         let c = match t {
             Transport::Mqtt => &self.mqtt_in,
@@ -169,7 +174,7 @@ impl Counters {
             "measures_out": get(&self.measures_out),
             "dropped": get(&self.dropped),
             "buffered": get(&self.buffered),
-            "errors": *self.errors.lock().unwrap_or_else(|p| p.into_inner()),
+            "errors": self.errors(),
         })
     }
 }

@@ -293,9 +293,7 @@ async fn metrics(State(core): Shared) -> Response {
         "measures waiting for the federation broker",
         &[("", c.buffered.load(Relaxed))],
     );
-    let errors = c.snapshot(0)["errors"].as_object().cloned().unwrap_or_default();
-    let samples: Vec<(String, u64)> =
-        errors.iter().map(|(k, v)| (format!("{{kind=\"{k}\"}}"), v.as_u64().unwrap_or(0))).collect();
+    let samples: Vec<(String, u64)> = c.errors().into_iter().map(|(k, v)| (format!("{{kind=\"{k}\"}}"), v)).collect();
     let refs: Vec<(&str, u64)> = samples.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     metric("errors", "counter", "errors by kind", &refs);
     metric("ready", "gauge", "1 when the gateway accepts measures", &[("", u64::from(*core.running.borrow()))]);
