@@ -8,8 +8,7 @@
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
@@ -26,6 +25,71 @@ fn url() -> String {
 
 fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
+/// User + system CPU seconds of process `pid`; for "self", this process
+/// and its waited-for children (`wrk`).
+fn cpu_of(pid: &str) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some((_, rest)) = s.rsplit_once(')') else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let fields = if pid == "self" { 11..15 } else { 11..13 };
+    let ticks: u64 = f[fields].iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum();
+    ticks as f64 / 100.0
+}
+
+/// The pid of the first process whose command name is `comm`.
+fn pid_of(comm: &str) -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        name.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+        (std::fs::read_to_string(e.path().join("comm")).ok()?.trim() == comm).then_some(name)
+    })
+}
+
+/// Where the CPU time goes during a run: the two brokers, this load
+/// generator and (when there is one) the daemon, from `/proc`.
+struct CpuSplit {
+    pids: Vec<(&'static str, String)>,
+    start: Vec<f64>,
+}
+
+impl CpuSplit {
+    fn start(daemon: Option<u32>) -> CpuSplit {
+        let mut pids = vec![("busbar", daemon.map(|p| p.to_string()))];
+        pids.push(("rabbitmq", pid_of("beam.smp")));
+        pids.push(("mosquitto", pid_of("mosquitto")));
+        pids.push(("load generator", Some("self".to_owned())));
+        let pids: Vec<_> = pids.into_iter().filter_map(|(n, p)| Some((n, p?))).collect();
+        let start = pids.iter().map(|(_, p)| cpu_of(p)).collect();
+        CpuSplit { pids, start }
+    }
+
+    /// µs of CPU per message for each process, and their sum.
+    fn per_message(&self, messages: usize) -> (Vec<(&'static str, f64)>, f64) {
+        let each: Vec<_> = self
+            .pids
+            .iter()
+            .zip(&self.start)
+            .map(|((n, p), s)| (*n, (cpu_of(p) - s) * 1e6 / messages.max(1) as f64))
+            .collect();
+        let sum = each.iter().map(|(_, us)| us).sum();
+        (each, sum)
+    }
+
+    /// One line: each process's µs per message, the sum, and the rate two
+    /// cores allow at that cost (with and without busbar's share).
+    fn report(&self, what: &str, messages: usize) {
+        let (each, sum) = self.per_message(messages);
+        let parts: Vec<String> = each.iter().map(|(n, us)| format!("{n} {us:.1}")).collect();
+        let others: f64 = each.iter().filter(|(n, _)| *n != "busbar").map(|(_, us)| us).sum();
+        println!(
+            "  CPU per message, {what}: {} = {sum:.1} µs; two cores allow {:.0}/s at that cost, {:.0}/s without busbar's share",
+            parts.join(" + "),
+            2e6 / sum,
+            2e6 / others
+        );
+    }
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -71,6 +135,7 @@ async fn mosquitto(n: usize, qos: QoS) -> f64 {
     rx.recv().await; // SUBACK
     let (publisher, _) = mqtt("pub", 1000).await;
     let body = br#"{"t":21.5,"h":40}"#.to_vec();
+    let split = CpuSplit::start(None);
     let t = Instant::now();
     let p = tokio::spawn(async move {
         for _ in 0..n {
@@ -90,6 +155,7 @@ async fn mosquitto(n: usize, qos: QoS) -> f64 {
         }
     }
     let rate = got as f64 / (last - t).as_secs_f64();
+    split.report(&format!("Mosquitto relay at {qos:?}"), got);
     let _ = p.await;
     if got < n {
         println!("  (mosquitto delivered {got} of {n} at {qos:?}: its per-client queue overflowed)");
@@ -112,8 +178,8 @@ async fn data_consumer(exchange: &str) -> (Connection, lapin::Consumer) {
     (conn, c)
 }
 
-/// RabbitMQ alone: publish with confirms (a window of 1024, as the gateway
-/// does) to a topic exchange, consume from a bound queue.
+/// RabbitMQ alone: publish with confirms (batches in a window of 1024, as
+/// the gateway does) to a topic exchange, consume from a bound queue.
 async fn rabbitmq(n: usize) -> f64 {
     let exchange = format!("bench-data-{}", Uuid::new_v4().simple());
     let (_c, mut consumer) = data_consumer(&exchange).await;
@@ -125,24 +191,23 @@ async fn rabbitmq(n: usize) -> f64 {
         "servicepath": "/", "entity_name": "Sensor:d", "entity_type": "Sensor", "gateway": Uuid::nil().to_string(),
         "types": {"t": "Number", "h": "Text"}}, "attrs": {"t": 21.5, "h": 40}}))
         .unwrap();
+    let split = CpuSplit::start(None);
     let t = Instant::now();
     let ex = exchange.clone();
     let publisher = tokio::spawn(async move {
+        let ex: lapin::types::ShortString = ex.as_str().into();
+        let props = BasicProperties::default().with_delivery_mode(2);
         let mut window = VecDeque::new();
-        for _ in 0..n {
-            let props = BasicProperties::default().with_delivery_mode(2);
-            let c = ch
-                .basic_publish(
-                    ex.as_str().into(),
-                    "bench.lab.Sensor.d".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props,
-                )
-                .await
-                .unwrap();
-            window.push_back(c);
-            if window.len() >= 1024 {
+        let mut sent = 0;
+        while sent < n {
+            // Batches of what the window has room for, as the gateway's publisher does.
+            let k = busbar::iot::federation::BATCH.min(n - sent);
+            let batch = (0..k).map(|_| ("bench.lab.Sensor.d", body.as_slice()));
+            for c in busbar::bus::publish_batch(&ch, &ex, &props, batch).await {
+                window.push_back(c.unwrap());
+            }
+            sent += k;
+            while window.len() > 1024 - busbar::iot::federation::BATCH {
                 window.pop_front().unwrap().await.unwrap();
             }
         }
@@ -159,6 +224,7 @@ async fn rabbitmq(n: usize) -> f64 {
     }
     let rate = got as f64 / t.elapsed().as_secs_f64();
     publisher.await.unwrap();
+    split.report("RabbitMQ publish + consume", got);
     rate
 }
 
@@ -237,11 +303,7 @@ impl Daemon {
 
     /// User + system CPU seconds of the daemon.
     fn cpu(&self) -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let rest = s.rsplit_once(')').unwrap().1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        ticks as f64 / 100.0
+        cpu_of(&self.child.id().to_string())
     }
 }
 
@@ -272,6 +334,7 @@ impl Pipeline {
 async fn through(qos: u8, n: usize) -> (f64, f64, usize) {
     let Pipeline { daemon: d, _conn, mut consumer, publisher, topic, qos: q } = Pipeline::start(qos).await;
     let cpu0 = d.cpu();
+    let split = CpuSplit::start(Some(d.child.id()));
     let t = Instant::now();
     let p = tokio::spawn(async move {
         for i in 0..n {
@@ -291,6 +354,7 @@ async fn through(qos: u8, n: usize) -> (f64, f64, usize) {
         }
     }
     let cpu = d.cpu() - cpu0;
+    split.report(&format!("MQTT QoS {qos} through busbar"), got);
     let _ = p.await;
     (got as f64 / (last - t).as_secs_f64(), cpu / got.max(1) as f64, got)
 }
@@ -353,6 +417,7 @@ async fn http(seconds: u32, connections: u32) -> Option<(f64, String)> {
     .unwrap();
     let (_c, mut consumer) = data_consumer(&d.data).await;
     let drain = tokio::spawn(async move { while let Some(Ok(_)) = consumer.next().await {} });
+    let split = CpuSplit::start(Some(d.child.id()));
     let out = Command::new("wrk")
         .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-s"])
         .arg(&script)
@@ -362,6 +427,8 @@ async fn http(seconds: u32, connections: u32) -> Option<(f64, String)> {
     drain.abort();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let rate = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok())?;
+    let requests = text.lines().find_map(|l| l.trim().split_once(" requests in")?.0.parse().ok()).unwrap_or(0);
+    split.report("HTTP request through busbar (load generator = wrk)", requests);
     Some((rate, text))
 }
 

@@ -8,7 +8,7 @@
 //! full) and sends them in order once the broker is back; unconfirmed
 //! publishes of a lost connection are sent again (at least once).
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::collections::VecDeque;
@@ -22,6 +22,8 @@ use super::Counters;
 
 /// Publishes in flight before the oldest confirm is awaited.
 const WINDOW: usize = 1024;
+/// Most publishes handed to lapin at once.
+pub const BATCH: usize = 256;
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -160,28 +162,40 @@ async fn pump(
         buf.sync();
     };
     loop {
-        while inflight.len() < WINDOW {
-            let next = match buf.queue.pop_front() {
-                Some(e) => Some(e),
-                None => rx.try_recv().ok(),
-            };
-            let Some(e) = next else { break };
-            let sent = ch
-                .basic_publish(
-                    exchange.clone(),
-                    e.routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &e.body,
-                    props.clone(),
-                )
-                .await;
-            match sent {
-                Ok(confirm) => inflight.push_back((e, confirm)),
-                Err(err) => {
-                    // `e` is newer than everything in flight: it goes last.
-                    buf.queue.push_front(e);
-                    requeue(buf, &mut inflight, None);
-                    return Err(err);
+        // Fill the window with what is ready now, a batch at a time. A
+        // nearly full window waits for a batch's worth of confirms first,
+        // rather than refilling one message per confirm.
+        loop {
+            let room = WINDOW - inflight.len();
+            if room < BATCH && !inflight.is_empty() {
+                break;
+            }
+            let room = room.min(BATCH);
+            let mut batch = Vec::with_capacity(room.min(buf.queue.len() + rx.len()));
+            while batch.len() < room {
+                match buf.queue.pop_front().or_else(|| rx.try_recv().ok()) {
+                    Some(e) => batch.push(e),
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let messages = batch.iter().map(|e| (e.routing_key.as_str(), e.body.as_slice()));
+            let sent = crate::bus::publish_batch(ch, &exchange, &props, messages).await;
+            let mut batch = batch.into_iter();
+            for (sent, e) in sent.into_iter().zip(batch.by_ref()) {
+                match sent {
+                    Ok(confirm) => inflight.push_back((e, confirm)),
+                    Err(err) => {
+                        // `e` and the rest of the batch are newer than
+                        // everything in flight: they go after it, in order.
+                        for e in std::iter::once(e).chain(batch).collect::<Vec<_>>().into_iter().rev() {
+                            buf.queue.push_front(e);
+                        }
+                        requeue(buf, &mut inflight, None);
+                        return Err(err);
+                    }
                 }
             }
         }
