@@ -130,6 +130,10 @@ async fn provisioning_calls_answer_with_the_upstream_codes_and_errors() {
     assert_eq!(s, 200);
     let text = b.as_str().unwrap();
     assert!(text.contains("devices 1") && text.contains("# EOF"), "{text}");
+    for gauge in ["mqttConnected", "federationConnected"] {
+        let v = text.lines().find_map(|l| l.strip_prefix(gauge)?.strip_prefix(' '));
+        assert!(matches!(v, Some("0" | "1")), "{gauge} missing: {text}");
+    }
     drop(c);
     data.close().await;
     d.stop().await.unwrap();

@@ -297,6 +297,14 @@ async fn metrics(State(core): Shared) -> Response {
     let refs: Vec<(&str, u64)> = samples.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     metric("errors", "counter", "errors by kind", &refs);
     metric("ready", "gauge", "1 when the gateway accepts measures", &[("", u64::from(*core.running.borrow()))]);
+    let up = |b: &std::sync::atomic::AtomicBool| u64::from(b.load(Relaxed));
+    metric("mqttConnected", "gauge", "1 when the MQTT client is connected and subscribed", &[("", up(&c.mqtt_up))]);
+    metric(
+        "federationConnected",
+        "gauge",
+        "1 when the federation publisher is connected",
+        &[("", up(&c.federation_up))],
+    );
     out.push_str("# EOF\n");
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
