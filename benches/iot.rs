@@ -3,7 +3,7 @@
 //! both hops (MQTT in, AMQP out), so the smaller limit is the ceiling.
 //!
 //! Run: `cargo bench --bench iot` (all), or name scenarios:
-//! `cargo bench --bench iot -- ceiling mqtt sustained latency http rss`.
+//! `cargo bench --bench iot -- ceiling mqtt capacity sustained latency http rss`.
 //! The daemon runs as a separate release process; `http` needs `wrk`.
 
 use futures_util::StreamExt;
@@ -79,25 +79,17 @@ impl CpuSplit {
 
     /// One line: each process's µs per message, the sum, and the rate two
     /// cores allow at that cost (with and without busbar's share).
-    fn report(&self, what: &str, messages: usize) {
+    fn line(&self, what: &str, messages: usize) -> String {
         let (each, sum) = self.per_message(messages);
         let parts: Vec<String> = each.iter().map(|(n, us)| format!("{n} {us:.1}")).collect();
         let others: f64 = each.iter().filter(|(n, _)| *n != "busbar").map(|(_, us)| us).sum();
-        println!(
+        format!(
             "  CPU per message, {what}: {} = {sum:.1} µs; two cores allow {:.0}/s at that cost, {:.0}/s without busbar's share",
             parts.join(" + "),
             2e6 / sum,
             2e6 / others
-        );
+        )
     }
-}
-
-/// Measures a closed-loop publisher keeps between its publish and their
-/// arrival on the data exchange (`BENCH_WINDOW`, default 500): well below
-/// Mosquitto's per-client queue (1,000 in Debian's default configuration),
-/// so nothing offered needs to be dropped.
-fn e2e_window() -> usize {
-    std::env::var("BENCH_WINDOW").ok().and_then(|v| v.parse().ok()).unwrap_or(500)
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -163,7 +155,7 @@ async fn mosquitto(n: usize, qos: QoS) -> f64 {
         }
     }
     let rate = got as f64 / (last - t).as_secs_f64();
-    split.report(&format!("Mosquitto relay at {qos:?}"), got);
+    println!("{}", split.line(&format!("Mosquitto relay at {qos:?}"), got));
     let _ = p.await;
     if got < n {
         println!("  (mosquitto delivered {got} of {n} at {qos:?}: its per-client queue overflowed)");
@@ -232,7 +224,7 @@ async fn rabbitmq(n: usize) -> f64 {
     }
     let rate = got as f64 / t.elapsed().as_secs_f64();
     publisher.await.unwrap();
-    split.report("RabbitMQ publish + consume", got);
+    println!("{}", split.line("RabbitMQ publish + consume", got));
     rate
 }
 
@@ -345,25 +337,16 @@ impl Pipeline {
     }
 }
 
-/// Measures/s from MQTT through busbar into the data exchange, and CPU
-/// seconds per measure of the daemon.
-///
-/// With a `window`, the publisher keeps at most that many measures between
-/// its publish and their arrival on the data exchange (closed-loop load: the
-/// pipeline's capacity, nothing offered that Mosquitto would have to drop).
-/// Without one it floods (past capacity: what is delivered, what is lost).
-async fn through(qos: u8, n: usize, window: Option<usize>) -> (f64, f64, usize) {
+/// Measures/s from MQTT through busbar into the data exchange when the
+/// publisher floods (past capacity: what is delivered, what is lost), and
+/// CPU seconds per measure of the daemon.
+async fn through(qos: u8, n: usize) -> (f64, f64, usize) {
     let Pipeline { daemon: d, _conn, mut consumer, publisher, topic, qos: q } = Pipeline::start(qos).await;
-    let credit = std::sync::Arc::new(tokio::sync::Semaphore::new(window.unwrap_or(0)));
     let cpu0 = d.cpu();
     let split = CpuSplit::start(Some(d.child.id()));
     let t = Instant::now();
-    let c = credit.clone();
     let p = tokio::spawn(async move {
         for i in 0..n {
-            if window.is_some() {
-                c.acquire().await.unwrap().forget();
-            }
             publisher.publish(&topic, q, false, format!("{{\"t\":{i},\"h\":40}}")).await.unwrap();
         }
         publisher
@@ -375,14 +358,12 @@ async fn through(qos: u8, n: usize, window: Option<usize>) -> (f64, f64, usize) 
             Ok(Some(Ok(_))) => {
                 got += 1;
                 last = Instant::now();
-                credit.add_permits(1);
             }
             _ => break,
         }
     }
     let cpu = d.cpu() - cpu0;
-    let load = if window.is_some() { "closed loop" } else { "flood" };
-    split.report(&format!("MQTT QoS {qos} through busbar, {load}"), got);
+    println!("{}", split.line(&format!("MQTT QoS {qos} flood through busbar"), got));
     if got < n {
         let took = d.metric("measureRequests{transport=\"mqtt\"}").await.unwrap_or(0);
         println!("  (busbar took {took} of {n} from Mosquitto; {got} reached the data consumer)");
@@ -391,11 +372,13 @@ async fn through(qos: u8, n: usize, window: Option<usize>) -> (f64, f64, usize) 
     (got as f64 / (last - t).as_secs_f64(), cpu / got.max(1) as f64, got)
 }
 
-/// Publish at a steady `rate` for `secs` seconds: how many arrive.
-async fn sustained(qos: u8, rate: u64, secs: u64) -> (usize, usize) {
-    let Pipeline { daemon: _d, _conn, mut consumer, publisher, topic, qos: q } = Pipeline::start(qos).await;
+/// Publish at a steady `rate` for `secs` seconds: how many arrive, and
+/// where the CPU went.
+async fn sustained(qos: u8, rate: u64, secs: u64) -> (usize, usize, String) {
+    let Pipeline { daemon: d, _conn, mut consumer, publisher, topic, qos: q } = Pipeline::start(qos).await;
     let n = (rate * secs) as usize;
     let gap = Duration::from_secs_f64(1.0 / rate as f64);
+    let split = CpuSplit::start(Some(d.child.id()));
     tokio::spawn(async move {
         let mut next = tokio::time::Instant::now();
         for i in 0..n {
@@ -412,7 +395,23 @@ async fn sustained(qos: u8, rate: u64, secs: u64) -> (usize, usize) {
             _ => break,
         }
     }
-    (got, n)
+    (got, n, split.line(&format!("MQTT QoS {qos} at a steady {rate}/s"), got))
+}
+
+/// The highest steady rate (steps of ×1.25 from 4,000/s, 3 s each) at which
+/// every measure arrives: the pipeline's capacity without loss.
+async fn capacity(qos: u8) -> (u64, String) {
+    let (mut best, mut split) = (0, String::new());
+    let mut rate = 4000;
+    while rate <= 60_000 {
+        let (got, n, line) = sustained(qos, rate, 3).await;
+        if got < n {
+            break;
+        }
+        (best, split) = (rate, line);
+        rate = rate * 5 / 4;
+    }
+    (best, split)
 }
 
 /// Publish at `rate`/s for `n` measures with the send time inside; the
@@ -460,7 +459,7 @@ async fn http(seconds: u32, connections: u32) -> Option<(f64, String)> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let rate = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok())?;
     let requests = text.lines().find_map(|l| l.trim().split_once(" requests in")?.0.parse().ok()).unwrap_or(0);
-    split.report("HTTP request through busbar (load generator = wrk)", requests);
+    println!("{}", split.line("HTTP request through busbar (load generator = wrk)", requests));
     Some((rate, text))
 }
 
@@ -492,7 +491,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
     let mut ceiling = [None, None];
-    if want("ceiling") || want("mqtt") {
+    if want("ceiling") || want("mqtt") || want("capacity") {
         let m0 = mosquitto(200_000, QoS::AtMostOnce).await;
         let m1 = mosquitto(100_000, QoS::AtLeastOnce).await;
         let r = rabbitmq(200_000).await;
@@ -503,21 +502,28 @@ async fn main() {
     }
     if want("mqtt") {
         for (qos, n) in [(0u8, 200_000), (1, 100_000)] {
-            for window in [Some(e2e_window()), None] {
-                let (rate, cpu, got) = through(qos, n, window).await;
-                let c = ceiling[qos as usize].unwrap();
-                let load = if window.is_some() { "closed loop" } else { "flood" };
-                println!(
-                    "MQTT QoS {qos} -> busbar -> villas.data, {load}: {rate:.0} measures/s ({:.2}x ceiling), {got}/{n} delivered, {:.1} µs CPU per measure",
-                    rate / c,
-                    cpu * 1e6
-                );
-            }
+            let (rate, cpu, got) = through(qos, n).await;
+            let c = ceiling[qos as usize].unwrap();
+            println!(
+                "MQTT QoS {qos} flood -> busbar -> villas.data: {rate:.0} measures/s ({:.2}x ceiling), {got}/{n} delivered, {:.1} µs CPU per measure",
+                rate / c,
+                cpu * 1e6
+            );
+        }
+    }
+    if want("capacity") {
+        for qos in [0u8, 1] {
+            let (best, split) = capacity(qos).await;
+            let ratio =
+                ceiling[qos as usize].map(|c| format!(" ({:.2}x ceiling)", best as f64 / c)).unwrap_or_default();
+            println!("{split}");
+            println!("MQTT QoS {qos} capacity: {best}/s steady with nothing lost{ratio}");
         }
     }
     if want("sustained") {
         for (qos, rate) in [(0u8, 10_000), (1, 8_000)] {
-            let (got, n) = sustained(qos, rate, 5).await;
+            let (got, n, split) = sustained(qos, rate, 5).await;
+            println!("{split}");
             println!("MQTT QoS {qos} at a steady {rate}/s for 5 s: {got} of {n} delivered");
         }
     }

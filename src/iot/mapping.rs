@@ -3,7 +3,7 @@
 //! the federation. No I/O; every rule is unit-tested here.
 
 use indexmap::IndexMap;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::model::{ApiError, Attribute, Device, Group, Tenant};
@@ -241,24 +241,62 @@ impl Origin<'_> {
 
     /// The dojot `device-data` message, extended with the FIWARE tenancy,
     /// entity and the gateway; `types` carries the attribute types.
-    pub fn device_data(&self, m: &Mapped) -> Value {
-        let attrs: Map<String, Value> = m.attrs.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect();
-        let types: Map<String, Value> =
-            m.attrs.iter().map(|(k, (t, _))| (k.clone(), Value::String(t.clone()))).collect();
-        json!({
-            "metadata": {
-                "deviceid": self.device_id,
-                "tenant": self.tenant.service,
-                "timestamp": m.timestamp_ms,
-                "service": self.tenant.service,
-                "servicepath": self.tenant.servicepath,
-                "entity_name": self.entity_name,
-                "entity_type": self.entity_type,
-                "gateway": self.gateway.to_string(),
-                "types": types,
+    /// Serialised straight from the measure, without an intermediate JSON
+    /// tree (it is built once per measure on the hot path).
+    pub fn device_data(&self, m: &Mapped) -> Vec<u8> {
+        let message = DeviceData {
+            metadata: Metadata {
+                deviceid: self.device_id,
+                tenant: &self.tenant.service,
+                timestamp: m.timestamp_ms,
+                service: &self.tenant.service,
+                servicepath: &self.tenant.servicepath,
+                entity_name: self.entity_name,
+                entity_type: self.entity_type,
+                gateway: self.gateway,
+                types: Types(&m.attrs),
             },
-            "attrs": attrs,
-        })
+            attrs: Values(&m.attrs),
+        };
+        serde_json::to_vec(&message).expect("a device-data message always serialises")
+    }
+}
+
+/// `device-data` (seed 001 §2.6) with busbar's additions.
+#[derive(serde::Serialize)]
+struct DeviceData<'a> {
+    metadata: Metadata<'a>,
+    attrs: Values<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct Metadata<'a> {
+    deviceid: &'a str,
+    tenant: &'a str,
+    timestamp: i64,
+    service: &'a str,
+    servicepath: &'a str,
+    entity_name: &'a str,
+    entity_type: &'a str,
+    gateway: Uuid,
+    types: Types<'a>,
+}
+
+/// Attribute name → type.
+struct Types<'a>(&'a IndexMap<String, (String, Value)>);
+
+/// Attribute name → value.
+struct Values<'a>(&'a IndexMap<String, (String, Value)>);
+
+impl serde::Serialize for Types<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, (t, _))| (k, t)))
+    }
+}
+
+impl serde::Serialize for Values<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, (_, v))| (k, v)))
     }
 }
 
@@ -266,6 +304,7 @@ impl Origin<'_> {
 mod tests {
     use super::*;
     use crate::iot::model::{parse_device, parse_group};
+    use serde_json::json;
 
     fn dev(v: Value) -> Device {
         parse_device(&v).unwrap()
@@ -417,8 +456,9 @@ mod tests {
         assert_eq!(o.routing_key(), "org.example.lab_a.Sensor.dev_1");
         let d = dev(json!({"device_id": "dev.1"}));
         let m = &map_measures(&json!({"h": 60}), &d, None, None, 1_528_226_137_452).unwrap()[0];
+        let message: Value = serde_json::from_slice(&o.device_data(m)).unwrap();
         assert_eq!(
-            o.device_data(m),
+            message,
             json!({"metadata": {"deviceid": "dev.1", "tenant": "lab.a", "timestamp": 1_528_226_137_452_i64,
                 "service": "lab.a", "servicepath": "/rig1", "entity_name": "urn:x", "entity_type": "Sensor",
                 "gateway": gw.to_string(), "types": {"h": "Text"}}, "attrs": {"h": 60}})

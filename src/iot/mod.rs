@@ -290,22 +290,23 @@ impl Core {
         };
         let routing_key = origin.routing_key();
         for m in &measures {
-            let body = serde_json::to_vec(&origin.device_data(m)).unwrap_or_default();
+            let body = origin.device_data(m);
             let envelope = federation::Envelope { routing_key: routing_key.clone(), body };
             if self.outbox.send(envelope).await.is_err() {
                 return Err(ApiError::new(503, "GATEWAY_STOPPED", "The gateway is shutting down"));
             }
         }
+        let count = measures.len();
         {
             let mut last = resolved.record.last.lock().unwrap_or_else(|p| p.into_inner());
-            for m in &measures {
-                for (name, (kind, value)) in &m.attrs {
-                    last.insert(name.clone(), (kind.clone(), value.clone(), m.timestamp_ms));
+            for m in measures {
+                for (name, (kind, value)) in m.attrs {
+                    last.insert(name, (kind, value, m.timestamp_ms));
                 }
             }
         }
-        self.counters.inc(transport, measures.len() as u64);
-        Ok(measures.len())
+        self.counters.inc(transport, count as u64);
+        Ok(count)
     }
 }
 
