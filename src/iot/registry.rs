@@ -79,6 +79,10 @@ struct Inner {
     by_uuid: HashMap<Uuid, Arc<DeviceRecord>>,
     /// (apikey, device_id) of devices with an apikey of their own.
     by_key: HashMap<(String, String), Arc<DeviceRecord>>,
+    /// (service, device_id) → the device in each servicepath other than `/`
+    /// (devices in `/` are found in `devices`), for dojot's topics, which
+    /// name only the service. Empty in the usual one-level dojot setup.
+    by_service: HashMap<(String, String), Vec<Arc<DeviceRecord>>>,
 }
 
 impl Inner {
@@ -91,6 +95,10 @@ impl Inner {
         self.by_uuid.insert(rec.uuid, rec.clone());
         if let Some(k) = &rec.device.apikey {
             self.by_key.insert((k.clone(), rec.device.device_id.clone()), rec.clone());
+        }
+        if rec.tenant.servicepath != "/" {
+            let service = (rec.tenant.service.clone(), rec.device.device_id.clone());
+            self.by_service.entry(service).or_default().push(rec.clone());
         }
         self.devices.insert(key, rec);
     }
@@ -106,6 +114,15 @@ impl Inner {
         self.by_uuid.remove(&rec.uuid);
         if let Some(k) = &rec.device.apikey {
             self.by_key.remove(&(k.clone(), rec.device.device_id.clone()));
+        }
+        if rec.tenant.servicepath != "/" {
+            let service = (rec.tenant.service.clone(), rec.device.device_id.clone());
+            if let Some(recs) = self.by_service.get_mut(&service) {
+                recs.retain(|r| r.uuid != rec.uuid);
+                if recs.is_empty() {
+                    self.by_service.remove(&service);
+                }
+            }
         }
     }
 
@@ -516,9 +533,7 @@ impl Registry {
                 let record = inner
                     .devices
                     .get(&(root, device_id.clone()))
-                    .or_else(|| {
-                        inner.devices.values().find(|r| r.tenant.service == *tenant && r.device.device_id == *device_id)
-                    })
+                    .or_else(|| inner.by_service.get(&(tenant.clone(), device_id.clone()))?.first())
                     .cloned()
                     .ok_or_else(|| ApiError::device_not_found(device_id))?;
                 let group = record.device.apikey.as_deref().and_then(|k| inner.group_by_apikey(k));
@@ -627,5 +642,21 @@ mod tests {
         assert_eq!(e.name, "DEVICE_NOT_FOUND");
         let e = r.resolve(&Address::Dojot { tenant: "other".into(), device_id: "efac".into() }).await.unwrap_err();
         assert_eq!(e.name, "DEVICE_NOT_FOUND");
+        // A device in another servicepath of the service is found too; with
+        // the same id in `/` as well, the one in `/` wins.
+        let rig = Tenant { service: "admin".into(), servicepath: "/rig1".into() };
+        let dojot = |id: &str| Address::Dojot { tenant: "admin".into(), device_id: id.into() };
+        r.create_devices(&rig, vec![parse_device(&json!({"device_id": "deep"})).unwrap()]).await.unwrap();
+        assert_eq!(r.resolve(&dojot("deep")).await.unwrap().record.tenant, rig);
+        r.create_devices(&rig, vec![parse_device(&json!({"device_id": "efac"})).unwrap()]).await.unwrap();
+        assert_eq!(r.resolve(&dojot("efac")).await.unwrap().record.tenant, t);
+        r.delete_devices(&t, &["efac".into()]).await.unwrap();
+        assert_eq!(r.resolve(&dojot("efac")).await.unwrap().record.tenant, rig);
+        r.delete_devices(&rig, &["deep".into(), "efac".into()]).await.unwrap();
+        assert_eq!(r.resolve(&dojot("deep")).await.unwrap_err().name, "DEVICE_NOT_FOUND");
+        assert_eq!(r.resolve(&dojot("efac")).await.unwrap_err().name, "DEVICE_NOT_FOUND");
+        // Reloaded from the store, the index is rebuilt.
+        r.create_devices(&rig, vec![parse_device(&json!({"device_id": "deep"})).unwrap()]).await.unwrap();
+        assert_eq!(registry(dir.path()).resolve(&dojot("deep")).await.unwrap().record.tenant, rig);
     }
 }
