@@ -377,8 +377,8 @@ impl Agent {
         };
         // The measure path (MQTT and AMQP in, federation out) runs on a thread
         // of its own, so a measure is not handed between the daemon's worker
-        // threads on its way (BENCHMARKS.md, IoT run 5: 34–38 µs of CPU per
-        // measure instead of 38–45).
+        // threads on its way (BENCHMARKS.md, IoT series 1, run 5: 34–38 µs of
+        // CPU per measure instead of 38–45).
         type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
         let mut hot: Vec<Task> =
             vec![Box::pin(federation::run(fed, outbox_rx, counters, token.clone()).instrument(span.clone()))];
