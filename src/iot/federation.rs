@@ -200,7 +200,9 @@ async fn pump(
             }
         }
         buf.sync();
-        let Some((e, confirm)) = inflight.pop_front() else {
+        // Room for another batch while the oldest confirm is awaited (below).
+        let room = WINDOW - inflight.len() >= BATCH && !rx.is_closed();
+        let Some((_, confirm)) = inflight.front_mut() else {
             tokio::select! {
                 e = rx.recv() => match e {
                     Some(e) => buf.queue.push_back(e),
@@ -215,7 +217,20 @@ async fn pump(
             }
             continue;
         };
-        match confirm.await {
+        // Wait for the oldest confirm; meanwhile take new measures while the
+        // window has room for a batch, so a slow confirm (a durable queue's
+        // fsync, say) does not hold back what arrives after it.
+        let confirmed = tokio::select! {
+            c = confirm => c,
+            e = rx.recv(), if room => {
+                if let Some(e) = e {
+                    buf.queue.push_back(e);
+                }
+                continue;
+            }
+        };
+        let (e, _) = inflight.pop_front().expect("the oldest publish was just confirmed");
+        match confirmed {
             Ok(c) if c.is_ack() => {
                 counters.measures_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
