@@ -337,6 +337,23 @@ impl Pipeline {
     }
 }
 
+/// Count deliveries until `n` arrived or none came for 3 s: how many, and
+/// when the last one arrived (`t` if none did).
+async fn count(consumer: &mut lapin::Consumer, n: usize, t: Instant) -> (usize, Instant) {
+    let mut got = 0;
+    let mut last = t;
+    while got < n {
+        match tokio::time::timeout(Duration::from_secs(3), consumer.next()).await {
+            Ok(Some(Ok(_))) => {
+                got += 1;
+                last = Instant::now();
+            }
+            _ => break,
+        }
+    }
+    (got, last)
+}
+
 /// Measures/s from MQTT through busbar into the data exchange when the
 /// publisher floods (past capacity: what is delivered, what is lost), and
 /// CPU seconds per measure of the daemon.
@@ -351,17 +368,7 @@ async fn through(qos: u8, n: usize) -> (f64, f64, usize) {
         }
         publisher
     });
-    let mut got = 0;
-    let mut last = t;
-    while got < n {
-        match tokio::time::timeout(Duration::from_secs(3), consumer.next()).await {
-            Ok(Some(Ok(_))) => {
-                got += 1;
-                last = Instant::now();
-            }
-            _ => break,
-        }
-    }
+    let (got, last) = count(&mut consumer, n, t).await;
     let cpu = d.cpu() - cpu0;
     println!("{}", split.line(&format!("MQTT QoS {qos} flood through busbar"), got));
     if got < n {
@@ -390,17 +397,7 @@ async fn sustained(qos: u8, rate: u64, secs: u64) -> (usize, usize, String) {
         publisher
     });
     let t = Instant::now();
-    let mut got = 0;
-    let mut last = t;
-    while got < n {
-        match tokio::time::timeout(Duration::from_secs(3), consumer.next()).await {
-            Ok(Some(Ok(_))) => {
-                got += 1;
-                last = Instant::now();
-            }
-            _ => break,
-        }
-    }
+    let (got, last) = count(&mut consumer, n, t).await;
     // Everything must also have arrived in time: a pipeline that falls
     // behind the offered rate is past its capacity even if queues absorb it.
     let kept_up = (last - t).as_secs_f64() <= secs as f64 + 0.25;
