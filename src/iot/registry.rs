@@ -85,6 +85,11 @@ struct Inner {
     by_service: HashMap<(String, String), Vec<Arc<DeviceRecord>>>,
 }
 
+/// A device's key in `Inner::by_service`; devices in servicepath `/` have none.
+fn service_key(rec: &DeviceRecord) -> Option<(String, String)> {
+    (rec.tenant.servicepath != "/").then(|| (rec.tenant.service.clone(), rec.device.device_id.clone()))
+}
+
 impl Inner {
     /// Add (or replace) a device in every index.
     fn index(&mut self, rec: Arc<DeviceRecord>) {
@@ -96,8 +101,7 @@ impl Inner {
         if let Some(k) = &rec.device.apikey {
             self.by_key.insert((k.clone(), rec.device.device_id.clone()), rec.clone());
         }
-        if rec.tenant.servicepath != "/" {
-            let service = (rec.tenant.service.clone(), rec.device.device_id.clone());
+        if let Some(service) = service_key(&rec) {
             self.by_service.entry(service).or_default().push(rec.clone());
         }
         self.devices.insert(key, rec);
@@ -115,13 +119,12 @@ impl Inner {
         if let Some(k) = &rec.device.apikey {
             self.by_key.remove(&(k.clone(), rec.device.device_id.clone()));
         }
-        if rec.tenant.servicepath != "/" {
-            let service = (rec.tenant.service.clone(), rec.device.device_id.clone());
-            if let Some(recs) = self.by_service.get_mut(&service) {
-                recs.retain(|r| r.uuid != rec.uuid);
-                if recs.is_empty() {
-                    self.by_service.remove(&service);
-                }
+        if let Some(service) = service_key(rec)
+            && let Some(recs) = self.by_service.get_mut(&service)
+        {
+            recs.retain(|r| r.uuid != rec.uuid);
+            if recs.is_empty() {
+                self.by_service.remove(&service);
             }
         }
     }
