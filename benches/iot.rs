@@ -199,10 +199,11 @@ async fn rabbitmq(n: usize) -> f64 {
         let props = BasicProperties::default().with_delivery_mode(2);
         let mut window = VecDeque::new();
         let mut sent = 0;
+        let key = lapin::types::ShortString::from("bench.lab.Sensor.d");
         while sent < n {
             // Batches of what the window has room for, as the gateway's publisher does.
             let k = busbar::iot::federation::BATCH.min(n - sent);
-            let batch = (0..k).map(|_| ("bench.lab.Sensor.d", body.as_slice()));
+            let batch = (0..k).map(|_| (&key, body.as_slice()));
             for c in busbar::bus::publish_batch(&ch, &ex, &props, batch).await {
                 window.push_back(c.unwrap());
             }

@@ -41,23 +41,19 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/api/v1/component/{uuid}", get(component_status).post(component_action))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "Not found".into()) })
+        .method_not_allowed_fallback(|| async { ApiError(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(shared)
 }
 
 /// Bind the configured address and serve until shutdown; returns the bound
 /// address (useful with port 0).
-pub async fn serve(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(shared.config.api.bind).await?;
-    let addr = listener.local_addr()?;
-    let token = shared.shutdown.clone();
-    let router = app(shared.clone());
-    shared.tracker.spawn(async move {
-        let server = axum::serve(listener, router).with_graceful_shutdown(async move { token.cancelled().await });
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "HTTP API failed");
-        }
-    });
+pub async fn serve(shared: Arc<Shared>) -> Result<SocketAddr, crate::serve::BindError> {
+    let bind = shared.config.api.bind;
+    let listener = crate::serve::bind(bind).await?;
+    let addr = listener.local_addr().map_err(|source| crate::serve::BindError { addr: bind, source })?;
+    let limits = shared.config.api.limits();
+    crate::serve::spawn(&shared.tracker, listener, app(shared.clone()), shared.shutdown.clone(), limits);
     Ok(addr)
 }
 

@@ -112,14 +112,14 @@ pub async fn publish_batch<'a>(
     ch: &Channel,
     exchange: &ShortString,
     props: &BasicProperties,
-    messages: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    messages: impl IntoIterator<Item = (&'a ShortString, &'a [u8])>,
 ) -> Vec<lapin::Result<lapin::PublisherConfirm>> {
     let mut publishes: Vec<_> = messages
         .into_iter()
         .map(|(key, body)| {
             Box::pin(ch.basic_publish(
                 exchange.clone(),
-                key.into(),
+                key.clone(),
                 BasicPublishOptions::default(),
                 body,
                 props.clone(),

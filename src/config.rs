@@ -72,6 +72,18 @@ fn default_url() -> String {
     "amqp://guest:guest@127.0.0.1:5672/%2f".into()
 }
 
+/// `sandbox:` section: what requests from the bus or HTTP may do beyond
+/// the safe defaults (see [`crate::sandbox`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Privileged properties ([`crate::sandbox::PRIVILEGED_PROPERTIES`]) a
+    /// runtime `create` may set; default none, so that a message on the bus
+    /// cannot give a new simulator a whitelist of its own or a shell.
+    #[serde(default)]
+    pub create_may_set: Vec<String>,
+}
+
 /// `api:` section: the HTTP API.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,12 +94,41 @@ pub struct ApiConfig {
     /// Listen address; loopback unless configured otherwise.
     #[serde(default = "default_bind")]
     pub bind: SocketAddr,
+    /// Connections served at once (more wait in the backlog).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (and to start the
+    /// next request on a kept-alive connection).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: f64,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { enabled: true, bind: default_bind() }
+        Self {
+            enabled: true,
+            bind: default_bind(),
+            max_connections: default_max_connections(),
+            header_timeout: default_header_timeout(),
+        }
     }
+}
+
+impl ApiConfig {
+    /// The listener limits.
+    pub fn limits(&self) -> crate::serve::Limits {
+        crate::serve::Limits {
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_secs_f64(self.header_timeout),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    crate::serve::Limits::default().max_connections
+}
+fn default_header_timeout() -> f64 {
+    crate::serve::Limits::default().header_timeout.as_secs_f64()
 }
 
 fn yes() -> bool {
@@ -144,6 +185,9 @@ pub struct Config {
     /// types); relative to the config file.
     #[serde(default)]
     pub component_dirs: Vec<PathBuf>,
+    /// What bus and HTTP requests may do beyond the safe defaults.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
     /// Components to run. Free-form objects; see [`ComponentSpec`].
     #[serde(default)]
     pub components: Vec<Map<String, Value>>,
@@ -203,8 +247,27 @@ impl Config {
         if self.exchange.is_empty() {
             return Err(ConfigError::new(path, "exchange", "must not be empty"));
         }
-        if !(self.status_interval.is_finite() && self.status_interval > 0.0) {
-            return Err(ConfigError::new(path, "status_interval", "must be a positive number of seconds"));
+        if !(self.status_interval.is_finite() && self.status_interval > 0.0 && self.status_interval <= 86_400.0) {
+            return Err(ConfigError::new(path, "status_interval", "must be a number of seconds between 0 and 86400"));
+        }
+        for (i, key) in self.sandbox.create_may_set.iter().enumerate() {
+            if !crate::sandbox::PRIVILEGED_PROPERTIES.contains(&key.as_str()) {
+                return Err(ConfigError::new(
+                    path,
+                    format!("sandbox.create_may_set[{i}]"),
+                    format!(
+                        "{key:?} is not a privileged property; expected one of {}",
+                        crate::sandbox::PRIVILEGED_PROPERTIES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if !(self.api.header_timeout.is_finite() && self.api.header_timeout > 0.0 && self.api.header_timeout <= 3600.0)
+        {
+            return Err(ConfigError::new(path, "api.header_timeout", "must be a number of seconds between 0 and 3600"));
+        }
+        if self.api.max_connections == 0 {
+            return Err(ConfigError::new(path, "api.max_connections", "must be positive"));
         }
         if self.max_body_bytes == 0 {
             return Err(ConfigError::new(path, "max_body_bytes", "must be positive"));
@@ -351,8 +414,10 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("components[1].uuid: duplicate uuid"), "{e}");
-        let e = parse("status_interval: 0").unwrap_err().to_string();
-        assert!(e.contains("status_interval"), "{e}");
+        for bad in ["status_interval: 0", "status_interval: 1e30", "status_interval: .inf"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("status_interval"), "{bad}: {e}");
+        }
         let e = parse("a: [unclosed").unwrap_err().to_string();
         assert!(e.starts_with("lab.yaml:"), "{e}");
     }

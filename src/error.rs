@@ -15,6 +15,9 @@ pub enum Error {
     /// A socket or file failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A listener cannot be bound (the message names the address).
+    #[error(transparent)]
+    Bind(#[from] crate::serve::BindError),
     /// A client operation timed out.
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
@@ -31,6 +34,7 @@ impl Error {
             Error::Store(_) => "store",
             Error::Amqp(_) => "amqp",
             Error::Io(_) => "io",
+            Error::Bind(_) => "bind",
             Error::Timeout(_) => "timeout",
             Error::Internal(_) => "internal",
         }

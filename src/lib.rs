@@ -17,6 +17,10 @@
 //!   clients, and the task that creates, watches and deletes a Job.
 //! - [`iot`]: the embedded IoT device platform run by `gateway/iot-agent`
 //!   components (north API, MQTT/HTTP/AMQP south, federation, device ICs).
+//! - [`sandbox`]: what a bus or HTTP request may make the daemon do (paths,
+//!   environment, privileged create properties, secrets in statuses).
+//! - [`serve`]: the limits every HTTP listener shares (connection cap,
+//!   header timeout, JSON errors for oversized requests).
 //! - [`config`], [`store`], [`metrics`], [`telemetry`], [`http`]: the usual.
 //!
 //! `ARCHITECTURE.md` follows one ping from the socket to the reply, and one
@@ -34,6 +38,8 @@ pub mod iot;
 pub mod k8s;
 pub mod metrics;
 pub mod protocol;
+pub mod sandbox;
+pub mod serve;
 pub mod state;
 pub mod store;
 pub mod telemetry;

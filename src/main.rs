@@ -104,11 +104,11 @@ enum Cmd {
         #[command(flatten)]
         filter: FilterArgs,
         /// Stop after this many seconds.
-        #[arg(long, default_value_t = 5.0)]
-        timeout: f64,
+        #[arg(long, default_value = "5", value_parser = seconds)]
+        timeout: Duration,
         /// Stop after this many seconds without a new reply.
-        #[arg(long, default_value_t = 1.0)]
-        quiet: f64,
+        #[arg(long, default_value = "1", value_parser = seconds)]
+        quiet: Duration,
         /// Print each reply as a JSON line.
         #[arg(long)]
         json: bool,
@@ -158,8 +158,8 @@ enum Cmd {
         #[arg(long)]
         wait: Option<String>,
         /// Give up waiting after this many seconds (exit 2).
-        #[arg(long, default_value_t = 30.0)]
-        timeout: f64,
+        #[arg(long, default_value = "30", value_parser = seconds)]
+        timeout: Duration,
     },
     /// Create a component through a manager.
     Create {
@@ -172,8 +172,8 @@ enum Cmd {
         #[arg(short = 'p', long)]
         parameters: String,
         /// Give up after this many seconds (exit 2).
-        #[arg(long, default_value_t = 10.0)]
-        timeout: f64,
+        #[arg(long, default_value = "10", value_parser = seconds)]
+        timeout: Duration,
     },
     /// Delete a component through its manager.
     Delete {
@@ -186,9 +186,19 @@ enum Cmd {
         #[arg(short = 'u', long)]
         uuid: String,
         /// Give up after this many seconds (exit 2).
-        #[arg(long, default_value_t = 10.0)]
-        timeout: f64,
+        #[arg(long, default_value = "10", value_parser = seconds)]
+        timeout: Duration,
     },
+}
+
+/// A number of seconds on the command line: finite, not negative, at most a
+/// day (so that `Duration` arithmetic can never overflow).
+fn seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v.is_finite() && (0.0..=86_400.0).contains(&v)) {
+        return Err(format!("{s} must be between 0 and 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 /// Hand what `next` yields to `show` until Ctrl-C or SIGTERM (`monitor`).
@@ -246,9 +256,9 @@ async fn wait_outcome(
     uuid: &str,
     body: &Value,
     target: Option<&str>,
-    timeout: f64,
+    timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let result = client.act_and_wait(uuid, body, target, Duration::from_secs_f64(timeout)).await;
+    let result = client.act_and_wait(uuid, body, target, timeout).await;
     Ok(match result {
         Ok(Outcome::Reached(status)) => {
             println!("{}", status.pointer("/status/state").and_then(Value::as_str).unwrap_or("?"));
@@ -305,7 +315,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let client = conn.connect().await?;
             let filter: Filter = filter.into();
             let n = client
-                .ping(&filter, Duration::from_secs_f64(timeout), Duration::from_secs_f64(quiet), |seen| {
+                .ping(&filter, timeout, quiet, |seen| {
                     if json {
                         println!("{}", seen.payload);
                     } else {
@@ -433,6 +443,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     busbar::http::install_crypto_provider();
     let daemon = matches!(cli.cmd, Cmd::Daemon { .. });
+    if daemon {
+        busbar::serve::raise_fd_limit();
+    }
     busbar::telemetry::init(if daemon { &cli.log_level } else { "warn" }, cli.log_json);
     let rt = if daemon {
         tokio::runtime::Builder::new_multi_thread().enable_all().build()

@@ -64,21 +64,38 @@ fn unix_now() -> f64 {
 }
 
 #[tokio::test]
-async fn a_future_when_is_honoured_within_50ms_and_later_actions_queue_behind_it() {
+async fn a_future_when_is_honoured_within_50ms_shown_in_the_status_and_never_blocks_later_actions() {
     let env = TestEnv::new();
     let (d, c, mut l) = env.up(&env.config_yaml()).await;
     let target = unix_now() + 0.6;
     let mut start = action("start", json!({"runtime": 5}));
     start["when"] = json!(target);
     c.publish(to_uuid(env.dummy), &start, None).await.unwrap();
-    // Sent after, due now: must wait its turn behind the scheduled start.
-    c.publish(to_uuid(env.dummy), &action("reset", json!({})), None).await.unwrap();
+    // Scheduling is visible at once.
+    let st = status_of(&mut l, env.dummy, |v| v["status"]["scheduled"].is_array()).await;
+    assert_eq!(st["status"]["scheduled"][0]["action"], "start", "{st}");
+    assert!((st["status"]["scheduled"][0]["when"].as_f64().unwrap() - target).abs() < 0.05, "{st}");
     let st = status_of(&mut l, env.dummy, |v| v["status"]["state"] != "idle").await;
     let at = unix_now();
-    assert_eq!(st["status"]["state"], "starting", "the scheduled start runs first");
+    assert_eq!(st["status"]["state"], "starting", "the scheduled start runs");
     assert!((at - target).abs() < 0.05, "ran {:.1} ms off target", (at - target) * 1e3);
-    state_of(&mut l, env.dummy, "resetting").await;
+    assert!(st["status"].get("scheduled").is_none(), "nothing left scheduled: {st}");
+    c.publish(to_uuid(env.dummy), &action("reset", json!({})), None).await.unwrap();
     state_of(&mut l, env.dummy, "idle").await;
+
+    // A `when` far ahead (within the year allowed) holds back nothing:
+    // an action sent after it without `when` runs at once, and `reset`
+    // drops the schedule.
+    let mut far = action("start", json!({"runtime": 0}));
+    far["when"] = json!(unix_now() + 300.0 * 24.0 * 3600.0);
+    c.publish(to_uuid(env.dummy), &far, None).await.unwrap();
+    status_of(&mut l, env.dummy, |v| v["status"]["scheduled"].is_array()).await;
+    c.publish(to_uuid(env.dummy), &action("start", json!({"runtime": 0})), None).await.unwrap();
+    let st = state_of(&mut l, env.dummy, "running").await;
+    assert_eq!(st["status"]["scheduled"].as_array().map(Vec::len), Some(1), "{st}");
+    c.publish(to_uuid(env.dummy), &action("reset", json!({})), None).await.unwrap();
+    let st = state_of(&mut l, env.dummy, "idle").await;
+    assert!(st["status"].get("scheduled").is_none(), "reset dropped the schedule: {st}");
 
     // An ISO-8601 `when`, as the VILLASweb frontend sends for some actions.
     let target = SystemTime::now() + Duration::from_millis(400);

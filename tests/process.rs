@@ -21,10 +21,12 @@ impl Lab {
     }
 
     fn yaml(&self) -> String {
-        let bin = regex::escape(&fixtures_bin());
+        // Single-quoted YAML: the escaped path is taken literally, whatever
+        // the checkout path holds.
+        let bin = regex::escape(&fixtures_bin()).replace('\'', "''");
         self.env.config_yaml_with(&format!(
-            r#"  - {{category: simulator, type: generic, name: Gen, uuid: {g}, grace: 0.5, whitelist: ["{bin}/", "/bin/true"]}}
-  - {{category: simulator, type: generic, name: Shell, uuid: {s}, shell: true, whitelist: ["{bin}/"]}}
+            r#"  - {{category: simulator, type: generic, name: Gen, uuid: {g}, grace: 0.5, whitelist: ['{bin}/', /bin/true], allowed_environment: [FOO, BAR]}}
+  - {{category: simulator, type: generic, name: Shell, uuid: {s}, shell: true, whitelist: ['{bin}/']}}
   - {{category: simulator, type: script, name: Script, uuid: {sc}, script: "{pybin}/params.py"}}
   - {{category: simulator, type: dpsim, name: DPsim, uuid: {dp}}}
 "#,

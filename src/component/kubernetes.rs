@@ -160,8 +160,9 @@ impl Component {
         self.begin(action)?;
         match action {
             Action::Start => {
-                self.model = req.payload.get("model").cloned().unwrap_or(Value::Null);
-                self.results = req.payload.get("results").cloned().unwrap_or(Value::Null);
+                let shown = |k: &str| req.payload.get(k).map_or(Value::Null, crate::sandbox::redact_transfer);
+                self.model = shown("model");
+                self.results = shown("results");
                 self.extra.insert("pod_names".into(), Value::Array(Vec::new()));
                 let template = self.properties.get("job").cloned().unwrap_or(Value::Null);
                 let overlay = req.payload.get("job").or_else(|| req.parameters.get("job")).cloned();

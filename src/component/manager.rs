@@ -35,6 +35,13 @@ impl Component {
     }
 
     async fn create(&mut self, req: &ActionRequest) -> Result<(), ErrorInfo> {
+        // The Kubernetes manager lifts `properties.*` into the new component.
+        let may_set = &self.shared.config.sandbox.create_may_set;
+        let lifted = req.parameters.get("properties").and_then(Value::as_object);
+        for params in std::iter::once(&req.parameters).chain(lifted) {
+            crate::sandbox::check_create(params, may_set)
+                .inspect_err(|_| self.shared.metrics.error("refused_create"))?;
+        }
         let mut params = match self.kind.driver {
             Driver::KubernetesManager => super::kubernetes::simulator_spec(&req.parameters, &self.properties),
             Driver::KubernetesSimpleManager => {

@@ -29,6 +29,10 @@ use crate::protocol::{ActionRequest, ErrorInfo, Rejection, RoutingKeys, When};
 use crate::state::{Action, Lifecycle, State, TransitionError};
 use kinds::{Driver, Kind};
 
+/// Most actions one component keeps waiting for their `when`; more are
+/// refused, so a sender cannot grow a component's memory without bound.
+const MAX_SCHEDULED: usize = 64;
+
 /// Depth of a component's command queue. A full queue back-pressures the
 /// consumer that feeds it rather than growing without bound.
 const MAILBOX: usize = 512;
@@ -289,6 +293,7 @@ impl Component {
                 }
                 _ = sleep_until_opt(next_scheduled) => {
                     if let Some((_, req)) = self.scheduled.pop_front() {
+                        self.sync_schedule();
                         Box::pin(self.execute(req)).await;
                     }
                 }
@@ -342,21 +347,61 @@ impl Component {
         }
     }
 
-    /// Take an action from the bus: run it now, or queue it behind its `when`
-    /// (and behind anything already queued, to keep order).
+    /// Take an action from the bus: run it now, or keep it until its `when`.
+    ///
+    /// An action without a `when` (or with one in the past) runs at once,
+    /// whatever is scheduled: a far-off `when` must not hold back a later
+    /// `stop` or `reset`. Scheduled actions run in the order of their
+    /// times, and in arrival order for equal times. `reset` also drops the
+    /// schedule, so it is always a way back to a known state. The schedule
+    /// is shown in `status.scheduled`.
     async fn accept(&mut self, req: ActionRequest) {
         let now = Instant::now();
         let due = match req.when {
             When::Now => now,
             When::At(t) => now + t.duration_since(SystemTime::now()).unwrap_or_default(),
         };
-        if req.action == Action::Ping.as_str() || (due <= now && self.scheduled.is_empty()) {
+        if req.action == Action::Ping.as_str() || due <= now {
+            if req.action == Action::Reset.as_str() && !self.scheduled.is_empty() {
+                info!(component = %self.keys.uuid, dropped = self.scheduled.len(), "reset drops the scheduled actions");
+                self.scheduled.clear();
+                self.sync_schedule();
+            }
             self.execute(req).await;
-        } else {
-            debug!(component = %self.keys.uuid, action = %req.action, in_ms = (due - now).as_millis() as u64, "scheduled");
-            let due = self.scheduled.back().map_or(due, |(last, _)| due.max(*last));
-            self.scheduled.push_back((due, req));
+            return;
         }
+        if self.scheduled.len() >= MAX_SCHEDULED {
+            self.shared.metrics.error("schedule_full");
+            let info =
+                ErrorInfo::new(format!("Too many scheduled actions (at most {MAX_SCHEDULED}); reset clears them"))
+                    .with("action", req.action.as_str());
+            return self.fail(info, Some(&req)).await;
+        }
+        debug!(component = %self.keys.uuid, action = %req.action, in_ms = (due - now).as_millis() as u64, "scheduled");
+        let at = self.scheduled.partition_point(|(t, _)| *t <= due);
+        self.scheduled.insert(at, (due, req));
+        self.sync_schedule();
+        self.publish(None).await;
+    }
+
+    /// Show the schedule in `status.scheduled`: `[{action, when}]`, `when`
+    /// in Unix seconds; absent when nothing is scheduled.
+    fn sync_schedule(&mut self) {
+        if self.scheduled.is_empty() {
+            self.extra.shift_remove("scheduled");
+            return;
+        }
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let list: Vec<Value> = self
+            .scheduled
+            .iter()
+            .map(|(at, req)| {
+                let when = wall + at.saturating_duration_since(now);
+                let secs = when.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
+                serde_json::json!({"action": req.action, "when": (secs * 1000.0).round() / 1000.0})
+            })
+            .collect();
+        self.extra.insert("scheduled".into(), Value::Array(list));
     }
 
     async fn execute(&mut self, req: ActionRequest) {
@@ -372,6 +417,12 @@ impl Component {
         };
         if action == Action::Ping {
             return self.publish(reply).await;
+        }
+        // Only managers create and delete; elsewhere these are refused
+        // loudly rather than accepted and ignored.
+        if matches!(action, Action::Create | Action::Delete) && !self.kind.driver.is_manager() {
+            let kind = format!("{}/{}", self.keys.category, self.keys.kind);
+            return self.refuse(TransitionError::Unsupported { action, kind }, reply).await;
         }
         if let Err(info) = self.kind.validate(action, &req.parameters) {
             self.shared.metrics.error("validation");
@@ -412,8 +463,9 @@ impl Component {
     fn dummy(&mut self, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
         self.begin(action)?;
         if action == Action::Start {
-            self.model = req.payload.get("model").cloned().unwrap_or(Value::Null);
-            self.results = req.payload.get("results").cloned().unwrap_or(Value::Null);
+            let shown = |k: &str| req.payload.get(k).map_or(Value::Null, crate::sandbox::redact_transfer);
+            self.model = shown("model");
+            self.results = shown("results");
         }
         self.settle_at = Some(Instant::now() + self.durations.of(action, &req.parameters));
         Ok(())

@@ -59,6 +59,8 @@ pub(super) struct Run {
     events: mpsc::Receiver<RunEvent>,
     tx: mpsc::Sender<RunEvent>,
     dir: PathBuf,
+    /// Where to upload the results, as given (token included).
+    results: Value,
     ending: Option<Ending>,
     /// SIGKILL deadline after a SIGTERM.
     pub(super) kill_at: Option<Instant>,
@@ -168,6 +170,7 @@ fn command_line(spec: &ProcessSpec, req: &ActionRequest, props: &Map<String, Val
     }
     // The generic simulator: the start parameters choose, the properties gate.
     let executable = p.get("executable").and_then(Value::as_str).unwrap_or_default().to_owned();
+    crate::sandbox::check_executable(&executable)?;
     let argv: Vec<String> =
         p.get("argv").and_then(Value::as_array).map(|a| a.iter().filter_map(scalar).collect()).unwrap_or_default();
     let patterns: Vec<&str> = props
@@ -189,12 +192,22 @@ fn command_line(spec: &ProcessSpec, req: &ActionRequest, props: &Map<String, Val
     } else {
         (executable, argv)
     };
+    let env = env_pairs(p.get("environment"));
+    crate::sandbox::check_env(&env, props)?;
+    // Checked here against any base (they must be relative and plain), and
+    // again against the real run directory once it exists.
+    let path = |key: &str| -> Result<Option<String>, ErrorInfo> {
+        match p.get(key).and_then(Value::as_str) {
+            Some(rel) => crate::sandbox::confine(Path::new("/"), rel, key).map(|_| Some(rel.to_owned())),
+            None => Ok(None),
+        }
+    };
     Ok(CommandLine {
         program,
         args,
-        env: env_pairs(p.get("environment")),
-        cwd: p.get("working_directory").and_then(Value::as_str).map(str::to_owned),
-        stdout_logfile: p.get("stdout_logfile").and_then(Value::as_str).map(str::to_owned),
+        env,
+        cwd: path("working_directory")?,
+        stdout_logfile: path("stdout_logfile")?,
         stdin,
     })
 }
@@ -226,7 +239,11 @@ async fn download_model(model: &Value, dir: &Path) -> Result<Vec<PathBuf>, Error
     let client = http()?;
     let mut paths = Vec::new();
     for (i, url) in urls.iter().enumerate() {
-        let fail = |msg: String| ErrorInfo::new(format!("Model download failed: {msg}")).with("url", url.as_str());
+        let shown = crate::config::redact_url(url);
+        let fail = |msg: String| {
+            ErrorInfo::new(format!("Model download failed: {}", msg.replace(url.as_str(), &shown)))
+                .with("url", shown.as_str())
+        };
         let resp = with_token(client.get(url), model).send().await.map_err(|e| fail(e.to_string()))?;
         let status = resp.status();
         if !status.is_success() {
@@ -258,7 +275,11 @@ async fn download_model(model: &Value, dir: &Path) -> Result<Vec<PathBuf>, Error
 async fn upload_results(results: Value, run_dir: PathBuf) -> Result<(), ErrorInfo> {
     let url =
         results.get("url").and_then(Value::as_str).ok_or_else(|| ErrorInfo::new("Results have no url"))?.to_owned();
-    let fail = |msg: String| ErrorInfo::new(format!("Results upload failed: {msg}")).with("url", url.as_str());
+    let shown = crate::config::redact_url(&url);
+    let fail = |msg: String| {
+        ErrorInfo::new(format!("Results upload failed: {}", msg.replace(url.as_str(), &shown)))
+            .with("url", shown.as_str())
+    };
     let dir = run_dir.clone();
     let zipped = tokio::task::spawn_blocking(move || zip_dirs(&dir, &["results", "logs"]))
         .await
@@ -342,10 +363,17 @@ async fn run_task(l: Launch) {
     }
     let logs = dir.join("logs");
     let open = |p: PathBuf| std::fs::OpenOptions::new().create(true).append(true).open(p);
-    let stdout_path = match &cmd.stdout_logfile {
-        Some(f) => dir.join(f),
-        None => logs.join("stdout.log"),
+    let inside = |rel: &Option<String>, what: &str| -> Result<Option<PathBuf>, ErrorInfo> {
+        let Some(rel) = rel else { return Ok(None) };
+        let path = crate::sandbox::confine(&dir, rel, what)?;
+        crate::sandbox::check_inside(&dir, &path, what)?;
+        Ok(Some(path))
     };
+    let (stdout_path, cwd) =
+        match (inside(&cmd.stdout_logfile, "stdout_logfile"), inside(&cmd.cwd, "working_directory")) {
+            (Ok(out), Ok(cwd)) => (out.unwrap_or_else(|| logs.join("stdout.log")), cwd.unwrap_or_else(|| dir.clone())),
+            (Err(e), _) | (_, Err(e)) => return report(e).await,
+        };
     let (stdout, stderr) = match (open(stdout_path), open(logs.join("stderr.log"))) {
         (Ok(o), Ok(e)) => (o, e),
         (Err(e), _) | (_, Err(e)) => return report(ErrorInfo::new(format!("Cannot open the log files: {e}"))).await,
@@ -357,10 +385,7 @@ async fn run_task(l: Launch) {
         .envs(INHERITED_ENV.iter().filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))))
         .envs(cmd.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("BUSBAR_RUN_DIR", &dir)
-        .current_dir(match &cmd.cwd {
-            Some(c) => dir.join(c),
-            None => dir.clone(),
-        })
+        .current_dir(cwd)
         .stdin(if cmd.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(stdout)
         .stderr(stderr)
@@ -474,8 +499,12 @@ impl Component {
 
     fn start_process(&mut self, req: &ActionRequest) -> Result<(), ErrorInfo> {
         let spec = self.process_spec().cloned().unwrap_or_default();
-        self.model = req.payload.get("model").cloned().unwrap_or(Value::Null);
-        self.results = req.payload.get("results").cloned().unwrap_or(Value::Null);
+        let model = req.payload.get("model").cloned().unwrap_or(Value::Null);
+        let results = req.payload.get("results").cloned().unwrap_or(Value::Null);
+        // The status shows them without tokens or URL passwords; the run
+        // keeps them as given.
+        self.model = crate::sandbox::redact_transfer(&model);
+        self.results = crate::sandbox::redact_transfer(&results);
         self.extra.insert("return_code".into(), Value::Null);
         self.extra.shift_remove("pid");
         let cmd = command_line(&spec, req, &self.driver_properties())
@@ -483,16 +512,10 @@ impl Component {
         let dir =
             self.shared.config.data_dir.join("runs").join(self.keys.uuid.to_string()).join(Uuid::new_v4().to_string());
         let (tx, events) = mpsc::channel(8);
-        let launch = Launch {
-            cmd,
-            dir: dir.clone(),
-            model: self.model.clone(),
-            tx: tx.clone(),
-            token: self.shared.shutdown.clone(),
-        };
+        let launch = Launch { cmd, dir: dir.clone(), model, tx: tx.clone(), token: self.shared.shutdown.clone() };
         let task = self.shared.tracker.spawn(run_task(launch)).abort_handle();
         info!(run_dir = %dir.display(), "starting process");
-        self.run = Some(Run { pgid: None, events, tx, dir, ending: None, kill_at: None, task });
+        self.run = Some(Run { pgid: None, events, tx, dir, results, ending: None, kill_at: None, task });
         Ok(())
     }
 
@@ -579,7 +602,7 @@ impl Component {
                     return self.publish(None).await;
                 }
                 if let Some(run) = &mut self.run {
-                    let (tx, results, dir) = (run.tx.clone(), self.results.clone(), run.dir.clone());
+                    let (tx, results, dir) = (run.tx.clone(), run.results.clone(), run.dir.clone());
                     run.task = self
                         .shared
                         .tracker

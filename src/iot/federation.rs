@@ -27,13 +27,36 @@ pub const BATCH: usize = 256;
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Longest AMQP routing key (a short string).
+pub const MAX_ROUTING_KEY: usize = 255;
+
 /// One message for the federation.
 #[derive(Debug, Clone)]
 pub struct Envelope {
-    /// `{realm}.{service}.{entity_type}.{device_id}`.
-    pub routing_key: String,
+    /// `{realm}.{service}.{entity_type}.{device_id}`; checked to fit on
+    /// construction (lapin panics on a longer one, deep in its I/O path).
+    routing_key: lapin::types::ShortString,
     /// The `device-data` JSON.
     pub body: Vec<u8>,
+}
+
+impl Envelope {
+    /// An envelope, if `routing_key` fits in an AMQP short string.
+    pub fn new(routing_key: &str, body: Vec<u8>) -> Result<Envelope, super::model::ApiError> {
+        let routing_key = lapin::types::ShortString::try_new(routing_key).map_err(|_| {
+            super::model::ApiError::new(
+                400,
+                "ID_TOO_LONG",
+                format!("the federation routing key would be {} bytes, more than {MAX_ROUTING_KEY}", routing_key.len()),
+            )
+        })?;
+        Ok(Envelope { routing_key, body })
+    }
+
+    /// The routing key.
+    pub fn routing_key(&self) -> &lapin::types::ShortString {
+        &self.routing_key
+    }
 }
 
 /// Where to publish.
@@ -181,7 +204,7 @@ async fn pump(
             if batch.is_empty() {
                 break;
             }
-            let messages = batch.iter().map(|e| (e.routing_key.as_str(), e.body.as_slice()));
+            let messages = batch.iter().map(|e| (&e.routing_key, e.body.as_slice()));
             let sent = crate::bus::publish_batch(ch, &exchange, &props, messages).await;
             let mut batch = batch.into_iter();
             for (sent, e) in sent.into_iter().zip(batch.by_ref()) {

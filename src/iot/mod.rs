@@ -67,8 +67,10 @@ pub struct Settings {
     pub dojot: bool,
     /// The services this gateway serves (empty: any).
     pub services: Vec<String>,
-    /// Southbound HTTP body limit.
+    /// Southbound HTTP body limit (also the largest MQTT or AMQP measure).
     pub max_body_bytes: usize,
+    /// Limits of the north and south listeners.
+    pub limits: crate::serve::Limits,
 }
 
 fn prop_str(p: &Map<String, Value>, k: &str) -> Option<String> {
@@ -108,6 +110,19 @@ impl Settings {
                 .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
                 .unwrap_or_default(),
             max_body_bytes: p.get("max_body_bytes").and_then(Value::as_u64).unwrap_or(1 << 20) as usize,
+            limits: crate::serve::Limits {
+                max_connections: p
+                    .get("max_connections")
+                    .and_then(Value::as_u64)
+                    .map_or(crate::serve::Limits::default().max_connections, |n| n.max(1) as usize),
+                header_timeout: p
+                    .get("header_timeout")
+                    .and_then(Value::as_f64)
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .map_or(crate::serve::Limits::default().header_timeout, |s| {
+                        std::time::Duration::from_secs_f64(s.min(3600.0))
+                    }),
+            },
         })
     }
 }
@@ -290,8 +305,7 @@ impl Core {
         };
         let routing_key = origin.routing_key();
         for m in &measures {
-            let body = origin.device_data(m);
-            let envelope = federation::Envelope { routing_key: routing_key.clone(), body };
+            let envelope = federation::Envelope::new(&routing_key, origin.device_data(m))?;
             if self.outbox.send(envelope).await.is_err() {
                 return Err(ApiError::new(503, "GATEWAY_STOPPED", "The gateway is shutting down"));
             }
@@ -340,14 +354,15 @@ impl Agent {
         let settings = Settings::from_properties(props)?;
         let token = shared.shutdown.child_token();
         let (changes_tx, changes_rx) = mpsc::unbounded_channel();
-        let registry = registry::Registry::load(gateway, shared.store.clone(), changes_tx)
+        let realm = realm.unwrap_or_else(|| "busbar".into());
+        let registry = registry::Registry::load(gateway, &realm, shared.store.clone(), changes_tx)
             .map_err(|e| ErrorInfo::new(format!("Cannot load the device registry: {}", e.message)))?;
         let counters = Arc::new(Counters::default());
         let (outbox, outbox_rx) = mpsc::channel(4096);
         let (running, _) = watch::channel(props.get("autostart").and_then(Value::as_bool).unwrap_or(true));
         let core = Arc::new(Core {
             gateway,
-            realm: realm.unwrap_or_else(|| "busbar".into()),
+            realm,
             settings: settings.clone(),
             registry,
             counters: counters.clone(),
@@ -356,19 +371,20 @@ impl Agent {
             outbox,
         });
         let span = tracing::info_span!("gateway", gateway = %gateway);
-        let north = tokio::net::TcpListener::bind(settings.north_bind)
-            .await
-            .map_err(|e| ErrorInfo::new(format!("Cannot listen on {}: {e}", settings.north_bind)))?;
-        let south = tokio::net::TcpListener::bind(settings.south_bind)
-            .await
-            .map_err(|e| ErrorInfo::new(format!("Cannot listen on {}: {e}", settings.south_bind)))?;
-        let (north_addr, south_addr) = (north.local_addr().ok(), south.local_addr().ok());
-        let serve = |listener: tokio::net::TcpListener, router: axum::Router, token: CancellationToken| async move {
-            let _ = axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await;
+        let listen = async |addr| {
+            crate::serve::bind(addr)
+                .await
+                .map_err(|e| ErrorInfo::new(format!("Cannot listen on {}: {}", e.addr, e.source)))
         };
+        let north = listen(settings.north_bind).await?;
+        let south = listen(settings.south_bind).await?;
+        let (north_addr, south_addr) = (north.local_addr().ok(), south.local_addr().ok());
         let t = &shared.tracker;
-        t.spawn(serve(north, north::router(core.clone()), token.clone()).instrument(span.clone()));
-        t.spawn(serve(south, south::http_router(core.clone()), token.clone()).instrument(span.clone()));
+        {
+            let _span = span.enter();
+            crate::serve::spawn(t, north, north::router(core.clone()), token.clone(), settings.limits);
+            crate::serve::spawn(t, south, south::http_router(core.clone()), token.clone(), settings.limits);
+        }
         let fed = federation::Target {
             url: shared.config.broker.url.clone(),
             exchange: settings.federation_exchange.clone(),

@@ -166,6 +166,86 @@ impl ApiError {
 /// Characters iotagent-node-lib forbids in names and types.
 const FORBIDDEN: &[char] = &['<', '>', '(', ')', ';', '\'', '=', '"'];
 
+/// Longest device id, apikey or entity type, in bytes (README "Limits").
+/// Orion allows 256 for entity ids; busbar's ids also go into AMQP routing
+/// keys (255 bytes in all) and MQTT topics, so they are shorter.
+pub const MAX_ID_BYTES: usize = 128;
+/// Longest `fiware-service` and servicepath level (FIWARE's own rule).
+pub const MAX_SERVICE_BYTES: usize = 50;
+/// Most levels in a servicepath (FIWARE's own rule).
+pub const MAX_SERVICEPATH_LEVELS: usize = 10;
+/// Longest southbound resource, in bytes.
+pub const MAX_RESOURCE_BYTES: usize = 256;
+
+/// FIWARE's rule for a service and a servicepath level: `[A-Za-z0-9_]`,
+/// 1 to 50 of them. It also keeps `|`, which separates the fields of a
+/// device's uuid name, and control characters out of tenancy.
+fn fiware_name(s: &str) -> bool {
+    (1..=MAX_SERVICE_BYTES).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Check a `fiware-service` header.
+pub fn check_service(s: &str) -> Result<(), ApiError> {
+    if fiware_name(s) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        400,
+        "BAD_REQUEST",
+        format!("fiware-service must be 1 to {MAX_SERVICE_BYTES} letters, digits or underscores"),
+    ))
+}
+
+/// Check a `fiware-servicepath` header: `/`, or up to ten `/level`s of
+/// FIWARE names; `/*` (every servicepath of the service) when `wildcard`.
+pub fn check_servicepath(s: &str, wildcard: bool) -> Result<(), ApiError> {
+    let ok = s == "/"
+        || (wildcard && s == "/*")
+        || s.strip_prefix('/').is_some_and(|rest| {
+            let levels: Vec<&str> = rest.split('/').collect();
+            levels.len() <= MAX_SERVICEPATH_LEVELS && levels.iter().all(|l| fiware_name(l))
+        });
+    if ok {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        400,
+        "BAD_REQUEST",
+        format!(
+            "fiware-servicepath must be / or up to {MAX_SERVICEPATH_LEVELS} levels /name of 1 to {MAX_SERVICE_BYTES} letters, digits or underscores"
+        ),
+    ))
+}
+
+/// Check an identifier that becomes an MQTT topic level, an AMQP routing
+/// key word and part of a store key: 1 to [`MAX_ID_BYTES`] bytes, no
+/// control characters or white space, no MQTT wildcards or separators, none
+/// of node-lib's forbidden characters.
+pub fn check_id(field: &str, s: &str) -> Result<(), ApiError> {
+    let bad = s.is_empty()
+        || s.len() > MAX_ID_BYTES
+        || s.chars().any(|c| c.is_control() || c.is_whitespace())
+        || s.contains(['/', '#', '+'])
+        || s.contains(FORBIDDEN);
+    if bad {
+        let shown: String = s.chars().take(40).flat_map(char::escape_default).collect();
+        return Err(ApiError::syntax(format!(
+            "invalid {field} \"{shown}\"{}: 1 to {MAX_ID_BYTES} bytes without white space, control characters or any of / # + < > ( ) ; ' = \"",
+            if s.chars().count() > 40 { "…" } else { "" }
+        )));
+    }
+    Ok(())
+}
+
+fn check_resource(s: &str) -> Result<(), ApiError> {
+    if s.starts_with('/') && s.len() <= MAX_RESOURCE_BYTES && !s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Ok(());
+    }
+    Err(ApiError::syntax(format!(
+        "invalid resource: a path starting with / of at most {MAX_RESOURCE_BYTES} bytes without white space or control characters"
+    )))
+}
+
 fn check_names(attrs: &[Attribute], field: &str) -> Result<(), ApiError> {
     for a in attrs {
         for (what, v) in [("name", Some(&a.name)), ("type", Some(&a.kind)), ("object_id", a.object_id.as_ref())] {
@@ -204,7 +284,13 @@ pub fn parse_group(v: &Value) -> Result<Group, ApiError> {
             return Err(ApiError::syntax(format!("Errors found validating request: {key} is required")));
         }
     }
-    Group::deserialize(v).map_err(ApiError::syntax)?.checked()
+    let g = Group::deserialize(v).map_err(ApiError::syntax)?.checked()?;
+    check_id("apikey", &g.apikey)?;
+    check_resource(&g.resource)?;
+    if let Some(t) = &g.entity_type {
+        check_id("entity_type", t)?;
+    }
+    Ok(g)
 }
 
 impl Group {
@@ -233,7 +319,15 @@ pub fn parse_device(v: &Value) -> Result<Device, ApiError> {
             "The request was not well formed:Missing attributes: [\"device_id\"]",
         ));
     }
-    Device::deserialize(v).map_err(ApiError::syntax)?.checked()
+    let d = Device::deserialize(v).map_err(ApiError::syntax)?.checked()?;
+    check_id("device_id", &d.device_id)?;
+    if let Some(k) = &d.apikey {
+        check_id("apikey", k)?;
+    }
+    if let Some(t) = &d.entity_type {
+        check_id("entity_type", t)?;
+    }
+    Ok(d)
 }
 
 impl Device {

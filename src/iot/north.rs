@@ -70,9 +70,8 @@ fn tenant(core: &Core, h: &HeaderMap) -> Result<Tenant, ApiError> {
         ));
     }
     let (service, servicepath) = (service.unwrap_or_default(), path.unwrap_or_default());
-    if !servicepath.starts_with('/') {
-        return Err(ApiError::syntax("fiware-servicepath must start with /"));
-    }
+    super::model::check_service(&service)?;
+    super::model::check_servicepath(&servicepath, true)?;
     if !core.serves(&service) {
         return Err(ApiError::new(403, "ACCESS_FORBIDDEN", format!("This gateway does not serve service {service}")));
     }

@@ -148,6 +148,9 @@ impl Inner {
 /// The registry of one gateway.
 pub struct Registry {
     gateway: Uuid,
+    /// Bytes a federation routing key leaves for service, entity type and
+    /// device id: 255 less the realm and the three dots.
+    key_budget: usize,
     store: Store,
     inner: RwLock<Inner>,
     changes: mpsc::UnboundedSender<Change>,
@@ -193,7 +196,12 @@ fn merged(base: Value, patch: &Map<String, Value>) -> Value {
 
 impl Registry {
     /// Load the registry of `gateway` from the store.
-    pub fn load(gateway: Uuid, store: Store, changes: mpsc::UnboundedSender<Change>) -> Result<Registry, ApiError> {
+    pub fn load(
+        gateway: Uuid,
+        realm: &str,
+        store: Store,
+        changes: mpsc::UnboundedSender<Change>,
+    ) -> Result<Registry, ApiError> {
         let mut inner = Inner::default();
         for r in store.iot_load(gateway).map_err(store_err)? {
             let tenant = Tenant { service: r.service, servicepath: r.servicepath };
@@ -213,7 +221,32 @@ impl Registry {
         if inner.devices.len() > 100 {
             super::trim_heap();
         }
-        Ok(Registry { gateway, store, inner: RwLock::new(inner), changes, writer: tokio::sync::Mutex::new(()) })
+        Ok(Registry {
+            gateway,
+            key_budget: super::federation::MAX_ROUTING_KEY.saturating_sub(realm.len() + 3),
+            store,
+            inner: RwLock::new(inner),
+            changes,
+            writer: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Refuse a device whose federation routing key
+    /// (`{realm}.{service}.{entity_type}.{device_id}`) would not fit in an
+    /// AMQP short string: it could never be published.
+    fn fits(&self, tenant: &Tenant, device: &Device, group: Option<&Group>) -> Result<(), ApiError> {
+        let used = tenant.service.len() + device.entity_type(group).len() + device.device_id.len();
+        if used <= self.key_budget {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            400,
+            "ID_TOO_LONG",
+            format!(
+                "service, entity type and device id take {used} bytes; the federation routing key leaves {} in this realm",
+                self.key_budget
+            ),
+        ))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -389,6 +422,12 @@ impl Registry {
                         ),
                     ));
                 }
+                let group = d
+                    .apikey
+                    .as_deref()
+                    .and_then(|k| inner.group_by_apikey(k))
+                    .or_else(|| inner.groups.values().find(|(t, _)| t == tenant).map(|(_, g)| g.clone()));
+                self.fits(tenant, d, group.as_deref())?;
                 if let Some(key) = &d.apikey
                     && (inner.apikeys.get(key).is_some_and(|t| t != tenant)
                         || inner.by_key.get(&(key.clone(), d.device_id.clone())).is_some_and(|r| r.tenant != *tenant))
@@ -462,6 +501,8 @@ impl Registry {
             return Err(ApiError::new(400, "BAD_REQUEST", "Can't change the ID of a provisioned device"));
         }
         let d = parse_device(&merged(serde_json::to_value(&old.device).unwrap_or_default(), patch))?;
+        let group = self.read().group_of(&old);
+        self.fits(tenant, &d, group.as_deref())?;
         self.put_devices(tenant, vec![d]).await
     }
 
@@ -548,6 +589,7 @@ impl Registry {
     async fn autoprovision(&self, tenant: &Tenant, id: &str, group: Arc<Group>) -> Result<Resolved, ApiError> {
         let _writer = self.writer.lock().await;
         let device = parse_device(&serde_json::json!({"device_id": id}))?;
+        self.fits(tenant, &device, Some(&group))?;
         // Two first measures may race: the second finds the first's device.
         if let Some(record) = self.read().devices.get(&(tenant.clone(), id.to_owned())).cloned() {
             return Ok(Resolved { record, group: Some(group) });
@@ -578,7 +620,7 @@ mod tests {
 
     fn registry(dir: &std::path::Path) -> Registry {
         let (tx, _rx) = mpsc::unbounded_channel();
-        Registry::load(Uuid::nil(), Store::open(dir).unwrap(), tx).unwrap()
+        Registry::load(Uuid::nil(), "test.realm", Store::open(dir).unwrap(), tx).unwrap()
     }
 
     fn key(apikey: &str, id: &str) -> Address {

@@ -216,7 +216,31 @@ fn strip_prefix<'a>(topic: &'a str, prefix: &str) -> Option<std::borrow::Cow<'a,
     Some(format!("/{rest}").into())
 }
 
+/// The MQTT protocol's largest packet (a 4-byte remaining length).
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+
+/// The incoming packet limit of the MQTT client: a measure of the gateway's
+/// `max_body_bytes` with room for a long topic.
+fn mqtt_packet_limit(core: &Core) -> usize {
+    (core.settings.max_body_bytes + 64 * 1024).min(MQTT_MAX_PACKET)
+}
+
+/// A packet larger than the client's limit, as rumqttc reports it.
+fn oversized(e: &rumqttc::ConnectionError) -> Option<usize> {
+    match e {
+        rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+        )) => Some(*n),
+        _ => None,
+    }
+}
+
 async fn on_publish(core: &Core, topic: &str, payload: &[u8]) {
+    if payload.len() > core.settings.max_body_bytes {
+        core.counters.error("too_large");
+        warn!(%topic, size = payload.len(), limit = core.settings.max_body_bytes, "dropped a measure larger than max_body_bytes");
+        return;
+    }
     let prefix = &core.settings.mqtt_prefix;
     let addr = strip_prefix(topic, prefix).and_then(|t| parse_topic(&t, core.settings.dojot));
     let Some(addr) = addr else {
@@ -254,7 +278,7 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(false)
         .set_manual_acks(true)
-        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_max_packet_size(mqtt_packet_limit(&core), 1 << 20)
         .set_request_channel_capacity(65_536)
         .set_inflight(1000);
     if let Some((u, p)) = creds {
@@ -303,9 +327,20 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
                     if let Err(e) = client.try_ack(&p) {
                         warn!(error = %e, "cannot acknowledge a measure");
                     }
+                    // An oversized message was just taken and refused: the
+                    // next connection uses the normal limit again.
+                    events.mqtt_options.set_max_packet_size(mqtt_packet_limit(&core), 1 << 20);
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    if let Some(size) = oversized(&e) {
+                        // The broker would redeliver it at every reconnect, and
+                        // the client would drop every connection on it: take
+                        // it once with a limit that fits, refuse it (counted,
+                        // logged) and acknowledge it.
+                        warn!(size, limit = core.settings.max_body_bytes, "an MQTT message exceeds max_body_bytes; taking it once to refuse it");
+                        events.mqtt_options.set_max_packet_size((size + 64 * 1024).min(MQTT_MAX_PACKET), 1 << 20);
+                    }
                     if connected {
                         warn!(error = %e, "MQTT connection lost; reconnecting");
                         core.counters.error("mqtt_disconnect");

@@ -52,12 +52,17 @@ impl When {
         if secs <= 0.0 {
             return Ok(When::Now);
         }
-        let at = UNIX_EPOCH + Duration::from_secs_f64(secs);
+        // Checked arithmetic: `Duration::from_secs_f64` and `SystemTime + _`
+        // panic on overflow, and a `when` of 1e20 must be a rejection, not a
+        // dead decoder.
+        let too_far = || {
+            let shown = if secs < 1e12 { format!("{secs}") } else { format!("{secs:e}") };
+            Rejection::InvalidWhen(format!("{shown} is more than a year ahead; expected Unix seconds"))
+        };
+        let at = Duration::try_from_secs_f64(secs).ok().and_then(|d| UNIX_EPOCH.checked_add(d)).ok_or_else(too_far)?;
         match at.duration_since(now) {
             Err(_) => Ok(When::Now),
-            Ok(ahead) if ahead > MAX_SCHEDULE_AHEAD => {
-                Err(Rejection::InvalidWhen(format!("{secs} is more than a year ahead; expected Unix seconds")))
-            }
+            Ok(ahead) if ahead > MAX_SCHEDULE_AHEAD => Err(too_far()),
             Ok(ahead) if ahead.is_zero() => Ok(When::Now),
             Ok(_) => Ok(When::At(at)),
         }
@@ -280,7 +285,20 @@ mod tests {
 
     #[test]
     fn when_that_is_not_a_time_or_is_absurdly_far_is_rejected() {
-        for v in [json!("tomorrow"), json!(true), json!([1]), json!(1_800_000_000_000u64)] {
+        for v in [
+            json!("tomorrow"),
+            json!(true),
+            json!([1]),
+            json!(1_800_000_000_000u64),
+            // Past what `Duration`/`SystemTime` can hold: these panicked once.
+            json!(1e19),
+            json!(1e20),
+            json!(u64::MAX),
+            json!(f64::MAX),
+            json!("1e20"),
+            json!("1e300"),
+            json!("18446744073709551616"),
+        ] {
             assert!(matches!(When::parse(Some(&v), now()), Err(Rejection::InvalidWhen(_))), "{v}");
         }
     }

@@ -247,7 +247,8 @@ impl Mqtt {
     /// Connect to 127.0.0.1:`port` with a persistent session.
     pub async fn connect(port: u16) -> Mqtt {
         let mut opts = MqttOptions::new(format!("test-{}", Uuid::new_v4().simple()), "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(5)).set_clean_session(false);
+        // Large packets allowed: tests send oversized measures on purpose.
+        opts.set_keep_alive(Duration::from_secs(5)).set_clean_session(false).set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut events) = AsyncClient::new(opts, 10_000);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {

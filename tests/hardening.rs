@@ -1,0 +1,371 @@
+//! Single bad inputs that once took busbar down or slipped past its
+//! sandbox (issue "Hardening"), each against a running daemon on the real
+//! brokers. RELIABILITY.md lists them with the response each gets.
+
+mod common;
+
+use busbar::protocol::Filter;
+use common::iot::*;
+use common::*;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+fn to_realm(realm: &str) -> lapin::types::FieldTable {
+    Filter { realm: Some(realm.into()), ..Default::default() }.action_headers()
+}
+
+/// A `when` past what `SystemTime` can hold once panicked the decoder, and
+/// the decoding task (per component, shared, or discovery) died for good.
+/// Now it is an `error` status, and the same consumer keeps answering.
+async fn absurd_when_is_refused_and_the_consumers_live_on(topology: &str) {
+    let env = TestEnv::new();
+    let yaml = format!("{}topology: {topology}\n", env.config_yaml());
+    let (d, c, mut l) = env.up(&yaml).await;
+    for when in [json!(1e19), json!(1e20), json!("1e20"), json!(u64::MAX), json!(f64::MAX)] {
+        // To the realm: every component's consumer decodes it.
+        let body = json!({"action": "start", "when": when});
+        c.publish(to_realm(&env.realm), &body, None).await.unwrap();
+        let st = state_of(&mut l, env.dummy, "error").await;
+        let msg = st["status"]["error"]["msg"].as_str().unwrap();
+        assert!(msg.starts_with("Invalid when"), "{when}: {msg}");
+        c.publish(to_uuid(env.dummy), &action("reset", json!({})), None).await.unwrap();
+        state_of(&mut l, env.dummy, "idle").await;
+    }
+    // The broadcast (discovery) consumer decodes it too, and lives on.
+    c.publish(
+        Filter { uuid: Some(String::new()), ..Default::default() }.action_headers(),
+        &json!({"action": "ping", "when": 1e20}),
+        None,
+    )
+    .await
+    .unwrap();
+    let mut answered = Vec::new();
+    let want = env.dummy.to_string();
+    c.ping(&Filter { realm: Some(env.realm.clone()), ..Default::default() }, WAIT, Duration::from_millis(500), |s| {
+        answered.push(s.payload.pointer("/properties/uuid").and_then(Value::as_str).unwrap_or_default().to_owned())
+    })
+    .await
+    .unwrap();
+    assert!(answered.contains(&want), "discovery still answers: {answered:?}");
+    // Every consumer still works: a ping by uuid and by realm.
+    c.publish(to_uuid(env.manager), &action("ping", json!({})), None).await.unwrap();
+    status_of(&mut l, env.manager, |_| true).await;
+    // Over HTTP, a 400 with the reason, not a dropped connection.
+    let api = d.api_addr.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("http://{api}/api/v1/component/{}", env.dummy))
+        .body(r#"{"action": "start", "when": 1e20}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let b: Value = r.json().await.unwrap();
+    assert!(b["error"]["msg"].as_str().unwrap().starts_with("Invalid when"), "{b}");
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn absurd_when_per_component_topology() {
+    absurd_when_is_refused_and_the_consumers_live_on("per-component").await;
+}
+
+#[tokio::test]
+async fn absurd_when_shared_topology() {
+    absurd_when_is_refused_and_the_consumers_live_on("shared").await;
+}
+
+/// A device id that makes the federation routing key longer than 255 bytes
+/// once panicked the publisher and killed the gateway's I/O thread. Now
+/// such ids are refused (provisioning: 400; autoprovisioning: the measure
+/// is refused and nothing is stored) and the gateway keeps working.
+#[tokio::test]
+async fn ids_that_cannot_be_routed_are_refused_and_the_gateway_lives_on() {
+    let g = Gw::new();
+    let (d, gw, c, _l, mut data) = g.up().await;
+    gw.provision(LAB, json!({"resource": "/iot/json", "apikey": "k1", "entity_type": "Sensor"}), Value::Null).await;
+    // Provisioning: too long for an id at all, and too long for the routing key.
+    let long = "d".repeat(200);
+    let (s, b) = gw.north("POST", "/iot/devices", Some(LAB), Some(json!({"devices": [{"device_id": long}]}))).await;
+    assert_eq!(s, 400, "{b}");
+    let fits_alone = "e".repeat(128);
+    let t = (LAB.0, LAB.1);
+    let (s, b) = gw
+        .north(
+            "POST",
+            "/iot/devices",
+            Some(t),
+            Some(json!({"devices": [{"device_id": fits_alone, "entity_type": "T".repeat(128)}]})),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["name"], "ID_TOO_LONG", "{b}");
+    // Autoprovisioning over HTTP and MQTT: refused, nothing stored.
+    let (s, b) = gw.measure("k1", &"x".repeat(300), json!({"t": 1})).await;
+    assert_eq!(s, 400, "{b}");
+    let mqtt = Mqtt::connect(1883).await;
+    mqtt.publish(&g.topic(&format!("json/k1/{}/attrs", "y".repeat(250))), r#"{"t": 1}"#, 1).await;
+    // The gateway still takes measures, from both transports.
+    let (s, b) = gw.measure("k1", "ok1", json!({"t": 2})).await;
+    assert_eq!(s, 200, "{b}");
+    assert!(data.next().await.key.ends_with(".ok1"));
+    mqtt.publish(&g.topic("json/k1/ok2/attrs"), r#"{"t": 3}"#, 1).await;
+    assert!(data.next().await.key.ends_with(".ok2"));
+    let (s, list) = gw.north("GET", "/iot/devices", Some(LAB), None).await;
+    assert_eq!(s, 200);
+    let ids: Vec<&str> = list["devices"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["ok1", "ok2"], "the refused ids were not stored");
+    drop(mqtt);
+    data.close().await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+/// Control characters and `|` in tenancy or ids once let two tenants'
+/// devices share an IC uuid, and one tenant's group overwrite another's.
+#[tokio::test]
+async fn tenancy_and_ids_with_separators_or_control_characters_are_refused() {
+    let g = Gw::new();
+    let (d, gw, c, _l, data) = g.up().await;
+    for (service, path) in [("lab|x", "/"), ("lab", "/a|b"), ("lab", "/a/../b"), ("lab", "/a b"), ("LAB-1", "/")] {
+        let (s, b) = gw.north("GET", "/iot/devices", Some((service, path)), None).await;
+        assert_eq!(s, 400, "{service} {path}: {b}");
+    }
+    for device in [json!({"device_id": "a|b\u{1}"}), json!({"device_id": "a b"}), json!({"device_id": "a\u{1f}b"})] {
+        let (s, b) = gw.north("POST", "/iot/devices", Some(LAB), Some(json!({"devices": [device]}))).await;
+        assert_eq!(s, 400, "{b}");
+    }
+    for group in [
+        json!({"resource": "/iot/json", "apikey": "k\u{1f}1"}),
+        json!({"resource": "/iot/json\u{1f}", "apikey": "k1"}),
+        json!({"resource": "iot/json", "apikey": "k1"}),
+        json!({"resource": "/iot/json", "apikey": "k/1"}),
+    ] {
+        let (s, b) = gw.north("POST", "/iot/groups", Some(LAB), Some(json!({"groups": [group]}))).await;
+        assert_eq!(s, 400, "{b}");
+    }
+    data.close().await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+/// One MQTT message over the size limit at QoS 1 once made the client drop
+/// every connection (the broker redelivers it at each one) and no measure
+/// arrived again. Now it is taken once, refused, counted and acknowledged.
+#[tokio::test]
+async fn an_oversized_mqtt_message_is_refused_once_and_measures_keep_flowing() {
+    let g = Gw::with("max_body_bytes: 4096");
+    let (d, gw, c, _l, mut data) = g.up().await;
+    gw.provision(LAB, json!({"resource": "/iot/json", "apikey": "k1", "entity_type": "Sensor"}), Value::Null).await;
+    let mqtt = Mqtt::connect(1883).await;
+    let big = format!(r#"{{"t": "{}"}}"#, "x".repeat(200 * 1024));
+    mqtt.publish(&g.topic("json/k1/big/attrs"), big, 1).await;
+    mqtt.publish(&g.topic("json/k1/small/attrs"), r#"{"t": 1}"#, 1).await;
+    let m = data.next().await;
+    assert!(m.key.ends_with(".small"), "{m:?}");
+    let uuid = g.uuid;
+    let end = Instant::now() + WAIT;
+    loop {
+        let st = d.shared.lookup(uuid).unwrap().status().await.unwrap();
+        if st["status"]["counters"]["errors"]["too_large"] == 1 && st["status"]["mqtt_connected"] == true {
+            break;
+        }
+        assert!(Instant::now() < end, "oversized message not counted once: {st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the connection stays up: later measures arrive too.
+    mqtt.publish(&g.topic("json/k1/small/attrs"), r#"{"t": 2}"#, 1).await;
+    assert!(data.next().await.key.ends_with(".small"));
+    drop(mqtt);
+    data.close().await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+struct Sandbox {
+    env: TestEnv,
+    generic: Uuid,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        Sandbox { env: TestEnv::new(), generic: Uuid::new_v4() }
+    }
+
+    fn yaml(&self, sandbox: &str) -> String {
+        // Single-quoted YAML: the fixture path is taken literally.
+        let bin = regex::escape(&fixtures_bin()).replace('\'', "''");
+        let mut y = self.env.config_yaml_with(&format!(
+            "  - {{category: simulator, type: generic, name: Gen, uuid: {g}, whitelist: ['{bin}/'], allowed_environment: [FOO, 'SIM_*', LD_PRELOAD]}}\n",
+            g = self.generic,
+        ));
+        y.push_str(sandbox);
+        y
+    }
+}
+
+/// Paths, environment and executables from a start stay inside what the
+/// component's config allows.
+#[tokio::test]
+async fn the_process_sandbox_holds() {
+    let sb = Sandbox::new();
+    let (d, c, mut l) = sb.env.up(&sb.yaml("")).await;
+    let g = sb.generic;
+    let exe = format!("{}/env-check.sh", fixtures_bin());
+    let outside = sb.env.dir.path().join("outside.txt");
+    let cases = [
+        (
+            json!({"executable": exe, "stdout_logfile": outside.display().to_string()}),
+            "stdout_logfile must be a relative path",
+        ),
+        (
+            json!({"executable": exe, "stdout_logfile": "../../../../outside.txt"}),
+            "stdout_logfile must be a relative path",
+        ),
+        (json!({"executable": exe, "working_directory": "/"}), "working_directory must be a relative path"),
+        (json!({"executable": exe, "working_directory": "results/../.."}), "working_directory must be a relative path"),
+        (
+            json!({"executable": exe, "environment": {"LD_PRELOAD": "/tmp/x.so"}}),
+            "Environment variable is never allowed",
+        ),
+        (json!({"executable": exe, "environment": ["LD_LIBRARY_PATH=/tmp"]}), "Environment variable is never allowed"),
+        (json!({"executable": exe, "environment": {"PATH": "/tmp"}}), "Environment variable is not allowed"),
+        (
+            json!({"executable": format!("{}/../../../../../bin/sh", fixtures_bin()), "argv": ["-c", "true"]}),
+            "Executable must be a name or a path without",
+        ),
+    ];
+    for (params, msg) in cases {
+        c.publish(to_uuid(g), &action("start", params.clone()), None).await.unwrap();
+        let st = state_of(&mut l, g, "error").await;
+        let got = st["status"]["error"]["msg"].as_str().unwrap().to_owned();
+        assert!(got.starts_with(msg), "{params}: want {msg:?}, got {got:?}");
+        c.publish(to_uuid(g), &action("reset", json!({})), None).await.unwrap();
+        state_of(&mut l, g, "idle").await;
+    }
+    assert!(!outside.exists(), "nothing was written outside the run directory");
+    // What the component allows still works.
+    c.publish(
+        to_uuid(g),
+        &action("start", json!({"executable": exe, "environment": {"FOO": "1", "SIM_X": "2"}})),
+        None,
+    )
+    .await
+    .unwrap();
+    state_of(&mut l, g, "idle").await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+/// A create from the bus cannot give a new simulator a whitelist or a
+/// shell unless the daemon's config says it may.
+#[tokio::test]
+async fn a_create_cannot_widen_the_sandbox_unless_the_config_allows_it() {
+    let sb = Sandbox::new();
+    let (d, c, mut l) = sb.env.up(&sb.yaml("")).await;
+    let m = sb.env.manager;
+    let evil = Uuid::new_v4();
+    let params = json!({"category": "simulator", "type": "generic", "uuid": evil.to_string(), "whitelist": [".*"], "shell": true});
+    c.publish(to_uuid(m), &action("create", params), None).await.unwrap();
+    let st = status_of(&mut l, m, |s| s["status"]["error"]["msg"].is_string()).await;
+    let msg = st["status"]["error"]["msg"].as_str().unwrap();
+    assert!(msg.starts_with("A create may not set whitelist"), "{msg}");
+    assert!(d.shared.lookup(evil).is_none(), "nothing was created");
+    // Nested under `properties` (the Kubernetes managers' shape) as well.
+    c.publish(to_uuid(m), &action("reset", json!({})), None).await.unwrap();
+    d.stop().await.expect("clean shutdown");
+
+    // A config that allows it.
+    let (d, c2, mut l) = sb.env.up(&sb.yaml("sandbox: {create_may_set: [whitelist]}\n")).await;
+    let ok = Uuid::new_v4();
+    let params =
+        json!({"category": "simulator", "type": "generic", "uuid": ok.to_string(), "whitelist": ["^/bin/true$"]});
+    c2.publish(to_uuid(m), &action("create", params), None).await.unwrap();
+    state_of(&mut l, ok, "idle").await;
+    c.close().await;
+    c2.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+/// `sandbox.create_may_set` names only privileged properties.
+#[test]
+fn the_sandbox_config_names_known_properties() {
+    let env = TestEnv::new();
+    let yaml = format!("{}sandbox: {{create_may_set: [whitlist]}}\n", env.config_yaml());
+    let e = busbar::config::Config::parse(&yaml, std::path::Path::new("lab.yaml")).unwrap_err().to_string();
+    assert!(e.starts_with("lab.yaml: sandbox.create_may_set[0]:"), "{e}");
+}
+
+/// The example config must be safe to copy: no interpreter or shell in a
+/// whitelist, no privileged create.
+#[test]
+fn the_example_config_whitelists_no_interpreter() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/lab.yaml");
+    let cfg = busbar::config::Config::load(&path).expect("example config loads");
+    assert!(cfg.sandbox.create_may_set.is_empty());
+    let interpreters = ["sh", "bash", "dash", "zsh", "python", "python3", "perl", "ruby", "node", "env", "busybox"];
+    for comp in &cfg.components {
+        for pat in comp.get("whitelist").and_then(Value::as_array).into_iter().flatten() {
+            let re = regex::Regex::new(&format!("^(?:{})", pat.as_str().unwrap())).unwrap();
+            for dir in ["/bin/", "/usr/bin/", "/usr/local/bin/", ""] {
+                for i in interpreters {
+                    assert!(!re.is_match(&format!("{dir}{i}")), "{pat} allows {dir}{i}");
+                }
+            }
+        }
+        assert_ne!(comp.get("shell"), Some(&json!(true)));
+    }
+}
+
+/// Tokens and URL passwords of a start's model and results are not echoed
+/// in the status, on the bus or over HTTP, nor in a transfer error.
+#[tokio::test]
+async fn tokens_and_url_passwords_are_never_echoed() {
+    let sb = Sandbox::new();
+    let (d, c, mut l) = sb.env.up(&sb.yaml("")).await;
+    let body = json!({"action": "start", "parameters": {"runtime": 0},
+        "model": {"type": "url", "url": "http://user:hunter2@127.0.0.1:9/m.zip", "token": "s3cr3t-token"},
+        "results": {"type": "url", "url": "http://127.0.0.1:9/r", "token": "s3cr3t-token"}});
+    c.publish(to_uuid(sb.env.dummy), &body, None).await.unwrap();
+    let st = state_of(&mut l, sb.env.dummy, "running").await;
+    let text = st.to_string();
+    assert!(!text.contains("s3cr3t") && !text.contains("hunter2"), "{text}");
+    assert_eq!(st["model"]["token"], "***");
+    let api = d.api_addr.unwrap();
+    let http =
+        reqwest::get(format!("http://{api}/api/v1/component/{}", sb.env.dummy)).await.unwrap().text().await.unwrap();
+    assert!(!http.contains("s3cr3t") && !http.contains("hunter2"), "{http}");
+    // A failed download names the URL without its password.
+    let g = sb.generic;
+    let mut start = body.clone();
+    start["parameters"] = json!({"executable": format!("{}/env-check.sh", fixtures_bin())});
+    c.publish(to_uuid(g), &start, None).await.unwrap();
+    let st = state_of(&mut l, g, "error").await;
+    let text = st.to_string();
+    assert!(st["status"]["error"]["msg"].as_str().unwrap().starts_with("Model download failed"), "{text}");
+    assert!(!text.contains("s3cr3t") && !text.contains("hunter2"), "{text}");
+    assert_eq!(st["status"]["error"]["url"], "http://user:***@127.0.0.1:9/m.zip");
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+/// `create` and `delete` sent to a simulator were accepted and ignored.
+#[tokio::test]
+async fn create_and_delete_to_a_simulator_are_refused() {
+    let env = TestEnv::new();
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
+    for name in ["create", "delete"] {
+        let params = json!({"category": "simulator", "type": "dummy", "uuid": Uuid::new_v4().to_string()});
+        c.publish(to_uuid(env.dummy), &action(name, params), None).await.unwrap();
+        let st = state_of(&mut l, env.dummy, "error").await;
+        assert_eq!(st["status"]["error"]["msg"], "Unsupported action", "{st}");
+        assert_eq!(st["status"]["error"]["action"], name);
+        assert_eq!(st["status"]["error"]["type"], "simulator/dummy");
+        c.publish(to_uuid(env.dummy), &action("reset", json!({})), None).await.unwrap();
+        state_of(&mut l, env.dummy, "idle").await;
+    }
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
