@@ -369,3 +369,67 @@ async fn create_and_delete_to_a_simulator_are_refused() {
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
+
+/// Idle connections once stayed open forever, so 1,030 of them used up the
+/// descriptors of both HTTP APIs and of child-process starts. Now each
+/// listener serves a bounded number and closes those that send nothing.
+#[tokio::test]
+async fn idle_http_connections_are_closed_and_capped() {
+    use tokio::io::AsyncReadExt;
+    let env = TestEnv::new();
+    let mut cfg = env.config(&env.config_yaml());
+    cfg.api.header_timeout = 0.5;
+    cfg.api.max_connections = 4;
+    let d = env.start_with(cfg).await;
+    let api = d.api_addr.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.push(tokio::net::TcpStream::connect(api).await.unwrap());
+    }
+    // The served ones are closed for sending nothing; the others then get
+    // their turn and are closed too; a real request is answered meanwhile.
+    let started = Instant::now();
+    let r = reqwest::get(format!("http://{api}/api/v1/health")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+    for mut s in idle {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("idle connection closed").unwrap_or(0);
+        assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"), "closed");
+    }
+    d.stop().await.expect("clean shutdown");
+}
+
+/// 405, 414 and 431 answers had empty bodies; every refusal is JSON.
+#[tokio::test]
+async fn oversized_and_misdirected_requests_get_json_errors() {
+    let g = Gw::new();
+    let (d, gw, c, _l, data) = g.up().await;
+    let api = format!("http://{}", d.api_addr.unwrap());
+    let http = reqwest::Client::new();
+    let long = format!("/x?{}", "a".repeat(busbar::serve::MAX_URI_BYTES + 10));
+    for base in [api.as_str(), gw.north.as_str(), gw.south.trim_end_matches("/iot/json")] {
+        let cases = [
+            (http.delete(format!("{base}/api/v1/health")), None),
+            (http.get(format!("{base}{long}")), Some(414)),
+            (http.get(format!("{base}/api/v1")).header("x-big", "b".repeat(busbar::serve::MAX_HEADER_BYTES + 10)), Some(431)),
+        ];
+        for (rb, want) in cases {
+            let r = rb.send().await.unwrap();
+            let status = r.status().as_u16();
+            if let Some(w) = want {
+                assert_eq!(status, w, "{base}");
+            } else {
+                assert!(status == 405 || status == 404, "{base}: {status}");
+            }
+            let body: Value = r.json().await.unwrap_or_else(|e| panic!("{base} {status}: not JSON: {e}"));
+            assert!(body.is_object(), "{base} {status}: {body}");
+        }
+    }
+    let r = http.delete(format!("{api}/api/v1/health")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], 405);
+    data.close().await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
