@@ -62,13 +62,60 @@ async fn index(State(s): State<Arc<Shared>>) -> Json<Value> {
     Json(json!({"components": components, "status": s.info.summary()}))
 }
 
-async fn health(State(s): State<Arc<Shared>>) -> Response {
-    if s.bus.connected() {
-        Json(json!({"status": "ok"})).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "error", "msg": "broker disconnected"})))
-            .into_response()
+/// `?verbose` on `/api/v1/health`.
+#[derive(serde::Deserialize)]
+struct HealthQuery {
+    verbose: Option<String>,
+}
+
+/// What is wrong with the daemon, one entry per problem: the broker
+/// connection, every component task, and every gateway's I/O (its thread,
+/// MQTT and federation connections). A component that does not answer
+/// within a second counts as a problem too.
+async fn problems(s: &Shared) -> Vec<Value> {
+    let mut out = Vec::new();
+    if !s.bus.connected() {
+        out.push(json!({"what": "broker", "msg": "broker disconnected"}));
     }
+    for h in s.handles() {
+        let uuid = h.uuid().to_string();
+        if !h.is_alive() {
+            out.push(json!({"what": "component", "uuid": uuid, "msg": "the component's task has stopped"}));
+            continue;
+        }
+        if h.keys.category != "gateway" {
+            continue;
+        }
+        let Ok(Some(st)) = tokio::time::timeout(std::time::Duration::from_secs(1), h.status()).await else {
+            out.push(json!({"what": "component", "uuid": uuid, "msg": "the component does not answer"}));
+            continue;
+        };
+        let st = &st["status"];
+        for (key, msg) in [
+            ("io_running", "the gateway's I/O thread has stopped; reset restarts it"),
+            ("mqtt_connected", "the gateway is not connected to its MQTT broker"),
+            ("federation_connected", "the gateway is not connected to the federation broker"),
+        ] {
+            if st[key] == false {
+                out.push(json!({"what": "gateway", "uuid": uuid, "msg": msg}));
+            }
+        }
+    }
+    out
+}
+
+async fn health(State(s): State<Arc<Shared>>, query: axum::extract::Query<HealthQuery>) -> Response {
+    let problems = problems(&s).await;
+    let code = if problems.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let mut body = match problems.first() {
+        None => json!({"status": "ok"}),
+        Some(p) => json!({"status": "error", "msg": p["msg"]}),
+    };
+    if query.verbose.is_some() {
+        body["components"] = s.handles().len().into();
+        body["problems"] = Value::Array(problems);
+    }
+    (code, Json(body)).into_response()
 }
 
 fn find(s: &Shared, uuid: &str) -> Result<crate::component::ComponentHandle, ApiError> {

@@ -503,28 +503,38 @@ async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Ta
         };
         let Ok(d) = delivery else { break };
         let Some(s) = shared.upgrade() else { break };
-        let Some(msg) = decode_delivery(&s, &d) else { continue };
-        match &target {
-            Target::Matching => {
-                let empty = FieldTable::default();
-                let headers = d.properties.headers().as_ref().unwrap_or(&empty);
-                for h in s.handles().into_iter().filter(|h| h.keys.matches(headers)) {
-                    h.deliver(msg.clone()).await;
+        // One bad message must not end the loop that feeds every component
+        // of the queue (or the discovery answers): a panic costs only it.
+        if let Err(panic) = crate::supervise::catch(dispatch(&s, &d, &target)).await {
+            s.metrics.error("panic");
+            tracing::error!(%panic, "dispatching a message panicked; the message is dropped");
+        }
+    }
+}
+
+/// Decode one delivery and hand it to its component(s).
+async fn dispatch(s: &Shared, d: &lapin::message::Delivery, target: &Target) {
+    let Some(msg) = decode_delivery(s, d) else { return };
+    match target {
+        Target::Matching => {
+            let empty = FieldTable::default();
+            let headers = d.properties.headers().as_ref().unwrap_or(&empty);
+            for h in s.handles().into_iter().filter(|h| h.keys.matches(headers)) {
+                h.deliver(msg.clone()).await;
+            }
+        }
+        Target::Discovery => match msg {
+            Ok(req) if req.action == Action::Ping.as_str() => {
+                debug!("broadcast ping");
+                for h in s.handles() {
+                    h.announce().await;
                 }
             }
-            Target::Discovery => match msg {
-                Ok(req) if req.action == Action::Ping.as_str() => {
-                    debug!("broadcast ping");
-                    for h in s.handles() {
-                        h.announce().await;
-                    }
-                }
-                Ok(req) => {
-                    s.metrics.error("broadcast_action");
-                    warn!(action = %req.action, "ignoring a non-ping action addressed to no component (uuid \"\")");
-                }
-                Err(_) => {}
-            },
-        }
+            Ok(req) => {
+                s.metrics.error("broadcast_action");
+                warn!(action = %req.action, "ignoring a non-ping action addressed to no component (uuid \"\")");
+            }
+            Err(_) => {}
+        },
     }
 }

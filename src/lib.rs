@@ -21,6 +21,7 @@
 //!   environment, privileged create properties, secrets in statuses).
 //! - [`serve`]: the limits every HTTP listener shares (connection cap,
 //!   header timeout, JSON errors for oversized requests).
+//! - [`supervise`]: a panic costs one message, never a loop.
 //! - [`config`], [`store`], [`metrics`], [`telemetry`], [`http`]: the usual.
 //!
 //! `ARCHITECTURE.md` follows one ping from the socket to the reply, and one
@@ -42,6 +43,7 @@ pub mod sandbox;
 pub mod serve;
 pub mod state;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -11,5 +11,8 @@ pub fn init(default_level: &str, json: bool) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},lapin::channels=off")));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let installed = if json { builder.json().try_init() } else { builder.try_init() };
+    if installed.is_ok() {
+        crate::supervise::install_panic_hook();
+    }
 }

@@ -412,7 +412,10 @@ async fn oversized_and_misdirected_requests_get_json_errors() {
         let cases = [
             (http.delete(format!("{base}/api/v1/health")), None),
             (http.get(format!("{base}{long}")), Some(414)),
-            (http.get(format!("{base}/api/v1")).header("x-big", "b".repeat(busbar::serve::MAX_HEADER_BYTES + 10)), Some(431)),
+            (
+                http.get(format!("{base}/api/v1")).header("x-big", "b".repeat(busbar::serve::MAX_HEADER_BYTES + 10)),
+                Some(431),
+            ),
         ];
         for (rb, want) in cases {
             let r = rb.send().await.unwrap();
@@ -429,6 +432,48 @@ async fn oversized_and_misdirected_requests_get_json_errors() {
     let r = http.delete(format!("{api}/api/v1/health")).send().await.unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], 405);
+    data.close().await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+/// `/api/v1/health` reported only the broker. It now reports every
+/// component task and every gateway's I/O, and `?verbose` lists problems.
+#[tokio::test]
+async fn health_reports_gateways_and_lists_problems() {
+    let g = Gw::new();
+    // Created gateways listen on free ports, so the config lets a create set them.
+    let mut cfg = g.env.config(&g.yaml());
+    cfg.sandbox.create_may_set = vec!["north_bind".into(), "south_bind".into()];
+    let data = Data::bind(&g.data).await;
+    let d = g.env.start_with(cfg).await;
+    Gateway::of(&d, g.uuid).await;
+    let c = g.env.client().await;
+    let api = format!("http://{}", d.api_addr.unwrap());
+    let r = reqwest::get(format!("{api}/api/v1/health?verbose")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["status"], "ok", "{b}");
+    assert_eq!(b["problems"], json!([]));
+    // A gateway whose MQTT broker is unreachable is a problem.
+    let g2 = Uuid::new_v4();
+    let params = json!({"category": "gateway", "type": "iot-agent", "uuid": g2.to_string(),
+        "mqtt_url": "mqtt://127.0.0.1:1", "federation_exchange": g.data, "north_bind": "127.0.0.1:0", "south_bind": "127.0.0.1:0"});
+    c.publish(to_uuid(g.env.manager), &action("create", params), None).await.unwrap();
+    let end = Instant::now() + WAIT;
+    loop {
+        let r = reqwest::get(format!("{api}/api/v1/health?verbose")).await.unwrap();
+        let status = r.status().as_u16();
+        let b: Value = r.json().await.unwrap();
+        let named = b["problems"].as_array().is_some_and(|p| {
+            p.iter().any(|p| p["uuid"] == g2.to_string() && p["msg"].as_str().unwrap_or_default().contains("MQTT"))
+        });
+        if status == 503 && named && b["status"] == "error" {
+            break;
+        }
+        assert!(Instant::now() < end, "health never named the gateway: {status} {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     data.close().await;
     c.close().await;
     d.stop().await.expect("clean shutdown");

@@ -34,6 +34,11 @@ impl Component {
     /// Run a gateway action. An agent that could not start (a port in use,
     /// say) is tried again by `reset` and `start`.
     pub(super) async fn gateway(&mut self, action: Action) -> Result<(), ErrorInfo> {
+        // An agent whose I/O thread ended (a bug, logged) is replaced.
+        if matches!(action, Action::Start | Action::Reset) && self.agent.as_ref().is_some_and(|a| a.io_dead()) {
+            tracing::warn!(gateway = %self.keys.uuid, "the IoT agent's I/O thread had ended; starting a new agent");
+            self.agent = None;
+        }
         if self.agent.is_none() && matches!(action, Action::Start | Action::Reset) {
             let props = self.driver_properties().into_owned();
             let agent = Agent::start(&self.shared, self.keys.uuid, self.keys.realm.clone(), &props).await?;

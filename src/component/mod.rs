@@ -75,6 +75,11 @@ impl ComponentHandle {
         self.keys.uuid
     }
 
+    /// Whether the component's task still runs (for `/api/v1/health`).
+    pub fn is_alive(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
     /// Hand a routed message to the component (waits if its mailbox is full).
     pub async fn deliver(&self, msg: Result<ActionRequest, Rejection>) {
         let _ = self.tx.send(Command::Message(Box::new(msg))).await;
@@ -250,6 +255,16 @@ impl Component {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        // Each handler runs under `supervise::catch`: a panic costs the
+        // message that caused it and puts the component in `error`, never
+        // the task (which would leave the component deaf for good).
+        macro_rules! guarded {
+            ($fut:expr) => {
+                if let Err(panic) = crate::supervise::catch($fut).await {
+                    self.panicked(panic).await;
+                }
+            };
+        }
         let token = self.shared.shutdown.clone();
         let period = self.shared.config.status_interval();
         let mut tick = tokio::time::interval_at(Instant::now() + period, period);
@@ -264,7 +279,7 @@ impl Component {
             // A transient state that is already due settles now, not on the
             // next timer tick (a dummy with `runtime: 0` runs at once).
             if self.settle_at.is_some_and(|at| at <= Instant::now()) {
-                self.settle().await;
+                guarded!(self.settle());
             }
             let next_scheduled = self.scheduled.front().map(|(at, _)| *at);
             let kill_at = self.run.as_ref().and_then(|r| r.kill_at);
@@ -284,28 +299,44 @@ impl Component {
                     // Commands, messages and scheduled actions run boxed:
                     // their futures are large and rare next to the idle
                     // select, which every one of thousands of tasks holds.
-                    Some(cmd) => Box::pin(self.command(cmd)).await,
+                    Some(cmd) => guarded!(Box::pin(self.command(cmd))),
                 },
                 Some(d) = crate::bus::next_delivery(&mut self.consumer) => {
-                    if let Some(msg) = crate::bus::decode_delivery(&self.shared, &d) {
-                        Box::pin(self.message(msg)).await;
+                    match crate::supervise::catch(async { crate::bus::decode_delivery(&self.shared, &d) }).await {
+                        Ok(Some(msg)) => guarded!(Box::pin(self.message(msg))),
+                        Ok(None) => {}
+                        Err(panic) => self.panicked(panic).await,
                     }
                 }
                 _ = sleep_until_opt(next_scheduled) => {
                     if let Some((_, req)) = self.scheduled.pop_front() {
                         self.sync_schedule();
-                        Box::pin(self.execute(req)).await;
+                        guarded!(Box::pin(self.execute(req)));
                     }
                 }
-                _ = sleep_until_opt(self.settle_at) => self.settle().await,
-                Some(ev) = process::Run::next(&mut self.run) => Box::pin(self.on_run_event(ev)).await,
-                Some(ev) = crate::k8s::job::JobRun::next(&mut self.job) => Box::pin(self.on_job_event(ev)).await,
+                _ = sleep_until_opt(self.settle_at) => guarded!(self.settle()),
+                Some(ev) = process::Run::next(&mut self.run) => guarded!(Box::pin(self.on_run_event(ev))),
+                Some(ev) = crate::k8s::job::JobRun::next(&mut self.job) => guarded!(Box::pin(self.on_job_event(ev))),
                 _ = sleep_until_opt(kill_at) => self.kill_now(),
                 _ = tick.tick() => self.publish(None).await,
                 _ = token.cancelled() => break,
             }
         }
         self.shared.metrics.state_change(Some(self.lifecycle.state().as_str()), None);
+    }
+
+    /// A handler panicked: log and count it, and enter `error` so that the
+    /// component says so on the bus (and `reset` brings it back).
+    async fn panicked(&mut self, panic: String) {
+        tracing::error!(component = %self.keys.uuid, %panic, "a component handler panicked; the component enters error");
+        self.shared.metrics.error("panic");
+        self.settle_at = None;
+        let info = ErrorInfo::new("Internal error while handling a message; reset to recover").with("detail", panic);
+        self.set_state(State::Error);
+        self.error = Some(info);
+        if let Err(again) = crate::supervise::catch(self.publish(None)).await {
+            tracing::error!(component = %self.keys.uuid, panic = %again, "cannot publish the error status");
+        }
     }
 
     /// The settle timer fired: complete the transient state and publish.

@@ -125,7 +125,13 @@ pub async fn run(target: Target, mut rx: mpsc::Receiver<Envelope>, counters: Arc
                 info!(exchange = %target.exchange, "federation publisher connected");
                 counters.federation_up.store(true, std::sync::atomic::Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
-                let outcome = pump(&target, &ch, &mut lost, &mut buf, &mut rx, &counters, &token).await;
+                let pumped = pump(&target, &ch, &mut lost, &mut buf, &mut rx, &counters, &token);
+                // A bug on one batch must not end the publisher: it
+                // reconnects as after a lost connection.
+                let outcome = crate::supervise::catch(pumped).await.unwrap_or_else(|panic| {
+                    counters.error("panic");
+                    Err(lapin::Error::from(std::io::Error::other(format!("the publisher panicked: {panic}"))))
+                });
                 counters.federation_up.store(false, std::sync::atomic::Ordering::Relaxed);
                 let _ = conn.close(200, "bye".into()).await;
                 match outcome {

@@ -157,6 +157,8 @@ pub struct Counters {
     pub federation_up: AtomicBool,
     /// Whether the MQTT client is connected.
     pub mqtt_up: AtomicBool,
+    /// Whether the gateway's I/O thread (MQTT, AMQP south, federation) runs.
+    pub io_running: AtomicBool,
     errors: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -397,7 +399,7 @@ impl Agent {
         // CPU per measure instead of 38–45).
         type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
         let mut hot: Vec<Task> =
-            vec![Box::pin(federation::run(fed, outbox_rx, counters, token.clone()).instrument(span.clone()))];
+            vec![Box::pin(federation::run(fed, outbox_rx, counters.clone(), token.clone()).instrument(span.clone()))];
         if let Some(url) = &settings.mqtt_url {
             hot.push(Box::pin(south::mqtt(core.clone(), url.clone(), token.clone()).instrument(span.clone())));
         }
@@ -412,10 +414,24 @@ impl Agent {
             .enable_all()
             .build()
             .map_err(|e| ErrorInfo::new(format!("Cannot start the gateway's runtime: {e}")))?;
+        counters.io_running.store(true, Ordering::Relaxed);
+        let io_counters = counters.clone();
+        let io_token = token.clone();
         std::thread::Builder::new()
             .name("gateway-io".into())
             .spawn(move || {
-                runtime.block_on(hot);
+                // Each loop catches its own panics per message; this is the
+                // last line: a thread that ends while the gateway should run
+                // is reported (status io_running, /api/v1/health), and
+                // `reset` starts a new one.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(hot)));
+                io_counters.io_running.store(false, Ordering::Relaxed);
+                if let Err(panic) = outcome {
+                    io_counters.error("panic");
+                    tracing::error!(panic = %crate::supervise::panic_message(panic), "the gateway's I/O thread panicked");
+                } else if !io_token.is_cancelled() {
+                    tracing::error!("the gateway's I/O thread ended while the gateway runs");
+                }
             })
             .map_err(|e| ErrorInfo::new(format!("Cannot start the gateway's thread: {e}")))?;
         let (announce, announce_rx) = mpsc::unbounded_channel();
@@ -457,9 +473,17 @@ impl Agent {
         m.insert("counters".into(), c.snapshot(self.core.registry.device_count()));
         m.insert("north_url".into(), format!("http://{}", self.north_addr).into());
         m.insert("south_url".into(), format!("http://{}{}", self.south_addr, self.core.settings.resource).into());
-        m.insert("mqtt_connected".into(), c.mqtt_up.load(Ordering::Relaxed).into());
+        // null when MQTT is off for this gateway (`mqtt_url: ""`).
+        let mqtt = self.core.settings.mqtt_url.as_ref().map(|_| c.mqtt_up.load(Ordering::Relaxed));
+        m.insert("mqtt_connected".into(), mqtt.map_or(Value::Null, Value::Bool));
         m.insert("federation_connected".into(), c.federation_up.load(Ordering::Relaxed).into());
+        m.insert("io_running".into(), c.io_running.load(Ordering::Relaxed).into());
         m
+    }
+
+    /// Whether the I/O thread has ended (a bug); `reset` starts a new agent.
+    pub fn io_dead(&self) -> bool {
+        !self.core.counters.io_running.load(Ordering::Relaxed) && !self.token.is_cancelled()
     }
 }
 

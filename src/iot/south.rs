@@ -323,7 +323,12 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    on_publish(&core, &p.topic, &p.payload).await;
+                    // A panic costs this measure (acknowledged below, so it
+                    // is not redelivered forever), never the MQTT loop.
+                    if let Err(panic) = crate::supervise::catch(on_publish(&core, &p.topic, &p.payload)).await {
+                        core.counters.error("panic");
+                        tracing::error!(topic = %p.topic, %panic, "handling an MQTT measure panicked; it is dropped");
+                    }
                     if let Err(e) = client.try_ack(&p) {
                         warn!(error = %e, "cannot acknowledge a measure");
                     }
@@ -423,28 +428,9 @@ async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &Cancellati
             d = consumer.next() => match d {
                 Some(Ok(d)) => {
                     let key = d.routing_key.as_str();
-                    match parse_routing_key(key) {
-                        Some(addr) => {
-                            let payload = match &addr {
-                                Address::Apikey { attr: Some(a), .. } => Ok(Payload::Single(a.clone(), single_value(&d.data, false))),
-                                _ => serde_json::from_slice(&d.data).map(Payload::Json),
-                            };
-                            match payload {
-                                Ok(p) => {
-                                    if let Err(e) = core.ingest(Transport::Amqp, &addr, p, None).await {
-                                        warn!(routing_key = %key, error = %e, "dropped a measure");
-                                    }
-                                }
-                                Err(e) => {
-                                    core.counters.error("bad_payload");
-                                    warn!(routing_key = %key, error = %e, "dropped a measure that is not JSON");
-                                }
-                            }
-                        }
-                        None => {
-                            core.counters.error("bad_routing_key");
-                            warn!(routing_key = %key, "not a measure routing key");
-                        }
+                    if let Err(panic) = crate::supervise::catch(amqp_measure(core, key, &d.data)).await {
+                        core.counters.error("panic");
+                        tracing::error!(routing_key = %key, %panic, "handling an AMQP measure panicked; it is dropped");
                     }
                     d.ack(BasicAckOptions::default()).await?;
                 }
@@ -463,6 +449,34 @@ async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &Cancellati
     tokio::select! {
         _ = async { drop(running.wait_for(|on| *on).await) } => Err(lapin::Error::from(std::io::Error::other("gateway restarted"))),
         _ = token.cancelled() => Ok(()),
+    }
+}
+
+/// One AMQP southbound measure.
+async fn amqp_measure(core: &Core, key: &str, data: &[u8]) {
+    if data.len() > core.settings.max_body_bytes {
+        core.counters.error("too_large");
+        warn!(routing_key = %key, size = data.len(), "dropped a measure larger than max_body_bytes");
+        return;
+    }
+    let Some(addr) = parse_routing_key(key) else {
+        core.counters.error("bad_routing_key");
+        warn!(routing_key = %key, "not a measure routing key");
+        return;
+    };
+    let payload = match &addr {
+        Address::Apikey { attr: Some(a), .. } => Payload::Single(a.clone(), single_value(data, false)),
+        _ => match serde_json::from_slice(data) {
+            Ok(v) => Payload::Json(v),
+            Err(e) => {
+                core.counters.error("bad_payload");
+                warn!(routing_key = %key, error = %e, "dropped a measure that is not JSON");
+                return;
+            }
+        },
+    };
+    if let Err(e) = core.ingest(Transport::Amqp, &addr, payload, None).await {
+        warn!(routing_key = %key, error = %e, "dropped a measure");
     }
 }
 
