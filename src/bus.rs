@@ -261,11 +261,16 @@ impl Bus {
     /// the broker took it (false while disconnected: status is republished
     /// on reconnect, so nothing is queued).
     pub async fn publish_status(&self, keys: &RoutingKeys, body: &[u8], reply: Option<&ReplyTo>) -> bool {
+        self.publish_status_with(keys.status_headers(), body, reply).await
+    }
+
+    /// [`Bus::publish_status`] with the routing headers given.
+    pub async fn publish_status_with(&self, headers: FieldTable, body: &[u8], reply: Option<&ReplyTo>) -> bool {
         let Some(ch) = self.channel.borrow().clone() else {
             debug!("not connected; status not published");
             return false;
         };
-        let mut props = status_properties(keys.status_headers());
+        let mut props = status_properties(headers);
         if let Some(id) = reply.and_then(|r| r.correlation_id.as_deref()) {
             props = props.with_correlation_id(id.into());
         }
@@ -279,6 +284,22 @@ impl Bus {
             self.published.inc();
         }
         ok
+    }
+}
+
+impl Bus {
+    /// Send a status only to the `reply_to` queue of a request (no
+    /// broadcast on the exchange).
+    pub async fn reply(&self, keys: &RoutingKeys, body: &[u8], reply: &ReplyTo) -> bool {
+        let (Some(ch), Some(queue)) = (self.channel.borrow().clone(), reply.queue.as_deref()) else {
+            return false;
+        };
+        let mut props = status_properties(keys.status_headers());
+        if let Some(id) = reply.correlation_id.as_deref() {
+            props = props.with_correlation_id(id.into());
+        }
+        self.published.inc();
+        ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props).await.is_ok()
     }
 }
 

@@ -102,7 +102,10 @@ impl Store {
                 body TEXT NOT NULL,
                 seq INTEGER NOT NULL,
                 PRIMARY KEY (gateway, kind, key)
-             );",
+             );
+             -- Each insert reads MAX(seq): without this index that is a
+             -- scan per row, and a bulk provisioning quadratic.
+             CREATE INDEX IF NOT EXISTS iot_records_seq ON iot_records (seq);",
         )?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
@@ -163,14 +166,17 @@ impl Store {
     pub async fn iot_put(&self, gateway: Uuid, records: Vec<IotRecord>) -> Result<(), StoreError> {
         self.run(move |conn| {
             let tx = conn.unchecked_transaction()?;
-            for r in records {
-                tx.execute(
+            {
+                let mut insert = tx.prepare_cached(
                     "INSERT OR REPLACE INTO iot_records (gateway, kind, key, service, servicepath, body, seq)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6,
                        COALESCE((SELECT seq FROM iot_records WHERE gateway = ?1 AND kind = ?2 AND key = ?3),
                                 (SELECT COALESCE(MAX(seq), 0) + 1 FROM iot_records)))",
-                    params![gateway.to_string(), r.kind, r.key, r.service, r.servicepath, r.body],
                 )?;
+                let gateway = gateway.to_string();
+                for r in records {
+                    insert.execute(params![gateway, r.kind, r.key, r.service, r.servicepath, r.body])?;
+                }
             }
             tx.commit()?;
             Ok(())

@@ -478,3 +478,55 @@ async fn health_reports_gateways_and_lists_problems() {
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
+
+/// Device statuses once reached every component queue of the realm, and
+/// every broadcast ping re-announced every device: with thousands of
+/// devices, pings to other components waited for seconds. Now device
+/// statuses carry no realm header, and devices answer only when addressed.
+/// Bulk provisioning in one request is linear (it was quadratic).
+#[tokio::test]
+async fn devices_do_not_flood_the_realm_and_answer_only_when_addressed() {
+    // Enough to see fan-out; the 10,000-device figures are in BENCHMARKS.md.
+    const N: usize = 500;
+    let g = Gw::new();
+    let (d, gw, c, mut all, data) = g.up().await;
+    // What a component of the realm receives.
+    let realm_filter = Filter { realm: Some(g.env.realm.clone()), ..Default::default() };
+    let mut realm = c.listen(realm_filter.binding()).await.unwrap();
+    gw.provision(LAB, json!({"resource": "/iot/json", "apikey": "k1", "entity_type": "Meter"}), Value::Null).await;
+    let devices: Vec<Value> = (0..N).map(|i| json!({"device_id": format!("m{i}")})).collect();
+    let (s, b) = gw.north("POST", "/iot/devices", Some(LAB), Some(json!({"devices": devices}))).await;
+    assert_eq!(s, 201, "{b}");
+    // Every device is announced once on the bus…
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut announced = std::collections::HashSet::new();
+    while announced.len() < N {
+        let seen = all.next_until(end).await.unwrap_or_else(|| panic!("only {} of {N} announced", announced.len()));
+        if seen.payload.pointer("/properties/category") == Some(&json!("equipment")) {
+            announced.insert(seen.payload["properties"]["uuid"].as_str().unwrap().to_owned());
+        }
+    }
+    // …and none reaches a queue bound to the realm.
+    let to_realm = collect_for(&mut realm, Duration::from_millis(300)).await;
+    let equipment = to_realm.iter().filter(|s| s.payload.pointer("/properties/category") == Some(&json!("equipment")));
+    assert_eq!(equipment.count(), 0, "device statuses reached a realm-bound queue");
+    // A broadcast ping announces the components, not the devices.
+    collect_for(&mut all, Duration::from_millis(200)).await;
+    c.publish(Filter::default().action_headers(), &action("ping", json!({})), None).await.unwrap();
+    let seen = collect_for(&mut all, Duration::from_millis(1500)).await;
+    let cats: Vec<&str> = seen.iter().filter_map(|s| s.payload.pointer("/properties/category")?.as_str()).collect();
+    assert!(cats.contains(&"simulator") && cats.contains(&"gateway"), "{cats:?}");
+    assert!(!cats.contains(&"equipment"), "devices answered a broadcast ping");
+    // Addressed by category, every device answers.
+    let by_cat = Filter { category: Some("equipment".into()), ..Default::default() };
+    let mut answers = std::collections::HashSet::new();
+    c.ping(&by_cat, Duration::from_secs(30), Duration::from_secs(2), |s| {
+        answers.insert(s.payload.pointer("/properties/uuid").and_then(Value::as_str).unwrap_or_default().to_owned());
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers.len(), N);
+    data.close().await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}

@@ -68,13 +68,6 @@ impl Component {
         Some(m)
     }
 
-    /// Publish the status of every device too (discovery, reconnect).
-    pub(super) fn announce_devices(&self) {
-        if let Some(agent) = &self.agent {
-            agent.announce_devices();
-        }
-    }
-
     /// The gateway is deleted: its devices go `gone`, its tasks stop.
     pub(super) async fn remove_agent(&mut self) {
         if let Some(agent) = self.agent.take() {

@@ -33,6 +33,13 @@ use kinds::{Driver, Kind};
 /// refused, so a sender cannot grow a component's memory without bound.
 const MAX_SCHEDULED: usize = 64;
 
+/// How often a manager broadcasts its status while components are being
+/// created or deleted. Its status lists every component it manages, so
+/// publishing it after each of 10,000 creates would cost O(n²) bytes on the
+/// bus and in every queue that receives it; the requester still gets its
+/// reply at once.
+const MANAGER_PUBLISH_EVERY: Duration = Duration::from_millis(500);
+
 /// Depth of a component's command queue. A full queue back-pressures the
 /// consumer that feeds it rather than growing without bound.
 const MAILBOX: usize = 512;
@@ -151,6 +158,9 @@ pub(crate) struct Component {
     settle_at: Option<Instant>,
     /// Actions waiting for their `when`, in arrival order.
     scheduled: VecDeque<(Instant, ActionRequest)>,
+    /// When a coalesced status broadcast is due (managers after creates
+    /// and deletes).
+    publish_due: Option<Instant>,
     /// The component's own queue, consumed right here: no task hop between
     /// the broker connection and the state that answers.
     consumer: Option<lapin::Consumer>,
@@ -224,6 +234,7 @@ pub(crate) fn spawn(
         extra: Map::new(),
         settle_at: None,
         scheduled: VecDeque::new(),
+        publish_due: None,
         consumer: None,
         run: None,
         job: None,
@@ -318,6 +329,10 @@ impl Component {
                 Some(ev) = process::Run::next(&mut self.run) => guarded!(Box::pin(self.on_run_event(ev))),
                 Some(ev) = crate::k8s::job::JobRun::next(&mut self.job) => guarded!(Box::pin(self.on_job_event(ev))),
                 _ = sleep_until_opt(kill_at) => self.kill_now(),
+                _ = sleep_until_opt(self.publish_due) => {
+                    self.publish_due = None;
+                    guarded!(self.publish(None));
+                }
                 _ = tick.tick() => self.publish(None).await,
                 _ = token.cancelled() => break,
             }
@@ -354,9 +369,13 @@ impl Component {
         match cmd {
             Command::Message(msg) => self.message(*msg).await,
             Command::Attach(consumer) => self.consumer = Some(*consumer),
+            // Discovery and (re)subscription. A gateway's devices answer
+            // only when addressed (uuid, type, `category: equipment`): a
+            // broadcast ping that announced 10,000 devices would hold the
+            // broker for seconds. The device task announces them itself
+            // after provisioning and after a reconnect.
             Command::Announce => {
                 debug!(component = %self.keys.uuid, "announce");
-                self.announce_devices();
                 self.publish(None).await
             }
             Command::Act(req, reply) => {
@@ -470,6 +489,16 @@ impl Component {
             _ => unreachable!("managers are handled above"),
         };
         match outcome {
+            Ok(()) if matches!(action, Action::Create | Action::Delete) => {
+                // The requester hears at once; the exchange at most every
+                // MANAGER_PUBLISH_EVERY.
+                info!(state = %self.lifecycle.state(), "action accepted");
+                if req.reply.queue.is_some() {
+                    let body = self.view(&self.extra).to_vec(&self.shared.info);
+                    Box::pin(self.shared.bus.reply(&self.keys, &body, &req.reply)).await;
+                }
+                self.publish_due.get_or_insert_with(|| Instant::now() + MANAGER_PUBLISH_EVERY);
+            }
             Ok(()) => {
                 info!(state = %self.lifecycle.state(), "action accepted");
                 self.publish(reply).await

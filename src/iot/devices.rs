@@ -34,6 +34,10 @@ const QUEUE_CAP: i64 = 1000;
 const BIND_CHUNK: usize = 256;
 /// Unacknowledged deliveries in flight to the device task.
 const PREFETCH: u16 = 64;
+/// Device statuses announced back to back before a pause.
+const ANNOUNCE_BATCH: usize = 100;
+/// The pause between two batches of announcements (2,000 devices/s).
+const ANNOUNCE_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A request to the device task.
 #[derive(Debug)]
@@ -118,22 +122,32 @@ impl Devices {
             schema: &self.empty,
         };
         let body = view.to_vec(&self.shared.info);
-        self.shared.bus.publish_status(&keys, &body, reply).await;
+        self.shared.bus.publish_status_with(keys.device_status_headers(), &body, reply).await;
     }
 
-    /// A device was provisioned or changed: route it, then announce it.
-    async fn upsert(&mut self, uuid: Uuid, new: bool) {
-        let Some(r) = self.core.registry.device_by_uuid(uuid) else { return };
+    /// Devices were provisioned or changed: route them (one batch of
+    /// bindings for all), then announce them, paced.
+    async fn upsert(&mut self, changed: &[(Uuid, bool)]) {
         let mut bindings = Vec::new();
-        if new {
-            bindings.push(by_uuid(uuid));
-        }
-        let kind = self.keys(&r).kind;
-        if self.types.insert(kind.clone()) {
-            bindings.push(by_type(kind));
+        let mut announce = Vec::with_capacity(changed.len());
+        for &(uuid, new) in changed {
+            let Some(r) = self.core.registry.device_by_uuid(uuid) else { continue };
+            if new {
+                bindings.push(by_uuid(uuid));
+            }
+            let kind = self.keys(&r).kind;
+            if self.types.insert(kind.clone()) {
+                bindings.push(by_type(kind));
+            }
+            announce.push(r);
         }
         self.bind_all(&bindings).await;
-        self.publish(&r, None, None).await;
+        for (i, r) in announce.iter().enumerate() {
+            if i > 0 && i % ANNOUNCE_BATCH == 0 {
+                tokio::time::sleep(ANNOUNCE_PAUSE).await;
+            }
+            self.publish(r, None, None).await;
+        }
     }
 
     async fn gone(&mut self, uuid: Uuid, kind: String) {
@@ -153,7 +167,7 @@ impl Devices {
             schema: &self.empty,
         };
         let body = view.to_vec(&self.shared.info);
-        self.shared.bus.publish_status(&keys, &body, None).await;
+        self.shared.bus.publish_status_with(keys.device_status_headers(), &body, None).await;
         if let Some((ch, q)) = &self.queue {
             let exchange = self.shared.bus.exchange();
             let _ = ch.queue_unbind(q.clone(), exchange.into(), "".into(), by_uuid(uuid).binding()).await;
@@ -184,9 +198,16 @@ impl Devices {
         }
     }
 
+    /// Publish every device's status, paced at [`ANNOUNCE_BATCH`] per
+    /// [`ANNOUNCE_PAUSE`], so that thousands of devices do not hold the
+    /// broker (which matches each message against every binding) while
+    /// other components' pings wait.
     async fn announce_all(&self) {
         let all = self.core.registry.resolved();
-        for r in &all {
+        for (i, r) in all.iter().enumerate() {
+            if i > 0 && i % ANNOUNCE_BATCH == 0 {
+                tokio::time::sleep(ANNOUNCE_PAUSE).await;
+            }
             self.publish(r, None, None).await;
         }
         if all.len() > 100 {
@@ -240,7 +261,20 @@ impl Devices {
             ErrorInfo::new(format!("Unsupported action {} for equipment", req.action))
                 .with("action", req.action.as_str())
         });
-        for r in self.core.registry.resolved().iter().filter(|r| self.keys(r).matches(&headers)) {
+        // A message addressed by uuid alone (the usual ping) is looked up
+        // directly; others (by type, by category) are matched against all.
+        let only_uuid = headers.inner().len() == 1
+            && matches!(
+                crate::protocol::headers::header_str(&headers, "uuid"),
+                Some(crate::protocol::headers::HeaderValue::Str(_))
+            );
+        let targets: Vec<Resolved> = match crate::protocol::headers::header_str(&headers, "uuid") {
+            Some(crate::protocol::headers::HeaderValue::Str(u)) if only_uuid => {
+                Uuid::parse_str(&u).ok().and_then(|u| self.core.registry.device_by_uuid(u)).into_iter().collect()
+            }
+            _ => self.core.registry.resolved().into_iter().filter(|r| self.keys(r).matches(&headers)).collect(),
+        };
+        for r in &targets {
             self.publish(r, reply, unsupported.as_ref()).await;
         }
     }
@@ -285,10 +319,25 @@ pub async fn run(
                 attach = true;
             }
             Some(d) = crate::bus::next_delivery(&mut consumer) => devices.delivery(d).await,
-            Some(c) = changes.recv() => match c {
-                Change::Upsert { uuid, new } => devices.upsert(uuid, new).await,
-                Change::Removed { uuid, kind } => devices.gone(uuid, kind).await,
-            },
+            Some(c) = changes.recv() => {
+                // Take what else is already waiting (a bulk provisioning),
+                // so that its bindings go out in batches, in order.
+                let mut upserts = Vec::new();
+                let mut next = Some(c);
+                while let Some(c) = next.take() {
+                    match c {
+                        Change::Upsert { uuid, new } => upserts.push((uuid, new)),
+                        Change::Removed { uuid, kind } => {
+                            devices.upsert(&std::mem::take(&mut upserts)).await;
+                            devices.gone(uuid, kind).await;
+                        }
+                    }
+                    if upserts.len() < 10_000 {
+                        next = changes.try_recv().ok();
+                    }
+                }
+                devices.upsert(&upserts).await;
+            }
             Some(a) = announce.recv() => match a {
                 Announce::All => tokio::select! {
                     _ = devices.announce_all() => {}

@@ -453,11 +453,6 @@ impl Agent {
         let _ = self.announce.send(devices::Announce::All);
     }
 
-    /// Publish the status of every device (discovery, reconnect).
-    pub fn announce_devices(&self) {
-        let _ = self.announce.send(devices::Announce::All);
-    }
-
     /// Publish `gone` for every device and stop (the gateway is deleted).
     pub async fn remove(self) {
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -283,7 +283,7 @@ impl Registry {
         let _writer = self.writer.lock().await;
         {
             let inner = self.read();
-            let mut seen = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             for g in &groups {
                 let taken_elsewhere = inner.apikeys.get(&g.apikey).is_some_and(|t| t != tenant);
                 let k = (g.resource.clone(), g.apikey.clone());
@@ -297,7 +297,7 @@ impl Registry {
                         ),
                     ));
                 }
-                seen.push(k);
+                seen.insert(k);
             }
         }
         let records = groups.iter().map(|g| self.group_record(tenant, g)).collect();
@@ -409,7 +409,7 @@ impl Registry {
         let _writer = self.writer.lock().await;
         {
             let inner = self.read();
-            let mut seen = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             for d in &devices {
                 let k = (tenant.clone(), d.device_id.clone());
                 if inner.devices.contains_key(&k) || seen.contains(&k) {
@@ -438,7 +438,7 @@ impl Registry {
                         "The declared service didn't match the stored one in the entity",
                     ));
                 }
-                seen.push(k);
+                seen.insert(k);
             }
         }
         self.put_devices(tenant, devices).await

@@ -37,6 +37,21 @@ impl RoutingKeys {
         t
     }
 
+    /// Headers of a device (`equipment`) status: `category`, `uuid` and
+    /// `type`, and no `realm`. Under `x-match: any` a realm header would
+    /// deliver every device status to every component queue of the realm
+    /// (and, beside Python daemons, to every component with an unset realm,
+    /// which binds it as void); with thousands of devices that floods the
+    /// lab's queues. Observers that bind everything (VILLASweb, `busbar
+    /// monitor`) still see them, and the body still names the realm.
+    pub fn device_status_headers(&self) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert("category".into(), long(&self.category));
+        t.insert("uuid".into(), long(&self.uuid.to_string()));
+        t.insert("type".into(), long(&self.kind));
+        t
+    }
+
     /// Binding arguments of the component's queue: `x-match: any` over the
     /// keys. An unset realm is left out rather than bound as void, because a
     /// void binding matches every message that merely *has* a realm header
