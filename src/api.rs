@@ -62,12 +62,6 @@ async fn index(State(s): State<Arc<Shared>>) -> Json<Value> {
     Json(json!({"components": components, "status": s.info.summary()}))
 }
 
-/// `?verbose` on `/api/v1/health`.
-#[derive(serde::Deserialize)]
-struct HealthQuery {
-    verbose: Option<String>,
-}
-
 /// What is wrong with the daemon, one entry per problem: the broker
 /// connection, every component task, and every gateway's I/O (its thread,
 /// MQTT and federation connections). A component that does not answer
@@ -104,14 +98,16 @@ async fn problems(s: &Shared) -> Vec<Value> {
     out
 }
 
-async fn health(State(s): State<Arc<Shared>>, query: axum::extract::Query<HealthQuery>) -> Response {
+async fn health(State(s): State<Arc<Shared>>, query: axum::extract::RawQuery) -> Response {
+    // `?verbose` (any value, repeated or not) lists every problem.
+    let verbose = query.0.is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("verbose")));
     let problems = problems(&s).await;
     let code = if problems.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let mut body = match problems.first() {
         None => json!({"status": "ok"}),
         Some(p) => json!({"status": "error", "msg": p["msg"]}),
     };
-    if query.verbose.is_some() {
+    if verbose {
         body["components"] = s.handles().len().into();
         body["problems"] = Value::Array(problems);
     }

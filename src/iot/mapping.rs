@@ -154,7 +154,11 @@ pub fn map_measures(
         None => now_ms,
     };
     let explicit = explicit_names(device, group);
-    items.into_iter().map(|o| map_one(o, device, group, default_time, explicit.as_deref())).collect()
+    let mapped: Vec<Option<Mapped>> = items
+        .into_iter()
+        .map(|o| map_one(o, device, group, default_time, explicit.as_deref()))
+        .collect::<Result<_, _>>()?;
+    Ok(mapped.into_iter().flatten().collect())
 }
 
 fn map_one(
@@ -163,12 +167,18 @@ fn map_one(
     group: Option<&Group>,
     default_time: i64,
     explicit: Option<&[String]>,
-) -> Result<Mapped, ApiError> {
+) -> Result<Option<Mapped>, ApiError> {
     let mut attrs = IndexMap::new();
     let mut time = default_time;
+    // Whether the measure had any attribute at all (before explicitAttrs).
+    let mut any = false;
     for (key, value) in o {
         if value.is_null() {
             continue;
+        }
+        if !super::model::attr_name_ok(key) {
+            let shown: String = key.chars().take(40).flat_map(char::escape_default).collect();
+            return Err(ApiError::payload(format!("invalid attribute name \"{shown}\"")));
         }
         if key == "TimeInstant" {
             time = parse_time(value.as_str().ok_or_else(|| ApiError::payload("TimeInstant must be a string"))?)?;
@@ -182,6 +192,7 @@ fn map_one(
                 _ => (key.clone(), "Text".to_owned()),
             },
         };
+        any = true;
         if let Some(allowed) = explicit {
             let object_id = lookup(key, device, group).and_then(|a| a.object_id.clone());
             if !allowed.iter().any(|n| *n == name || Some(n) == object_id.as_ref()) {
@@ -190,8 +201,13 @@ fn map_one(
         }
         attrs.insert(name, (kind, value.clone()));
     }
-    if attrs.is_empty() {
+    if !any {
         return Err(ApiError::payload("the measure has no attributes"));
+    }
+    if attrs.is_empty() {
+        // Every attribute was left out by explicitAttrs, as configured:
+        // accepted, and nothing is published.
+        return Ok(None);
     }
     // Statics: the group's, overridden by the device's of the same name.
     let statics =
@@ -201,7 +217,7 @@ fn map_one(
             attrs.insert(s.name.clone(), (s.kind.clone(), v.clone()));
         }
     }
-    Ok(Mapped { attrs, timestamp_ms: time })
+    Ok(Some(Mapped { attrs, timestamp_ms: time }))
 }
 
 /// Who sends a measure into the federation, for its `device-data` message.
@@ -403,7 +419,12 @@ mod tests {
         let g = grp(json!({"resource": "/iot/json", "apikey": "k", "explicitAttrs": true}));
         let open = dev(json!({"device_id": "d", "explicitAttrs": false}));
         assert!(map_measures(&json!({"x": 1}), &open, Some(&g), None, 0).is_ok());
-        assert!(map_measures(&json!({"x": 1}), &dev(json!({"device_id": "d"})), Some(&g), None, 0).is_err());
+        // Everything left out by explicitAttrs: accepted (the device sent
+        // nothing wrong), and nothing is published.
+        let filtered = map_measures(&json!({"x": 1}), &dev(json!({"device_id": "d"})), Some(&g), None, 0).unwrap();
+        assert!(filtered.is_empty());
+        // A measure with no attribute at all is still refused.
+        assert!(map_measures(&json!({"x": null}), &open, Some(&g), None, 0).is_err());
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub struct Attribute {
     /// The attribute name published.
     pub name: String,
     /// The attribute type (`Number`, `Text`, …).
-    #[serde(rename = "type", default = "text")]
+    #[serde(rename = "type", default = "text", deserialize_with = "null_as_text")]
     pub kind: String,
     /// The value of a static attribute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -33,6 +33,16 @@ pub struct Attribute {
     /// Everything else (`metadata`, `expression`, …), kept as given.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// `null` reads as an empty list, as JavaScript clients send it.
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Attribute>, D::Error> {
+    Ok(Option::<Vec<Attribute>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A `null` type reads as the default, `Text`.
+fn null_as_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(text))
 }
 
 fn text() -> String {
@@ -47,10 +57,10 @@ pub struct Mapping {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<bool>,
     /// Attribute mappings.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "Vec::is_empty")]
     pub attributes: Vec<Attribute>,
     /// Attributes added to every measure.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, deserialize_with = "null_as_empty", skip_serializing_if = "Vec::is_empty")]
     pub static_attributes: Vec<Attribute>,
     /// `false`, `true`, or a list of attribute names or object ids.
     #[serde(rename = "explicitAttrs", default, skip_serializing_if = "Option::is_none")]
@@ -166,6 +176,12 @@ impl ApiError {
 /// Characters iotagent-node-lib forbids in names and types.
 const FORBIDDEN: &[char] = &['<', '>', '(', ')', ';', '\'', '=', '"'];
 
+/// Whether `s` may name an attribute: not empty, no control character, none
+/// of node-lib's forbidden characters (Orion refuses them too).
+pub fn attr_name_ok(s: &str) -> bool {
+    !s.is_empty() && !s.contains(FORBIDDEN) && !s.chars().any(char::is_control)
+}
+
 /// Longest device id, apikey or entity type, in bytes (README "Limits").
 /// Orion allows 256 for entity ids; busbar's ids also go into AMQP routing
 /// keys (255 bytes in all) and MQTT topics, so they are shorter.
@@ -217,20 +233,22 @@ pub fn check_servicepath(s: &str, wildcard: bool) -> Result<(), ApiError> {
     ))
 }
 
+/// Whether `b` may appear in an identifier: Orion's rule for entity ids
+/// (printable ASCII without white space, `&`, `?`, `/` and `#`), less the
+/// MQTT wildcard `+` and node-lib's forbidden characters.
+fn id_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && !b"&?/#+".contains(&b) && !FORBIDDEN.contains(&(b as char))
+}
+
 /// Check an identifier that becomes an MQTT topic level, an AMQP routing
-/// key word and part of a store key: 1 to [`MAX_ID_BYTES`] bytes, no
-/// control characters or white space, no MQTT wildcards or separators, none
-/// of node-lib's forbidden characters.
+/// key word and part of a store key: 1 to [`MAX_ID_BYTES`] printable ASCII
+/// characters, none of `& ? / # + < > ( ) ; ' = "` (so no control
+/// character can reach a store key or a log line).
 pub fn check_id(field: &str, s: &str) -> Result<(), ApiError> {
-    let bad = s.is_empty()
-        || s.len() > MAX_ID_BYTES
-        || s.chars().any(|c| c.is_control() || c.is_whitespace())
-        || s.contains(['/', '#', '+'])
-        || s.contains(FORBIDDEN);
-    if bad {
+    if s.is_empty() || s.len() > MAX_ID_BYTES || !s.bytes().all(id_byte) {
         let shown: String = s.chars().take(40).flat_map(char::escape_default).collect();
         return Err(ApiError::syntax(format!(
-            "invalid {field} \"{shown}\"{}: 1 to {MAX_ID_BYTES} bytes without white space, control characters or any of / # + < > ( ) ; ' = \"",
+            "invalid {field} \"{shown}\"{}: 1 to {MAX_ID_BYTES} printable ASCII characters, none of & ? / # + < > ( ) ; ' = \"",
             if s.chars().count() > 40 { "…" } else { "" }
         )));
     }
@@ -250,7 +268,7 @@ fn check_names(attrs: &[Attribute], field: &str) -> Result<(), ApiError> {
     for a in attrs {
         for (what, v) in [("name", Some(&a.name)), ("type", Some(&a.kind)), ("object_id", a.object_id.as_ref())] {
             if let Some(v) = v
-                && (v.is_empty() || v.contains(FORBIDDEN))
+                && !attr_name_ok(v)
             {
                 return Err(ApiError::syntax(format!("invalid {field} {what} {v:?}")));
             }

@@ -107,7 +107,13 @@ fn items<'a>(v: &'a Value, key: &str) -> Result<&'a Vec<Value>, ApiError> {
 
 fn page(mut all: Vec<Value>, q: &HashMap<String, String>, key: &str) -> Result<Response, ApiError> {
     let num = |k: &str| -> Result<Option<usize>, ApiError> {
-        q.get(k).map(|v| v.parse().map_err(|_| ApiError::syntax(format!("{k} must be a number")))).transpose()
+        q.get(k)
+            .map(|v| {
+                v.parse::<u32>()
+                    .map(|n| n as usize)
+                    .map_err(|_| ApiError::syntax(format!("{k} must be a whole number from 0 to {}", u32::MAX)))
+            })
+            .transpose()
     };
     let count = all.len();
     let offset = num("offset")?.unwrap_or(0).min(count);

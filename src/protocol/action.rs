@@ -142,6 +142,9 @@ pub enum Rejection {
     /// `when` cannot be read as a time.
     #[error("Invalid when: {0}")]
     InvalidWhen(String),
+    /// `model` or `results` is present and not an object (or null).
+    #[error("{0} must be a JSON object")]
+    TransferNotAnObject(&'static str),
 }
 
 impl Rejection {
@@ -156,6 +159,7 @@ impl Rejection {
             Rejection::ActionNotAString => "invalid_action",
             Rejection::ParametersNotAnObject => "invalid_parameters",
             Rejection::InvalidWhen(_) => "invalid_when",
+            Rejection::TransferNotAnObject(_) => "invalid_transfer",
         }
     }
 }
@@ -220,6 +224,11 @@ pub fn decode(
         Some(Value::Object(p)) => p.clone(),
         Some(_) => return Err(Rejection::ParametersNotAnObject),
     };
+    for key in ["model", "results"] {
+        if !matches!(payload.get(key), None | Some(Value::Null | Value::Object(_))) {
+            return Err(Rejection::TransferNotAnObject(key));
+        }
+    }
     let when = When::parse(payload.get("when"), now)?;
     payload.insert("parameters".into(), Value::Object(parameters.clone()));
     Ok(Some(ActionRequest { action, parameters, when, payload, reply }))
@@ -319,6 +328,12 @@ mod tests {
         let big = format!(r#"{{"action":"ping","pad":"{}"}}"#, "x".repeat(LIMIT));
         assert!(matches!(dec(None, &big), Err(Rejection::TooLarge { .. })));
         assert_eq!(dec(None, "\u{0}\u{ff}").unwrap_err().kind(), "invalid_json");
+        assert_eq!(
+            dec(None, r#"{"action": "start", "results": [null]}"#).unwrap_err(),
+            Rejection::TransferNotAnObject("results")
+        );
+        assert_eq!(dec(None, r#"{"action": "start", "model": "m"}"#).unwrap_err().kind(), "invalid_transfer");
+        assert!(dec(None, r#"{"action": "start", "model": null, "results": {}}"#).is_ok());
         assert!(decode(None, &[0xff, 0xfe], LIMIT, ReplyTo::default(), now()).is_err());
     }
 
