@@ -32,7 +32,7 @@ use crate::protocol::{self, ActionRequest, Rejection, ReplyTo, RoutingKeys};
 use crate::state::Action;
 
 /// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// A bus failure inside one connection's lifetime.
 #[derive(Debug, thiserror::Error)]

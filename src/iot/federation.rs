@@ -25,7 +25,7 @@ const WINDOW: usize = 1024;
 /// Most publishes handed to lapin at once.
 pub const BATCH: usize = 256;
 /// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Longest AMQP routing key (a short string).
 pub const MAX_ROUTING_KEY: usize = 255;

@@ -29,7 +29,7 @@ use super::model::ApiError;
 use super::{Core, Payload, Transport};
 
 /// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 // ----- HTTP -----
 

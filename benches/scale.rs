@@ -1,0 +1,247 @@
+//! Scale without fan-out: the hardening issue's figures, each next to the
+//! broker alone in the same run.
+//!
+//! Run: `cargo bench --bench scale` (all), or name scenarios:
+//! `cargo bench --bench scale -- devices creates`.
+//!
+//! - `devices`: 10,000 provisioned devices. The ping round trip to a
+//!   dummy, alone and right after a broadcast ping (which once
+//!   re-announced every device); and the per-message cost of the `villas`
+//!   exchange with the devices' bindings against a bare exchange carrying
+//!   the same number of bindings.
+//! - `creates`: 10,000 creates at 100/s through the manager, in both
+//!   topologies: the rate achieved and the daemon's RSS.
+
+use busbar::client::Client;
+use busbar::protocol::Filter;
+use futures_util::StreamExt;
+use lapin::options::{BasicPublishOptions, QueueBindOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+struct Daemon {
+    child: Child,
+    exchange: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+async fn daemon(components: &str, topology: &str, wait_for: Uuid) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let exchange = format!("scale-{}", Uuid::new_v4().simple());
+    let cfg = dir.path().join("lab.yaml");
+    let text = format!(
+        "exchange: {exchange}\nrealm: scale\ntopology: {topology}\nstatus_interval: 3600\ndata_dir: {}\napi: {{enabled: false}}\ncomponents:\n{components}",
+        dir.path().join("data").display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_busbar"))
+        .args(["--log-level", "error", "daemon", "-c"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("daemon starts");
+    let d = Daemon { child, exchange, _dir: dir };
+    let c = Client::connect(URL, &d.exchange).await.unwrap();
+    let f = Filter { uuid: Some(wait_for.to_string()), ..Default::default() };
+    while c.ping(&f, Duration::from_millis(300), Duration::from_millis(300), |_| {}).await.unwrap_or(0) == 0 {}
+    c.close().await;
+    d
+}
+
+fn header(key: &str, value: &str) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+    t.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+    t
+}
+
+/// Round trips of `n` pings to `uuid`, one at a time.
+async fn rtts(c: &Client, uuid: Uuid, n: usize) -> Vec<Duration> {
+    let mut l = c.listen(header("uuid", &uuid.to_string())).await.unwrap();
+    let to = Filter { uuid: Some(uuid.to_string()), ..Default::default() }.action_headers();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.publish(to.clone(), &json!({"action": "ping"}), None).await.unwrap();
+        l.next_until(tokio::time::Instant::now() + Duration::from_secs(60)).await.expect("answer");
+        out.push(t.elapsed());
+    }
+    out.sort();
+    out
+}
+
+/// Messages per second through a headers exchange to one queue, `n` of
+/// them, published with a window, the exchange carrying `bindings`
+/// other bindings (`x-match: any` on uuid, as the device queue's).
+async fn exchange_rate(exchange: &str, target: &str, n: usize, extra_bindings: usize) -> f64 {
+    let conn = Connection::connect(URL, ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    busbar::bus::declare_exchange(&ch, exchange).await.unwrap();
+    if extra_bindings > 0 {
+        let sink = busbar::bus::declare_bound_queue(&ch, exchange, header("uuid", "sink")).await.unwrap();
+        for _ in 0..extra_bindings {
+            let mut b = FieldTable::default();
+            b.insert("x-match".into(), AMQPValue::LongString(LongString::from("any")));
+            b.insert("uuid".into(), AMQPValue::LongString(LongString::from(Uuid::new_v4().to_string())));
+            ch.queue_bind(sink.clone(), exchange.into(), "".into(), QueueBindOptions { nowait: true }, b).await.unwrap();
+        }
+    }
+    let q = busbar::bus::declare_bound_queue(&ch, exchange, header("uuid", target)).await.unwrap();
+    let mut consumer = busbar::bus::consume(&ch, q).await.unwrap();
+    let mut h = FieldTable::default();
+    h.insert("uuid".into(), AMQPValue::LongString(LongString::from(target)));
+    let props = BasicProperties::default().with_content_type("application/json".into()).with_headers(h);
+    let body = br#"{"status":{"state":"idle"}}"#;
+    let start = Instant::now();
+    let mut received = 0;
+    let mut sent = 0;
+    while received < n {
+        while sent < n && sent - received < 200 {
+            ch.basic_publish(exchange.into(), "".into(), BasicPublishOptions::default(), body, props.clone()).await.unwrap();
+            sent += 1;
+        }
+        consumer.next().await.unwrap().unwrap();
+        received += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = conn.close(200, "bye".into()).await;
+    rate
+}
+
+async fn devices() {
+    const N: usize = 10_000;
+    let (mgr, dummy, gw) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let north = free_port();
+    let components = format!(
+        "  - {{category: manager, type: generic, name: M, uuid: {mgr}}}\n  - {{category: simulator, type: dummy, name: D, uuid: {dummy}}}\n  - {{category: gateway, type: iot-agent, name: G, uuid: {gw}, north_bind: \"127.0.0.1:{north}\", south_bind: \"127.0.0.1:0\", mqtt_url: \"\", federation_exchange: scale-data}}\n"
+    );
+    let d = daemon(&components, "per-component", dummy).await;
+    let c = Client::connect(URL, &d.exchange).await.unwrap();
+    let before = rtts(&c, dummy, 300).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        http.post(format!("http://127.0.0.1:{north}{path}"))
+            .header("fiware-service", "lab")
+            .header("fiware-servicepath", "/")
+            .json(&body)
+            .send()
+    };
+    post("/iot/groups", json!({"groups": [{"apikey": "k", "resource": "/iot/json", "entity_type": "Meter"}]})).await.unwrap();
+    let devices: Vec<Value> = (0..N).map(|i| json!({"device_id": format!("m{i}")})).collect();
+    let t = Instant::now();
+    let r = post("/iot/devices", json!({"devices": devices})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let provision = t.elapsed();
+    // Let the announcements (paced, 2,000/s) pass.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let idle = rtts(&c, dummy, 300).await;
+    // A broadcast ping, then at once pings to the dummy.
+    c.publish(Filter::default().action_headers(), &json!({"action": "ping"}), None).await.unwrap();
+    let after = rtts(&c, dummy, 300).await;
+    println!("devices: provisioned {N} in one request in {:.2} s; daemon RSS {} MiB", provision.as_secs_f64(), rss_kib(d.child.id()) / 1024);
+    println!(
+        "devices: ping RTT to another component: p50 {} / max {} before the devices, p50 {} / max {} with them, p50 {} / max {} right after a broadcast ping (goal: max delay ≤ 50 ms)",
+        ms(pct(&before, 0.5)),
+        ms(*before.last().unwrap()),
+        ms(pct(&idle, 0.5)),
+        ms(*idle.last().unwrap()),
+        ms(pct(&after, 0.5)),
+        ms(*after.last().unwrap())
+    );
+    // The villas exchange with the devices' bindings, against a bare
+    // exchange with as many bindings, in the same run.
+    let m = 20_000;
+    let busbar_rate = exchange_rate(&d.exchange, &Uuid::new_v4().to_string(), m, 0).await;
+    let bare = format!("scale-bare-{}", Uuid::new_v4().simple());
+    let broker_rate = exchange_rate(&bare, "target", m, N + 2).await;
+    println!(
+        "devices: {m} messages through the villas exchange with {N} device bindings: {busbar_rate:.0}/s; a bare exchange with {} bindings: {broker_rate:.0}/s; cost ratio {:.2} (goal ≤ 1.1)",
+        N + 2,
+        broker_rate / busbar_rate
+    );
+    c.close().await;
+}
+
+async fn creates(topology: &str) {
+    const N: usize = 10_000;
+    let mgr = Uuid::new_v4();
+    let d = daemon(&format!("  - {{category: manager, type: generic, name: M, uuid: {mgr}}}\n"), topology, mgr).await;
+    let c = Client::connect(URL, &d.exchange).await.unwrap();
+    let to = Filter { uuid: Some(mgr.to_string()), ..Default::default() }.action_headers();
+    let start = Instant::now();
+    let mut peak = 0;
+    let mut last = Uuid::nil();
+    for i in 0..N {
+        // 100/s.
+        let due = start + Duration::from_millis(10 * i as u64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        last = Uuid::new_v4();
+        let body = json!({"action": "create", "parameters": {"category": "simulator", "type": "dummy", "name": format!("d{i}"), "uuid": last.to_string()}});
+        c.publish(to.clone(), &body, None).await.unwrap();
+        if i % 500 == 0 {
+            peak = peak.max(rss_kib(d.child.id()));
+        }
+    }
+    let sent = start.elapsed();
+    // Done when the last one answers.
+    let f = Filter { uuid: Some(last.to_string()), ..Default::default() };
+    while c.ping(&f, Duration::from_millis(500), Duration::from_millis(500), |_| {}).await.unwrap_or(0) == 0 {}
+    let done = start.elapsed();
+    peak = peak.max(rss_kib(d.child.id()));
+    println!(
+        "creates ({topology}): {N} at 100/s sent in {:.1} s, all answering after {:.1} s ({:.0}/s); daemon RSS peak {:.1} MiB (goal < 64 MiB)",
+        sent.as_secs_f64(),
+        done.as_secs_f64(),
+        N as f64 / done.as_secs_f64(),
+        peak as f64 / 1024.0
+    );
+    c.close().await;
+}
+
+#[tokio::main]
+async fn main() {
+    busbar::http::install_crypto_provider();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    if want("devices") {
+        devices().await;
+    }
+    if want("creates") {
+        creates("per-component").await;
+        creates("shared").await;
+    }
+}
