@@ -23,7 +23,9 @@
 use busbar::client::Client;
 use busbar::protocol::Filter;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -79,7 +81,8 @@ impl Mosquitto {
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
             let _ = c.wait();
         }
     }
@@ -129,7 +132,8 @@ impl Lab {
     }
 
     fn start_daemon(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_busbar"))
             .args(["--log-level", "warn", "daemon", "-c"])
             .arg(self.dir.path().join("lab.yaml"))
@@ -151,7 +155,8 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if let Some(c) = self.daemon.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
         }
     }
 }
@@ -175,7 +180,13 @@ async fn ping_until(exchange: &str, uuid: Uuid, deadline: Instant) -> Option<Dur
 }
 
 async fn http_json(url: &str) -> Option<Value> {
-    let r = reqwest::Client::new().get(url).header("fiware-service", "lab").header("fiware-servicepath", "/").send().await.ok()?;
+    let r = reqwest::Client::new()
+        .get(url)
+        .header("fiware-service", "lab")
+        .header("fiware-servicepath", "/")
+        .send()
+        .await
+        .ok()?;
     r.json().await.ok()
 }
 
@@ -190,14 +201,23 @@ fn consume_federation(exchange: String, queue: String, seen: Arc<Mutex<HashSet<S
             };
             let Ok(ch) = conn.create_channel().await else { continue };
             let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-            let _ = ch.exchange_declare(exchange.as_str().into(), lapin::ExchangeKind::Topic, durable, FieldTable::default()).await;
+            let _ = ch
+                .exchange_declare(exchange.as_str().into(), lapin::ExchangeKind::Topic, durable, FieldTable::default())
+                .await;
             let qo = QueueDeclareOptions { durable: true, ..Default::default() };
             let _ = ch.queue_declare(queue.as_str().into(), qo, FieldTable::default()).await;
             let _ = ch
-                .queue_bind(queue.as_str().into(), exchange.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await;
-            let Ok(mut consumer) =
-                ch.basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await
+            let Ok(mut consumer) = ch
+                .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                .await
             else {
                 continue;
             };
@@ -205,7 +225,8 @@ fn consume_federation(exchange: String, queue: String, seen: Arc<Mutex<HashSet<S
                 if let Ok(v) = serde_json::from_slice::<Value>(&d.data)
                     && let Some(seq) = v.pointer("/attrs/seq")
                 {
-                    let key = format!("{}#{}", v.pointer("/metadata/deviceid").and_then(Value::as_str).unwrap_or("?"), seq);
+                    let key =
+                        format!("{}#{}", v.pointer("/metadata/deviceid").and_then(Value::as_str).unwrap_or("?"), seq);
                     seen.lock().unwrap().insert(key);
                 }
                 let _ = d.ack(BasicAckOptions::default()).await;
@@ -265,7 +286,9 @@ async fn main() {
     for i in 0..CREATED {
         let u = Uuid::new_v4();
         let body = json!({"action": "create", "parameters": {"category": "simulator", "type": "dummy", "name": format!("c{i}"), "uuid": u.to_string()}});
-        c.publish(Filter { uuid: Some(lab.manager.to_string()), ..Default::default() }.action_headers(), &body, None).await.unwrap();
+        c.publish(Filter { uuid: Some(lab.manager.to_string()), ..Default::default() }.action_headers(), &body, None)
+            .await
+            .unwrap();
         created.push(u);
     }
     let north = format!("http://127.0.0.1:{}", lab.north);
@@ -277,7 +300,10 @@ async fn main() {
             .json(&body)
             .send()
     };
-    let r = post("/iot/groups", json!({"groups": [{"apikey": "chaos", "resource": "/iot/json", "entity_type": "Meter"}]})).await.unwrap();
+    let r =
+        post("/iot/groups", json!({"groups": [{"apikey": "chaos", "resource": "/iot/json", "entity_type": "Meter"}]}))
+            .await
+            .unwrap();
     assert_eq!(r.status(), 201);
     let devices: Vec<Value> = (0..DEVICES).map(|i| json!({"device_id": format!("d{i}")})).collect();
     let r = post("/iot/devices", json!({"devices": devices})).await.unwrap();
@@ -361,7 +387,9 @@ async fn main() {
                 .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
                 .unwrap_or_default();
             let missing_components = created.iter().filter(|u| !have.contains(&u.to_string())).count();
-            let devices = http_json(&format!("{north}/iot/devices")).await.and_then(|v| v["count"].as_u64()).unwrap_or(0) as usize;
+            let devices =
+                http_json(&format!("{north}/iot/devices")).await.and_then(|v| v["count"].as_u64()).unwrap_or(0)
+                    as usize;
             let missing_measures = {
                 let seen = seen.lock().unwrap();
                 (0..sent).filter(|i| !seen.contains(&format!("d{}#{}", i % DEVICES, i))).count()
@@ -387,7 +415,11 @@ async fn main() {
         }
     }
     recoveries.sort();
-    println!("chaos: {faults} faults ({}) in {:.0} s", names.iter().zip(per_kind).map(|(n, k)| format!("{k} {n}")).collect::<Vec<_>>().join(", "), started.elapsed().as_secs_f64());
+    println!(
+        "chaos: {faults} faults ({}) in {:.0} s",
+        names.iter().zip(per_kind).map(|(n, k)| format!("{k} {n}")).collect::<Vec<_>>().join(", "),
+        started.elapsed().as_secs_f64()
+    );
     println!(
         "chaos: ping answered after a fault: p50 {:.2} s, p99 {:.2} s, max {:.2} s; {slow} over 3 s",
         pct(&recoveries, 0.5).as_secs_f64(),

@@ -40,7 +40,9 @@ fn ms(d: Duration) -> String {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -52,7 +54,10 @@ struct Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = self.child.wait();
     }
 }
@@ -115,7 +120,9 @@ async fn exchange_rate(exchange: &str, target: &str, n: usize, extra_bindings: u
             let mut b = FieldTable::default();
             b.insert("x-match".into(), AMQPValue::LongString(LongString::from("any")));
             b.insert("uuid".into(), AMQPValue::LongString(LongString::from(Uuid::new_v4().to_string())));
-            ch.queue_bind(sink.clone(), exchange.into(), "".into(), QueueBindOptions { nowait: true }, b).await.unwrap();
+            ch.queue_bind(sink.clone(), exchange.into(), "".into(), QueueBindOptions { nowait: true }, b)
+                .await
+                .unwrap();
         }
     }
     let q = busbar::bus::declare_bound_queue(&ch, exchange, header("uuid", target)).await.unwrap();
@@ -129,7 +136,9 @@ async fn exchange_rate(exchange: &str, target: &str, n: usize, extra_bindings: u
     let mut sent = 0;
     while received < n {
         while sent < n && sent - received < 200 {
-            ch.basic_publish(exchange.into(), "".into(), BasicPublishOptions::default(), body, props.clone()).await.unwrap();
+            ch.basic_publish(exchange.into(), "".into(), BasicPublishOptions::default(), body, props.clone())
+                .await
+                .unwrap();
             sent += 1;
         }
         consumer.next().await.unwrap().unwrap();
@@ -158,7 +167,9 @@ async fn devices() {
             .json(&body)
             .send()
     };
-    post("/iot/groups", json!({"groups": [{"apikey": "k", "resource": "/iot/json", "entity_type": "Meter"}]})).await.unwrap();
+    post("/iot/groups", json!({"groups": [{"apikey": "k", "resource": "/iot/json", "entity_type": "Meter"}]}))
+        .await
+        .unwrap();
     let devices: Vec<Value> = (0..N).map(|i| json!({"device_id": format!("m{i}")})).collect();
     let t = Instant::now();
     let r = post("/iot/devices", json!({"devices": devices})).await.unwrap();
@@ -170,7 +181,11 @@ async fn devices() {
     // A broadcast ping, then at once pings to the dummy.
     c.publish(Filter::default().action_headers(), &json!({"action": "ping"}), None).await.unwrap();
     let after = rtts(&c, dummy, 300).await;
-    println!("devices: provisioned {N} in one request in {:.2} s; daemon RSS {} MiB", provision.as_secs_f64(), rss_kib(d.child.id()) / 1024);
+    println!(
+        "devices: provisioned {N} in one request in {:.2} s; daemon RSS {} MiB",
+        provision.as_secs_f64(),
+        rss_kib(d.child.id()) / 1024
+    );
     println!(
         "devices: ping RTT to another component: p50 {} / max {} before the devices, p50 {} / max {} with them, p50 {} / max {} right after a broadcast ping (goal: max delay ≤ 50 ms)",
         ms(pct(&before, 0.5)),

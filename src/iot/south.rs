@@ -236,31 +236,39 @@ fn oversized(e: &rumqttc::ConnectionError) -> Option<usize> {
 }
 
 async fn on_publish(core: &Core, topic: &str, payload: &[u8]) {
-    if payload.len() > core.settings.max_body_bytes {
+    let addr = strip_prefix(topic, &core.settings.mqtt_prefix).and_then(|t| parse_topic(&t, core.settings.dojot));
+    ingest_bytes(core, Transport::Mqtt, topic, addr, payload).await
+}
+
+/// One MQTT or AMQP measure as it came off the wire (`addr` is `None` when
+/// the topic or routing key is not a measure's): size, address and JSON
+/// checked, then ingested. Every refusal is counted by kind and logged; the
+/// caller acknowledges the message whatever happens, so a bad one is never
+/// redelivered forever.
+async fn ingest_bytes(core: &Core, transport: Transport, source: &str, addr: Option<Address>, data: &[u8]) {
+    if data.len() > core.settings.max_body_bytes {
         core.counters.error("too_large");
-        warn!(%topic, size = payload.len(), limit = core.settings.max_body_bytes, "dropped a measure larger than max_body_bytes");
+        warn!(%source, size = data.len(), limit = core.settings.max_body_bytes, "dropped a measure larger than max_body_bytes");
         return;
     }
-    let prefix = &core.settings.mqtt_prefix;
-    let addr = strip_prefix(topic, prefix).and_then(|t| parse_topic(&t, core.settings.dojot));
     let Some(addr) = addr else {
-        core.counters.error("bad_topic");
-        debug!(%topic, "not a measure topic");
+        core.counters.error(if transport == Transport::Mqtt { "bad_topic" } else { "bad_routing_key" });
+        debug!(%source, "not a measure topic or routing key");
         return;
     };
     let payload = match &addr {
-        Address::Apikey { attr: Some(a), .. } => Payload::Single(a.clone(), single_value(payload, false)),
-        _ => match serde_json::from_slice(payload) {
+        Address::Apikey { attr: Some(a), .. } => Payload::Single(a.clone(), single_value(data, false)),
+        _ => match serde_json::from_slice(data) {
             Ok(v) => Payload::Json(v),
             Err(e) => {
                 core.counters.error("bad_payload");
-                warn!(%topic, error = %e, "dropped a measure that is not JSON");
+                warn!(%source, error = %e, "dropped a measure that is not JSON");
                 return;
             }
         },
     };
-    if let Err(e) = core.ingest(Transport::Mqtt, &addr, payload, None).await {
-        warn!(%topic, error = %e, "dropped a measure");
+    if let Err(e) = core.ingest(transport, &addr, payload, None).await {
+        warn!(%source, error = %e, "dropped a measure");
     }
 }
 
@@ -428,7 +436,8 @@ async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &Cancellati
             d = consumer.next() => match d {
                 Some(Ok(d)) => {
                     let key = d.routing_key.as_str();
-                    if let Err(panic) = crate::supervise::catch(amqp_measure(core, key, &d.data)).await {
+                    let measure = ingest_bytes(core, Transport::Amqp, key, parse_routing_key(key), &d.data);
+                    if let Err(panic) = crate::supervise::catch(measure).await {
                         core.counters.error("panic");
                         tracing::error!(routing_key = %key, %panic, "handling an AMQP measure panicked; it is dropped");
                     }
@@ -449,34 +458,6 @@ async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &Cancellati
     tokio::select! {
         _ = async { drop(running.wait_for(|on| *on).await) } => Err(lapin::Error::from(std::io::Error::other("gateway restarted"))),
         _ = token.cancelled() => Ok(()),
-    }
-}
-
-/// One AMQP southbound measure.
-async fn amqp_measure(core: &Core, key: &str, data: &[u8]) {
-    if data.len() > core.settings.max_body_bytes {
-        core.counters.error("too_large");
-        warn!(routing_key = %key, size = data.len(), "dropped a measure larger than max_body_bytes");
-        return;
-    }
-    let Some(addr) = parse_routing_key(key) else {
-        core.counters.error("bad_routing_key");
-        warn!(routing_key = %key, "not a measure routing key");
-        return;
-    };
-    let payload = match &addr {
-        Address::Apikey { attr: Some(a), .. } => Payload::Single(a.clone(), single_value(data, false)),
-        _ => match serde_json::from_slice(data) {
-            Ok(v) => Payload::Json(v),
-            Err(e) => {
-                core.counters.error("bad_payload");
-                warn!(routing_key = %key, error = %e, "dropped a measure that is not JSON");
-                return;
-            }
-        },
-    };
-    if let Err(e) = core.ingest(Transport::Amqp, &addr, payload, None).await {
-        warn!(routing_key = %key, error = %e, "dropped a measure");
     }
 }
 
