@@ -32,19 +32,18 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+
+mod common;
+use common::{free_port, pct};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const CREATED: usize = 10;
 const DEVICES: usize = 20;
 const MEASURES_PER_FAULT: usize = 20;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs (as root)");
@@ -81,9 +80,7 @@ impl Mosquitto {
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
-            let _ = c.wait();
+            common::terminate(&mut c);
         }
     }
 }
@@ -132,16 +129,8 @@ impl Lab {
     }
 
     fn start_daemon(&mut self) {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_busbar"))
-            .args(["--log-level", "warn", "daemon", "-c"])
-            .arg(self.dir.path().join("lab.yaml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("daemon starts");
-        self.daemon = Some(child);
+        let log = self.dir.path().join("daemon.log");
+        self.daemon = Some(common::spawn_daemon(&self.dir.path().join("lab.yaml"), "warn", Some(&log)));
     }
 
     fn kill_daemon(&mut self) {
@@ -154,9 +143,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if let Some(c) = self.daemon.take() {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        if let Some(mut c) = self.daemon.take() {
+            common::terminate(&mut c);
         }
     }
 }
@@ -249,10 +237,6 @@ fn mqtt_publisher(port: u16) -> AsyncClient {
         }
     });
     client
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main]

@@ -245,9 +245,8 @@ impl Drop for Daemon {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+mod common;
+use common::free_port;
 
 impl Daemon {
     async fn start(qos: u8, prefix: &str) -> Daemon {

@@ -19,32 +19,14 @@ use lapin::options::{BasicPublishOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+mod common;
+use common::{free_port, ms, pct, rss_kib};
+
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 struct Daemon {
     child: Child,
@@ -54,11 +36,7 @@ struct Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        common::terminate(&mut self.child);
     }
 }
 
@@ -71,12 +49,7 @@ async fn daemon(components: &str, topology: &str, wait_for: Uuid) -> Daemon {
         dir.path().join("data").display()
     );
     std::fs::write(&cfg, text).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_busbar"))
-        .args(["--log-level", "error", "daemon", "-c"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("daemon starts");
+    let child = common::spawn_daemon(&cfg, "error", None);
     let d = Daemon { child, exchange, _dir: dir };
     let c = Client::connect(URL, &d.exchange).await.unwrap();
     let f = Filter { uuid: Some(wait_for.to_string()), ..Default::default() };

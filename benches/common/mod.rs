@@ -1,0 +1,55 @@
+//! What the benchmark binaries share: ports, percentiles, the daemon as a
+//! separate release process, and its resident memory.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The `p` percentile of sorted durations.
+pub fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Milliseconds, for printing.
+pub fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+/// `VmRSS` of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Start the release daemon on config `cfg`, its log (at `level`) to
+/// `log` or nowhere.
+pub fn spawn_daemon(cfg: &Path, level: &str, log: Option<&Path>) -> Child {
+    let stderr = match log {
+        Some(p) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap()),
+        None => Stdio::inherit(),
+    };
+    Command::new(env!("CARGO_BIN_EXE_busbar"))
+        .args(["--log-level", level, "daemon", "-c"])
+        .arg(cfg)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("daemon starts")
+}
+
+/// SIGTERM a child (a graceful shutdown) and reap it.
+pub fn terminate(child: &mut Child) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+}
