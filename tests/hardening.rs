@@ -4,6 +4,7 @@
 
 mod common;
 
+use busbar::client::Client;
 use busbar::protocol::Filter;
 use common::iot::*;
 use common::*;
@@ -529,4 +530,48 @@ async fn devices_do_not_flood_the_realm_and_answer_only_when_addressed() {
     data.close().await;
     c.close().await;
     d.stop().await.expect("clean shutdown");
+}
+
+/// Labs with tens of thousands of devices keep the `villas` exchange fast
+/// by giving the devices' bindings an exchange of their own: only
+/// `category: equipment` and the entity types are bound into `villas`.
+#[tokio::test]
+async fn devices_can_bind_on_an_exchange_of_their_own() {
+    let g = Gw::with(&format!("device_exchange: devices-{}", TestEnv::new().id));
+    let own = g.extra.trim_start_matches("device_exchange: ").to_owned();
+    let (d, gw, c, _all, data) = g.up().await;
+    gw.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": "k1", "entity_type": "Meter"}),
+        json!([{"device_id": "m1"}]),
+    )
+    .await;
+    let uuid = busbar::iot::registry::device_uuid(
+        &busbar::iot::model::Tenant { service: LAB.0.into(), servicepath: LAB.1.into() },
+        "m1",
+    );
+    let by_uuid = Filter { uuid: Some(uuid.to_string()), ..Default::default() };
+    let answers = |c: Client, f: Filter| async move {
+        let n = c.ping(&f, Duration::from_secs(3), Duration::from_millis(700), |_| {}).await.unwrap();
+        c.close().await;
+        n
+    };
+    // By uuid: on the device exchange, not on villas (no binding there).
+    let on_own = Client::connect(&amqp_url(), &own).await.unwrap();
+    assert_eq!(answers(on_own, by_uuid.clone()).await, 1);
+    assert_eq!(answers(g.env.client().await, by_uuid).await, 0);
+    // By category and by type: on villas, passed on to the device exchange.
+    for f in [
+        Filter { category: Some("equipment".into()), ..Default::default() },
+        Filter { kind: Some("Meter".into()), ..Default::default() },
+    ] {
+        assert_eq!(answers(g.env.client().await, f).await, 1);
+    }
+    data.close().await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch.exchange_delete(own.as_str().into(), Default::default()).await;
+    let _ = conn.close(200, "bye".into()).await;
 }

@@ -34,10 +34,6 @@ const QUEUE_CAP: i64 = 1000;
 const BIND_CHUNK: usize = 256;
 /// Unacknowledged deliveries in flight to the device task.
 const PREFETCH: u16 = 64;
-/// Device statuses announced back to back before a pause.
-const ANNOUNCE_BATCH: usize = 100;
-/// The pause between two batches of announcements (2,000 devices/s).
-const ANNOUNCE_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A request to the device task.
 #[derive(Debug)]
@@ -60,6 +56,13 @@ struct Devices {
     shared: Arc<Shared>,
     core: Arc<Core>,
     queue: Option<(Channel, ShortString)>,
+    /// A channel in confirm mode for device statuses: each waits for the
+    /// broker's confirm before the next goes out. A headers exchange
+    /// matches every message against every binding, so with thousands of
+    /// devices (a binding each) one status costs the broker milliseconds;
+    /// one at a time, other publishers' messages interleave with them
+    /// instead of queueing behind thousands.
+    statuses: Option<Channel>,
     /// Entity types bound on the current queue.
     types: std::collections::HashSet<String>,
     empty: Map<String, Value>,
@@ -122,7 +125,28 @@ impl Devices {
             schema: &self.empty,
         };
         let body = view.to_vec(&self.shared.info);
-        self.shared.bus.publish_status_with(keys.device_status_headers(), &body, reply).await;
+        self.send(keys.device_status_headers(), &body, reply).await;
+    }
+
+    /// Publish a device status on the confirm channel (see `statuses`),
+    /// waiting for its confirm; through the bus if there is none.
+    async fn send(&self, headers: FieldTable, body: &[u8], reply: Option<&ReplyTo>) {
+        let Some(ch) = &self.statuses else {
+            self.shared.bus.publish_status_with(headers, body, reply).await;
+            return;
+        };
+        let exchange = self.shared.bus.exchange();
+        let mut props = crate::bus::status_properties(headers);
+        if let Some(id) = reply.and_then(|r| r.correlation_id.as_deref()) {
+            props = props.with_correlation_id(id.into());
+        }
+        let opts = lapin::options::BasicPublishOptions::default();
+        if let Ok(confirm) = ch.basic_publish(exchange.into(), "".into(), opts, body, props.clone()).await {
+            let _ = confirm.await;
+        }
+        if let Some(queue) = reply.and_then(|r| r.queue.as_deref()) {
+            let _ = ch.basic_publish("".into(), queue.into(), opts, body, props).await;
+        }
     }
 
     /// Devices were provisioned or changed: route them (one batch of
@@ -142,10 +166,7 @@ impl Devices {
             announce.push(r);
         }
         self.bind_all(&bindings).await;
-        for (i, r) in announce.iter().enumerate() {
-            if i > 0 && i % ANNOUNCE_BATCH == 0 {
-                tokio::time::sleep(ANNOUNCE_PAUSE).await;
-            }
+        for r in &announce {
             self.publish(r, None, None).await;
         }
     }
@@ -167,10 +188,10 @@ impl Devices {
             schema: &self.empty,
         };
         let body = view.to_vec(&self.shared.info);
-        self.shared.bus.publish_status_with(keys.device_status_headers(), &body, None).await;
+        self.send(keys.device_status_headers(), &body, None).await;
         if let Some((ch, q)) = &self.queue {
-            let exchange = self.shared.bus.exchange();
-            let _ = ch.queue_unbind(q.clone(), exchange.into(), "".into(), by_uuid(uuid).binding()).await;
+            let exchange = self.binding_exchange();
+            let _ = ch.queue_unbind(q.clone(), exchange.as_str().into(), "".into(), by_uuid(uuid).binding()).await;
         }
     }
 
@@ -179,7 +200,8 @@ impl Devices {
     /// binding of an open channel; thousands of devices would cost megabytes).
     async fn bind_all(&self, bindings: &[Filter]) {
         let Some((_, q)) = &self.queue else { return };
-        let exchange = self.shared.bus.exchange();
+        let exchange = self.binding_exchange();
+        let exchange = exchange.as_str();
         // Without waiting for each bind-ok (a failure closes the channel and
         // the next bind reports it), a few hundred per channel.
         let opts = QueueBindOptions { nowait: true };
@@ -190,6 +212,24 @@ impl Devices {
                     warn!(error = %e, "cannot bind a device queue");
                     return;
                 }
+                // With an exchange of their own, what is addressed by type
+                // (or category) on the daemon's exchange is passed on to it.
+                if let Some(own) = &self.core.settings.device_exchange
+                    && f.uuid.is_none()
+                {
+                    let source = self.shared.bus.exchange();
+                    let e2e = ch.exchange_bind(
+                        own.as_str().into(),
+                        source.into(),
+                        "".into(),
+                        Default::default(),
+                        f.binding(),
+                    );
+                    if let Err(e) = e2e.await {
+                        warn!(error = %e, "cannot bind the device exchange");
+                        return;
+                    }
+                }
             }
             let _ = ch.close(200, "bindings done".into()).await;
         }
@@ -198,16 +238,12 @@ impl Devices {
         }
     }
 
-    /// Publish every device's status, paced at [`ANNOUNCE_BATCH`] per
-    /// [`ANNOUNCE_PAUSE`], so that thousands of devices do not hold the
-    /// broker (which matches each message against every binding) while
-    /// other components' pings wait.
+    /// Publish every device's status, one confirmed publish at a time
+    /// (see `statuses`), so that thousands of devices never hold the broker
+    /// while other components' pings wait.
     async fn announce_all(&self) {
         let all = self.core.registry.resolved();
-        for (i, r) in all.iter().enumerate() {
-            if i > 0 && i % ANNOUNCE_BATCH == 0 {
-                tokio::time::sleep(ANNOUNCE_PAUSE).await;
-            }
+        for r in &all {
             self.publish(r, None, None).await;
         }
         if all.len() > 100 {
@@ -221,17 +257,35 @@ impl Devices {
     /// it is capped at [`QUEUE_CAP`] messages (oldest dropped by the broker)
     /// and consumed with a prefetch of [`PREFETCH`], so a burst of
     /// announcements never piles up in memory here.
+    /// The exchange the device queue binds on.
+    fn binding_exchange(&self) -> String {
+        self.core.settings.device_exchange.clone().unwrap_or_else(|| self.shared.bus.exchange().to_owned())
+    }
+
     async fn attach(&mut self) -> Option<Consumer> {
         let ch = self.shared.bus.open_channel().await?;
-        let exchange = self.shared.bus.exchange().to_owned();
+        let exchange = self.binding_exchange();
+        if self.core.settings.device_exchange.is_some() {
+            crate::bus::declare_exchange(&ch, &exchange).await.ok()?;
+        }
         let mut args = FieldTable::default();
         args.insert("x-max-length".into(), AMQPValue::LongLongInt(QUEUE_CAP));
         let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         let q = ch.queue_declare("".into(), opts, args).await.ok()?.name().clone();
         let b = Filter { category: Some("equipment".into()), ..Default::default() }.binding();
-        ch.queue_bind(q.clone(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), b).await.ok()?;
+        ch.queue_bind(q.clone(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), b.clone())
+            .await
+            .ok()?;
+        if self.core.settings.device_exchange.is_some() {
+            let source = self.shared.bus.exchange();
+            ch.exchange_bind(exchange.as_str().into(), source.into(), "".into(), Default::default(), b).await.ok()?;
+        }
         ch.basic_qos(PREFETCH, BasicQosOptions::default()).await.ok()?;
         self.queue = Some((ch.clone(), q.clone()));
+        self.statuses = match self.shared.bus.open_channel().await {
+            Some(c) => c.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.ok().map(|_| c),
+            None => None,
+        };
         self.types.clear();
         let mut bindings = Vec::new();
         for r in self.core.registry.resolved() {
@@ -289,13 +343,17 @@ pub async fn run(
     token: CancellationToken,
 ) {
     let mut channel = shared.bus.channel_watch();
-    let mut devices = Devices { shared, core, queue: None, types: Default::default(), empty: Map::new() };
+    let mut devices =
+        Devices { shared, core, queue: None, statuses: None, types: Default::default(), empty: Map::new() };
     let mut consumer: Option<Consumer> = None;
     let mut attach = true;
     loop {
         if attach {
             attach = false;
             let connected = channel.borrow_and_update().is_some();
+            if let Some(old) = devices.statuses.take() {
+                let _ = old.close(200, "reattaching".into()).await;
+            }
             if let Some((old, _)) = devices.queue.take() {
                 let _ = old.close(200, "reattaching".into()).await;
             }

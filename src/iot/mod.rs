@@ -61,6 +61,13 @@ pub struct Settings {
     pub amqp_south_queue: String,
     /// The federation's topic exchange.
     pub federation_exchange: String,
+    /// A headers exchange of their own for the devices' bindings (one per
+    /// device), bound into the daemon's exchange by `category: equipment`
+    /// and by entity type; `None`: the devices bind on the daemon's
+    /// exchange. RabbitMQ matches a headers exchange's bindings one by one,
+    /// so with tens of thousands of devices every message of every lab on
+    /// that exchange would pay for them (README "Devices").
+    pub device_exchange: Option<String>,
     /// Measures kept while the federation broker is down.
     pub buffer: usize,
     /// Accept dojot topics (`tenant:device/attrs`, `/tenant/device/attrs`).
@@ -102,6 +109,7 @@ impl Settings {
             amqp_south_exchange: prop_str(p, "amqp_south_exchange").filter(|s| !s.is_empty()),
             amqp_south_queue: prop_str(p, "amqp_south_queue").unwrap_or_else(|| "iotaqueue".into()),
             federation_exchange: prop_str(p, "federation_exchange").unwrap_or_else(|| "villas.data".into()),
+            device_exchange: prop_str(p, "device_exchange").filter(|s| !s.is_empty()),
             buffer: p.get("buffer").and_then(Value::as_u64).unwrap_or(100_000) as usize,
             dojot: p.get("dojot").and_then(Value::as_bool).unwrap_or(false),
             services: p
