@@ -196,7 +196,9 @@ async fn devices() {
 }
 
 async fn creates(topology: &str) {
-    const N: usize = 10_000;
+    let n_env = std::env::var("SCALE_CREATES").ok().and_then(|v| v.parse().ok());
+    #[allow(non_snake_case)]
+    let N: usize = n_env.unwrap_or(10_000);
     let mgr = Uuid::new_v4();
     let d = daemon(&format!("  - {{category: manager, type: generic, name: M, uuid: {mgr}}}\n"), topology, mgr).await;
     let c = Client::connect(URL, &d.exchange).await.unwrap();
@@ -218,9 +220,23 @@ async fn creates(topology: &str) {
         }
     }
     let sent = start.elapsed();
+    eprintln!(
+        "creates ({topology}): sent {N} in {:.1} s, RSS {:.1} MiB",
+        sent.as_secs_f64(),
+        rss_kib(d.child.id()) as f64 / 1024.0
+    );
     // Done when the last one answers.
     let f = Filter { uuid: Some(last.to_string()), ..Default::default() };
-    while c.ping(&f, Duration::from_millis(500), Duration::from_millis(500), |_| {}).await.unwrap_or(0) == 0 {}
+    let give_up = Instant::now() + Duration::from_secs(120);
+    while c.ping(&f, Duration::from_millis(500), Duration::from_millis(500), |_| {}).await.unwrap_or(0) == 0 {
+        if Instant::now() > give_up {
+            println!(
+                "creates ({topology}): the last create did not answer within 120 s of the end; RSS {:.1} MiB",
+                rss_kib(d.child.id()) as f64 / 1024.0
+            );
+            return;
+        }
+    }
     let done = start.elapsed();
     peak = peak.max(rss_kib(d.child.id()));
     println!(
