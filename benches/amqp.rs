@@ -269,25 +269,7 @@ async fn flood(n: usize) -> f64 {
     h.insert("uuid".into(), AMQPValue::LongString(LongString::from(u.as_str())));
     let props = BasicProperties::default().with_content_type("application/json".into()).with_headers(h);
     let body = br#"{"action":"ping"}"#;
-    let t = Instant::now();
-    let (mut sent, mut got) = (0, 0);
-    while got < n {
-        while sent < n && sent - got < 100 {
-            ch.basic_publish(
-                d.exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                body,
-                props.clone(),
-            )
-            .await
-            .unwrap();
-            sent += 1;
-        }
-        replies.next().await.unwrap().unwrap();
-        got += 1;
-    }
-    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let rate = common::windowed_rate(&ch, &d.exchange, &props, body, &mut replies, n, 100).await;
     let _ = conn.close(200, "bye".into()).await;
     rate
 }

@@ -14,8 +14,7 @@
 
 use busbar::client::Client;
 use busbar::protocol::Filter;
-use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, QueueBindOptions};
+use lapin::options::QueueBindOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
@@ -116,20 +115,7 @@ async fn exchange_rate(exchange: &str, target: &str, n: usize, extra_bindings: u
     h.insert("uuid".into(), AMQPValue::LongString(LongString::from(target)));
     let props = BasicProperties::default().with_content_type("application/json".into()).with_headers(h);
     let body = br#"{"status":{"state":"idle"}}"#;
-    let start = Instant::now();
-    let mut received = 0;
-    let mut sent = 0;
-    while received < n {
-        while sent < n && sent - received < 200 {
-            ch.basic_publish(exchange.into(), "".into(), BasicPublishOptions::default(), body, props.clone())
-                .await
-                .unwrap();
-            sent += 1;
-        }
-        consumer.next().await.unwrap().unwrap();
-        received += 1;
-    }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let rate = common::windowed_rate(&ch, exchange, &props, body, &mut consumer, n, 200).await;
     let _ = conn.close(200, "bye".into()).await;
     rate
 }

@@ -53,3 +53,28 @@ pub fn terminate(child: &mut Child) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
 }
+
+/// Publish `n` messages to `exchange` with at most `window` unanswered,
+/// counting one delivery on `replies` per message; messages per second.
+pub async fn windowed_rate(
+    ch: &lapin::Channel,
+    exchange: &str,
+    props: &lapin::BasicProperties,
+    body: &[u8],
+    replies: &mut lapin::Consumer,
+    n: usize,
+    window: usize,
+) -> f64 {
+    use futures_util::StreamExt;
+    let start = std::time::Instant::now();
+    let (mut sent, mut got) = (0, 0);
+    while got < n {
+        while sent < n && sent - got < window {
+            ch.basic_publish(exchange.into(), "".into(), Default::default(), body, props.clone()).await.unwrap();
+            sent += 1;
+        }
+        replies.next().await.unwrap().unwrap();
+        got += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
