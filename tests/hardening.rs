@@ -575,3 +575,26 @@ async fn devices_can_bind_on_an_exchange_of_their_own() {
     let _ = ch.exchange_delete(own.as_str().into(), Default::default()).await;
     let _ = conn.close(200, "bye".into()).await;
 }
+
+/// A sender cannot grow a component's schedule without bound: the 65th
+/// pending `when` is refused, and `reset` clears the schedule.
+#[tokio::test]
+async fn the_schedule_of_a_component_is_bounded() {
+    let env = TestEnv::new();
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
+    let later = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+        + 300.0 * 24.0 * 3600.0;
+    for _ in 0..64 {
+        c.publish(to_uuid(env.dummy), &json!({"action": "start", "when": later}), None).await.unwrap();
+    }
+    let st = status_of(&mut l, env.dummy, |s| s["status"]["scheduled"].as_array().is_some_and(|a| a.len() == 64)).await;
+    assert_eq!(st["status"]["state"], "idle");
+    c.publish(to_uuid(env.dummy), &json!({"action": "start", "when": later}), None).await.unwrap();
+    let st = state_of(&mut l, env.dummy, "error").await;
+    assert!(st["status"]["error"]["msg"].as_str().unwrap().starts_with("Too many scheduled actions"), "{st}");
+    c.publish(to_uuid(env.dummy), &action("reset", json!({})), None).await.unwrap();
+    let st = state_of(&mut l, env.dummy, "idle").await;
+    assert!(st["status"].get("scheduled").is_none(), "{st}");
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
