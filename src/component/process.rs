@@ -187,7 +187,12 @@ fn command_line(spec: &ProcessSpec, req: &ActionRequest, props: &Map<String, Val
         if props.get("shell").and_then(Value::as_bool) != Some(true) {
             return Err(ErrorInfo::new("Shell execution is not allowed for this simulator"));
         }
-        let line = std::iter::once(executable).chain(argv).collect::<Vec<_>>().join(" ");
+        // The executable is quoted: it is what the whitelist allowed, so it
+        // must be the program the shell runs (`/bin/echo; rm -rf /` would
+        // otherwise pass a `^/bin/echo` whitelist), and a path with spaces
+        // stays one word. The arguments stay shell syntax, as the component
+        // allows a shell.
+        let line = std::iter::once(shell_quote(&executable)).chain(argv).collect::<Vec<_>>().join(" ");
         ("/bin/sh".to_owned(), vec!["-c".to_owned(), line])
     } else {
         (executable, argv)
@@ -210,6 +215,11 @@ fn command_line(spec: &ProcessSpec, req: &ActionRequest, props: &Map<String, Val
         stdout_logfile: path("stdout_logfile")?,
         stdin,
     })
+}
+
+/// `s` as one POSIX shell word.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// The signal name for `sig` (`SIGKILL`), or its number.
@@ -673,7 +683,12 @@ mod tests {
         let e = command_line(&spec, &r, &props(json!({"whitelist": ["echo"]}))).unwrap_err();
         assert!(e.msg().starts_with("Shell execution is not allowed"));
         let ok = command_line(&spec, &r, &props(json!({"whitelist": ["echo"], "shell": true}))).unwrap();
-        assert_eq!((ok.program.as_str(), ok.args.clone()), ("/bin/sh", vec!["-c".to_owned(), "echo a b".to_owned()]));
+        assert_eq!((ok.program.as_str(), ok.args.clone()), ("/bin/sh", vec!["-c".to_owned(), "'echo' a b".to_owned()]));
+        // The whitelisted executable is one word: it cannot smuggle a command.
+        let sneaky = req(json!({"executable": "echo; touch /tmp/x", "shell": true}));
+        let ok = command_line(&spec, &sneaky, &props(json!({"whitelist": ["echo"], "shell": true}))).unwrap();
+        assert_eq!(ok.args[1], "'echo; touch /tmp/x'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 
     #[test]
