@@ -13,7 +13,7 @@ use lapin::options::{BasicPublishOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -22,6 +22,7 @@ fn url() -> String {
 }
 
 mod common;
+use common::Daemon;
 use common::{ms, pct};
 
 fn header(key: &str, value: &str) -> FieldTable {
@@ -73,18 +74,6 @@ async fn raw() -> (f64, Duration, Duration) {
     let _ = ch.exchange_delete(ex.as_str().into(), Default::default()).await;
     let _ = conn.close(200, "bye".into()).await;
     (rate, pct(&rtts, 0.5), pct(&rtts, 0.99))
-}
-
-struct Daemon {
-    child: Child,
-    exchange: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        common::terminate(&mut self.child);
-    }
 }
 
 impl Daemon {

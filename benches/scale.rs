@@ -18,26 +18,14 @@ use lapin::options::QueueBindOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use std::process::Child;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 mod common;
+use common::Daemon;
 use common::{free_port, ms, pct, rss_kib};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-struct Daemon {
-    child: Child,
-    exchange: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        common::terminate(&mut self.child);
-    }
-}
 
 async fn daemon(components: &str, topology: &str, wait_for: Uuid) -> Daemon {
     let dir = tempfile::tempdir().unwrap();

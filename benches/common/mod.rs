@@ -78,3 +78,19 @@ pub async fn windowed_rate(
     }
     n as f64 / start.elapsed().as_secs_f64()
 }
+
+/// The daemon under test, stopped gracefully when dropped.
+pub struct Daemon {
+    /// Its process.
+    pub child: Child,
+    /// Its exchange.
+    pub exchange: String,
+    /// Its config and data, removed with it.
+    pub _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
