@@ -20,10 +20,11 @@ fn to_realm(realm: &str) -> lapin::types::FieldTable {
 /// A `when` past what `SystemTime` can hold once panicked the decoder, and
 /// the decoding task (per component, shared, or discovery) died for good.
 /// Now it is an `error` status, and the same consumer keeps answering.
-async fn absurd_when_is_refused_and_the_consumers_live_on(topology: &str) {
+async fn absurd_when_is_refused_and_the_consumers_live_on(topology: busbar::config::Topology) {
     let env = TestEnv::new();
-    let yaml = format!("{}topology: {topology}\n", env.config_yaml());
-    let (d, c, mut l) = env.up(&yaml).await;
+    let mut cfg = env.config(&env.config_yaml());
+    cfg.topology = topology;
+    let (d, c, mut l) = env.up_with(cfg).await;
     for when in [json!(1e19), json!(1e20), json!("1e20"), json!(u64::MAX), json!(f64::MAX)] {
         // To the realm: every component's consumer decodes it.
         let body = json!({"action": "start", "when": when});
@@ -70,12 +71,12 @@ async fn absurd_when_is_refused_and_the_consumers_live_on(topology: &str) {
 
 #[tokio::test]
 async fn absurd_when_per_component_topology() {
-    absurd_when_is_refused_and_the_consumers_live_on("per-component").await;
+    absurd_when_is_refused_and_the_consumers_live_on(busbar::config::Topology::PerComponent).await;
 }
 
 #[tokio::test]
 async fn absurd_when_shared_topology() {
-    absurd_when_is_refused_and_the_consumers_live_on("shared").await;
+    absurd_when_is_refused_and_the_consumers_live_on(busbar::config::Topology::Shared).await;
 }
 
 /// A device id that makes the federation routing key longer than 255 bytes
@@ -195,15 +196,14 @@ impl Sandbox {
         Sandbox { env: TestEnv::new(), generic: Uuid::new_v4() }
     }
 
-    fn yaml(&self, sandbox: &str) -> String {
-        // Single-quoted YAML: the fixture path is taken literally.
-        let bin = regex::escape(&fixtures_bin()).replace('\'', "''");
-        let mut y = self.env.config_yaml_with(&format!(
-            "  - {{category: simulator, type: generic, name: Gen, uuid: {g}, whitelist: ['{bin}/'], allowed_environment: [FOO, 'SIM_*', LD_PRELOAD]}}\n",
-            g = self.generic,
-        ));
-        y.push_str(sandbox);
-        y
+    fn config(&self, create_may_set: &[&str]) -> busbar::config::Config {
+        let mut cfg = self.env.config_with(vec![json!({
+            "category": "simulator", "type": "generic", "name": "Gen", "uuid": self.generic.to_string(),
+            "whitelist": [self.env.fixtures_whitelist()],
+            "allowed_environment": ["FOO", "SIM_*", "LD_PRELOAD"],
+        })]);
+        cfg.sandbox.create_may_set = create_may_set.iter().map(|k| (*k).to_owned()).collect();
+        cfg
     }
 }
 
@@ -212,7 +212,7 @@ impl Sandbox {
 #[tokio::test]
 async fn the_process_sandbox_holds() {
     let sb = Sandbox::new();
-    let (d, c, mut l) = sb.env.up(&sb.yaml("")).await;
+    let (d, c, mut l) = sb.env.up_with(sb.config(&[])).await;
     let g = sb.generic;
     let exe = format!("{}/env-check.sh", fixtures_bin());
     let outside = sb.env.dir.path().join("outside.txt");
@@ -265,7 +265,7 @@ async fn the_process_sandbox_holds() {
 #[tokio::test]
 async fn a_create_cannot_widen_the_sandbox_unless_the_config_allows_it() {
     let sb = Sandbox::new();
-    let (d, c, mut l) = sb.env.up(&sb.yaml("")).await;
+    let (d, c, mut l) = sb.env.up_with(sb.config(&[])).await;
     let m = sb.env.manager;
     let evil = Uuid::new_v4();
     let params = json!({"category": "simulator", "type": "generic", "uuid": evil.to_string(), "whitelist": [".*"], "shell": true});
@@ -279,7 +279,7 @@ async fn a_create_cannot_widen_the_sandbox_unless_the_config_allows_it() {
     d.stop().await.expect("clean shutdown");
 
     // A config that allows it.
-    let (d, c2, mut l) = sb.env.up(&sb.yaml("sandbox: {create_may_set: [whitelist]}\n")).await;
+    let (d, c2, mut l) = sb.env.up_with(sb.config(&["whitelist"])).await;
     let ok = Uuid::new_v4();
     let params =
         json!({"category": "simulator", "type": "generic", "uuid": ok.to_string(), "whitelist": ["^/bin/true$"]});
@@ -325,7 +325,7 @@ fn the_example_config_whitelists_no_interpreter() {
 #[tokio::test]
 async fn tokens_and_url_passwords_are_never_echoed() {
     let sb = Sandbox::new();
-    let (d, c, mut l) = sb.env.up(&sb.yaml("")).await;
+    let (d, c, mut l) = sb.env.up_with(sb.config(&[])).await;
     let body = json!({"action": "start", "parameters": {"runtime": 0},
         "model": {"type": "url", "url": "http://user:hunter2@127.0.0.1:9/m.zip", "token": "s3cr3t-token"},
         "results": {"type": "url", "url": "http://127.0.0.1:9/r", "token": "s3cr3t-token"}});

@@ -20,22 +20,18 @@ impl Lab {
         Lab { env: TestEnv::new(), generic: Uuid::new_v4(), shell: Uuid::new_v4() }
     }
 
-    fn yaml(&self) -> String {
-        // Single-quoted YAML: the escaped path is taken literally, whatever
-        // the checkout path holds.
-        let bin = regex::escape(&fixtures_bin()).replace('\'', "''");
-        self.env.config_yaml_with(&format!(
-            r#"  - {{category: simulator, type: generic, name: Gen, uuid: {g}, grace: 0.5, whitelist: ['{bin}/', /bin/true], allowed_environment: [FOO, BAR]}}
-  - {{category: simulator, type: generic, name: Shell, uuid: {s}, shell: true, whitelist: ['{bin}/']}}
-  - {{category: simulator, type: script, name: Script, uuid: {sc}, script: "{pybin}/params.py"}}
-  - {{category: simulator, type: dpsim, name: DPsim, uuid: {dp}}}
-"#,
-            g = self.generic,
-            s = self.shell,
-            sc = script_uuid(self.generic),
-            dp = dpsim_uuid(self.generic),
-            pybin = fixtures_bin(),
-        ))
+    /// The default config plus the process simulators, as typed values.
+    fn config(&self) -> busbar::config::Config {
+        let bin = self.env.fixtures_whitelist();
+        self.env.config_with(vec![
+            json!({"category": "simulator", "type": "generic", "name": "Gen", "uuid": self.generic.to_string(),
+                "grace": 0.5, "whitelist": [bin, "/bin/true"], "allowed_environment": ["FOO", "BAR"]}),
+            json!({"category": "simulator", "type": "generic", "name": "Shell", "uuid": self.shell.to_string(),
+                "shell": true, "whitelist": [bin]}),
+            json!({"category": "simulator", "type": "script", "name": "Script",
+                "uuid": script_uuid(self.generic).to_string(), "script": format!("{}/params.py", fixtures_bin())}),
+            json!({"category": "simulator", "type": "dpsim", "name": "DPsim", "uuid": dpsim_uuid(self.generic).to_string()}),
+        ])
     }
 }
 
@@ -97,7 +93,7 @@ async fn pids(lab: &Lab, uuid: Uuid) -> Vec<i32> {
 #[tokio::test]
 async fn exit_0_goes_idle_and_exit_3_is_an_error_with_the_code_that_reset_clears() {
     let lab = Lab::new();
-    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
+    let (d, c, mut l) = lab.env.up_with(lab.config()).await;
     let g = lab.generic;
     c.publish(to_uuid(g), &start("exit-with.sh", json!(["0", "0.1"])), None).await.unwrap();
     state_of(&mut l, g, "starting").await;
@@ -126,7 +122,7 @@ async fn exit_0_goes_idle_and_exit_3_is_an_error_with_the_code_that_reset_clears
 #[tokio::test]
 async fn stop_terminates_the_group_within_the_grace_period_and_kills_what_ignores_it() {
     let lab = Lab::new();
-    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
+    let (d, c, mut l) = lab.env.up_with(lab.config()).await;
     let g = lab.generic;
     c.publish(to_uuid(g), &start("sleeper.sh", json!([])), None).await.unwrap();
     state_of(&mut l, g, "running").await;
@@ -154,7 +150,7 @@ async fn stop_terminates_the_group_within_the_grace_period_and_kills_what_ignore
 #[tokio::test]
 async fn pause_and_resume_stop_and_continue_the_process() {
     let lab = Lab::new();
-    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
+    let (d, c, mut l) = lab.env.up_with(lab.config()).await;
     let g = lab.generic;
     c.publish(to_uuid(g), &start("sleeper.sh", json!([])), None).await.unwrap();
     let st = state_of(&mut l, g, "running").await;
@@ -183,7 +179,7 @@ async fn pause_and_resume_stop_and_continue_the_process() {
 #[tokio::test]
 async fn reset_while_running_kills_the_whole_group_and_leaves_no_orphan() {
     let lab = Lab::new();
-    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
+    let (d, c, mut l) = lab.env.up_with(lab.config()).await;
     let g = lab.generic;
     c.publish(to_uuid(g), &start("sleeper.sh", json!([])), None).await.unwrap();
     state_of(&mut l, g, "running").await;
@@ -203,7 +199,7 @@ async fn reset_while_running_kills_the_whole_group_and_leaves_no_orphan() {
 #[tokio::test]
 async fn whitelist_shell_and_missing_executables_are_clear_errors() {
     let lab = Lab::new();
-    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
+    let (d, c, mut l) = lab.env.up_with(lab.config()).await;
     let g = lab.generic;
     let cases = [
         (
@@ -245,7 +241,7 @@ async fn whitelist_shell_and_missing_executables_are_clear_errors() {
 #[tokio::test]
 async fn environment_working_directory_and_logs_are_applied() {
     let lab = Lab::new();
-    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
+    let (d, c, mut l) = lab.env.up_with(lab.config()).await;
     let g = lab.generic;
     for environment in [json!({"FOO": "bar", "BAR": 7}), json!(["FOO=bar", "BAR=7"])] {
         let body = action(
@@ -271,7 +267,7 @@ async fn environment_working_directory_and_logs_are_applied() {
 #[tokio::test]
 async fn daemon_shutdown_leaves_no_child_behind() {
     let lab = Lab::new();
-    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
+    let (d, c, mut l) = lab.env.up_with(lab.config()).await;
     c.publish(to_uuid(lab.generic), &start("sleeper.sh", json!([])), None).await.unwrap();
     state_of(&mut l, lab.generic, "running").await;
     let p = pids(&lab, lab.generic).await;
@@ -283,7 +279,7 @@ async fn daemon_shutdown_leaves_no_child_behind() {
 #[tokio::test]
 async fn the_script_type_gets_its_parameters_as_json_on_stdin() {
     let lab = Lab::new();
-    let (d, c, mut l) = lab.env.up(&lab.yaml()).await;
+    let (d, c, mut l) = lab.env.up_with(lab.config()).await;
     let s = script_uuid(lab.generic);
     c.publish(to_uuid(s), &action("start", json!({"x": 2, "label": "a"})), None).await.unwrap();
     state_of(&mut l, s, "running").await;

@@ -69,10 +69,10 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 async fn models_download_with_the_token_and_results_upload_as_multipart() {
     let env = TestEnv::new();
     let sim = Uuid::new_v4();
-    let bin = regex::escape(&fixtures_bin()).replace('\'', "''");
-    let yaml = env
-        .config_yaml_with(&format!("  - {{category: simulator, type: generic, uuid: {sim}, whitelist: ['{bin}/']}}\n"));
-    let (d, c, mut l) = env.up(&yaml).await;
+    let cfg = env.config_with(vec![
+        json!({"category": "simulator", "type": "generic", "uuid": sim.to_string(), "whitelist": [env.fixtures_whitelist()]}),
+    ]);
+    let (d, c, mut l) = env.up_with(cfg).await;
     let (base, seen) = server().await;
     let body = json!({
         "action": "start",
@@ -117,10 +117,10 @@ async fn models_download_with_the_token_and_results_upload_as_multipart() {
 async fn a_failed_download_or_upload_is_an_error_with_the_http_status() {
     let env = TestEnv::new();
     let sim = Uuid::new_v4();
-    let bin = regex::escape(&fixtures_bin()).replace('\'', "''");
-    let yaml = env
-        .config_yaml_with(&format!("  - {{category: simulator, type: generic, uuid: {sim}, whitelist: ['{bin}/']}}\n"));
-    let (d, c, mut l) = env.up(&yaml).await;
+    let cfg = env.config_with(vec![
+        json!({"category": "simulator", "type": "generic", "uuid": sim.to_string(), "whitelist": [env.fixtures_whitelist()]}),
+    ]);
+    let (d, c, mut l) = env.up_with(cfg).await;
     let (base, _seen) = server().await;
     let exe = format!("{}/exit-with.sh", fixtures_bin());
     // Wrong token: 401 from the model server.

@@ -130,6 +130,31 @@ components:
         (d, c, l)
     }
 
+    /// [`TestEnv::up`] with a typed config (no YAML text to splice).
+    pub async fn up_with(&self, config: Config) -> (Running, Client, Listener) {
+        let d = self.start_with(config).await;
+        let c = self.client().await;
+        let l = self.listen_all(&c).await;
+        (d, c, l)
+    }
+
+    /// The default config plus `components`, as typed values: paths and
+    /// regexes go in as they are, whatever characters they hold.
+    pub fn config_with(&self, components: Vec<Value>) -> Config {
+        let mut cfg = self.config(&self.config_yaml());
+        cfg.components.extend(components.into_iter().map(|c| match c {
+            Value::Object(m) => m,
+            other => panic!("a component is an object, not {other}"),
+        }));
+        cfg
+    }
+
+    /// A whitelist regex allowing everything under the fixture programs
+    /// directory, wherever the checkout is.
+    pub fn fixtures_whitelist(&self) -> String {
+        format!("{}/", regex::escape(&fixtures_bin()))
+    }
+
     /// A client on this environment's exchange.
     pub async fn client(&self) -> Client {
         Client::connect(&amqp_url(), &self.exchange).await.expect("client connects")
