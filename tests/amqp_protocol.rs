@@ -226,8 +226,9 @@ async fn status_is_republished_periodically_and_announced_at_startup() {
     let env = TestEnv::new();
     let c = env.client().await;
     let mut l = env.listen_all(&c).await;
-    let yaml = env.config_yaml().replace("status_interval: 30", "status_interval: 0.2");
-    let d = env.start_with(env.config(&yaml)).await;
+    let mut cfg = env.config(&env.config_yaml());
+    cfg.status_interval = 0.2;
+    let d = env.start_with(cfg).await;
     // Announced at startup without any ping…
     state_of(&mut l, env.dummy, "idle").await;
     // …then again and again.
@@ -242,8 +243,9 @@ async fn status_is_republished_periodically_and_announced_at_startup() {
 #[tokio::test]
 async fn the_shared_topology_routes_like_per_component_queues() {
     let env = TestEnv::new();
-    let yaml = env.config_yaml().replace("status_interval: 30", "status_interval: 30\ntopology: shared");
-    let (d, c, mut l) = env.up(&yaml).await;
+    let mut cfg = env.config(&env.config_yaml());
+    cfg.topology = busbar::config::Topology::Shared;
+    let (d, c, mut l) = env.up_with(cfg).await;
     // By uuid: only the dummy answers.
     c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
     state_of(&mut l, env.dummy, "idle").await;

@@ -81,8 +81,9 @@ async fn the_api_lists_reports_and_acts_on_components_with_json_errors() {
 #[tokio::test]
 async fn health_is_503_while_the_broker_is_unreachable() {
     let env = TestEnv::new();
-    let yaml = env.config_yaml().replace(&amqp_url(), "amqp://guest:guest@127.0.0.1:1/%2f");
-    let d = busbar::daemon::start(env.config(&yaml)).await.expect("starts without a broker");
+    let mut cfg = env.config(&env.config_yaml());
+    cfg.broker.url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+    let d = busbar::daemon::start(cfg).await.expect("starts without a broker");
     let base = format!("http://{}", d.api_addr.unwrap());
     let r = reqwest::get(format!("{base}/api/v1/health")).await.unwrap();
     assert_eq!(r.status(), 503);

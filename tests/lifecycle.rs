@@ -186,8 +186,9 @@ async fn create_errors_are_clear_and_leave_the_daemon_running() {
 #[tokio::test]
 async fn a_deleted_component_publishes_gone_once_and_then_stays_silent() {
     let env = TestEnv::new();
-    let yaml = env.config_yaml().replace("status_interval: 30", "status_interval: 0.1");
-    let (d, c, mut l) = env.up(&yaml).await;
+    let mut cfg = env.config(&env.config_yaml());
+    cfg.status_interval = 0.1;
+    let (d, c, mut l) = env.up_with(cfg).await;
     let u = Uuid::new_v4();
     c.publish(
         to_uuid(env.manager),
