@@ -303,6 +303,9 @@ impl Bus {
     }
 }
 
+/// Most component subscriptions pipelined in one go.
+const SUBSCRIBE_BATCH: usize = 256;
+
 /// The not-yet-started supervisor of a [`Bus`].
 #[derive(Debug)]
 pub struct BusRunner {
@@ -410,48 +413,77 @@ async fn session(
         }
     };
     let mut queues: HashMap<Uuid, ShortString> = HashMap::new();
-    let subscribe = async |h: ComponentHandle, queues: &mut HashMap<Uuid, ShortString>| -> Result<(), BusError> {
-        match &shared_queue {
-            Some(q) => {
-                sub.queue_bind(
-                    q.clone(),
-                    exchange.as_str().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    h.keys.binding(),
-                )
-                .await?
+    // Subscribe a batch of components at once: their declares, binds and
+    // consumes are pipelined on the channel (one round trip for the batch,
+    // not three per component), so creates at 100/s keep up.
+    let subscribe =
+        async |batch: Vec<ComponentHandle>, queues: &mut HashMap<Uuid, ShortString>| -> Result<(), BusError> {
+            let routed = futures_util::future::join_all(batch.iter().map(|h| async {
+                match &shared_queue {
+                    Some(q) => {
+                        let (x, b) = (exchange.as_str().into(), h.keys.binding());
+                        sub.queue_bind(q.clone(), x, "".into(), QueueBindOptions::default(), b).await?;
+                        Ok::<_, lapin::Error>(None)
+                    }
+                    None => {
+                        let q = declare_bound_queue(&sub, &exchange, h.keys.binding()).await?;
+                        let consumer = consume(&sub, q.clone()).await?;
+                        Ok(Some((q, consumer)))
+                    }
+                }
+            }))
+            .await;
+            for (h, r) in batch.into_iter().zip(routed) {
+                if let Some((q, consumer)) = r? {
+                    h.attach(consumer).await;
+                    queues.insert(h.uuid(), q);
+                }
+                h.announce().await;
             }
-            None => {
-                let q = declare_bound_queue(&sub, &exchange, h.keys.binding()).await?;
-                h.attach(consume(&sub, q.clone()).await?).await;
-                queues.insert(h.uuid(), q);
-            }
-        }
-        h.announce().await;
-        Ok(())
-    };
+            Ok(())
+        };
 
     // Publishing works from here on, so the announcements below go out.
     ch_tx.send_replace(Some(publ));
     // Commands queued while disconnected concern components that the
     // registry snapshot below already covers; drop them.
     while cmd_rx.try_recv().is_ok() {}
-    for h in s.handles() {
-        subscribe(h, &mut queues).await?;
+    let all = s.handles();
+    for chunk in all.chunks(SUBSCRIBE_BATCH) {
+        subscribe(chunk.to_vec(), &mut queues).await?;
     }
     ready.store(true, std::sync::atomic::Ordering::Release);
     s.metrics.connects.inc();
     info!(broker = %redact_url(url), %exchange, components = queues.len().max(s.handles().len()), "connected to broker");
 
     let mut check = tokio::time::interval(Duration::from_secs(1));
+    // A command taken while batching subscriptions, to run next.
+    let mut stash: Option<BusCmd> = None;
     loop {
+        let stashed = stash.take();
         tokio::select! {
-            cmd = cmd_rx.recv() => match cmd {
+            // Biased, commands first: a stashed command is ready at once
+            // and must not be dropped with the branch's future.
+            biased;
+            cmd = async { match stashed { Some(c) => Some(c), None => cmd_rx.recv().await } } => match cmd {
                 None => return Ok(()),
                 Some(BusCmd::Subscribe(h)) => {
-                    debug!(component = %h.uuid(), "subscribing");
-                    subscribe(h, &mut queues).await?
+                    // Take every subscription already waiting (up to a
+                    // batch); a different command ends the batch and runs
+                    // right after it, so the order of commands is kept.
+                    let mut batch = vec![h];
+                    while batch.len() < SUBSCRIBE_BATCH {
+                        match cmd_rx.try_recv() {
+                            Ok(BusCmd::Subscribe(h)) => batch.push(h),
+                            Ok(other) => {
+                                stash = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    debug!(components = batch.len(), "subscribing");
+                    subscribe(batch, &mut queues).await?
                 }
                 Some(BusCmd::OpenChannel(tx)) => {
                     let _ = tx.send(conn.create_channel().await?);
@@ -540,7 +572,7 @@ async fn dispatch(s: &Shared, d: &lapin::message::Delivery, target: &Target) {
         Target::Matching => {
             let empty = FieldTable::default();
             let headers = d.properties.headers().as_ref().unwrap_or(&empty);
-            for h in s.handles().into_iter().filter(|h| h.keys.matches(headers)) {
+            for h in s.addressed(&crate::protocol::Addressed::of(headers)) {
                 h.deliver(msg.clone()).await;
             }
         }

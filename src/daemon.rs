@@ -57,6 +57,20 @@ impl Shared {
         self.read().values().cloned().collect()
     }
 
+    /// The components a message with routing headers `to` reaches (shared
+    /// topology: what the exchange would deliver to each component queue).
+    /// Only the matches are cloned out of the registry.
+    pub fn addressed(&self, to: &crate::protocol::Addressed<'_>) -> Vec<ComponentHandle> {
+        if let Some(uuid) = to.uuid
+            && to.category.is_none()
+            && to.kind.is_none()
+            && to.realm.is_none()
+        {
+            return self.lookup(uuid).into_iter().collect();
+        }
+        self.read().values().filter(|h| h.keys.matches_addressed(to)).cloned().collect()
+    }
+
     /// The uuids of the components managed by `manager`.
     pub fn managed_by(&self, manager: Uuid) -> Vec<Uuid> {
         self.read().values().filter(|h| h.managed_by == Some(manager)).map(|h| h.uuid()).collect()
@@ -86,7 +100,7 @@ impl Shared {
     pub(crate) async fn remove_component(&self, uuid: Uuid) {
         let handle = self.registry.write().unwrap_or_else(|p| p.into_inner()).shift_remove(&uuid);
         if let Some(h) = handle {
-            self.bus.unsubscribe(h.keys.clone());
+            self.bus.unsubscribe((*h.keys).clone());
             h.remove().await;
         }
     }

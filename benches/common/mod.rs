@@ -39,8 +39,19 @@ pub fn spawn_daemon(cfg: &Path, level: &str, log: Option<&Path>) -> Child {
         Some(p) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap()),
         None => Stdio::inherit(),
     };
-    Command::new(env!("CARGO_BIN_EXE_busbar"))
-        .args(["--log-level", level, "daemon", "-c"])
+    // BENCH_DAEMON_WRAPPER runs the daemon under a profiler, for example
+    // `heaptrack -o /tmp/busbar` or `valgrind --tool=massif`.
+    let wrapper = std::env::var("BENCH_DAEMON_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(env!("CARGO_BIN_EXE_busbar"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_busbar")),
+    };
+    cmd.args(["--log-level", level, "daemon", "-c"])
         .arg(cfg)
         .stdout(Stdio::null())
         .stderr(stderr)

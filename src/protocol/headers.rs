@@ -86,11 +86,57 @@ impl RoutingKeys {
     /// assert!(!keys.matches(&Filter::default().action_headers()));
     /// ```
     pub fn matches(&self, headers: &FieldTable) -> bool {
-        let eq = |key: &str, want: &str| matches!(header_str(headers, key), Some(HeaderValue::Str(v)) if v == want);
-        eq("category", &self.category)
-            || eq("type", &self.kind)
-            || eq("uuid", &self.uuid.to_string())
-            || self.realm.as_deref().is_some_and(|r| eq("realm", r))
+        self.matches_addressed(&Addressed::of(headers))
+    }
+
+    /// [`RoutingKeys::matches`] against headers decoded once: the shared
+    /// topology tests every component against each message, so this must
+    /// not allocate.
+    pub fn matches_addressed(&self, to: &Addressed<'_>) -> bool {
+        to.category == Some(self.category.as_str())
+            || to.kind == Some(self.kind.as_str())
+            || to.uuid == Some(self.uuid)
+            || self.realm.as_deref().is_some_and(|r| to.realm == Some(r))
+    }
+}
+
+/// The string routing headers of one message, borrowed from it. A header
+/// that is absent, void, not a string or (for `uuid`) not a uuid is `None`,
+/// which matches nothing, as on the exchange.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Addressed<'a> {
+    /// `category` header.
+    pub category: Option<&'a str>,
+    /// `type` header.
+    pub kind: Option<&'a str>,
+    /// `uuid` header, parsed if it is in canonical (lower-case, hyphenated) form.
+    pub uuid: Option<Uuid>,
+    /// `realm` header.
+    pub realm: Option<&'a str>,
+}
+
+impl<'a> Addressed<'a> {
+    /// Borrow the routing headers of `headers`.
+    pub fn of(headers: &'a FieldTable) -> Self {
+        let get = |key: &str| -> Option<&'a str> {
+            match headers.inner().get(&ShortString::from(key))? {
+                AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+                AMQPValue::ShortString(s) => Some(s.as_str()),
+                _ => None,
+            }
+        };
+        Addressed {
+            category: get("category"),
+            kind: get("type"),
+            // The exchange compares bytes: only the canonical form (what
+            // every component binds) can match.
+            uuid: get("uuid").and_then(|u| {
+                let parsed = Uuid::try_parse(u).ok()?;
+                let mut buf = Uuid::encode_buffer();
+                (parsed.hyphenated().encode_lower(&mut buf) == u).then_some(parsed)
+            }),
+            realm: get("realm"),
+        }
     }
 }
 
@@ -227,6 +273,17 @@ mod tests {
         assert!(!k.matches(&table(&[("type", long("generic"))])));
         assert!(!k.matches(&table(&[("uuid", long(""))])), "broadcast ping is not routed");
         assert!(!k.matches(&FieldTable::default()));
+    }
+
+    #[test]
+    fn a_uuid_matches_only_in_the_canonical_form_the_exchange_compares() {
+        let k = keys(None);
+        let upper = k.uuid.to_string().to_uppercase();
+        let simple = k.uuid.simple().to_string();
+        assert!(k.matches(&table(&[("uuid", long(&k.uuid.to_string()))])));
+        assert!(!k.matches(&table(&[("uuid", long(&upper))])));
+        assert!(!k.matches(&table(&[("uuid", long(&simple))])));
+        assert!(!k.matches(&table(&[("uuid", AMQPValue::LongString(LongString::from(vec![0xff, 0xfe])))])));
     }
 
     #[test]

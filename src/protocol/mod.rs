@@ -6,7 +6,7 @@ pub mod headers;
 pub mod status;
 
 pub use action::{ActionRequest, Rejection, ReplyTo, When, decode};
-pub use headers::{Filter, RoutingKeys};
+pub use headers::{Addressed, Filter, RoutingKeys};
 pub use status::{DaemonInfo, ErrorInfo};
 
 /// `content_type` of every message busbar publishes.
