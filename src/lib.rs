@@ -39,6 +39,7 @@ pub mod iot;
 pub mod k8s;
 pub mod metrics;
 pub mod protocol;
+pub mod react;
 pub mod sandbox;
 pub mod serve;
 pub mod state;

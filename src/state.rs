@@ -227,6 +227,30 @@ pub enum TransitionError {
     },
 }
 
+/// Edges outside the VILLAS table that a driver may take because it
+/// *observed* them rather than decided them. Nothing else leaves the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// Work found already running after a daemon restart (a Kubernetes Job
+    /// that outlived the daemon): `idle → running` or `idle → paused`.
+    Adopted,
+    /// Something failed: any state but `gone` → `error`.
+    Failed,
+    /// The component was deleted: any state → `gone`.
+    Deleted,
+}
+
+impl Observed {
+    /// Whether this observation allows `from → to`.
+    pub fn allows(self, from: State, to: State) -> bool {
+        match self {
+            Observed::Adopted => from == State::Idle && matches!(to, State::Running | State::Paused),
+            Observed::Failed => from != State::Gone && to == State::Error,
+            Observed::Deleted => to == State::Gone,
+        }
+    }
+}
+
 /// The lifecycle of one simulator, with checked transitions. Drivers call
 /// [`Lifecycle::begin`] for an action and [`Lifecycle::advance`] (or
 /// [`Lifecycle::settle`]) when their work moves the state on.
@@ -292,7 +316,18 @@ impl Lifecycle {
         self.advance(next).ok()
     }
 
-    /// Enter `error`; allowed from everywhere but `gone`.
+    /// Take a declared observed edge (see [`Observed`]); anything else is
+    /// refused and changes nothing.
+    pub fn observe(&mut self, why: Observed, next: State) -> Result<State, TransitionError> {
+        if why.allows(self.state, next) {
+            self.state = next;
+            Ok(next)
+        } else {
+            Err(TransitionError::Invalid { current: self.state, next })
+        }
+    }
+
+    /// Enter `error` ([`Observed::Failed`]); allowed from everywhere but `gone`.
     pub fn fail(&mut self) -> State {
         if self.state != State::Gone {
             self.state = State::Error;
@@ -300,7 +335,7 @@ impl Lifecycle {
         self.state
     }
 
-    /// Enter `gone` (delete). Terminal.
+    /// Enter `gone` (delete, [`Observed::Deleted`]). Terminal.
     pub fn gone(&mut self) {
         self.state = State::Gone;
     }
@@ -427,5 +462,23 @@ mod tests {
         }
         assert_eq!("foo".parse::<Action>(), Err(TransitionError::UnknownAction("foo".into())));
         assert!("stopped".parse::<State>().is_err());
+    }
+
+    #[test]
+    fn observed_edges_are_exactly_the_declared_ones() {
+        for from in State::ALL {
+            for to in State::ALL {
+                assert_eq!(Observed::Adopted.allows(from, to), from == Idle && matches!(to, Running | Paused));
+                assert_eq!(Observed::Failed.allows(from, to), from != Gone && to == Error);
+                assert_eq!(Observed::Deleted.allows(from, to), to == Gone);
+            }
+        }
+        // Not an edge of the table: only an observation may take it.
+        assert!(!Idle.can_transition_to(Running));
+        let mut l = Lifecycle::default();
+        assert!(l.advance(Running).is_err());
+        assert!(l.observe(Observed::Failed, Running).is_err());
+        assert_eq!(l.observe(Observed::Adopted, Running), Ok(Running));
+        assert!(l.observe(Observed::Adopted, Paused).is_err(), "adoption starts from idle only");
     }
 }

@@ -10,7 +10,12 @@ use tracing::info;
 use super::Component;
 use crate::iot::Agent;
 use crate::protocol::ErrorInfo;
-use crate::state::{Action, State};
+use crate::react::{self, GatewayEvent};
+use crate::state::Action;
+
+fn agent_failed() -> ErrorInfo {
+    ErrorInfo::new("The IoT agent failed")
+}
 
 impl Component {
     /// Start the agent (once, when the component task starts).
@@ -19,14 +24,16 @@ impl Component {
         match Agent::start(&self.shared, self.keys.uuid, self.keys.realm.clone(), &props).await {
             Ok(agent) => {
                 info!(gateway = %self.keys.uuid, north = %agent.north_addr, south = %agent.south_addr, "IoT agent started");
-                if *agent.core.running.borrow() {
-                    self.set_state(State::Running);
-                }
+                let running = *agent.core.running.borrow();
                 self.agent = Some(Box::new(agent));
+                if running && self.react(react::gateway(self.lifecycle.state(), GatewayEvent::Started), agent_failed) {
+                    self.publish(None).await;
+                }
             }
             Err(info) => {
                 self.shared.metrics.error("gateway_start");
-                self.fail(info, None).await;
+                self.react(react::gateway(self.lifecycle.state(), GatewayEvent::StartFailed), || info);
+                self.publish(None).await;
             }
         }
     }
@@ -53,9 +60,7 @@ impl Component {
         if let Some(agent) = &self.agent {
             agent.set_running(on);
         }
-        if let Some(to) = self.lifecycle.state().settled() {
-            self.set_state(to);
-        }
+        self.react(react::gateway(self.lifecycle.state(), GatewayEvent::Applied), agent_failed);
         Ok(())
     }
 

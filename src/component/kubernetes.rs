@@ -26,6 +26,7 @@ use crate::daemon::Shared;
 use crate::k8s::job::{JobCmd, JobEvent, JobRun, Mode, StartJob, Target};
 use crate::k8s::{Owner, Phase, simple_job_template};
 use crate::protocol::{ActionRequest, ErrorInfo};
+use crate::react::{self, JobEvent as Rule, Reaction};
 use crate::state::{Action, State};
 
 /// How long deleting a component waits for its Job to be deleted.
@@ -191,81 +192,65 @@ impl Component {
         self.job = None;
     }
 
-    /// Apply what the job task reported.
+    /// Apply what the job task reported: the state change is the pure rule
+    /// of `react::kubernetes`; this keeps the status fields in step.
     pub(super) async fn on_job_event(&mut self, ev: JobEvent) {
-        let state = self.lifecycle.state();
-        match ev {
+        let adopting = self.job.as_ref().is_some_and(|j| j.adopting);
+        let mut failure = ErrorInfo::new("The Kubernetes API failed");
+        let rule = match ev {
             JobEvent::Watching { name, namespace } => {
                 self.properties.insert("job_name".into(), name.into());
                 self.properties.insert("namespace".into(), namespace.into());
+                None
             }
             JobEvent::Observed { phase, pods } => {
                 self.extra.insert("pod_names".into(), pods.into());
                 match phase {
-                    Phase::Running => {
-                        if matches!(state, State::Starting | State::Resuming | State::Idle) {
-                            self.set_state(State::Running);
-                        }
-                    }
-                    Phase::Suspended => {
-                        if matches!(state, State::Pausing | State::Idle) {
-                            self.set_state(State::Paused);
-                        }
-                    }
-                    Phase::Succeeded => {
-                        if matches!(
-                            state,
-                            State::Starting | State::Running | State::Pausing | State::Paused | State::Resuming
-                        ) {
-                            self.set_state(State::Stopping);
-                        }
-                    }
+                    Phase::Running => Some(Rule::PhaseRunning),
+                    Phase::Suspended => Some(Rule::PhaseSuspended),
+                    Phase::Succeeded => Some(Rule::PhaseSucceeded),
                     Phase::Failed { reason, message } => {
-                        if !matches!(state, State::Stopping | State::Resetting | State::Idle) {
-                            self.shared.metrics.error("job_failed");
-                            let info = ErrorInfo::new(format!("Job failed: {reason}"))
-                                .with("reason", reason)
-                                .with("message", message);
-                            return self.fail(info, None).await;
-                        }
+                        failure = ErrorInfo::new(format!("Job failed: {reason}"))
+                            .with("reason", reason)
+                            .with("message", message);
+                        Some(Rule::PhaseFailed)
                     }
-                    Phase::Pending => {}
+                    Phase::Pending => None,
                 }
             }
-            JobEvent::Suspended(on) => match (on, state) {
-                (true, State::Pausing) => self.set_state(State::Paused),
-                (false, State::Resuming) => self.set_state(State::Running),
-                _ => return,
-            },
+            JobEvent::Suspended(on) => Some(Rule::SuspendApplied(on)),
             JobEvent::Finished => {
                 self.job = None;
-                if state == State::Stopping {
-                    self.set_state(State::Idle);
-                }
+                Some(Rule::Finished)
             }
             JobEvent::Vanished => {
                 self.job = None;
                 self.extra.insert("pod_names".into(), Value::Array(Vec::new()));
-                if !matches!(state, State::Idle | State::Stopping | State::Resetting | State::Error) {
-                    self.shared.metrics.error("job_vanished");
-                    return self.fail(ErrorInfo::new("The Job was deleted outside busbar"), None).await;
-                }
+                failure = ErrorInfo::new("The Job was deleted outside busbar");
+                Some(Rule::Vanished)
             }
             JobEvent::Deleted => {
                 self.job = None;
                 self.properties.shift_remove("job_name");
                 self.extra.insert("pod_names".into(), Value::Array(Vec::new()));
-                if matches!(state, State::Stopping | State::Resetting | State::ShuttingDown)
-                    && let Some(to) = state.settled()
-                {
-                    self.set_state(to);
-                }
+                Some(Rule::Deleted)
             }
             JobEvent::Failed(info) => {
                 self.job = None;
-                self.shared.metrics.error("kubernetes_api");
-                return self.fail(info, None).await;
+                failure = info;
+                Some(Rule::ApiFailed)
             }
+        };
+        if let Some(rule) = rule {
+            let reaction = react::kubernetes(self.lifecycle.state(), rule, adopting);
+            if reaction == Reaction::Fail {
+                self.shared.metrics.error(match rule {
+                    Rule::PhaseFailed => "job_failed",
+                    Rule::Vanished => "job_vanished",
+                    _ => "kubernetes_api",
+                });
+            }
+            self.react(reaction, || failure);
         }
         self.publish(None).await;
     }

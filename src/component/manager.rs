@@ -14,13 +14,18 @@ use crate::state::{Action, State, TransitionError};
 use crate::store::StoredComponent;
 
 impl Component {
-    /// Run a manager action. Managers have no transition table: they are
-    /// `idle` unless an action failed, and `reset` clears the error.
+    /// Run a manager action. A manager stays `idle`: a refused create or
+    /// delete is answered with the error (and shown in `status.error` until
+    /// the next action succeeds) but leaves it usable. Only a panic puts it
+    /// in `error`, and `reset` (`resetting → idle`) clears that.
     pub(super) async fn manage(&mut self, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
         match action {
             Action::Create => self.create(req).await?,
             Action::Delete => self.delete(req).await?,
-            Action::Reset => {}
+            Action::Reset => {
+                self.begin(Action::Reset)?;
+                self.go(State::Idle);
+            }
             other => {
                 self.shared.metrics.error("unsupported_action");
                 return Err(ErrorInfo::from(&TransitionError::Unsupported {
@@ -30,7 +35,6 @@ impl Component {
             }
         }
         self.error = None;
-        self.set_state(State::Idle);
         Ok(())
     }
 

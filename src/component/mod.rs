@@ -26,7 +26,8 @@ use crate::config::ComponentSpec;
 use crate::daemon::Shared;
 use crate::protocol::status::{Prefix, StatusView};
 use crate::protocol::{ActionRequest, ErrorInfo, Rejection, RoutingKeys, When};
-use crate::state::{Action, Lifecycle, State, TransitionError};
+use crate::react::Reaction;
+use crate::state::{Action, Lifecycle, Observed, State, TransitionError};
 use kinds::{Driver, Kind};
 
 /// Most actions one component keeps waiting for their `when`; more are
@@ -67,8 +68,9 @@ pub enum Command {
 /// The address of a running component. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ComponentHandle {
-    /// Routing headers.
-    pub keys: RoutingKeys,
+    /// Routing headers (shared: the shared topology walks every handle per
+    /// message, and handles are cloned out of the registry often).
+    pub keys: Arc<RoutingKeys>,
     /// The managing component, if any.
     pub managed_by: Option<Uuid>,
     /// Whether it was created at runtime (and so is in the store).
@@ -173,6 +175,10 @@ pub(crate) struct Component {
     /// Properties whose published value is redacted (URLs with a password),
     /// as given: only drivers see them.
     secrets: Map<String, Value>,
+    /// States entered since the last publish, in order: `publish` sends a
+    /// status for each one before the current, so observers see every
+    /// state the component passes through (`pausing` before `paused`).
+    trail: Vec<State>,
 }
 
 /// Split off the properties that must not be published: URLs with a
@@ -240,10 +246,11 @@ pub(crate) fn spawn(
         job: None,
         agent: None,
         secrets,
+        trail: Vec::new(),
     };
     shared.metrics.state_change(None, Some(State::Idle.as_str()));
     shared.tracker.spawn(component.run(rx));
-    ComponentHandle { keys, managed_by, persisted, tx }
+    ComponentHandle { keys: Arc::new(keys), managed_by, persisted, tx }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -302,7 +309,7 @@ impl Component {
                             self.delete_job().await;
                         }
                         self.remove_agent().await;
-                        self.set_state(State::Gone);
+                        self.observe(Observed::Deleted, State::Gone);
                         self.publish(None).await;
                         let _ = done.send(());
                         break;
@@ -347,8 +354,7 @@ impl Component {
         self.shared.metrics.error("panic");
         self.settle_at = None;
         let info = ErrorInfo::new("Internal error while handling a message; reset to recover").with("detail", panic);
-        self.set_state(State::Error);
-        self.error = Some(info);
+        self.enter_error(info);
         if let Err(again) = crate::supervise::catch(self.publish(None)).await {
             tracing::error!(component = %self.keys.uuid, panic = %again, "cannot publish the error status");
         }
@@ -357,10 +363,10 @@ impl Component {
     /// The settle timer fired: complete the transient state and publish.
     async fn settle(&mut self) {
         self.settle_at = None;
-        let from = self.lifecycle.state();
-        if let Some(to) = self.lifecycle.settle() {
-            self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
-            debug!(component = %self.keys.uuid, %from, %to, "settled");
+        if let Some(to) = self.lifecycle.state().settled()
+            && self.go(to)
+        {
+            debug!(component = %self.keys.uuid, %to, "settled");
             self.publish(None).await;
         }
     }
@@ -503,6 +509,13 @@ impl Component {
                 info!(state = %self.lifecycle.state(), "action accepted");
                 self.publish(reply).await
             }
+            // A refused create or delete is the requester's mistake, not
+            // the manager's: answer with the error, stay usable.
+            Err(info) if matches!(action, Action::Create | Action::Delete) => {
+                warn!(component = %self.keys.uuid, error = %info.msg(), "request refused");
+                self.error = Some(info);
+                self.publish(reply).await
+            }
             Err(info) => self.fail(info, reply).await,
         }
     }
@@ -515,9 +528,64 @@ impl Component {
             self.shared.metrics.error("invalid_transition");
             ErrorInfo::from(&e)
         })?;
-        self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
+        if to != from || action.entry_state().is_some() {
+            self.entered(from, to);
+        }
         self.error = None;
         Ok(())
+    }
+
+    /// Take a table edge (the one checked entry for driver decisions); a
+    /// refused edge changes nothing, is counted and logged, and returns
+    /// `false`.
+    fn go(&mut self, to: State) -> bool {
+        let from = self.lifecycle.state();
+        match self.lifecycle.advance(to) {
+            Ok(_) => {
+                self.entered(from, to);
+                true
+            }
+            Err(e) => {
+                self.shared.metrics.error("invalid_transition");
+                warn!(component = %self.keys.uuid, error = ?e, "a driver asked for a transition the table does not allow");
+                false
+            }
+        }
+    }
+
+    /// Take a declared observed edge (adoption, failure, deletion).
+    fn observe(&mut self, why: Observed, to: State) -> bool {
+        let from = self.lifecycle.state();
+        match self.lifecycle.observe(why, to) {
+            Ok(_) => {
+                self.entered(from, to);
+                true
+            }
+            Err(e) => {
+                self.shared.metrics.error("invalid_transition");
+                warn!(component = %self.keys.uuid, error = ?e, ?why, "an observed transition was refused");
+                false
+            }
+        }
+    }
+
+    fn entered(&mut self, from: State, to: State) {
+        self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
+        self.trail.push(to);
+    }
+
+    /// Apply a driver's [`Reaction`] (see `react.rs`); `failure` says why
+    /// if it fails. Returns whether the state changed; the caller publishes.
+    fn react(&mut self, r: Reaction, failure: impl FnOnce() -> ErrorInfo) -> bool {
+        match r {
+            Reaction::Stay | Reaction::Kill => false,
+            Reaction::Path(path) => path.iter().all(|&to| self.go(to)),
+            Reaction::Observe(why, to) => self.observe(why, to),
+            Reaction::Fail => {
+                self.enter_error(failure());
+                true
+            }
+        }
     }
 
     fn dummy(&mut self, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
@@ -543,26 +611,24 @@ impl Component {
 
     /// Enter `error` with `info`, drop any pending settle, and publish.
     async fn fail(&mut self, info: ErrorInfo, reply: Option<&ActionRequest>) {
-        warn!(component = %self.keys.uuid, error = %info.msg(), "component error");
-        self.settle_at = None;
-        self.set_state(State::Error);
-        self.error = Some(info);
+        self.enter_error(info);
         self.publish(reply).await;
     }
 
-    fn set_state(&mut self, to: State) {
-        let from = self.lifecycle.state();
-        match to {
-            State::Error => {
-                self.lifecycle.fail();
-            }
-            State::Gone => self.lifecycle.gone(),
-            other => self.lifecycle = Lifecycle::new(other),
-        }
-        self.shared.metrics.state_change(Some(from.as_str()), Some(self.lifecycle.state().as_str()));
+    /// Enter `error` with `info` ([`Observed::Failed`]) and drop any pending
+    /// settle; the caller publishes.
+    fn enter_error(&mut self, info: ErrorInfo) {
+        warn!(component = %self.keys.uuid, error = %info.msg(), "component error");
+        self.settle_at = None;
+        self.observe(Observed::Failed, State::Error);
+        self.error = Some(info);
     }
 
     fn view<'a>(&'a self, extra: &'a Map<String, Value>) -> StatusView<'a> {
+        self.view_in(self.lifecycle.state(), extra)
+    }
+
+    fn view_in<'a>(&'a self, state: State, extra: &'a Map<String, Value>) -> StatusView<'a> {
         let prefix = match self.keys.category.as_str() {
             "simulator" => Prefix::Simulator { model: &self.model, results: &self.results },
             "manager" => Prefix::Manager { components: self.shared.managed_by(self.keys.uuid) },
@@ -570,7 +636,7 @@ impl Component {
         };
         StatusView {
             prefix,
-            state: self.lifecycle.state(),
+            state,
             managed_by: self.managed_by,
             error: self.error.as_ref(),
             extra,
@@ -586,9 +652,21 @@ impl Component {
 
     /// Publish the status on the exchange; if `cause` asked for a reply, also
     /// send it to `reply_to` with its `correlation_id`.
-    async fn publish(&self, cause: Option<&ActionRequest>) {
+    ///
+    /// States entered since the last publish and already left are published
+    /// first, in order (without the reply): observers see `pausing` before
+    /// `paused` even when the driver got there at once.
+    async fn publish(&mut self, cause: Option<&ActionRequest>) {
         let live = self.agent_status();
-        let body = self.view(live.as_ref().unwrap_or(&self.extra)).to_vec(&self.shared.info);
+        let extra = live.as_ref().unwrap_or(&self.extra);
+        let trail = std::mem::take(&mut self.trail);
+        if let Some((_, passed)) = trail.split_last() {
+            for &state in passed {
+                let body = self.view_in(state, extra).to_vec(&self.shared.info);
+                Box::pin(self.shared.bus.publish_status(&self.keys, &body, None)).await;
+            }
+        }
+        let body = self.view(extra).to_vec(&self.shared.info);
         let reply = cause.map(|r| &r.reply).filter(|r| r.wanted());
         // Boxed: lapin's publish future is kilobytes, and would otherwise be
         // part of every idle component task.

@@ -24,7 +24,8 @@ use uuid::Uuid;
 use super::Component;
 use super::kinds::{ArgItem, Driver, ProcessSpec, Stdin, placeholders};
 use crate::protocol::{ActionRequest, ErrorInfo};
-use crate::state::{Action, State};
+use crate::react::{self, ProcessEvent, Reaction};
+use crate::state::Action;
 
 /// Seconds between SIGTERM and SIGKILL unless the type or component says.
 const DEFAULT_GRACE: f64 = 5.0;
@@ -450,11 +451,11 @@ impl Component {
         Duration::from_secs_f64(secs.clamp(0.0, 3600.0))
     }
 
-    fn advance(&mut self, to: State) {
-        let from = self.lifecycle.state();
-        if self.lifecycle.advance(to).is_ok() {
-            self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
-        }
+    /// Apply the process rule for `event` (see `react::process`).
+    fn on_process(&mut self, event: ProcessEvent, failure: impl FnOnce() -> ErrorInfo) -> Reaction {
+        let reaction = react::process(self.lifecycle.state(), event);
+        self.react(reaction, failure);
+        reaction
     }
 
     /// Run a process action.
@@ -472,20 +473,20 @@ impl Component {
                 }
                 _ => {
                     self.run = None;
-                    self.advance(State::Idle);
+                    self.on_process(ProcessEvent::NothingRuns, no_failure);
                 }
             },
             Action::Pause => {
                 if let Some(run) = &self.run {
                     run.signal(Signal::SIGSTOP);
                 }
-                self.advance(State::Paused);
+                self.on_process(ProcessEvent::Signalled, no_failure);
             }
             Action::Resume => {
                 if let Some(run) = &self.run {
                     run.signal(Signal::SIGCONT);
                 }
-                self.advance(State::Running);
+                self.on_process(ProcessEvent::Signalled, no_failure);
             }
             Action::Reset => match &mut self.run {
                 Some(run) if run.pgid.is_some() => {
@@ -495,12 +496,12 @@ impl Component {
                 }
                 _ => {
                     self.run = None;
-                    self.advance(State::Idle);
+                    self.on_process(ProcessEvent::NothingRuns, no_failure);
                 }
             },
             Action::Shutdown => {
                 self.run = None;
-                self.advance(State::Shutdown);
+                self.on_process(ProcessEvent::NothingRuns, no_failure);
             }
             Action::Ping | Action::Create | Action::Delete => {}
         }
@@ -538,7 +539,8 @@ impl Component {
         }
     }
 
-    /// Apply what the run reported.
+    /// Apply what the run reported. The state change is the pure rule of
+    /// `react::process`; this keeps the run and the status fields in step.
     pub(super) async fn on_run_event(&mut self, ev: RunEvent) {
         match ev {
             RunEvent::Spawned(pid) => {
@@ -546,52 +548,38 @@ impl Component {
                     r.pgid = Some(pid);
                 }
                 self.extra.insert("pid".into(), pid.into());
-                match self.lifecycle.state() {
-                    State::Starting => {
-                        self.advance(State::Running);
-                        self.publish(None).await;
-                    }
+                if self.on_process(ProcessEvent::Spawned, no_failure) == Reaction::Kill
+                    && let Some(r) = &mut self.run
+                {
                     // A stop or reset arrived while it was being prepared.
-                    State::Stopping | State::Resetting => {
-                        if let Some(r) = &mut self.run {
-                            r.ending.get_or_insert(Ending::Reset);
-                            r.signal(Signal::SIGKILL);
-                        }
-                    }
-                    _ => {}
+                    r.ending.get_or_insert(Ending::Reset);
+                    r.signal(Signal::SIGKILL);
                 }
             }
             RunEvent::Failed(info) => {
                 self.run = None;
-                match self.lifecycle.state() {
-                    State::Resetting | State::Stopping => {
-                        self.advance(State::Idle);
-                        self.publish(None).await;
-                    }
-                    _ => {
-                        self.shared.metrics.error("process");
-                        self.fail(info, None).await;
-                    }
+                if self.on_process(ProcessEvent::SpawnFailed, || info) == Reaction::Fail {
+                    self.shared.metrics.error("process");
                 }
             }
-            RunEvent::Exited(status) => self.on_exit(status).await,
+            RunEvent::Exited(status) => self.on_exit(status),
             RunEvent::Uploaded(result) => {
                 self.run = None;
                 match result {
                     Ok(()) => {
-                        self.advance(State::Idle);
-                        self.publish(None).await;
+                        self.on_process(ProcessEvent::ResultsDone, no_failure);
                     }
                     Err(info) => {
                         self.shared.metrics.error("upload");
-                        self.fail(info, None).await;
+                        self.on_process(ProcessEvent::UploadFailed, || info);
                     }
                 }
             }
         }
+        self.publish(None).await;
     }
 
-    async fn on_exit(&mut self, status: ExitStatus) {
+    fn on_exit(&mut self, status: ExitStatus) {
         use std::os::unix::process::ExitStatusExt;
         let ending = self.run.as_ref().and_then(|r| r.ending);
         self.extra.shift_remove("pid");
@@ -599,19 +587,16 @@ impl Component {
         info!(component = %self.keys.uuid, ?status, ?ending, "process exited");
         if ending.is_some() {
             self.run = None;
-            self.advance(State::Idle);
-            return self.publish(None).await;
+            self.on_process(ProcessEvent::ExitedAsAsked, no_failure);
+            return;
         }
-        match (status.code(), status.signal()) {
+        let failure = match (status.code(), status.signal()) {
             (Some(0), _) => {
-                self.advance(State::Stopping);
-                self.publish(None).await;
+                self.on_process(ProcessEvent::ExitedOk, no_failure);
                 if self.results.is_null() {
                     self.run = None;
-                    self.advance(State::Idle);
-                    return self.publish(None).await;
-                }
-                if let Some(run) = &mut self.run {
+                    self.on_process(ProcessEvent::ResultsDone, no_failure);
+                } else if let Some(run) = &mut self.run {
                     let (tx, results, dir) = (run.tx.clone(), run.results.clone(), run.dir.clone());
                     run.task = self
                         .shared
@@ -622,29 +607,26 @@ impl Component {
                         })
                         .abort_handle();
                 }
+                return;
             }
             (Some(code), _) => {
-                self.run = None;
                 self.shared.metrics.error("process_exit");
-                self.fail(ErrorInfo::new("Child process exited").with("code", code), None).await;
+                ErrorInfo::new("Child process exited").with("code", code)
             }
             (None, Some(sig)) => {
-                self.run = None;
                 self.shared.metrics.error("process_signal");
-                self.fail(
-                    ErrorInfo::new("Child process caught signal")
-                        .with("signal", sig)
-                        .with("signal_name", signal_name(sig)),
-                    None,
-                )
-                .await;
+                ErrorInfo::new("Child process caught signal").with("signal", sig).with("signal_name", signal_name(sig))
             }
-            (None, None) => {
-                self.run = None;
-                self.fail(ErrorInfo::new("Child process ended"), None).await;
-            }
-        }
+            (None, None) => ErrorInfo::new("Child process ended"),
+        };
+        self.run = None;
+        self.on_process(ProcessEvent::ExitedBadly, || failure);
     }
+}
+
+/// For rules that cannot fail on this event.
+fn no_failure() -> ErrorInfo {
+    ErrorInfo::new("Internal error: a process rule failed where it cannot")
 }
 
 #[cfg(test)]

@@ -92,6 +92,9 @@ pub enum JobEvent {
 /// A running task, owned by the component. Dropping it aborts the task
 /// (the Job itself is left alone: a restarted daemon adopts it).
 pub struct JobRun {
+    /// Watching a Job found at start-up (not one this run started): only
+    /// then may the component jump from `idle` to what the Job does.
+    pub adopting: bool,
     cmds: mpsc::Sender<JobCmd>,
     events: mpsc::Receiver<JobEvent>,
     task: tokio::task::AbortHandle,
@@ -109,8 +112,9 @@ impl JobRun {
         let (cmds, cmd_rx) = mpsc::channel(4);
         let (tx, events) = mpsc::channel(16);
         let span = info_span!("job", component = %target.owner.component);
+        let adopting = matches!(mode, Mode::Adopt);
         let task = tracker.spawn(run(clients, target, mode, cmd_rx, tx).instrument(span)).abort_handle();
-        JobRun { cmds, events, task }
+        JobRun { adopting, cmds, events, task }
     }
 
     /// Ask the task to do `cmd`; `false` if it has ended.
