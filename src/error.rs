@@ -18,6 +18,9 @@ pub enum Error {
     /// A listener cannot be bound (the message names the address).
     #[error(transparent)]
     Bind(#[from] crate::serve::BindError),
+    /// A client was given something it cannot use (a malformed uuid).
+    #[error("{0}")]
+    Usage(String),
     /// A client operation timed out.
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
@@ -31,6 +34,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Config(_) => "config",
+            Error::Usage(_) => "usage",
             Error::Store(_) => "store",
             Error::Amqp(_) => "amqp",
             Error::Io(_) => "io",

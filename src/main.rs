@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use busbar::client::{Client, Outcome};
+use busbar::client::{Client, Goal, Outcome};
 use busbar::config::{AMQP_URL_ENV, Config};
 use busbar::protocol::Filter;
 
@@ -255,11 +255,20 @@ async fn wait_outcome(
     client: &Client,
     uuid: &str,
     body: &Value,
-    target: Option<&str>,
+    goal: Goal,
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let result = client.act_and_wait(uuid, body, target, timeout).await;
+    let created = match &goal {
+        Goal::Created { follow } => Some(*follow),
+        _ => None,
+    };
+    let result = client.act_and_wait(uuid, body, goal, timeout).await;
     Ok(match result {
+        Ok(Outcome::Reached(_)) if created.is_some() => {
+            // What a script needs next: the new component's uuid.
+            println!("{}", created.unwrap_or_default());
+            ExitCode::SUCCESS
+        }
         Ok(Outcome::Reached(status)) => {
             println!("{}", status.pointer("/status/state").and_then(Value::as_str).unwrap_or("?"));
             ExitCode::SUCCESS
@@ -386,7 +395,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let body = Value::Object(body);
             let client = conn.connect().await?;
             let code = match wait {
-                Some(target) => wait_outcome(&client, &uuid, &body, Some(&target), timeout).await?,
+                Some(target) => wait_outcome(&client, &uuid, &body, Goal::State(target), timeout).await?,
                 None => {
                     let filter = Filter { uuid: Some(uuid), ..Default::default() };
                     client.publish(filter.action_headers(), &body, None).await?;
@@ -397,16 +406,28 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             return Ok(code);
         }
         Cmd::Create { conn, manager, parameters, timeout } => {
-            let body = serde_json::json!({"action": "create", "parameters": object(&parameters)?});
+            let mut parameters = object(&parameters)?;
+            // The client names the new component, so that it can follow it
+            // (and print its uuid) whichever daemon creates it.
+            let follow = match parameters.get("uuid") {
+                Some(u) => u.as_str().and_then(|u| uuid::Uuid::try_parse(u).ok()).unwrap_or_default(),
+                None => {
+                    let u = uuid::Uuid::new_v4();
+                    parameters.insert("uuid".into(), u.to_string().into());
+                    u
+                }
+            };
+            let body = serde_json::json!({"action": "create", "parameters": parameters});
             let client = conn.connect().await?;
-            let code = wait_outcome(&client, &manager, &body, None, timeout).await?;
+            let code = wait_outcome(&client, &manager, &body, Goal::Created { follow }, timeout).await?;
             client.close().await;
             return Ok(code);
         }
         Cmd::Delete { conn, manager, uuid, timeout } => {
+            let follow = uuid::Uuid::try_parse(&uuid).unwrap_or_default();
             let body = serde_json::json!({"action": "delete", "parameters": {"uuid": uuid}});
             let client = conn.connect().await?;
-            let code = wait_outcome(&client, &manager, &body, None, timeout).await?;
+            let code = wait_outcome(&client, &manager, &body, Goal::Deleted { follow }, timeout).await?;
             client.close().await;
             return Ok(code);
         }

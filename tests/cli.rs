@@ -8,15 +8,7 @@ use std::process::Output;
 use uuid::Uuid;
 
 async fn busbar(env: &TestEnv, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"));
-    cmd.args(args).env("AMQP_URL", amqp_url()).env_remove("RUST_LOG").kill_on_drop(true);
-    if args.first().is_none_or(|a| *a != "validate-config" && *a != "types") {
-        cmd.args(["--exchange", &env.exchange]);
-    }
-    tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())
-        .await
-        .expect("CLI finished")
-        .expect("CLI runs")
+    cli(env, args).await
 }
 
 fn text(b: &[u8]) -> String {

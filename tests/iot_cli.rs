@@ -74,13 +74,7 @@ async fn until_up(url: &str) {
 }
 
 async fn busbar(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"))
-        .args(args)
-        .args(["--exchange", &env.exchange])
-        .env("AMQP_URL", amqp_url())
-        .output()
-        .await
-        .unwrap()
+    cli(env, args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

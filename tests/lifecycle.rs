@@ -161,13 +161,14 @@ async fn create_errors_are_clear_and_leave_the_daemon_running() {
         (json!({"category": "teleporter", "type": "x"}), "unknown category"),
         (json!({"category": "gateway", "type": "x"}), "unknown type \"x\" for category gateway"),
     ];
+    let has_error = |msg: &'static str| {
+        move |st: &Value| st["status"]["error"]["msg"].as_str().is_some_and(|m| m.contains(msg))
+    };
     for (params, msg) in cases {
         c.publish(to_uuid(env.manager), &action("create", params), None).await.unwrap();
-        let st = state_of(&mut l, env.manager, "error").await;
-        let got = st["status"]["error"]["msg"].as_str().unwrap();
-        assert!(got.contains(msg), "want {msg:?}, got {got:?}");
-        c.publish(to_uuid(env.manager), &action("reset", json!({})), None).await.unwrap();
-        state_of(&mut l, env.manager, "idle").await;
+        // The refusal is shown, and the manager stays usable: no reset.
+        let st = status_of(&mut l, env.manager, has_error(msg)).await;
+        assert_eq!(st["status"]["state"], "idle", "{st}");
     }
     for (params, msg) in [
         (json!({"uuid": Uuid::new_v4().to_string()}), "Unknown component"),
@@ -175,10 +176,28 @@ async fn create_errors_are_clear_and_leave_the_daemon_running() {
         (json!({}), "Missing uuid"),
     ] {
         c.publish(to_uuid(env.manager), &action("delete", params), None).await.unwrap();
-        let st = state_of(&mut l, env.manager, "error").await;
-        assert!(st["status"]["error"]["msg"].as_str().unwrap().contains(msg), "{st}");
+        let st = status_of(&mut l, env.manager, has_error(msg)).await;
+        assert_eq!(st["status"]["state"], "idle", "{st}");
     }
     assert_eq!(d.shared.handles().len(), 2);
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_refused_create_leaves_the_manager_able_to_create_the_next_one() {
+    let env = TestEnv::new();
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
+    let dup = json!({"category": "simulator", "type": "dummy", "uuid": env.dummy.to_string()});
+    let reply = c.request(to_uuid(env.manager), &action("create", dup), Duration::from_secs(5)).await.unwrap();
+    assert!(reply["status"]["error"]["msg"].as_str().unwrap().contains("Duplicate uuid"), "{reply}");
+    assert_eq!(reply["status"]["state"], "idle", "the requester hears the refusal; the manager stays idle");
+    let u = Uuid::new_v4();
+    let ok = json!({"category": "simulator", "type": "dummy", "uuid": u.to_string()});
+    let reply = c.request(to_uuid(env.manager), &action("create", ok), Duration::from_secs(5)).await.unwrap();
+    assert!(reply["status"]["error"].is_null(), "a successful create clears the shown error: {reply}");
+    state_of(&mut l, u, "idle").await;
+    assert!(d.shared.lookup(u).is_some());
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }

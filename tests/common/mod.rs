@@ -232,3 +232,18 @@ pub fn action(name: &str, parameters: Value) -> Value {
 pub fn to_uuid(uuid: Uuid) -> FieldTable {
     busbar::protocol::Filter { uuid: Some(uuid.to_string()), ..Default::default() }.action_headers()
 }
+
+/// Run the `busbar` binary against the test's exchange and broker, and
+/// give up after 30 s (a hung CLI fails the test instead of the suite).
+/// `validate-config` and `types` take no exchange.
+pub async fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"));
+    cmd.args(args).env("AMQP_URL", amqp_url()).env_remove("RUST_LOG").kill_on_drop(true);
+    if args.first().is_none_or(|a| *a != "validate-config" && *a != "types") {
+        cmd.args(["--exchange", &env.exchange]);
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())
+        .await
+        .expect("CLI finished within 30 s")
+        .expect("CLI runs")
+}

@@ -10,10 +10,16 @@ use serde_json::{Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
+mod wait;
+pub use wait::{CORRELATION_GRACE, Goal, Wait};
+
 use crate::bus::{consume, declare_bound_queue, declare_exchange};
 use crate::protocol::headers::headers_to_json;
 use crate::protocol::{self, Filter};
 use crate::{Error, Result};
+
+/// The categories a ping without a filter reaches.
+pub const DISCOVERY_CATEGORIES: [&str; 3] = ["simulator", "manager", "gateway"];
 
 /// One message seen by a client.
 #[derive(Debug, Clone)]
@@ -197,7 +203,18 @@ impl Client {
         mut on_reply: impl FnMut(&Seen),
     ) -> Result<usize> {
         let mut l = self.listen(filter.binding()).await?;
-        self.publish(filter.action_headers(), &json!({"action": "ping"}), None).await?;
+        if filter.is_empty() {
+            // Everyone: by category, because the Python VILLAScontroller
+            // ignores the broadcast `uuid: ""` that busbar answers. (Devices
+            // are left out, as from busbar's broadcast: there can be
+            // thousands; `--category equipment` lists them.)
+            for category in DISCOVERY_CATEGORIES {
+                let by = Filter { category: Some(category.into()), ..Default::default() };
+                self.publish(by.action_headers(), &json!({"action": "ping"}), None).await?;
+            }
+        } else {
+            self.publish(filter.action_headers(), &json!({"action": "ping"}), None).await?;
+        }
         let end = Instant::now() + timeout;
         // One reply per component: a status that was already on its way
         // (an announcement) may arrive besides the answer.
@@ -215,42 +232,67 @@ impl Client {
         Ok(seen_uuids.len())
     }
 
-    /// Send `body` to component `uuid` and wait until its status reaches
-    /// `target` (`Reached`) or `error` (`Failed`); `None` as target waits only
-    /// for the direct reply. Statuses from before the action are ignored: the
-    /// wait starts at the reply carrying our correlation id.
-    pub async fn act_and_wait(
-        &self,
-        uuid: &str,
-        body: &Value,
-        target: Option<&str>,
-        timeout: Duration,
-    ) -> Result<Outcome> {
-        let mut binding = FieldTable::default();
-        binding.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
-        binding.insert("uuid".into(), AMQPValue::LongString(LongString::from(uuid)));
-        let mut l = self.listen(binding).await?;
+    /// Send `body` to component `uuid` and wait for `goal` (see [`Wait`]):
+    /// `Reached` with the status that ended the wait, `Failed` with the
+    /// status carrying the error. Works against busbar (correlated replies)
+    /// and against daemons that only publish state changes (the Python
+    /// VILLAScontroller).
+    pub async fn act_and_wait(&self, uuid: &str, body: &Value, goal: Goal, timeout: Duration) -> Result<Outcome> {
+        let target = uuid::Uuid::try_parse(uuid).map_err(|e| Error::Usage(format!("invalid uuid {uuid:?}: {e}")))?;
+        let only = |u: &str| {
+            let mut b = FieldTable::default();
+            b.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+            b.insert("uuid".into(), AMQPValue::LongString(LongString::from(u)));
+            b
+        };
+        let mut l = self.listen(only(uuid)).await?;
+        let follow = match &goal {
+            Goal::Created { follow } | Goal::Deleted { follow } => Some(*follow),
+            Goal::State(_) => None,
+        };
+        if let Some(f) = follow {
+            let binding = only(&f.to_string());
+            self.ch
+                .queue_bind(l.queue.as_str().into(), self.exchange.as_str().into(), "".into(), Default::default(), binding)
+                .await?;
+        }
         let id = uuid::Uuid::new_v4().to_string();
+        let mut wait = Wait::new(target, id.clone(), goal);
         let filter = Filter { uuid: Some(uuid.to_owned()), ..Default::default() };
         self.publish(filter.action_headers(), body, Some((&l.queue, &id))).await?;
         let end = Instant::now() + timeout;
-        let mut replied = false;
-        while let Some(seen) = l.next_until(end).await {
-            if !seen.is_status() {
-                continue;
+        let mut grace = Some(Instant::now() + CORRELATION_GRACE);
+        let mut next_ping = Instant::now();
+        loop {
+            let deadline = grace.unwrap_or(end).min(end);
+            let seen = l.next_until(deadline).await;
+            if let Some(seen) = seen {
+                if seen.is_status()
+                    && let Some(done) = wait.on_status(seen.correlation_id.as_deref(), &seen.payload)
+                {
+                    return Ok(done);
+                }
+            } else if Instant::now() >= end {
+                return Err(Error::Timeout(timeout));
             }
-            replied |= seen.correlation_id.as_deref() == Some(id.as_str());
-            if !replied {
-                continue;
+            if grace.is_some_and(|g| Instant::now() >= g) {
+                grace = None;
+                if let Some(done) = wait.on_grace() {
+                    return Ok(done);
+                }
             }
-            match (seen.state(), target) {
-                (Some("error"), _) => return Ok(Outcome::Failed(seen.payload)),
-                (Some(s), Some(t)) if s == t => return Ok(Outcome::Reached(seen.payload)),
-                (_, None) => return Ok(Outcome::Reached(seen.payload)),
-                _ => {}
+            // A Python component announces nothing when created: ask it.
+            if let Some(f) = wait.follow()
+                && Instant::now() >= next_ping
+            {
+                next_ping = Instant::now() + Duration::from_secs(1);
+                let to = Filter { uuid: Some(f.to_string()), ..Default::default() };
+                self.publish(to.action_headers(), &json!({"action": "ping"}), None).await?;
+            }
+            if Instant::now() >= end {
+                return Err(Error::Timeout(timeout));
             }
         }
-        Err(Error::Timeout(timeout))
     }
 
     /// Close the connection (the private queues go with it).
