@@ -303,6 +303,60 @@ impl Bus {
     }
 }
 
+/// The category, type and realm bindings of the per-component topology's
+/// routed queue: one binding per distinct value, counted, so that it is
+/// removed with the last component that needs it.
+#[derive(Debug, Default)]
+struct SharedKeys(HashMap<(&'static str, String), usize>);
+
+impl SharedKeys {
+    fn pairs(keys: &RoutingKeys) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("category", Some(keys.category.as_str())),
+            ("type", Some(keys.kind.as_str())),
+            ("realm", keys.realm.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+    }
+
+    fn binding(key: &str, value: &str) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+        t.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+        t
+    }
+
+    /// Count a component in; the bindings that are new.
+    fn add(&mut self, keys: &RoutingKeys) -> Vec<FieldTable> {
+        let mut new = Vec::new();
+        for (k, v) in Self::pairs(keys) {
+            let n = self.0.entry((k, v.to_owned())).or_default();
+            *n += 1;
+            if *n == 1 {
+                new.push(Self::binding(k, v));
+            }
+        }
+        new
+    }
+
+    /// Count a component out; the bindings no component needs any more.
+    fn remove(&mut self, keys: &RoutingKeys) -> Vec<FieldTable> {
+        let mut gone = Vec::new();
+        for (k, v) in Self::pairs(keys) {
+            let key = (k, v.to_owned());
+            if let Some(n) = self.0.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.0.remove(&key);
+                    gone.push(Self::binding(k, v));
+                }
+            }
+        }
+        gone
+    }
+}
+
 /// Most component subscriptions pipelined in one go.
 const SUBSCRIBE_BATCH: usize = 256;
 
@@ -356,12 +410,15 @@ async fn supervise(
     debug!("bus supervisor stopped");
 }
 
-/// Where a forwarder's deliveries go. (In the per-component topology the
-/// component task consumes its own queue; no forwarder is involved.)
+/// Where a forwarder's deliveries go. (In the per-component topology a
+/// component task consumes its own queue for messages naming its uuid.)
 #[derive(Clone)]
 enum Target {
     /// Every local component whose keys match (shared topology).
     Matching,
+    /// Every local component whose keys match, except the one the message
+    /// names by uuid: that one has it on its own queue (per-component).
+    MatchingElsewhere,
     /// The discovery queue: a ping is forwarded to every component.
     Discovery,
 }
@@ -401,47 +458,66 @@ async fn session(
     let dq = declare_bound_queue(&sub, &exchange, discovery).await?;
     spawn_forwarder(&s, consume(&sub, dq).await?, Target::Discovery);
 
-    let shared_queue = match topology {
-        Topology::PerComponent => None,
-        Topology::Shared => {
-            let q = declare_bound_queue(&sub, &exchange, FieldTable::default()).await?;
-            // The empty binding above would match everything; remove it and
-            // keep only the components' own bindings.
-            sub.queue_unbind(q.clone(), exchange.as_str().into(), "".into(), FieldTable::default()).await?;
-            spawn_forwarder(&s, consume(&sub, q.clone()).await?, Target::Matching);
-            Some(q)
-        }
+    // Messages addressed by category, type or realm reach this daemon on
+    // one queue, once, whatever the number of components they match
+    // (`Target::Matching` hands them on). In the shared topology the queue
+    // also carries every uuid; per component, each component's own queue
+    // carries its uuid (the hot path, with no task hop) and this one carries
+    // one binding per distinct category, type and realm. Under `x-match: any`
+    // a component queue bound by all four keys would also receive every
+    // status of every component of its category: quadratic in components.
+    let routed = declare_bound_queue(&sub, &exchange, FieldTable::default()).await?;
+    // The empty binding above would match everything; remove it.
+    sub.queue_unbind(routed.clone(), exchange.as_str().into(), "".into(), FieldTable::default()).await?;
+    let target = match topology {
+        Topology::Shared => Target::Matching,
+        Topology::PerComponent => Target::MatchingElsewhere,
     };
+    spawn_forwarder(&s, consume(&sub, routed.clone()).await?, target);
     let mut queues: HashMap<Uuid, ShortString> = HashMap::new();
+    let mut shared_keys = SharedKeys::default();
     // Subscribe a batch of components at once: their declares, binds and
     // consumes are pipelined on the channel (one round trip for the batch,
     // not three per component), so creates at 100/s keep up.
-    let subscribe =
-        async |batch: Vec<ComponentHandle>, queues: &mut HashMap<Uuid, ShortString>| -> Result<(), BusError> {
-            let routed = futures_util::future::join_all(batch.iter().map(|h| async {
-                match &shared_queue {
-                    Some(q) => {
-                        let (x, b) = (exchange.as_str().into(), h.keys.binding());
-                        sub.queue_bind(q.clone(), x, "".into(), QueueBindOptions::default(), b).await?;
-                        Ok::<_, lapin::Error>(None)
-                    }
-                    None => {
-                        let q = declare_bound_queue(&sub, &exchange, h.keys.binding()).await?;
-                        let consumer = consume(&sub, q.clone()).await?;
-                        Ok(Some((q, consumer)))
-                    }
-                }
-            }))
-            .await;
-            for (h, r) in batch.into_iter().zip(routed) {
-                if let Some((q, consumer)) = r? {
-                    h.attach(consumer).await;
-                    queues.insert(h.uuid(), q);
-                }
-                h.announce().await;
-            }
-            Ok(())
+    let subscribe = async |batch: Vec<ComponentHandle>,
+                           queues: &mut HashMap<Uuid, ShortString>,
+                           shared_keys: &mut SharedKeys|
+           -> Result<(), BusError> {
+        let x = || exchange.as_str().into();
+        let new_keys: Vec<FieldTable> = match topology {
+            Topology::Shared => Vec::new(),
+            Topology::PerComponent => batch.iter().flat_map(|h| shared_keys.add(&h.keys)).collect(),
         };
+        let bind_keys = futures_util::future::join_all(
+            new_keys
+                .into_iter()
+                .map(|b| sub.queue_bind(routed.clone(), x(), "".into(), QueueBindOptions::default(), b)),
+        );
+        let bind_components = futures_util::future::join_all(batch.iter().map(|h| async {
+            match topology {
+                Topology::Shared => {
+                    let b = h.keys.binding();
+                    sub.queue_bind(routed.clone(), x(), "".into(), QueueBindOptions::default(), b).await?;
+                    Ok::<_, lapin::Error>(None)
+                }
+                Topology::PerComponent => {
+                    let q = declare_bound_queue(&sub, &exchange, h.keys.uuid_binding()).await?;
+                    let consumer = consume(&sub, q.clone()).await?;
+                    Ok(Some((q, consumer)))
+                }
+            }
+        }));
+        let (bound, routed_components) = futures_util::future::join(bind_keys, bind_components).await;
+        bound.into_iter().collect::<Result<Vec<()>, _>>()?;
+        for (h, r) in batch.into_iter().zip(routed_components) {
+            if let Some((q, consumer)) = r? {
+                h.attach(consumer).await;
+                queues.insert(h.uuid(), q);
+            }
+            h.announce().await;
+        }
+        Ok(())
+    };
 
     // Publishing works from here on, so the announcements below go out.
     ch_tx.send_replace(Some(publ));
@@ -450,7 +526,7 @@ async fn session(
     while cmd_rx.try_recv().is_ok() {}
     let all = s.handles();
     for chunk in all.chunks(SUBSCRIBE_BATCH) {
-        subscribe(chunk.to_vec(), &mut queues).await?;
+        subscribe(chunk.to_vec(), &mut queues, &mut shared_keys).await?;
     }
     ready.store(true, std::sync::atomic::Ordering::Release);
     s.metrics.connects.inc();
@@ -483,16 +559,23 @@ async fn session(
                         }
                     }
                     debug!(components = batch.len(), "subscribing");
-                    subscribe(batch, &mut queues).await?
+                    subscribe(batch, &mut queues, &mut shared_keys).await?
                 }
                 Some(BusCmd::OpenChannel(tx)) => {
                     let _ = tx.send(conn.create_channel().await?);
                 }
-                Some(BusCmd::Unsubscribe(keys)) => match &shared_queue {
-                    Some(q) => sub.queue_unbind(q.clone(), exchange.as_str().into(), "".into(), keys.binding()).await?,
-                    None => if let Some(q) = queues.remove(&keys.uuid) {
-                        sub.queue_delete(q, QueueDeleteOptions::default()).await?;
-                    },
+                Some(BusCmd::Unsubscribe(keys)) => match topology {
+                    Topology::Shared => {
+                        sub.queue_unbind(routed.clone(), exchange.as_str().into(), "".into(), keys.binding()).await?
+                    }
+                    Topology::PerComponent => {
+                        if let Some(q) = queues.remove(&keys.uuid) {
+                            sub.queue_delete(q, QueueDeleteOptions::default()).await?;
+                        }
+                        for b in shared_keys.remove(&keys) {
+                            sub.queue_unbind(routed.clone(), exchange.as_str().into(), "".into(), b).await?;
+                        }
+                    }
                 },
             },
             ev = events.next() => match ev {
@@ -569,10 +652,12 @@ async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Ta
 async fn dispatch(s: &Shared, d: &lapin::message::Delivery, target: &Target) {
     let Some(msg) = decode_delivery(s, d) else { return };
     match target {
-        Target::Matching => {
+        Target::Matching | Target::MatchingElsewhere => {
             let empty = FieldTable::default();
             let headers = d.properties.headers().as_ref().unwrap_or(&empty);
-            for h in s.addressed(&crate::protocol::Addressed::of(headers)) {
+            let to = crate::protocol::Addressed::of(headers);
+            let skip = if matches!(target, Target::MatchingElsewhere) { to.uuid } else { None };
+            for h in s.addressed(&to).into_iter().filter(|h| Some(h.uuid()) != skip) {
                 h.deliver(msg.clone()).await;
             }
         }
@@ -589,5 +674,33 @@ async fn dispatch(s: &Shared, d: &lapin::message::Delivery, target: &Target) {
             }
             Err(_) => {}
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(category: &str, kind: &str, realm: Option<&str>) -> RoutingKeys {
+        RoutingKeys { category: category.into(), kind: kind.into(), uuid: Uuid::new_v4(), realm: realm.map(Into::into) }
+    }
+
+    #[test]
+    fn shared_keys_bind_each_distinct_value_once_and_unbind_with_the_last_user() {
+        let mut k = SharedKeys::default();
+        let (a, b, c) = (
+            keys("simulator", "dummy", Some("lab")),
+            keys("simulator", "generic", Some("lab")),
+            keys("manager", "generic", None),
+        );
+        assert_eq!(k.add(&a).len(), 3, "category, type and realm are new");
+        assert_eq!(k.add(&b).len(), 1, "only type generic is new");
+        assert_eq!(k.add(&c).len(), 1, "only category manager is new; type generic is bound, no realm");
+        assert_eq!(k.remove(&a).len(), 1, "type dummy goes; simulator and lab stay for b");
+        assert_eq!(k.remove(&b).len(), 2, "simulator and lab go; generic stays for c");
+        let last = k.remove(&c);
+        assert_eq!(last.len(), 2);
+        assert!(k.0.is_empty());
+        assert!(k.remove(&c).is_empty(), "removing twice unbinds nothing");
     }
 }

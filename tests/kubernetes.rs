@@ -49,19 +49,7 @@ impl Lab {
 
     /// The one Job of `sim`, once it exists.
     async fn job_of(&self, sim: Uuid) -> Value {
-        eventually(|| self.fake.jobs_of(sim).into_iter().next()).await
-    }
-}
-
-/// Poll `f` until it returns something.
-async fn eventually<T>(f: impl Fn() -> Option<T>) -> T {
-    let end = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "condition not met within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        eventually(WAIT, "the Job appears", || self.fake.jobs_of(sim).into_iter().next()).await
     }
 }
 
@@ -158,7 +146,7 @@ async fn create_start_run_succeed_and_return_to_idle() {
     assert_eq!(container["env"][0], json!({"name": "VILLAS_PAYLOAD_FILE", "value": "/config/payload.json"}));
 
     // The payload ConfigMap holds the whole action and belongs to the Job.
-    let cm = eventually(|| {
+    let cm = eventually(WAIT, "the ConfigMap appears", || {
         lab.fake.configmaps_of(sim).into_iter().next().filter(|cm| cm["metadata"]["ownerReferences"].is_array())
     })
     .await;
@@ -213,6 +201,7 @@ async fn a_failed_job_is_an_error_with_its_reason_and_reset_cleans_up() {
 async fn pause_and_resume_set_suspend() {
     let lab = Lab::new();
     let (d, c, mut l) = lab.up().await;
+    let mut record = lab.env.listen_all(&c).await;
     let sim = create(&lab, &c, &mut l).await;
     // Nothing to pause yet: refused with a clear error, state unchanged.
     c.publish(to_uuid(sim), &action("pause", json!({})), None).await.unwrap();
@@ -230,6 +219,15 @@ async fn pause_and_resume_set_suspend() {
     state_of(&mut l, sim, "running").await;
     assert_eq!(lab.fake.jobs_of(sim)[0]["spec"]["suspend"], false);
     assert!(lab.fake.log().iter().filter(|r| r.starts_with("PATCH") && r.ends_with(&name)).count() >= 2);
+    lab.fake.set_job_status(NS, &name, json!({"succeeded": 1}));
+    state_of(&mut l, sim, "idle").await;
+    // Only edges of the VILLAS table were published, transient states included.
+    let seq = published_states(&mut record, sim, Duration::from_millis(300)).await;
+    assert_table_edges(&seq, false);
+    use busbar::state::State::*;
+    for (a, b) in [(Idle, Starting), (Starting, Running), (Running, Pausing), (Pausing, Paused), (Paused, Resuming)] {
+        assert!(seq.windows(2).any(|w| w == [a, b]), "{a} → {b} published: {seq:?}");
+    }
     d.stop().await.unwrap();
 }
 
@@ -265,6 +263,7 @@ async fn a_restarted_daemon_adopts_the_running_job() {
     d.stop().await.unwrap();
     assert_eq!(lab.fake.jobs_of(sim).len(), 1, "shutdown leaves the Job running");
 
+    let mut record = lab.env.listen_all(&c).await;
     let d = lab.daemon().await;
     let st = state_of(&mut l, sim, "running").await;
     assert_eq!(st["properties"]["job_name"], name.as_str());
@@ -274,6 +273,10 @@ async fn a_restarted_daemon_adopts_the_running_job() {
     assert_eq!(posts, 1);
     lab.fake.set_job_status(NS, &name, json!({"succeeded": 1}));
     state_of(&mut l, sim, "idle").await;
+    // The restarted daemon took idle → running as a declared adoption, and
+    // nothing else outside the table.
+    let seq = published_states(&mut record, sim, Duration::from_millis(300)).await;
+    assert_table_edges(&seq, true);
     d.stop().await.unwrap();
 }
 
@@ -283,7 +286,10 @@ async fn api_errors_are_errors_with_the_api_message() {
     let (d, c, mut l) = lab.up().await;
     let sim = create(&lab, &c, &mut l).await;
     // Let the adoption lookup of the new component pass first.
-    eventually(|| lab.fake.log().iter().any(|r| r.starts_with("GET") && r.ends_with("/jobs")).then_some(())).await;
+    eventually(WAIT, "the Job list is read", || {
+        lab.fake.log().iter().any(|r| r.starts_with("GET") && r.ends_with("/jobs")).then_some(())
+    })
+    .await;
     for (code, message) in [
         (403, "jobs.batch is forbidden: User \"system:serviceaccount:lab:busbar\" cannot list resource \"jobs\""),
         (500, "etcdserver: request timed out"),
@@ -310,7 +316,7 @@ async fn a_dropped_watch_is_re_established() {
     let watches = || lab.fake.log().iter().filter(|r| r.starts_with("GET") && r.ends_with("/jobs")).count();
     let before = watches();
     lab.fake.drop_watches();
-    eventually(|| (watches() > before).then_some(())).await;
+    eventually(WAIT, "the watch is re-established", || (watches() > before).then_some(())).await;
     // The new watch carries on where the old one ended.
     lab.fake.set_job_status(NS, &name, json!({"succeeded": 1}));
     state_of(&mut l, sim, "idle").await;
@@ -344,8 +350,10 @@ async fn the_simple_manager_creates_from_villasweb_duplication_parameters() {
     c.publish(to_uuid(lab.simple), &action("create", json!({"name": "x", "uuid": bad.to_string()})), None)
         .await
         .unwrap();
-    let st = state_of(&mut l, lab.simple, "error").await;
+    // ... and the manager stays usable (idle, the error shown).
+    let st = status_of(&mut l, lab.simple, |st| !st["status"]["error"].is_null()).await;
     assert!(st["status"]["error"]["msg"].as_str().unwrap().starts_with("Invalid parameters"), "{st}");
+    assert_eq!(st["status"]["state"], "idle", "{st}");
     d.stop().await.unwrap();
 }
 
@@ -421,7 +429,7 @@ async fn a_manager_deletes_jobs_whose_component_no_longer_exists() {
         jobs.create(&PostParams::default(), &serde_json::from_value(job).unwrap()).await.unwrap();
     }
     let (d, c, mut l) = lab.up().await;
-    eventually(|| lab.fake.jobs_of(orphan).is_empty().then_some(())).await;
+    eventually(WAIT, "the orphan Job is deleted", || lab.fake.jobs_of(orphan).is_empty().then_some(())).await;
     assert_eq!(lab.fake.jobs_of(foreign).len(), 1, "another manager's Job is left alone");
     // A live component's Job survives a restart.
     let sim = create(&lab, &c, &mut l).await;

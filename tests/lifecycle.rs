@@ -4,6 +4,8 @@
 
 mod common;
 
+use busbar::client::{Goal, Outcome};
+
 use common::*;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -161,9 +163,8 @@ async fn create_errors_are_clear_and_leave_the_daemon_running() {
         (json!({"category": "teleporter", "type": "x"}), "unknown category"),
         (json!({"category": "gateway", "type": "x"}), "unknown type \"x\" for category gateway"),
     ];
-    let has_error = |msg: &'static str| {
-        move |st: &Value| st["status"]["error"]["msg"].as_str().is_some_and(|m| m.contains(msg))
-    };
+    let has_error =
+        |msg: &'static str| move |st: &Value| st["status"]["error"]["msg"].as_str().is_some_and(|m| m.contains(msg));
     for (params, msg) in cases {
         c.publish(to_uuid(env.manager), &action("create", params), None).await.unwrap();
         // The refusal is shown, and the manager stays usable: no reset.
@@ -189,13 +190,16 @@ async fn a_refused_create_leaves_the_manager_able_to_create_the_next_one() {
     let env = TestEnv::new();
     let (d, c, mut l) = env.up(&env.config_yaml()).await;
     let dup = json!({"category": "simulator", "type": "dummy", "uuid": env.dummy.to_string()});
-    let reply = c.request(to_uuid(env.manager), &action("create", dup), Duration::from_secs(5)).await.unwrap();
+    let m = env.manager.to_string();
+    let wait = Duration::from_secs(5);
+    let refused = c.act_and_wait(&m, &action("create", dup), Goal::Created { follow: env.dummy }, wait).await;
+    let Ok(Outcome::Failed(reply)) = refused else { panic!("refused: {refused:?}") };
     assert!(reply["status"]["error"]["msg"].as_str().unwrap().contains("Duplicate uuid"), "{reply}");
     assert_eq!(reply["status"]["state"], "idle", "the requester hears the refusal; the manager stays idle");
     let u = Uuid::new_v4();
     let ok = json!({"category": "simulator", "type": "dummy", "uuid": u.to_string()});
-    let reply = c.request(to_uuid(env.manager), &action("create", ok), Duration::from_secs(5)).await.unwrap();
-    assert!(reply["status"]["error"].is_null(), "a successful create clears the shown error: {reply}");
+    let created = c.act_and_wait(&m, &action("create", ok), Goal::Created { follow: u }, wait).await;
+    assert!(matches!(created, Ok(Outcome::Reached(_))), "{created:?}");
     state_of(&mut l, u, "idle").await;
     assert!(d.shared.lookup(u).is_some());
     c.close().await;

@@ -132,8 +132,9 @@ async fn the_cli_waits_for_a_daemon_that_never_sends_correlated_replies() {
     assert_eq!(o.status.code(), Some(0), "start --wait running: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout).trim(), "running");
 
-    let o = cli(&env, &["create", "-m", &py_m, "-p", "{category: simulator, type: dummy, name: sim-x}", "--timeout", "10"])
-        .await;
+    let o =
+        cli(&env, &["create", "-m", &py_m, "-p", "{category: simulator, type: dummy, name: sim-x}", "--timeout", "10"])
+            .await;
     assert_eq!(o.status.code(), Some(0), "create: {}", text(&o.stderr));
     let created = Uuid::try_parse(text(&o.stdout).trim()).expect("create prints the new uuid");
 

@@ -253,7 +253,13 @@ impl Client {
         if let Some(f) = follow {
             let binding = only(&f.to_string());
             self.ch
-                .queue_bind(l.queue.as_str().into(), self.exchange.as_str().into(), "".into(), Default::default(), binding)
+                .queue_bind(
+                    l.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    "".into(),
+                    Default::default(),
+                    binding,
+                )
                 .await?;
         }
         let id = uuid::Uuid::new_v4().to_string();

@@ -482,6 +482,9 @@ impl Component {
         }
         if let Err(info) = self.kind.validate(action, &req.parameters) {
             self.shared.metrics.error("validation");
+            if matches!(action, Action::Create | Action::Delete) {
+                return self.refuse_request(info, reply).await;
+            }
             return self.fail(info, reply).await;
         }
         let outcome = match &self.kind.driver {
@@ -511,11 +514,7 @@ impl Component {
             }
             // A refused create or delete is the requester's mistake, not
             // the manager's: answer with the error, stay usable.
-            Err(info) if matches!(action, Action::Create | Action::Delete) => {
-                warn!(component = %self.keys.uuid, error = %info.msg(), "request refused");
-                self.error = Some(info);
-                self.publish(reply).await
-            }
+            Err(info) if matches!(action, Action::Create | Action::Delete) => self.refuse_request(info, reply).await,
             Err(info) => self.fail(info, reply).await,
         }
     }
@@ -607,6 +606,15 @@ impl Component {
         };
         self.shared.metrics.error(kind);
         self.fail(ErrorInfo::from(&e), reply).await
+    }
+
+    /// A manager refuses a create or delete: the requester's mistake, not
+    /// the manager's. Answer with the error (shown in `status.error` until
+    /// the next action succeeds) and stay usable.
+    async fn refuse_request(&mut self, info: ErrorInfo, reply: Option<&ActionRequest>) {
+        warn!(component = %self.keys.uuid, error = %info.msg(), "request refused");
+        self.error = Some(info);
+        self.publish(reply).await
     }
 
     /// Enter `error` with `info`, drop any pending settle, and publish.

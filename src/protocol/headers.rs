@@ -68,6 +68,16 @@ impl RoutingKeys {
         t
     }
 
+    /// Binding arguments of a queue that carries only the messages naming
+    /// this component's uuid (`x-match: all`): the per-component topology,
+    /// where category, type and realm are routed through one daemon queue.
+    pub fn uuid_binding(&self) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert("uuid".into(), long(&self.uuid.to_string()));
+        t.insert("x-match".into(), long("all"));
+        t
+    }
+
     /// Whether a message with `headers` reaches this component under
     /// `x-match: any`: some header equals the component's value.
     ///

@@ -247,3 +247,53 @@ pub async fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
         .expect("CLI finished within 30 s")
         .expect("CLI runs")
 }
+
+/// Poll `f` until it returns something, or fail after `deadline` naming
+/// `what`. The one polling helper: tests wait for conditions, never sleep
+/// a fixed time and hope.
+pub async fn eventually<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "{what}: not within {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The states `uuid` published, in order, from what `l` has received (the
+/// listener is drained until `window` passes without a message).
+pub async fn published_states(l: &mut Listener, uuid: Uuid, window: Duration) -> Vec<busbar::state::State> {
+    let want = uuid.to_string();
+    let mut out = Vec::new();
+    loop {
+        let seen = collect_for(l, window).await;
+        if seen.is_empty() {
+            return out;
+        }
+        out.extend(
+            seen.iter()
+                .filter(|s| s.is_status())
+                .filter(|s| s.payload.pointer("/properties/uuid").and_then(Value::as_str) == Some(&want))
+                .filter_map(|s| s.state()?.parse::<busbar::state::State>().ok()),
+        );
+    }
+}
+
+/// Assert that `states` (as published, in order) moves only along edges of
+/// the VILLAS table or the declared observed edges (`adopted`: the
+/// component adopted running work after a restart). Repeats are
+/// re-publications, not transitions.
+pub fn assert_table_edges(states: &[busbar::state::State], adopted: bool) {
+    use busbar::state::Observed;
+    for pair in states.windows(2) {
+        let (from, to) = (pair[0], pair[1]);
+        let ok = from == to
+            || from.can_transition_to(to)
+            || Observed::Failed.allows(from, to)
+            || Observed::Deleted.allows(from, to)
+            || (adopted && Observed::Adopted.allows(from, to));
+        assert!(ok, "published {from} → {to}, which the table forbids; whole sequence: {states:?}");
+    }
+}
