@@ -39,6 +39,7 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/api/v1/", get(index))
         .route("/api/v1/health", get(health))
         .route("/api/v1/component/{uuid}", get(component_status).post(component_action))
+        .route("/api/v1/log-level", get(get_log_level).put(put_log_level))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "Not found".into()) })
         .method_not_allowed_fallback(|| async { ApiError(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed".into()) })
@@ -158,4 +159,29 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// `GET /api/v1/log-level`: the live filter.
+async fn get_log_level() -> Json<Value> {
+    Json(json!({"filter": crate::telemetry::filter()}))
+}
+
+/// `PUT /api/v1/log-level` with `{"level": "debug"}` or `{"level": "debug",
+/// "target": "busbar::bus"}`: change the live filter of busbar's own code
+/// (default target `busbar`). Other crates keep their level: at debug or
+/// trace some of them log request details that may hold secrets.
+async fn put_log_level(body: Result<Json<Value>, JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
+    let bad = |msg: String| ApiError(StatusCode::BAD_REQUEST, msg);
+    let level = body.get("level").and_then(Value::as_str).ok_or_else(|| bad("level missing".into()))?;
+    let level: tracing::Level =
+        level.parse().map_err(|_| bad(format!("invalid level {level:?} (error, warn, info, debug, trace)")))?;
+    let target = body.get("target").map_or(Some("busbar"), Value::as_str).unwrap_or_default();
+    let ours = target == "busbar" || target.strip_prefix("busbar::").is_some_and(|t| !t.is_empty());
+    if !ours || !target.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+        return Err(bad(format!("invalid target {target:?}: busbar or busbar::<module>")));
+    }
+    crate::telemetry::set_target(target, level)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({"filter": crate::telemetry::filter()})))
 }

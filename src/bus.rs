@@ -191,7 +191,7 @@ pub async fn consume(ch: &Channel, queue: ShortString) -> Result<lapin::Consumer
 /// The next delivery of an optional consumer; pending forever without one.
 /// When the consumer ends (queue deleted, connection lost) it is dropped,
 /// and the owner waits for a new one.
-pub async fn next_delivery(consumer: &mut Option<lapin::Consumer>) -> Option<lapin::message::Delivery> {
+pub async fn next_delivery(consumer: &mut Option<Box<lapin::Consumer>>) -> Option<lapin::message::Delivery> {
     match consumer {
         Some(c) => match c.next().await {
             Some(Ok(d)) => Some(d),
@@ -452,26 +452,42 @@ async fn session(
     let topology = s.config.topology;
     declare_exchange(&sub, &exchange).await?;
 
-    let mut discovery = FieldTable::default();
-    discovery.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
-    discovery.insert("uuid".into(), AMQPValue::LongString(LongString::from("")));
-    let dq = declare_bound_queue(&sub, &exchange, discovery).await?;
-    spawn_forwarder(&s, consume(&sub, dq).await?, Target::Discovery);
-
-    // Messages addressed by category, type or realm reach this daemon on
-    // one queue, once, whatever the number of components they match
-    // (`Target::Matching` hands them on). In the shared topology the queue
-    // also carries every uuid; per component, each component's own queue
-    // carries its uuid (the hot path, with no task hop) and this one carries
-    // one binding per distinct category, type and realm. Under `x-match: any`
-    // a component queue bound by all four keys would also receive every
-    // status of every component of its category: quadratic in components.
+    // Messages addressed by category, type or realm reach this daemon once
+    // on its routed queue, whatever the number of components they match
+    // (the forwarder hands them on): one binding per distinct category,
+    // type and realm in use. Under `x-match: any` a queue bound by all four
+    // keys per component would also receive every status of every component
+    // of its category: quadratic in components.
+    //
+    // Messages naming a uuid:
+    // - per component, each component's own queue is bound by its uuid and
+    //   consumed by its task (the lowest latency); VILLASweb's broadcast
+    //   `uuid: ""` has a discovery queue of its own;
+    // - shared, one binding `uuid: void` ("has a uuid header", RabbitMQ's
+    //   rule for void binding values) brings every one of them to the routed
+    //   queue, and the daemon looks the uuid up. RabbitMQ matches headers
+    //   bindings one by one for every message, so per-uuid bindings would
+    //   make every message of the lab cost O(components) in the broker.
     let routed = declare_bound_queue(&sub, &exchange, FieldTable::default()).await?;
     // The empty binding above would match everything; remove it.
     sub.queue_unbind(routed.clone(), exchange.as_str().into(), "".into(), FieldTable::default()).await?;
     let target = match topology {
-        Topology::Shared => Target::Matching,
-        Topology::PerComponent => Target::MatchingElsewhere,
+        Topology::Shared => {
+            let mut any_uuid = FieldTable::default();
+            any_uuid.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+            any_uuid.insert("uuid".into(), AMQPValue::Void);
+            sub.queue_bind(routed.clone(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), any_uuid)
+                .await?;
+            Target::Matching
+        }
+        Topology::PerComponent => {
+            let mut discovery = FieldTable::default();
+            discovery.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+            discovery.insert("uuid".into(), AMQPValue::LongString(LongString::from("")));
+            let dq = declare_bound_queue(&sub, &exchange, discovery).await?;
+            spawn_forwarder(&s, consume(&sub, dq).await?, Target::Discovery);
+            Target::MatchingElsewhere
+        }
     };
     spawn_forwarder(&s, consume(&sub, routed.clone()).await?, target);
     let mut queues: HashMap<Uuid, ShortString> = HashMap::new();
@@ -484,10 +500,7 @@ async fn session(
                            shared_keys: &mut SharedKeys|
            -> Result<(), BusError> {
         let x = || exchange.as_str().into();
-        let new_keys: Vec<FieldTable> = match topology {
-            Topology::Shared => Vec::new(),
-            Topology::PerComponent => batch.iter().flat_map(|h| shared_keys.add(&h.keys)).collect(),
-        };
+        let new_keys: Vec<FieldTable> = batch.iter().flat_map(|h| shared_keys.add(&h.keys)).collect();
         let bind_keys = futures_util::future::join_all(
             new_keys
                 .into_iter()
@@ -495,11 +508,7 @@ async fn session(
         );
         let bind_components = futures_util::future::join_all(batch.iter().map(|h| async {
             match topology {
-                Topology::Shared => {
-                    let b = h.keys.binding();
-                    sub.queue_bind(routed.clone(), x(), "".into(), QueueBindOptions::default(), b).await?;
-                    Ok::<_, lapin::Error>(None)
-                }
+                Topology::Shared => Ok::<_, lapin::Error>(None),
                 Topology::PerComponent => {
                     let q = declare_bound_queue(&sub, &exchange, h.keys.uuid_binding()).await?;
                     let consumer = consume(&sub, q.clone()).await?;
@@ -564,19 +573,14 @@ async fn session(
                 Some(BusCmd::OpenChannel(tx)) => {
                     let _ = tx.send(conn.create_channel().await?);
                 }
-                Some(BusCmd::Unsubscribe(keys)) => match topology {
-                    Topology::Shared => {
-                        sub.queue_unbind(routed.clone(), exchange.as_str().into(), "".into(), keys.binding()).await?
+                Some(BusCmd::Unsubscribe(keys)) => {
+                    if let Some(q) = queues.remove(&keys.uuid) {
+                        sub.queue_delete(q, QueueDeleteOptions::default()).await?;
                     }
-                    Topology::PerComponent => {
-                        if let Some(q) = queues.remove(&keys.uuid) {
-                            sub.queue_delete(q, QueueDeleteOptions::default()).await?;
-                        }
-                        for b in shared_keys.remove(&keys) {
-                            sub.queue_unbind(routed.clone(), exchange.as_str().into(), "".into(), b).await?;
-                        }
+                    for b in shared_keys.remove(&keys) {
+                        sub.queue_unbind(routed.clone(), exchange.as_str().into(), "".into(), b).await?;
                     }
-                },
+                }
             },
             ev = events.next() => match ev {
                 Some(lapin::Event::Error(e)) => return Err(BusError::Lost(e.to_string())),
@@ -652,6 +656,8 @@ async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Ta
 async fn dispatch(s: &Shared, d: &lapin::message::Delivery, target: &Target) {
     let Some(msg) = decode_delivery(s, d) else { return };
     match target {
+        // Shared topology: VILLASweb's broadcast `uuid: ""` arrives here.
+        Target::Matching if is_broadcast(d) => discover(s, msg).await,
         Target::Matching | Target::MatchingElsewhere => {
             let empty = FieldTable::default();
             let headers = d.properties.headers().as_ref().unwrap_or(&empty);
@@ -661,19 +667,31 @@ async fn dispatch(s: &Shared, d: &lapin::message::Delivery, target: &Target) {
                 h.deliver(msg.clone()).await;
             }
         }
-        Target::Discovery => match msg {
-            Ok(req) if req.action == Action::Ping.as_str() => {
-                debug!("broadcast ping");
-                for h in s.handles() {
-                    h.announce().await;
-                }
+        Target::Discovery => discover(s, msg).await,
+    }
+}
+
+/// Whether a delivery is VILLASweb's broadcast (`uuid: ""`).
+fn is_broadcast(d: &lapin::message::Delivery) -> bool {
+    let uuid = d.properties.headers().as_ref().and_then(|h| h.inner().get(&ShortString::from("uuid")));
+    matches!(uuid, Some(AMQPValue::LongString(s)) if s.as_bytes().is_empty())
+        || matches!(uuid, Some(AMQPValue::ShortString(s)) if s.as_str().is_empty())
+}
+
+/// A broadcast: a ping makes every component announce itself.
+async fn discover(s: &Shared, msg: Result<ActionRequest, Rejection>) {
+    match msg {
+        Ok(req) if req.action == Action::Ping.as_str() => {
+            debug!("broadcast ping");
+            for h in s.handles() {
+                h.announce().await;
             }
-            Ok(req) => {
-                s.metrics.error("broadcast_action");
-                warn!(action = %req.action, "ignoring a non-ping action addressed to no component (uuid \"\")");
-            }
-            Err(_) => {}
-        },
+        }
+        Ok(req) => {
+            s.metrics.error("broadcast_action");
+            warn!(action = %req.action, "ignoring a non-ping action addressed to no component (uuid \"\")");
+        }
+        Err(_) => {}
     }
 }
 

@@ -93,3 +93,39 @@ async fn health_is_503_while_the_broker_is_unreachable() {
     assert_eq!(st["status"]["state"], "idle");
     d.stop().await.expect("clean shutdown while reconnecting");
 }
+
+/// The router in-process (no socket): the live log filter.
+#[tokio::test]
+async fn the_log_level_changes_live_and_only_for_busbar_targets() {
+    use tower::ServiceExt;
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let call = async |method: &str, body: Value| {
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri("/api/v1/log-level")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let r = busbar::api::app(d.shared.clone()).oneshot(req).await.unwrap();
+        let code = r.status().as_u16();
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        (code, serde_json::from_slice::<Value>(&bytes).unwrap())
+    };
+    let target = "busbar::store";
+    assert!(!tracing::enabled!(target: "busbar::store", tracing::Level::DEBUG), "tests log at warn");
+    let (code, body) = call("PUT", json!({"level": "debug", "target": target})).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body["filter"].as_str().unwrap().contains("busbar::store=debug"), "{body}");
+    assert!(tracing::enabled!(target: "busbar::store", tracing::Level::DEBUG), "the live filter changed");
+    assert_eq!(call("GET", json!(null)).await.1, body);
+    // Other crates' levels cannot be raised (their debug logs may hold
+    // request details), and nonsense is a JSON error.
+    for bad in [json!({"level": "trace", "target": "hyper"}), json!({"level": "loud"}), json!({})] {
+        let (code, body) = call("PUT", bad.clone()).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert!(body["error"]["msg"].is_string(), "{body}");
+    }
+    busbar::telemetry::set_target(target, tracing::Level::WARN).unwrap();
+    d.stop().await.expect("clean shutdown");
+}

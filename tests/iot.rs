@@ -121,6 +121,11 @@ async fn provisioning_calls_answer_with_the_upstream_codes_and_errors() {
     assert_eq!(g.north("GET", "/admin/log", None, None).await, (200, json!({"level": "INFO"})));
     assert_eq!(g.north("PUT", "/admin/log?level=DEBUG", None, None).await.0, 200);
     assert_eq!(g.north("GET", "/admin/log", None, None).await.1, json!({"level": "DEBUG"}));
+    // Not a stored string: the live filter of the agent's code changed.
+    assert_eq!(busbar::telemetry::target_level("busbar::iot").as_deref(), Some("debug"));
+    assert!(tracing::enabled!(target: "busbar::iot", tracing::Level::DEBUG));
+    assert_eq!(g.north("PUT", "/admin/log?level=WARNING", None, None).await.0, 200);
+    assert_eq!(busbar::telemetry::target_level("busbar::iot").as_deref(), Some("warn"));
     assert_eq!(
         g.north("PUT", "/admin/log?level=bogus", None, None).await,
         (400, json!({"error": "invalid log level"}))

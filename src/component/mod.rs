@@ -145,7 +145,7 @@ impl Durations {
 /// The state owned by one component task.
 pub(crate) struct Component {
     shared: Arc<Shared>,
-    keys: RoutingKeys,
+    keys: Arc<RoutingKeys>,
     kind: Arc<Kind>,
     managed_by: Option<Uuid>,
     properties: Map<String, Value>,
@@ -165,9 +165,9 @@ pub(crate) struct Component {
     publish_due: Option<Instant>,
     /// The component's own queue, consumed right here: no task hop between
     /// the broker connection and the state that answers.
-    consumer: Option<lapin::Consumer>,
+    consumer: Option<Box<lapin::Consumer>>,
     /// The running process of a process component.
-    run: Option<process::Run>,
+    run: Option<Box<process::Run>>,
     /// The job task of a Kubernetes simulator.
     job: Option<crate::k8s::job::JobRun>,
     /// The IoT agent of a gateway.
@@ -221,7 +221,8 @@ pub(crate) fn spawn(
     persisted: bool,
 ) -> ComponentHandle {
     let realm = spec.realm.clone().or_else(|| shared.config.realm.clone());
-    let keys = RoutingKeys { category: spec.category.clone(), kind: spec.kind.clone(), uuid, realm: realm.clone() };
+    let keys =
+        Arc::new(RoutingKeys { category: spec.category.clone(), kind: spec.kind.clone(), uuid, realm: realm.clone() });
     let (tx, rx) = mpsc::channel(MAILBOX);
     let mut properties = properties_of(spec, uuid, &realm);
     let secrets = split_secrets(&mut properties);
@@ -249,15 +250,8 @@ pub(crate) fn spawn(
         trail: Vec::new(),
     };
     shared.metrics.state_change(None, Some(State::Idle.as_str()));
-    shared.tracker.spawn(component.run(rx));
-    ComponentHandle { keys: Arc::new(keys), managed_by, persisted, tx }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
+    shared.tracker.spawn(Box::new(component).run(rx));
+    ComponentHandle { keys, managed_by, persisted, tx }
 }
 
 impl Component {
@@ -272,79 +266,119 @@ impl Component {
         std::borrow::Cow::Owned(p)
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    /// The component's task. `self` is boxed: the future holds a pointer,
+    /// not a copy of the component (an async fn that takes `self` by value
+    /// stores it twice), and every wait shares one timer. With thousands of
+    /// components the size of this future is most of the daemon's memory.
+    async fn run(mut self: Box<Self>, mut rx: mpsc::Receiver<Command>) {
         // Each handler runs under `supervise::catch`: a panic costs the
         // message that caused it and puts the component in `error`, never
         // the task (which would leave the component deaf for good).
         macro_rules! guarded {
             ($fut:expr) => {
                 if let Err(panic) = crate::supervise::catch($fut).await {
-                    self.panicked(panic).await;
+                    Box::pin(self.panicked(panic)).await;
                 }
             };
         }
         let token = self.shared.shutdown.clone();
         let period = self.shared.config.status_interval();
-        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_tick = Instant::now() + period;
         if self.kind.driver == Driver::KubernetesJob {
             self.adopt_job();
         }
         if self.kind.driver == Driver::IotAgent {
-            self.start_agent().await;
+            Box::pin(self.start_agent()).await;
         }
         loop {
             // A transient state that is already due settles now, not on the
             // next timer tick (a dummy with `runtime: 0` runs at once).
             if self.settle_at.is_some_and(|at| at <= Instant::now()) {
-                guarded!(self.settle());
+                guarded!(Box::pin(self.settle()));
             }
-            let next_scheduled = self.scheduled.front().map(|(at, _)| *at);
+            // One timer for every deadline: the schedule, the settle of a
+            // transient state, a kill after the grace period, a coalesced
+            // publish and the periodic status.
             let kill_at = self.run.as_ref().and_then(|r| r.kill_at);
+            let deadline = [self.scheduled.front().map(|(at, _)| *at), self.settle_at, kill_at, self.publish_due]
+                .into_iter()
+                .flatten()
+                .fold(next_tick, Instant::min);
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => break,
                     Some(Command::Remove(done)) => {
-                        if self.kind.driver == Driver::KubernetesJob {
-                            self.delete_job().await;
-                        }
-                        self.remove_agent().await;
-                        self.observe(Observed::Deleted, State::Gone);
-                        self.publish(None).await;
+                        Box::pin(self.remove()).await;
                         let _ = done.send(());
                         break;
                     }
-                    // Commands, messages and scheduled actions run boxed:
-                    // their futures are large and rare next to the idle
-                    // select, which every one of thousands of tasks holds.
+                    // Commands, messages and timers run boxed: their futures
+                    // are large and rare next to the idle select, which every
+                    // one of thousands of tasks holds.
                     Some(cmd) => guarded!(Box::pin(self.command(cmd))),
                 },
                 Some(d) = crate::bus::next_delivery(&mut self.consumer) => {
-                    match crate::supervise::catch(async { crate::bus::decode_delivery(&self.shared, &d) }).await {
+                    // Decoded, then dropped before anything awaits: a
+                    // delivery is 432 bytes the idle task need not keep.
+                    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        crate::bus::decode_delivery(&self.shared, &d)
+                    }))
+                    .map_err(crate::supervise::panic_message);
+                    drop(d);
+                    match decoded {
                         Ok(Some(msg)) => guarded!(Box::pin(self.message(msg))),
                         Ok(None) => {}
-                        Err(panic) => self.panicked(panic).await,
+                        Err(panic) => Box::pin(self.panicked(panic)).await,
                     }
                 }
-                _ = sleep_until_opt(next_scheduled) => {
-                    if let Some((_, req)) = self.scheduled.pop_front() {
-                        self.sync_schedule();
-                        guarded!(Box::pin(self.execute(req)));
-                    }
-                }
-                _ = sleep_until_opt(self.settle_at) => guarded!(self.settle()),
                 Some(ev) = process::Run::next(&mut self.run) => guarded!(Box::pin(self.on_run_event(ev))),
                 Some(ev) = crate::k8s::job::JobRun::next(&mut self.job) => guarded!(Box::pin(self.on_job_event(ev))),
-                _ = sleep_until_opt(kill_at) => self.kill_now(),
-                _ = sleep_until_opt(self.publish_due) => {
-                    self.publish_due = None;
-                    guarded!(self.publish(None));
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = Instant::now();
+                    let tick = next_tick <= now;
+                    if tick {
+                        next_tick = now + period;
+                    }
+                    guarded!(Box::pin(self.on_timer(now, tick)));
                 }
-                _ = tick.tick() => self.publish(None).await,
                 _ = token.cancelled() => break,
             }
         }
         self.shared.metrics.state_change(Some(self.lifecycle.state().as_str()), None);
+    }
+
+    /// The component is deleted: its Job and agent go, it publishes `gone`.
+    async fn remove(&mut self) {
+        if self.kind.driver == Driver::KubernetesJob {
+            self.delete_job().await;
+        }
+        self.remove_agent().await;
+        self.observe(Observed::Deleted, State::Gone);
+        self.publish(None).await;
+    }
+
+    /// The timer fired at `now`: run what is due. `tick`: the periodic
+    /// status is due.
+    async fn on_timer(&mut self, now: Instant, tick: bool) {
+        if self.scheduled.front().is_some_and(|(at, _)| *at <= now)
+            && let Some((_, req)) = self.scheduled.pop_front()
+        {
+            self.sync_schedule();
+            self.execute(req).await;
+        }
+        if self.settle_at.is_some_and(|at| at <= now) {
+            self.settle().await;
+        }
+        if self.run.as_ref().and_then(|r| r.kill_at).is_some_and(|at| at <= now) {
+            self.kill_now();
+        }
+        let coalesced = self.publish_due.is_some_and(|at| at <= now);
+        if coalesced {
+            self.publish_due = None;
+        }
+        if coalesced || tick {
+            self.publish(None).await;
+        }
     }
 
     /// A handler panicked: log and count it, and enter `error` so that the
@@ -374,7 +408,7 @@ impl Component {
     async fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Message(msg) => self.message(*msg).await,
-            Command::Attach(consumer) => self.consumer = Some(*consumer),
+            Command::Attach(consumer) => self.consumer = Some(consumer),
             // Discovery and (re)subscription. A gateway's devices answer
             // only when addressed (uuid, type, `category: equipment`): a
             // broadcast ping that announced 10,000 devices would hold the

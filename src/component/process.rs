@@ -78,7 +78,7 @@ impl Run {
     }
 
     /// The next event; pending forever when there is no run.
-    pub(super) async fn next(run: &mut Option<Run>) -> Option<RunEvent> {
+    pub(super) async fn next(run: &mut Option<Box<Run>>) -> Option<RunEvent> {
         match run {
             Some(r) => r.events.recv().await,
             None => std::future::pending().await,
@@ -526,7 +526,7 @@ impl Component {
         let launch = Launch { cmd, dir: dir.clone(), model, tx: tx.clone(), token: self.shared.shutdown.clone() };
         let task = self.shared.tracker.spawn(run_task(launch)).abort_handle();
         info!(run_dir = %dir.display(), "starting process");
-        self.run = Some(Run { pgid: None, events, tx, dir, results, ending: None, kill_at: None, task });
+        self.run = Some(Box::new(Run { pgid: None, events, tx, dir, results, ending: None, kill_at: None, task }));
         Ok(())
     }
 

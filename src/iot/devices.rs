@@ -345,7 +345,7 @@ pub async fn run(
     let mut channel = shared.bus.channel_watch();
     let mut devices =
         Devices { shared, core, queue: None, statuses: None, types: Default::default(), empty: Map::new() };
-    let mut consumer: Option<Consumer> = None;
+    let mut consumer: Option<Box<Consumer>> = None;
     let mut attach = true;
     loop {
         if attach {
@@ -360,7 +360,7 @@ pub async fn run(
             consumer = None;
             if connected {
                 tokio::select! {
-                    c = devices.attach() => consumer = c,
+                    c = devices.attach() => consumer = c.map(Box::new),
                     _ = token.cancelled() => break,
                 }
             }

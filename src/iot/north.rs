@@ -260,6 +260,18 @@ async fn put_log(State(core): Shared, q: Params) -> Response {
     if !LEVELS.contains(&level.as_str()) {
         return bad("invalid log level");
     }
+    // The live filter of the agent's code (`busbar::iot`), as the level
+    // of iotagent-node-lib's process; FATAL has no tracing level of its own.
+    let live = match level.as_str() {
+        "DEBUG" => tracing::Level::DEBUG,
+        "INFO" => tracing::Level::INFO,
+        "WARN" | "WARNING" => tracing::Level::WARN,
+        _ => tracing::Level::ERROR,
+    };
+    if let Err(e) = crate::telemetry::set_target("busbar::iot", live) {
+        let body = axum::Json(json!({ "error": e.to_string() }));
+        return (StatusCode::INTERNAL_SERVER_ERROR, body).into_response();
+    }
     *core.log_level.lock().unwrap_or_else(|p| p.into_inner()) = level;
     StatusCode::OK.into_response()
 }
