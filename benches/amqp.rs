@@ -17,6 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// Both topologies, in every comparison.
+const TOPOLOGIES: [&str; 2] = ["shared", "per-component"];
+
 fn url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
@@ -195,8 +198,8 @@ async fn raw_discovery(n: usize) -> Duration {
 /// Sequential ping round trips to one component, interleaved in blocks with
 /// the raw one-hop loop so both see the same machine conditions. Returns
 /// (ping p50, ping p99, raw p50, raw p99).
-async fn rtt(blocks: usize, per_block: usize) -> [Duration; 4] {
-    let (d, uuids) = Daemon::start(1, "per-component").await;
+async fn rtt(blocks: usize, per_block: usize, topology: &str) -> [Duration; 4] {
+    let (d, uuids) = Daemon::start(1, topology).await;
     let u = uuids[0].to_string();
     let c = Client::connect(&url(), &d.exchange).await.unwrap();
     let mut l = c.listen(header("uuid", &u)).await.unwrap();
@@ -246,8 +249,8 @@ async fn rtt(blocks: usize, per_block: usize) -> [Duration; 4] {
 /// Pings to one component with up to 100 unanswered; replies/s. The
 /// client only counts replies (no parsing), so it costs what the raw loop's
 /// consumer costs.
-async fn flood(n: usize) -> f64 {
-    let (d, uuids) = Daemon::start(1, "per-component").await;
+async fn flood(n: usize, topology: &str) -> f64 {
+    let (d, uuids) = Daemon::start(1, topology).await;
     let u = uuids[0].to_string();
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
@@ -403,27 +406,34 @@ async fn main() {
         raw_rate = Some(rate);
     }
     if want("rtt") {
-        let [p50, p99, r50, r99] = rtt(10, 200).await;
-        println!(
-            "ping RTT (2000 sequential, interleaved with 2000 raw one-hop): p50 {} ({:.2}x raw {}), p99 {} ({:.2}x raw {})",
-            ms(p50),
-            p50.as_secs_f64() / r50.as_secs_f64(),
-            ms(r50),
-            ms(p99),
-            p99.as_secs_f64() / r99.as_secs_f64(),
-            ms(r99)
-        );
+        for topo in TOPOLOGIES {
+            let [p50, p99, r50, r99] = rtt(10, 200, topo).await;
+            println!(
+                "ping RTT, topology {topo} (2000 sequential, interleaved with 2000 raw one-hop): p50 {} ({:.2}x raw {}), p99 {} ({:.2}x raw {})",
+                ms(p50),
+                p50.as_secs_f64() / r50.as_secs_f64(),
+                ms(r50),
+                ms(p99),
+                p99.as_secs_f64() / r99.as_secs_f64(),
+                ms(r99)
+            );
+        }
     }
     if want("flood") {
-        let rate = flood(40_000).await;
-        println!("ping flood (40000, 100 in flight): {rate:.0} replies/s ({:.2}x raw)", rate / raw_rate.unwrap());
+        for topo in TOPOLOGIES {
+            let rate = flood(40_000, topo).await;
+            println!(
+                "ping flood, topology {topo} (40000, 100 in flight): {rate:.0} replies/s ({:.2}x raw)",
+                rate / raw_rate.unwrap()
+            );
+        }
     }
     if want("discovery") {
         println!(
             "raw broker, 1000 bindings, 1000 status-shaped messages to one listener: {}",
             ms(raw_discovery(1000).await)
         );
-        for topo in ["shared", "per-component"] {
+        for topo in TOPOLOGIES {
             let took = discovery(1000, topo).await;
             println!("discovery, 1000 components, topology {topo}: all replies in {}", ms(took));
         }

@@ -403,8 +403,14 @@ async fn stopped_gateways_refuse_south_traffic_and_start_takes_it_again() {
     assert_eq!((s, b["name"].as_str()), (503, Some("GATEWAY_STOPPED")));
     let mqtt = Mqtt::connect(1883).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), "{\"t\":2}", 0).await;
+    mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), "{\"t\":2}", 1).await;
     data.quiet(Duration::from_millis(300)).await;
+    // The MQTT measure never reached the gateway (it unsubscribed): only the
+    // HTTP one was refused. Were it still subscribed, the MQTT measure would
+    // arrive and be refused too, and this count would be 2.
+    let st = d.shared.lookup(gw.uuid).unwrap().status().await.unwrap();
+    let refused = st.pointer("/status/counters/errors/gateway_stopped").and_then(Value::as_u64);
+    assert_eq!(refused, Some(1), "{st}");
     // Provisioning still works while stopped.
     assert_eq!(g.north("GET", "/iot/devices/dev1", Some(LAB), None).await.0, 200);
     c.publish(to_uuid(gw.uuid), &action("start", json!({})), None).await.unwrap();
