@@ -11,6 +11,10 @@
 //!   the same number of bindings.
 //! - `creates`: 10,000 creates at 100/s through the manager, in both
 //!   topologies: the rate achieved and the daemon's RSS.
+//! - `bindings` (also after `creates`): the broker alone, a headers
+//!   exchange with as many per-uuid bindings as the per-component topology
+//!   has at the end, against none: the ceiling per-uuid bindings put on
+//!   every message.
 
 use busbar::client::Client;
 use busbar::protocol::Filter;
@@ -234,5 +238,15 @@ async fn main() {
     if want("creates") {
         creates("per-component").await;
         creates("shared").await;
+    }
+    if want("creates") || want("bindings") {
+        // The broker alone: what per-uuid bindings cost every message.
+        let n: usize = std::env::var("SCALE_CREATES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+        let with = exchange_rate(&format!("scale-bare-{}", Uuid::new_v4().simple()), "target", 5_000, n).await;
+        let without = exchange_rate(&format!("scale-bare-{}", Uuid::new_v4().simple()), "target", 5_000, 0).await;
+        println!(
+            "broker alone: a headers exchange with {n} uuid bindings (per-component at the end): {with:.0} msgs/s; with none (shared): {without:.0} msgs/s. A create crosses the exchange at least twice (the create, the announcement): ceiling {:.0} creates/s with {n} per-uuid bindings",
+            with / 2.0
+        );
     }
 }

@@ -32,18 +32,21 @@ impl ConfigError {
     }
 }
 
-/// How component queues are laid out on the broker.
+/// How component queues are laid out on the broker. Both route category,
+/// type and realm through one daemon queue bound once per distinct value;
+/// they differ in how messages naming a uuid arrive. See README
+/// "Topologies" and BENCHMARKS.md for the evidence behind the default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Topology {
-    /// One server-named, exclusive, auto-delete queue per component, bound
-    /// `x-match: any` on its four headers: exactly VILLAScontroller's layout.
-    #[default]
+    /// A queue per component bound by its uuid, consumed by its task. One
+    /// binding per component on the exchange, which RabbitMQ scans for
+    /// every message: fine for small labs, costly for thousands.
     PerComponent,
-    /// One queue per daemon carrying the union of the bindings; the daemon
-    /// routes in-process with the same OR rule. A status published by one of
-    /// N components sharing a category then crosses the broker once instead
-    /// of N times, which is what large daemons need (see BENCHMARKS.md).
+    /// One binding `uuid: void` per daemon ("has a uuid header"); the
+    /// daemon looks the uuid up. The broker's cost per message does not grow
+    /// with components: discovery, creates and memory scale (the default).
+    #[default]
     Shared,
 }
 
@@ -378,7 +381,7 @@ mod tests {
         assert_eq!(c.status_interval(), Duration::from_secs(30));
         assert_eq!(c.api.bind, "127.0.0.1:8089".parse().unwrap());
         assert!(c.components.is_empty());
-        assert_eq!(c.topology, Topology::PerComponent);
+        assert_eq!(c.topology, Topology::Shared);
     }
 
     #[test]
