@@ -50,9 +50,10 @@ async fn action_wait_exits_0_on_the_target_state_1_on_error_and_2_on_timeout() {
     let o =
         busbar(&env, &["action", "start", "-u", &u, "-p", "{runtime: 0}", "--when", &when, "--wait", "running"]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    // Client queues are exclusive and auto-delete: only the daemon's remain
-    // (discovery + manager + dummy).
-    assert_eq!(bindings_on(&env.exchange), 3);
+    // Client queues are exclusive and auto-delete: only the daemon's remain.
+    // Its routed queue (shared topology): `uuid` present, categories manager
+    // and simulator, types generic and dummy, the realm.
+    assert_eq!(bindings_on(&env.exchange), 6);
     d.stop().await.expect("clean shutdown");
 }
 

@@ -153,34 +153,20 @@ impl Wait {
                 self.armed |= state.is_some() && state != Some(want.as_str());
                 None
             }
-            Goal::Created { follow } => {
-                if from == Some(*follow) {
+            Goal::Created { follow } | Goal::Deleted { follow } => {
+                // Created: the new component's first status; deleted: its `gone`.
+                let done = matches!(self.goal, Goal::Created { .. }) || state == Some("gone");
+                if from == Some(*follow) && done {
                     return Some(Outcome::Reached(status.clone()));
                 }
-                if from == Some(self.target) {
-                    if state == Some("error") {
-                        return Some(Outcome::Failed(status.clone()));
-                    }
-                    // busbar's manager answers a create at once.
-                    if trusted && !has_error(status) {
-                        return Some(Outcome::Reached(status.clone()));
-                    }
+                if from != Some(self.target) {
+                    return None;
                 }
-                None
-            }
-            Goal::Deleted { follow } => {
-                if from == Some(*follow) && state == Some("gone") {
-                    return Some(Outcome::Reached(status.clone()));
+                if state == Some("error") {
+                    return Some(Outcome::Failed(status.clone()));
                 }
-                if from == Some(self.target) {
-                    if state == Some("error") {
-                        return Some(Outcome::Failed(status.clone()));
-                    }
-                    if trusted && !has_error(status) {
-                        return Some(Outcome::Reached(status.clone()));
-                    }
-                }
-                None
+                // busbar's manager answers at once, on `reply_to`.
+                (trusted && !has_error(status)).then(|| Outcome::Reached(status.clone()))
             }
         }
     }
