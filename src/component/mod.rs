@@ -6,12 +6,10 @@
 //! the due time of the next scheduled (`when`) action, the settle timer of
 //! the current transient state, the periodic status tick, and shutdown.
 
-mod gateway;
+mod core;
+mod driver;
 pub mod kinds;
-mod kubernetes;
-pub(crate) use kubernetes::sweep_orphans;
-mod manager;
-mod process;
+pub(crate) use driver::sweep_orphans;
 
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
@@ -22,13 +20,14 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
+use self::core::{Core, Cx};
 use crate::config::ComponentSpec;
 use crate::daemon::Shared;
 use crate::protocol::status::{Prefix, StatusView};
 use crate::protocol::{ActionRequest, ErrorInfo, Rejection, RoutingKeys, When};
-use crate::react::Reaction;
-use crate::state::{Action, Lifecycle, Observed, State, TransitionError};
-use kinds::{Driver, Kind};
+use crate::state::{Action, Observed, State, TransitionError};
+use driver::Driver;
+use kinds::Kind;
 
 /// Most actions one component keeps waiting for their `when`; more are
 /// refused, so a sender cannot grow a component's memory without bound.
@@ -71,8 +70,7 @@ enum Wake {
     Command(Command),
     Message(Box<Result<ActionRequest, Rejection>>),
     Panicked(String),
-    Run(Box<process::RunEvent>),
-    Job(Box<crate::k8s::job::JobEvent>),
+    Driver(Box<driver::Event>),
     Timer(Instant, bool),
 }
 
@@ -139,36 +137,13 @@ impl ComponentHandle {
     }
 }
 
-/// Seconds each dummy transient state lasts.
-#[derive(Debug, Clone)]
-struct Durations(Map<String, Value>);
-
-impl Durations {
-    fn of(&self, action: Action, parameters: &Map<String, Value>) -> Duration {
-        let secs = match action {
-            Action::Start => parameters.get("runtime").and_then(Value::as_f64),
-            other => self.0.get(other.as_str()).and_then(Value::as_f64),
-        };
-        Duration::from_secs_f64(secs.filter(|s| s.is_finite() && *s >= 0.0).unwrap_or(1.0).min(86_400.0))
-    }
-}
-
-/// The state owned by one component task.
+/// The state owned by one component task: the driver-independent core,
+/// the driver, and what the task itself schedules.
 pub(crate) struct Component {
     shared: Arc<Shared>,
-    keys: Arc<RoutingKeys>,
     kind: Arc<Kind>,
-    managed_by: Option<Uuid>,
-    properties: Map<String, Value>,
-    lifecycle: Lifecycle,
-    error: Option<ErrorInfo>,
-    model: Value,
-    results: Value,
-    durations: Durations,
-    /// Type-specific `status` fields.
-    extra: Map<String, Value>,
-    /// When the current transient state settles (dummy driver).
-    settle_at: Option<Instant>,
+    core: Core,
+    driver: Box<dyn Driver>,
     /// Actions waiting for their `when`, in arrival order.
     scheduled: VecDeque<(Instant, ActionRequest)>,
     /// When a coalesced status broadcast is due (managers after creates
@@ -177,35 +152,6 @@ pub(crate) struct Component {
     /// The component's own queue, consumed right here: no task hop between
     /// the broker connection and the state that answers.
     consumer: Option<Box<lapin::Consumer>>,
-    /// The running process of a process component.
-    run: Option<Box<process::Run>>,
-    /// The job task of a Kubernetes simulator.
-    job: Option<crate::k8s::job::JobRun>,
-    /// The IoT agent of a gateway.
-    agent: Option<Box<crate::iot::Agent>>,
-    /// Properties whose published value is redacted (URLs with a password),
-    /// as given: only drivers see them.
-    secrets: Map<String, Value>,
-    /// States entered since the last publish, in order: `publish` sends a
-    /// status for each one before the current, so observers see every
-    /// state the component passes through (`pausing` before `paused`).
-    trail: Vec<State>,
-}
-
-/// Split off the properties that must not be published: URLs with a
-/// password (`mqtt://user:secret@host`) are published redacted, and kept as
-/// given for the drivers.
-fn split_secrets(p: &mut Map<String, Value>) -> Map<String, Value> {
-    let mut secrets = Map::new();
-    for (k, v) in p.iter_mut() {
-        if let Value::String(s) = v {
-            let shown = crate::config::redact_url(s);
-            if shown != *s {
-                secrets.insert(k.clone(), std::mem::replace(v, Value::String(shown)));
-            }
-        }
-    }
-    secrets
 }
 
 /// Build the properties object: every given key in order, with the identity
@@ -235,46 +181,31 @@ pub(crate) fn spawn(
     let keys =
         Arc::new(RoutingKeys { category: spec.category.clone(), kind: spec.kind.clone(), uuid, realm: realm.clone() });
     let (tx, rx) = mpsc::channel(MAILBOX);
-    let mut properties = properties_of(spec, uuid, &realm);
-    let secrets = split_secrets(&mut properties);
-    let durations = Durations(properties.get("durations").and_then(Value::as_object).cloned().unwrap_or_default());
+    let core = Core::new(keys.clone(), managed_by, properties_of(spec, uuid, &realm));
+    let driver = driver::build(&kind, &core);
     let component = Component {
         shared: shared.clone(),
-        keys: keys.clone(),
         kind,
-        managed_by,
-        properties,
-        lifecycle: Lifecycle::default(),
-        error: None,
-        model: Value::Null,
-        results: Value::Null,
-        durations,
-        extra: Map::new(),
-        settle_at: None,
+        core,
+        driver,
         scheduled: VecDeque::new(),
         publish_due: None,
         consumer: None,
-        run: None,
-        job: None,
-        agent: None,
-        secrets,
-        trail: Vec::new(),
     };
     shared.metrics.state_change(None, Some(State::Idle.as_str()));
-    shared.tracker.spawn(Box::new(component).run(rx));
+    let span = info_span!("component", uuid = %keys.uuid, r#type = %keys.kind);
+    shared.tracker.spawn(Box::new(component).run(rx).instrument(span));
     ComponentHandle { keys, managed_by, persisted, tx }
 }
 
 impl Component {
-    /// The properties as configured, secrets included: for drivers only,
-    /// never for status messages.
-    fn driver_properties(&self) -> std::borrow::Cow<'_, Map<String, Value>> {
-        if self.secrets.is_empty() {
-            return std::borrow::Cow::Borrowed(&self.properties);
-        }
-        let mut p = self.properties.clone();
-        p.extend(self.secrets.clone());
-        std::borrow::Cow::Owned(p)
+    /// The driver's view of the component.
+    fn cx(&mut self) -> Cx<'_> {
+        Cx { core: &mut self.core, shared: &self.shared }
+    }
+
+    fn uuid(&self) -> Uuid {
+        self.core.keys.uuid
     }
 
     /// The component's task. `self` is boxed: the future holds a pointer,
@@ -295,23 +226,18 @@ impl Component {
         let token = self.shared.shutdown.clone();
         let period = self.shared.config.status_interval();
         let mut next_tick = Instant::now() + period;
-        if self.kind.driver == Driver::KubernetesJob {
-            self.adopt_job();
-        }
-        if self.kind.driver == Driver::IotAgent {
-            Box::pin(self.start_agent()).await;
-        }
+        guarded!(Box::pin(self.started()));
         loop {
-            // A transient state that is already due settles now, not on the
-            // next timer tick (a dummy with `runtime: 0` runs at once).
-            if self.settle_at.is_some_and(|at| at <= Instant::now()) {
-                guarded!(Box::pin(self.settle()));
+            // A driver deadline that is already due (a dummy with
+            // `runtime: 0` settles at once) runs now, not on the next tick.
+            let now = Instant::now();
+            if self.driver.deadline().is_some_and(|at| at <= now) {
+                guarded!(Box::pin(self.on_deadline(now)));
             }
-            // One timer for every deadline: the schedule, the settle of a
-            // transient state, a kill after the grace period, a coalesced
+            // One timer for every deadline: the schedule, the driver's (a
+            // transient state settles, a grace period ends), a coalesced
             // publish and the periodic status.
-            let kill_at = self.run.as_ref().and_then(|r| r.kill_at);
-            let deadline = [self.scheduled.front().map(|(at, _)| *at), self.settle_at, kill_at, self.publish_due]
+            let deadline = [self.scheduled.front().map(|(at, _)| *at), self.driver.deadline(), self.publish_due]
                 .into_iter()
                 .flatten()
                 .fold(next_tick, Instant::min);
@@ -333,8 +259,7 @@ impl Component {
                         Err(p) => Wake::Panicked(crate::supervise::panic_message(p)),
                     }
                 }
-                Some(ev) = process::Run::next(&mut self.run) => Wake::Run(Box::new(ev)),
-                Some(ev) = crate::k8s::job::JobRun::next(&mut self.job) => Wake::Job(Box::new(ev)),
+                ev = self.driver.next_event() => Wake::Driver(Box::new(ev)),
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = Instant::now();
                     let tick = next_tick <= now;
@@ -354,22 +279,43 @@ impl Component {
                 Wake::Command(cmd) => guarded!(Box::pin(self.command(cmd))),
                 Wake::Message(msg) => guarded!(Box::pin(self.message(*msg))),
                 Wake::Panicked(panic) => Box::pin(self.panicked(panic)).await,
-                Wake::Run(ev) => guarded!(Box::pin(self.on_run_event(*ev))),
-                Wake::Job(ev) => guarded!(Box::pin(self.on_job_event(*ev))),
+                Wake::Driver(ev) => guarded!(Box::pin(self.on_driver_event(*ev))),
                 Wake::Timer(now, tick) => guarded!(Box::pin(self.on_timer(now, tick))),
             }
         }
-        self.shared.metrics.state_change(Some(self.lifecycle.state().as_str()), None);
+        self.shared.metrics.state_change(Some(self.core.state().as_str()), None);
     }
 
-    /// The component is deleted: its Job and agent go, it publishes `gone`.
-    async fn remove(&mut self) {
-        if self.kind.driver == Driver::KubernetesJob {
-            self.delete_job().await;
+    /// The task starts: the driver adopts or starts what it runs.
+    async fn started(&mut self) {
+        let cx = Cx { core: &mut self.core, shared: &self.shared };
+        if self.driver.started(cx).await {
+            self.publish(None).await;
         }
-        self.remove_agent().await;
-        self.observe(Observed::Deleted, State::Gone);
+    }
+
+    /// The component is deleted: the driver releases what it holds (its
+    /// Job, its agent), then the component publishes `gone`.
+    async fn remove(&mut self) {
+        let cx = Cx { core: &mut self.core, shared: &self.shared };
+        self.driver.remove(cx).await;
+        self.cx().observe(Observed::Deleted, State::Gone);
         self.publish(None).await;
+    }
+
+    /// The driver's own task reported: apply it, publish.
+    async fn on_driver_event(&mut self, ev: driver::Event) {
+        let cx = Cx { core: &mut self.core, shared: &self.shared };
+        self.driver.on_event(cx, ev);
+        self.publish(None).await;
+    }
+
+    /// The driver's deadline passed.
+    async fn on_deadline(&mut self, now: Instant) {
+        let cx = Cx { core: &mut self.core, shared: &self.shared };
+        if self.driver.on_deadline(cx, now) {
+            self.publish(None).await;
+        }
     }
 
     /// The timer fired at `now`: run what is due. `tick`: the periodic
@@ -381,11 +327,8 @@ impl Component {
             self.sync_schedule();
             self.execute(req).await;
         }
-        if self.settle_at.is_some_and(|at| at <= now) {
-            self.settle().await;
-        }
-        if self.run.as_ref().and_then(|r| r.kill_at).is_some_and(|at| at <= now) {
-            self.kill_now();
+        if self.driver.deadline().is_some_and(|at| at <= now) {
+            self.on_deadline(now).await;
         }
         let coalesced = self.publish_due.is_some_and(|at| at <= now);
         if coalesced {
@@ -399,24 +342,12 @@ impl Component {
     /// A handler panicked: log and count it, and enter `error` so that the
     /// component says so on the bus (and `reset` brings it back).
     async fn panicked(&mut self, panic: String) {
-        tracing::error!(component = %self.keys.uuid, %panic, "a component handler panicked; the component enters error");
+        tracing::error!(component = %self.uuid(), %panic, "a component handler panicked; the component enters error");
         self.shared.metrics.error("panic");
-        self.settle_at = None;
         let info = ErrorInfo::new("Internal error while handling a message; reset to recover").with("detail", panic);
         self.enter_error(info);
         if let Err(again) = crate::supervise::catch(self.publish(None)).await {
-            tracing::error!(component = %self.keys.uuid, panic = %again, "cannot publish the error status");
-        }
-    }
-
-    /// The settle timer fired: complete the transient state and publish.
-    async fn settle(&mut self) {
-        self.settle_at = None;
-        if let Some(to) = self.lifecycle.state().settled()
-            && self.go(to)
-        {
-            debug!(component = %self.keys.uuid, %to, "settled");
-            self.publish(None).await;
+            tracing::error!(component = %self.uuid(), panic = %again, "cannot publish the error status");
         }
     }
 
@@ -430,7 +361,7 @@ impl Component {
             // broker for seconds. The device task announces them itself
             // after provisioning and after a reconnect.
             Command::Announce => {
-                debug!(component = %self.keys.uuid, "announce");
+                debug!(component = %self.uuid(), "announce");
                 self.publish(None).await
             }
             Command::Act(act) => {
@@ -469,7 +400,7 @@ impl Component {
         };
         if req.action == Action::Ping.as_str() || due <= now {
             if req.action == Action::Reset.as_str() && !self.scheduled.is_empty() {
-                info!(component = %self.keys.uuid, dropped = self.scheduled.len(), "reset drops the scheduled actions");
+                info!(component = %self.uuid(), dropped = self.scheduled.len(), "reset drops the scheduled actions");
                 self.scheduled.clear();
                 self.sync_schedule();
             }
@@ -483,7 +414,7 @@ impl Component {
                     .with("action", req.action.as_str());
             return self.fail(info, Some(&req)).await;
         }
-        debug!(component = %self.keys.uuid, action = %req.action, in_ms = (due - now).as_millis() as u64, "scheduled");
+        debug!(component = %self.uuid(), action = %req.action, in_ms = (due - now).as_millis() as u64, "scheduled");
         let at = self.scheduled.partition_point(|(t, _)| *t <= due);
         self.scheduled.insert(at, (due, req));
         self.sync_schedule();
@@ -493,8 +424,9 @@ impl Component {
     /// Show the schedule in `status.scheduled`: `[{action, when}]`, `when`
     /// in Unix seconds; absent when nothing is scheduled.
     fn sync_schedule(&mut self) {
+        let extra = &mut self.core.extra;
         if self.scheduled.is_empty() {
-            self.extra.shift_remove("scheduled");
+            extra.shift_remove("scheduled");
             return;
         }
         let (now, wall) = (Instant::now(), SystemTime::now());
@@ -507,11 +439,11 @@ impl Component {
                 serde_json::json!({"action": req.action, "when": (secs * 1000.0).round() / 1000.0})
             })
             .collect();
-        self.extra.insert("scheduled".into(), Value::Array(list));
+        extra.insert("scheduled".into(), Value::Array(list));
     }
 
     async fn execute(&mut self, req: ActionRequest) {
-        let span = info_span!("action", component = %self.keys.uuid, r#type = %self.keys.kind, action = %req.action);
+        let span = info_span!("action", action = %req.action);
         self.execute_inner(req).instrument(span).await
     }
 
@@ -524,10 +456,11 @@ impl Component {
         if action == Action::Ping {
             return self.publish(reply).await;
         }
+        let manages = self.kind.driver.is_manager();
         // Only managers create and delete; elsewhere these are refused
         // loudly rather than accepted and ignored.
-        if matches!(action, Action::Create | Action::Delete) && !self.kind.driver.is_manager() {
-            let kind = format!("{}/{}", self.keys.category, self.keys.kind);
+        if matches!(action, Action::Create | Action::Delete) && !manages {
+            let kind = self.core.kind_name();
             return self.refuse(TransitionError::Unsupported { action, kind }, reply).await;
         }
         if let Err(info) = self.kind.validate(action, &req.parameters) {
@@ -537,29 +470,21 @@ impl Component {
             }
             return self.fail(info, reply).await;
         }
-        let outcome = match &self.kind.driver {
-            Driver::Dummy => self.dummy(action, &req),
-            // Boxed: the manager path holds store and registry futures that
-            // would otherwise inflate every component task by kilobytes.
-            d if d.is_manager() => Box::pin(self.manage(action, &req)).await,
-            Driver::Process(_) => self.process(action, &req),
-            Driver::KubernetesJob => self.kubernetes(action, &req),
-            Driver::IotAgent => Box::pin(self.gateway(action)).await,
-            _ => unreachable!("managers are handled above"),
-        };
+        let cx = Cx { core: &mut self.core, shared: &self.shared };
+        let outcome = self.driver.act(cx, action, &req).await;
         match outcome {
             Ok(()) if matches!(action, Action::Create | Action::Delete) => {
                 // The requester hears at once; the exchange at most every
                 // MANAGER_PUBLISH_EVERY.
-                info!(state = %self.lifecycle.state(), "action accepted");
+                info!(state = %self.core.state(), "action accepted");
                 if req.reply.queue.is_some() {
-                    let body = self.view(&self.extra).to_vec(&self.shared.info);
-                    Box::pin(self.shared.bus.reply(&self.keys, &body, &req.reply)).await;
+                    let body = self.view(&self.core.extra).to_vec(&self.shared.info);
+                    Box::pin(self.shared.bus.reply(&self.core.keys, &body, &req.reply)).await;
                 }
                 self.publish_due.get_or_insert_with(|| Instant::now() + MANAGER_PUBLISH_EVERY);
             }
             Ok(()) => {
-                info!(state = %self.lifecycle.state(), "action accepted");
+                info!(state = %self.core.state(), "action accepted");
                 self.publish(reply).await
             }
             // A refused create or delete is the requester's mistake, not
@@ -567,85 +492,6 @@ impl Component {
             Err(info) if matches!(action, Action::Create | Action::Delete) => self.refuse_request(info, reply).await,
             Err(info) => self.fail(info, reply).await,
         }
-    }
-
-    /// Enter the transient state of a simulator action (counting a refused
-    /// transition) and clear the previous error.
-    fn begin(&mut self, action: Action) -> Result<(), ErrorInfo> {
-        let from = self.lifecycle.state();
-        let to = self.lifecycle.begin(action).map_err(|e| {
-            self.shared.metrics.error("invalid_transition");
-            ErrorInfo::from(&e)
-        })?;
-        if to != from || action.entry_state().is_some() {
-            self.entered(from, to);
-        }
-        self.error = None;
-        Ok(())
-    }
-
-    /// Take a table edge (the one checked entry for driver decisions); a
-    /// refused edge changes nothing, is counted and logged, and returns
-    /// `false`.
-    fn go(&mut self, to: State) -> bool {
-        let from = self.lifecycle.state();
-        match self.lifecycle.advance(to) {
-            Ok(_) => {
-                self.entered(from, to);
-                true
-            }
-            Err(e) => {
-                self.shared.metrics.error("invalid_transition");
-                warn!(component = %self.keys.uuid, error = ?e, "a driver asked for a transition the table does not allow");
-                false
-            }
-        }
-    }
-
-    /// Take a declared observed edge (adoption, failure, deletion).
-    fn observe(&mut self, why: Observed, to: State) -> bool {
-        let from = self.lifecycle.state();
-        match self.lifecycle.observe(why, to) {
-            Ok(_) => {
-                self.entered(from, to);
-                true
-            }
-            Err(e) => {
-                self.shared.metrics.error("invalid_transition");
-                warn!(component = %self.keys.uuid, error = ?e, ?why, "an observed transition was refused");
-                false
-            }
-        }
-    }
-
-    fn entered(&mut self, from: State, to: State) {
-        self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
-        self.trail.push(to);
-    }
-
-    /// Apply a driver's [`Reaction`] (see `react.rs`); `failure` says why
-    /// if it fails. Returns whether the state changed; the caller publishes.
-    fn react(&mut self, r: Reaction, failure: impl FnOnce() -> ErrorInfo) -> bool {
-        match r {
-            Reaction::Stay | Reaction::Kill => false,
-            Reaction::Path(path) => path.iter().all(|&to| self.go(to)),
-            Reaction::Observe(why, to) => self.observe(why, to),
-            Reaction::Fail => {
-                self.enter_error(failure());
-                true
-            }
-        }
-    }
-
-    fn dummy(&mut self, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
-        self.begin(action)?;
-        if action == Action::Start {
-            let shown = |k: &str| req.payload.get(k).map_or(Value::Null, crate::sandbox::redact_transfer);
-            self.model = shown("model");
-            self.results = shown("results");
-        }
-        self.settle_at = Some(Instant::now() + self.durations.of(action, &req.parameters));
-        Ok(())
     }
 
     async fn refuse(&mut self, e: TransitionError, reply: Option<&ActionRequest>) {
@@ -662,50 +508,57 @@ impl Component {
     /// the manager's. Answer with the error (shown in `status.error` until
     /// the next action succeeds) and stay usable.
     async fn refuse_request(&mut self, info: ErrorInfo, reply: Option<&ActionRequest>) {
-        warn!(component = %self.keys.uuid, error = %info.msg(), "request refused");
-        self.error = Some(info);
+        warn!(component = %self.uuid(), error = %info.msg(), "request refused");
+        self.core.error = Some(info);
         self.publish(reply).await
     }
 
-    /// Enter `error` with `info`, drop any pending settle, and publish.
+    /// Enter `error` with `info` and publish.
     async fn fail(&mut self, info: ErrorInfo, reply: Option<&ActionRequest>) {
         self.enter_error(info);
         self.publish(reply).await;
     }
 
-    /// Enter `error` with `info` ([`Observed::Failed`]) and drop any pending
-    /// settle; the caller publishes.
+    /// Enter `error` from outside the driver: the driver drops what was
+    /// pending (a transient state's settle).
     fn enter_error(&mut self, info: ErrorInfo) {
-        warn!(component = %self.keys.uuid, error = %info.msg(), "component error");
-        self.settle_at = None;
-        self.observe(Observed::Failed, State::Error);
-        self.error = Some(info);
+        self.driver.failed();
+        self.cx().enter_error(info);
     }
 
     fn view<'a>(&'a self, extra: &'a Map<String, Value>) -> StatusView<'a> {
-        self.view_in(self.lifecycle.state(), extra)
+        self.view_in(self.core.state(), extra)
     }
 
     fn view_in<'a>(&'a self, state: State, extra: &'a Map<String, Value>) -> StatusView<'a> {
-        let prefix = match self.keys.category.as_str() {
-            "simulator" => Prefix::Simulator { model: &self.model, results: &self.results },
-            "manager" => Prefix::Manager { components: self.shared.managed_by(self.keys.uuid) },
+        let core = &self.core;
+        let prefix = match core.keys.category.as_str() {
+            "simulator" => Prefix::Simulator { model: &core.model, results: &core.results },
+            "manager" => Prefix::Manager { components: self.shared.managed_by(core.keys.uuid) },
             _ => Prefix::None,
         };
         StatusView {
             prefix,
             state,
-            managed_by: self.managed_by,
-            error: self.error.as_ref(),
+            managed_by: core.managed_by,
+            error: core.error.as_ref(),
             extra,
-            properties: &self.properties,
+            properties: &core.properties,
             schema: &self.kind.schema,
         }
     }
 
+    /// The stored status fields with the driver's live ones over them.
+    fn live_extra(&self) -> Option<Map<String, Value>> {
+        let live = self.driver.live_status()?;
+        let mut m = self.core.extra.clone();
+        m.extend(live);
+        Some(m)
+    }
+
     fn status(&self) -> Value {
-        let live = self.agent_status();
-        self.view(live.as_ref().unwrap_or(&self.extra)).render(&self.shared.info)
+        let live = self.live_extra();
+        self.view(live.as_ref().unwrap_or(&self.core.extra)).render(&self.shared.info)
     }
 
     /// Publish the status on the exchange; if `cause` asked for a reply, also
@@ -715,43 +568,29 @@ impl Component {
     /// first, in order (without the reply): observers see `pausing` before
     /// `paused` even when the driver got there at once.
     async fn publish(&mut self, cause: Option<&ActionRequest>) {
-        let live = self.agent_status();
-        let extra = live.as_ref().unwrap_or(&self.extra);
-        let trail = std::mem::take(&mut self.trail);
+        let trail = self.core.take_trail();
+        let live = self.live_extra();
+        let extra = live.as_ref().unwrap_or(&self.core.extra);
         if let Some((_, passed)) = trail.split_last() {
             for &state in passed {
                 let body = self.view_in(state, extra).to_vec(&self.shared.info);
-                Box::pin(self.shared.bus.publish_status(&self.keys, &body, None)).await;
+                Box::pin(self.shared.bus.publish_status(&self.core.keys, &body, None)).await;
             }
         }
         let body = self.view(extra).to_vec(&self.shared.info);
         let reply = cause.map(|r| &r.reply).filter(|r| r.wanted());
         // Boxed: lapin's publish future is kilobytes, and would otherwise be
         // part of every idle component task.
-        Box::pin(self.shared.bus.publish_status(&self.keys, &body, reply)).await;
+        Box::pin(self.shared.bus.publish_status(&self.core.keys, &body, reply)).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn a_command_is_two_words() {
         assert_eq!(std::mem::size_of::<Command>(), 16);
-    }
-
-    #[test]
-    fn urls_with_a_password_are_published_redacted_and_kept_for_drivers() {
-        let mut p = json!({"mqtt_url": "mqtt://lab:s3cret@broker:1883", "api_url": "http://host/api", "n": 1})
-            .as_object()
-            .unwrap()
-            .clone();
-        let secrets = split_secrets(&mut p);
-        assert_eq!(p["mqtt_url"], "mqtt://lab:***@broker:1883");
-        assert_eq!(p["api_url"], "http://host/api");
-        assert_eq!(secrets.len(), 1);
-        assert_eq!(secrets["mqtt_url"], "mqtt://lab:s3cret@broker:1883");
     }
 }

@@ -1,0 +1,151 @@
+//! Managers: create, persist and delete components. `manager/generic`
+//! takes component parameters as they are; the Kubernetes managers shape
+//! theirs first (see `kubernetes.rs`).
+//!
+//! A manager stays `idle`: a refused create or delete is answered with the
+//! error (and shown in `status.error` until the next action succeeds) but
+//! leaves it usable. Only a panic puts it in `error`, and `reset`
+//! (`resetting → idle`) clears that.
+
+use serde_json::{Map, Value};
+use tracing::info;
+use uuid::Uuid;
+
+use super::{Driver, Fut};
+use crate::component::core::Cx;
+use crate::config::ComponentSpec;
+use crate::protocol::{ActionRequest, ErrorInfo};
+use crate::state::{Action, State, TransitionError};
+use crate::store::StoredComponent;
+
+/// How a manager turns create parameters into a component spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shape {
+    /// `manager/generic`: as given.
+    AsGiven,
+    /// `manager/kubernetes`: lift `properties.*`, add the Job template.
+    KubernetesJob,
+    /// `manager/kubernetes-simple`: VILLASweb's flat duplication
+    /// parameters.
+    KubernetesSimple,
+}
+
+pub(super) struct Manager {
+    shape: Shape,
+}
+
+impl Manager {
+    pub(super) fn new(shape: Shape) -> Self {
+        Manager { shape }
+    }
+
+    async fn act(&self, mut cx: Cx<'_>, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
+        match action {
+            Action::Create => self.create(&cx, req).await?,
+            Action::Delete => delete(&cx, req).await?,
+            Action::Reset => {
+                cx.begin(Action::Reset)?;
+                cx.go(State::Idle);
+            }
+            other => {
+                cx.shared.metrics.error("unsupported_action");
+                return Err(ErrorInfo::from(&TransitionError::Unsupported {
+                    action: other,
+                    kind: cx.core.kind_name(),
+                }));
+            }
+        }
+        cx.core.error = None;
+        Ok(())
+    }
+
+    /// The component spec a create asks for.
+    fn shape(&self, cx: &Cx<'_>, params: &Map<String, Value>) -> Result<Map<String, Value>, ErrorInfo> {
+        let manager = &cx.core.properties;
+        Ok(match self.shape {
+            Shape::AsGiven => params.clone(),
+            Shape::KubernetesJob => super::kubernetes::simulator_spec(params, manager),
+            Shape::KubernetesSimple => super::kubernetes::simple_simulator_spec(params, manager)
+                .inspect_err(|_| cx.shared.metrics.error("invalid_create"))?,
+        })
+    }
+
+    async fn create(&self, cx: &Cx<'_>, req: &ActionRequest) -> Result<(), ErrorInfo> {
+        let shared = cx.shared;
+        // The Kubernetes manager lifts `properties.*` into the new component.
+        let may_set = &shared.config.sandbox.create_may_set;
+        let lifted = req.parameters.get("properties").and_then(Value::as_object);
+        for params in std::iter::once(&req.parameters).chain(lifted) {
+            crate::sandbox::check_create(params, may_set).inspect_err(|_| shared.metrics.error("refused_create"))?;
+        }
+        let mut params = self.shape(cx, &req.parameters)?;
+        let spec = ComponentSpec::from_map(params.clone()).map_err(|(key, msg)| {
+            shared.metrics.error("invalid_create");
+            ErrorInfo::new(format!("Invalid create parameters: {key} {msg}")).with("path", format!("$.{key}"))
+        })?;
+        let kind = shared.kinds.check(&spec).map_err(|(key, msg)| {
+            shared.metrics.error("unknown_type");
+            ErrorInfo::new(format!("Cannot create component: {msg}")).with("path", format!("$.{key}"))
+        })?;
+        let uuid = spec.uuid.unwrap_or_else(Uuid::new_v4);
+        params.insert("uuid".into(), Value::String(uuid.to_string()));
+        let spec = ComponentSpec { uuid: Some(uuid), properties: params.clone(), ..spec };
+        let duplicate =
+            || ErrorInfo::new("Duplicate uuid: a component with this uuid exists").with("uuid", uuid.to_string());
+        if shared.lookup(uuid).is_some() {
+            shared.metrics.error("duplicate_uuid");
+            return Err(duplicate());
+        }
+        let manager = cx.core.keys.uuid;
+        let stored = StoredComponent { uuid, manager, spec: params };
+        match shared.store.insert_component(stored).await {
+            Ok(true) => {}
+            Ok(false) => {
+                shared.metrics.error("duplicate_uuid");
+                return Err(duplicate());
+            }
+            Err(e) => {
+                shared.metrics.error("store");
+                return Err(ErrorInfo::new(format!("Cannot persist component: {e}")));
+            }
+        }
+        shared.add_component(&spec, kind, uuid, Some(manager), true).await;
+        info!(created = %uuid, category = %spec.category, r#type = %spec.kind, "component created");
+        Ok(())
+    }
+}
+
+async fn delete(cx: &Cx<'_>, req: &ActionRequest) -> Result<(), ErrorInfo> {
+    let shared = cx.shared;
+    let invalid = |msg: &str| ErrorInfo::new(msg.to_owned()).with("path", "$.uuid");
+    let uuid = match req.parameters.get("uuid") {
+        Some(Value::String(s)) => Uuid::parse_str(s).map_err(|_| invalid("Invalid uuid"))?,
+        _ => return Err(invalid("Missing uuid")),
+    };
+    let Some(handle) = shared.lookup(uuid) else {
+        shared.metrics.error("unknown_component");
+        return Err(ErrorInfo::new("Unknown component").with("uuid", uuid.to_string()));
+    };
+    if handle.managed_by != Some(cx.core.keys.uuid) {
+        shared.metrics.error("not_managed");
+        return Err(ErrorInfo::new("Component is not managed by this manager").with("uuid", uuid.to_string()));
+    }
+    if !handle.persisted {
+        shared.metrics.error("configured_component");
+        return Err(ErrorInfo::new("Component is defined in the configuration file and cannot be deleted")
+            .with("uuid", uuid.to_string()));
+    }
+    if let Err(e) = shared.store.delete_component(uuid).await {
+        shared.metrics.error("store");
+        return Err(ErrorInfo::new(format!("Cannot delete component: {e}")));
+    }
+    shared.remove_component(uuid).await;
+    info!(deleted = %uuid, "component deleted");
+    Ok(())
+}
+
+impl Driver for Manager {
+    fn act<'a>(&'a mut self, cx: Cx<'a>, action: Action, req: &'a ActionRequest) -> Fut<'a, Result<(), ErrorInfo>> {
+        Box::pin(Manager::act(self, cx, action, req))
+    }
+}
