@@ -41,9 +41,9 @@ async fn raw() -> (f64, Duration, Duration) {
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let ex = format!("bench-raw-{}", Uuid::new_v4().simple());
-    busbar::bus::declare_exchange(&ch, &ex).await.unwrap();
-    let q = busbar::bus::declare_bound_queue(&ch, &ex, header("uuid", "raw")).await.unwrap();
-    let mut consumer = busbar::bus::consume(&ch, q).await.unwrap();
+    busbar::amqp::declare_exchange(&ch, &ex).await.unwrap();
+    let q = busbar::amqp::declare_bound_queue(&ch, &ex, header("uuid", "raw")).await.unwrap();
+    let mut consumer = busbar::amqp::consume(&ch, q).await.unwrap();
     let body = br#"{"action":"ping"}"#;
     let props = || {
         let mut h = FieldTable::default();
@@ -156,7 +156,7 @@ async fn raw_discovery(n: usize) -> Duration {
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let ex = format!("bench-rawdisc-{}", Uuid::new_v4().simple());
-    busbar::bus::declare_exchange(&ch, &ex).await.unwrap();
+    busbar::amqp::declare_exchange(&ch, &ex).await.unwrap();
     let keys: Vec<_> = (0..n)
         .map(|_| busbar::protocol::RoutingKeys {
             category: "simulator".into(),
@@ -165,14 +165,14 @@ async fn raw_discovery(n: usize) -> Duration {
             realm: Some("bench".into()),
         })
         .collect();
-    let sink = busbar::bus::declare_bound_queue(&ch, &ex, keys[0].binding()).await.unwrap();
+    let sink = busbar::amqp::declare_bound_queue(&ch, &ex, keys[0].binding()).await.unwrap();
     for k in &keys[1..] {
         ch.queue_bind(sink.clone(), ex.as_str().into(), "".into(), QueueBindOptions::default(), k.binding())
             .await
             .unwrap();
     }
-    let lq = busbar::bus::declare_bound_queue(&ch, &ex, header("realm", "bench")).await.unwrap();
-    let mut listener = busbar::bus::consume(&ch, lq).await.unwrap();
+    let lq = busbar::amqp::declare_bound_queue(&ch, &ex, header("realm", "bench")).await.unwrap();
+    let mut listener = busbar::amqp::consume(&ch, lq).await.unwrap();
     let body = vec![b' '; 800];
     let t = Instant::now();
     for k in &keys {
@@ -209,9 +209,9 @@ async fn rtt(blocks: usize, per_block: usize, topology: &str) -> [Duration; 4] {
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let ex = format!("bench-raw-{}", Uuid::new_v4().simple());
-    busbar::bus::declare_exchange(&ch, &ex).await.unwrap();
-    let q = busbar::bus::declare_bound_queue(&ch, &ex, header("uuid", "raw")).await.unwrap();
-    let mut raw = busbar::bus::consume(&ch, q).await.unwrap();
+    busbar::amqp::declare_exchange(&ch, &ex).await.unwrap();
+    let q = busbar::amqp::declare_bound_queue(&ch, &ex, header("uuid", "raw")).await.unwrap();
+    let mut raw = busbar::amqp::consume(&ch, q).await.unwrap();
     let mut rh = FieldTable::default();
     rh.insert("uuid".into(), AMQPValue::LongString(LongString::from("raw")));
     let rprops = BasicProperties::default().with_content_type("application/json".into()).with_headers(rh);
@@ -255,8 +255,8 @@ async fn flood(n: usize, topology: &str) -> f64 {
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     // Status replies carry `category`; our pings carry only `uuid`.
-    let q = busbar::bus::declare_bound_queue(&ch, &d.exchange, header("category", "simulator")).await.unwrap();
-    let mut replies = busbar::bus::consume(&ch, q).await.unwrap();
+    let q = busbar::amqp::declare_bound_queue(&ch, &d.exchange, header("category", "simulator")).await.unwrap();
+    let mut replies = busbar::amqp::consume(&ch, q).await.unwrap();
     let mut h = FieldTable::default();
     h.insert("uuid".into(), AMQPValue::LongString(LongString::from(u.as_str())));
     let props = BasicProperties::default().with_content_type("application/json".into()).with_headers(h);

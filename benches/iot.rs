@@ -204,7 +204,7 @@ async fn rabbitmq(n: usize) -> f64 {
             // Batches of what the window has room for, as the gateway's publisher does.
             let k = busbar::iot::federation::BATCH.min(n - sent);
             let batch = (0..k).map(|_| (&key, body.as_slice()));
-            for c in busbar::bus::publish_batch(&ch, &ex, &props, batch).await {
+            for c in busbar::amqp::publish_batch(&ch, &ex, &props, batch).await {
                 window.push_back(c.unwrap());
             }
             sent += k;

@@ -89,9 +89,9 @@ async fn rtts(c: &Client, uuid: Uuid, n: usize) -> Vec<Duration> {
 async fn exchange_rate(exchange: &str, target: &str, n: usize, extra_bindings: usize) -> f64 {
     let conn = Connection::connect(URL, ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
-    busbar::bus::declare_exchange(&ch, exchange).await.unwrap();
+    busbar::amqp::declare_exchange(&ch, exchange).await.unwrap();
     if extra_bindings > 0 {
-        let sink = busbar::bus::declare_bound_queue(&ch, exchange, header("uuid", "sink")).await.unwrap();
+        let sink = busbar::amqp::declare_bound_queue(&ch, exchange, header("uuid", "sink")).await.unwrap();
         for _ in 0..extra_bindings {
             let mut b = FieldTable::default();
             b.insert("x-match".into(), AMQPValue::LongString(LongString::from("any")));
@@ -101,8 +101,8 @@ async fn exchange_rate(exchange: &str, target: &str, n: usize, extra_bindings: u
                 .unwrap();
         }
     }
-    let q = busbar::bus::declare_bound_queue(&ch, exchange, header("uuid", target)).await.unwrap();
-    let mut consumer = busbar::bus::consume(&ch, q).await.unwrap();
+    let q = busbar::amqp::declare_bound_queue(&ch, exchange, header("uuid", target)).await.unwrap();
+    let mut consumer = busbar::amqp::consume(&ch, q).await.unwrap();
     let mut h = FieldTable::default();
     h.insert("uuid".into(), AMQPValue::LongString(LongString::from(target)));
     let props = BasicProperties::default().with_content_type("application/json".into()).with_headers(h);

@@ -121,9 +121,25 @@ fn find(s: &Shared, uuid: &str) -> Result<crate::component::ComponentHandle, Api
     s.lookup(u).ok_or_else(not_found)
 }
 
+/// `GET /api/v1/component/{uuid}`: a component's status, or a device's
+/// (devices are components their gateway speaks for).
 async fn component_status(State(s): State<Arc<Shared>>, Path(uuid): Path<String>) -> Result<Json<Value>, ApiError> {
-    let h = find(&s, &uuid)?;
+    let h = match find(&s, &uuid) {
+        Ok(h) => h,
+        Err(not_found) => return device_status(&s, &uuid).await.map(Json).ok_or(not_found),
+    };
     h.status().await.map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
+}
+
+/// The status of device `uuid`, from the gateway that has it.
+async fn device_status(s: &Shared, uuid: &str) -> Option<Value> {
+    let uuid = Uuid::parse_str(uuid).ok()?;
+    for gateway in s.handles().into_iter().filter(|h| h.keys.category == "gateway") {
+        if let Some(status) = gateway.member_status(uuid).await {
+            return Some(status);
+        }
+    }
+    None
 }
 
 async fn component_action(

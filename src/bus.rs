@@ -12,12 +12,9 @@
 //!   carry a real uuid, so the daemon never sees the bus's status traffic.
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel};
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
@@ -25,42 +22,12 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use crate::amqp::{self, Backoff, LinkError, consume, declare_bound_queue, declare_exchange, declare_private_queue};
 use crate::component::ComponentHandle;
 use crate::config::{Topology, redact_url};
 use crate::daemon::Shared;
 use crate::protocol::{self, ActionRequest, Rejection, ReplyTo, RoutingKeys};
 use crate::state::Action;
-
-/// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-
-/// A bus failure inside one connection's lifetime.
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    /// The broker or the connection failed.
-    #[error("amqp: {0}")]
-    Amqp(#[from] lapin::Error),
-    /// The connection reported an error and is gone.
-    #[error("connection lost: {0}")]
-    Lost(String),
-    /// The broker URL does not parse.
-    #[error("invalid broker URL: {0}")]
-    Url(String),
-}
-
-/// Parse an AMQP URL, filling in busbar's defaults where the URL sets none:
-/// 16 KiB frames (lapin keeps 32 frames of buffer in each direction, so the
-/// broker's default 128 KiB frames would cost 8 MiB of resident memory), a
-/// 30 s heartbeat so a silently dead broker is noticed, and a 5 s connect
-/// timeout.
-pub fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, BusError> {
-    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|e: String| BusError::Url(e))?;
-    let q = &mut uri.query;
-    q.frame_max.get_or_insert(16 * 1024);
-    q.heartbeat.get_or_insert(30);
-    q.connection_timeout.get_or_insert(5_000);
-    Ok(uri)
-}
 
 enum BusCmd {
     Subscribe(ComponentHandle),
@@ -97,111 +64,6 @@ pub fn status_properties(headers: FieldTable) -> BasicProperties {
         .with_delivery_mode(2)
         .with_priority(0)
         .with_headers(headers)
-}
-
-/// Publish a batch on `ch`, in order, with one hand-off to lapin's I/O
-/// thread for the whole batch.
-///
-/// `Channel::basic_publish` resolves only once lapin's I/O thread has taken
-/// the frames, so publishing one message at a time is a round trip between
-/// two threads per message. Here every publish is started before any is
-/// awaited: the first polls run in the batch's order (which fixes the
-/// order on the wire and of the confirms' delivery tags), then all are
-/// awaited together. The results are in the batch's order.
-pub async fn publish_batch<'a>(
-    ch: &Channel,
-    exchange: &ShortString,
-    props: &BasicProperties,
-    messages: impl IntoIterator<Item = (&'a ShortString, &'a [u8])>,
-) -> Vec<lapin::Result<lapin::PublisherConfirm>> {
-    let mut publishes: Vec<_> = messages
-        .into_iter()
-        .map(|(key, body)| {
-            Box::pin(ch.basic_publish(
-                exchange.clone(),
-                key.clone(),
-                BasicPublishOptions::default(),
-                body,
-                props.clone(),
-            ))
-        })
-        .collect();
-    let mut results: Vec<Option<lapin::Result<lapin::PublisherConfirm>>> = publishes.iter().map(|_| None).collect();
-    // Publishes complete in order; everything before `done` has.
-    let mut done = 0;
-    std::future::poll_fn(|cx| {
-        let mut all = true;
-        for (i, (publish, result)) in publishes.iter_mut().zip(results.iter_mut()).enumerate().skip(done) {
-            if result.is_none() {
-                match publish.as_mut().poll(cx) {
-                    std::task::Poll::Ready(r) => *result = Some(r),
-                    std::task::Poll::Pending => all = false,
-                }
-            }
-            if all {
-                done = i + 1;
-            }
-        }
-        if all { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
-    })
-    .await;
-    results.into_iter().flatten().collect()
-}
-
-/// Declare the durable headers exchange, as VILLAScontroller and VILLASweb do.
-pub async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin::Error> {
-    ch.exchange_declare(
-        exchange.into(),
-        ExchangeKind::Headers,
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
-        FieldTable::default(),
-    )
-    .await
-}
-
-/// Declare a server-named, exclusive, auto-delete queue and bind it.
-pub async fn declare_bound_queue(
-    ch: &Channel,
-    exchange: &str,
-    binding: FieldTable,
-) -> Result<ShortString, lapin::Error> {
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
-    let name = q.name().clone();
-    ch.queue_bind(name.clone(), exchange.into(), "".into(), QueueBindOptions::default(), binding).await?;
-    Ok(name)
-}
-
-/// Start consuming `queue` without acks (as the anchor does).
-pub async fn consume(ch: &Channel, queue: ShortString) -> Result<lapin::Consumer, lapin::Error> {
-    ch.basic_consume(
-        queue,
-        "".into(),
-        BasicConsumeOptions { no_ack: true, ..Default::default() },
-        FieldTable::default(),
-    )
-    .await
-}
-
-/// The next delivery of an optional consumer; pending forever without one.
-/// When the consumer ends (queue deleted, connection lost) it is dropped,
-/// and the owner waits for a new one.
-pub async fn next_delivery(consumer: &mut Option<Box<lapin::Consumer>>) -> Option<lapin::message::Delivery> {
-    match consumer {
-        Some(c) => match c.next().await {
-            Some(Ok(d)) => Some(d),
-            _ => {
-                *consumer = None;
-                None
-            }
-        },
-        None => std::future::pending().await,
-    }
 }
 
 impl Bus {
@@ -384,7 +246,7 @@ async fn supervise(
     ch_tx: watch::Sender<Option<Channel>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     let Some(token) = shared.upgrade().map(|s| s.shutdown.clone()) else {
         return;
     };
@@ -396,16 +258,12 @@ async fn supervise(
             break;
         }
         match outcome {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(e) => {
-                warn!(broker = %redact_url(&url), error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection failed")
-            }
+            Ok(()) => backoff.reset(),
+            Err(e) => warn!(broker = %redact_url(&url), error = %e, "broker connection failed; retrying"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = token.cancelled() => break,
+        if !backoff.wait(&token).await {
+            break;
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     debug!("bus supervisor stopped");
 }
@@ -432,14 +290,12 @@ async fn session(
     ch_tx: &watch::Sender<Option<Channel>>,
     ready: &std::sync::atomic::AtomicBool,
     token: &tokio_util::sync::CancellationToken,
-) -> Result<(), BusError> {
+) -> Result<(), LinkError> {
     let Some(name) = shared.upgrade().map(|s| format!("busbar daemon exchange={}", s.config.exchange)) else {
         return Ok(());
     };
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let uri = amqp_uri(url)?;
     let conn = tokio::select! {
-        c = Connection::connect_uri(uri, props) => c?,
+        c = amqp::connect(url, &name) => c?,
         _ = token.cancelled() => return Ok(()),
     };
     let mut events = conn.events_listener();
@@ -468,9 +324,7 @@ async fn session(
     //   queue, and the daemon looks the uuid up. RabbitMQ matches headers
     //   bindings one by one for every message, so per-uuid bindings would
     //   make every message of the lab cost O(components) in the broker.
-    let routed = declare_bound_queue(&sub, &exchange, FieldTable::default()).await?;
-    // The empty binding above would match everything; remove it.
-    sub.queue_unbind(routed.clone(), exchange.as_str().into(), "".into(), FieldTable::default()).await?;
+    let routed = declare_private_queue(&sub, FieldTable::default()).await?;
     let target = match topology {
         Topology::Shared => {
             let mut any_uuid = FieldTable::default();
@@ -498,7 +352,7 @@ async fn session(
     let subscribe = async |batch: Vec<ComponentHandle>,
                            queues: &mut HashMap<Uuid, ShortString>,
                            shared_keys: &mut SharedKeys|
-           -> Result<(), BusError> {
+           -> Result<(), LinkError> {
         let x = || exchange.as_str().into();
         let new_keys: Vec<FieldTable> = batch.iter().flat_map(|h| shared_keys.add(&h.keys)).collect();
         let bind_keys = futures_util::future::join_all(
@@ -583,12 +437,12 @@ async fn session(
                 }
             },
             ev = events.next() => match ev {
-                Some(lapin::Event::Error(e)) => return Err(BusError::Lost(e.to_string())),
+                Some(lapin::Event::Error(e)) => return Err(LinkError::Lost(e.to_string())),
                 Some(_) => {}
-                None => return Err(BusError::Lost("event stream ended".into())),
+                None => return Err(LinkError::Lost("event stream ended".into())),
             },
             _ = check.tick() => if !conn.status().connected() {
-                return Err(BusError::Lost("connection closed".into()));
+                return Err(LinkError::Lost("connection closed".into()));
             },
             _ = token.cancelled() => {
                 // Closing ends every consumer stream, and so every forwarder.

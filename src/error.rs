@@ -9,9 +9,9 @@ pub enum Error {
     /// The embedded store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    /// The broker failed.
-    #[error("amqp: {0}")]
-    Amqp(#[from] lapin::Error),
+    /// The broker link failed.
+    #[error(transparent)]
+    Link(#[from] crate::amqp::LinkError),
     /// A socket or file failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -36,12 +36,18 @@ impl Error {
             Error::Config(_) => "config",
             Error::Usage(_) => "usage",
             Error::Store(_) => "store",
-            Error::Amqp(_) => "amqp",
+            Error::Link(_) => "amqp",
             Error::Io(_) => "io",
             Error::Bind(_) => "bind",
             Error::Timeout(_) => "timeout",
             Error::Internal(_) => "internal",
         }
+    }
+}
+
+impl From<lapin::Error> for Error {
+    fn from(e: lapin::Error) -> Self {
+        Error::Link(e.into())
     }
 }
 

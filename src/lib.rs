@@ -27,6 +27,7 @@
 //! `ARCHITECTURE.md` follows one ping from the socket to the reply, and one
 //! device measure from MQTT to the federation.
 
+pub mod amqp;
 pub mod api;
 pub mod bus;
 pub mod client;

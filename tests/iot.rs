@@ -176,6 +176,23 @@ async fn an_http_measure_becomes_the_exact_device_data_message_and_updates_the_d
     assert_eq!(st["status"]["attributes"]["temperature"]["value"], 21.5);
     assert_eq!(st["status"]["attributes"]["temperature"]["type"], "Number");
     assert!(st["status"]["attributes"]["temperature"]["time"].is_string());
+    // The HTTP API serves the same envelope for the device's uuid.
+    let get = |uuid: String| {
+        let req = axum::http::Request::get(format!("/api/v1/component/{uuid}")).body(axum::body::Body::empty());
+        let app = busbar::api::app(d.shared.clone());
+        async move {
+            let r = tower::ServiceExt::oneshot(app, req.unwrap()).await.unwrap();
+            let code = r.status().as_u16();
+            let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+            (code, serde_json::from_slice::<Value>(&bytes).unwrap())
+        }
+    };
+    let (code, api) = get(uuid.to_string()).await;
+    assert_eq!(code, 200, "{api}");
+    for pointer in ["/properties", "/status/state", "/status/managed_by", "/status/attributes/temperature/value"] {
+        assert_eq!(api.pointer(pointer), st.pointer(pointer), "{pointer}: {api}");
+    }
+    assert_eq!(get(uuid::Uuid::new_v4().to_string()).await.0, 404, "an unknown uuid is no device");
     // The gateway counts it.
     let gst = d.shared.lookup(gw.uuid).unwrap().status().await.unwrap();
     assert_eq!(gst["status"]["counters"]["measures_in"]["http"], 1);

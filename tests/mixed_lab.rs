@@ -47,7 +47,7 @@ async fn publish_status(ch: &Channel, exchange: &str, c: &PyComponent) {
 async fn python_like_daemon(exchange: String, manager: Uuid, sim: Uuid, stop: CancellationToken) {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
-    busbar::bus::declare_exchange(&ch, &exchange).await.unwrap();
+    busbar::amqp::declare_exchange(&ch, &exchange).await.unwrap();
     let keys = |category: &str, kind: &str, uuid: Uuid| RoutingKeys {
         category: category.into(),
         kind: kind.into(),
@@ -57,14 +57,14 @@ async fn python_like_daemon(exchange: String, manager: Uuid, sim: Uuid, stop: Ca
     let mut comps: HashMap<Uuid, PyComponent> = HashMap::new();
     comps.insert(manager, PyComponent { keys: keys("manager", "generic", manager), state: "idle" });
     comps.insert(sim, PyComponent { keys: keys("simulator", "dummy", sim), state: "idle" });
-    let q = busbar::bus::declare_bound_queue(&ch, &exchange, comps[&manager].keys.binding()).await.unwrap();
+    let q = busbar::amqp::declare_bound_queue(&ch, &exchange, comps[&manager].keys.binding()).await.unwrap();
     let bind = async |keys: &RoutingKeys| {
         ch.queue_bind(q.clone(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), keys.binding())
             .await
             .unwrap();
     };
     bind(&comps[&sim].keys).await;
-    let mut consumer = busbar::bus::consume(&ch, q.clone()).await.unwrap();
+    let mut consumer = busbar::amqp::consume(&ch, q.clone()).await.unwrap();
     loop {
         let d = tokio::select! {
             d = consumer.next() => match d { Some(Ok(d)) => d, _ => break },

@@ -5,7 +5,7 @@
 use futures_util::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
@@ -13,7 +13,7 @@ use tokio::time::Instant;
 mod wait;
 pub use wait::{CORRELATION_GRACE, Goal, Wait};
 
-use crate::bus::{consume, declare_bound_queue, declare_exchange};
+use crate::amqp::{consume, declare_bound_queue, declare_exchange};
 use crate::protocol::headers::headers_to_json;
 use crate::protocol::{self, Filter};
 use crate::{Error, Result};
@@ -129,10 +129,7 @@ pub enum Outcome {
 impl Client {
     /// Connect and declare the exchange.
     pub async fn connect(url: &str, exchange: &str) -> Result<Client> {
-        let props =
-            ConnectionProperties::default().with_connection_name(format!("busbar client exchange={exchange}").into());
-        let uri = crate::bus::amqp_uri(url).map_err(|e| Error::Internal(e.to_string()))?;
-        let conn = Connection::connect_uri(uri, props).await?;
+        let conn = crate::amqp::connect(url, &format!("busbar client exchange={exchange}")).await?;
         let ch = conn.create_channel().await?;
         declare_exchange(&ch, exchange).await?;
         Ok(Client { conn, ch, exchange: exchange.to_owned() })

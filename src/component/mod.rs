@@ -61,6 +61,8 @@ pub enum Command {
     Act(Box<(ActionRequest, oneshot::Sender<Value>)>),
     /// Return the current status.
     Status(oneshot::Sender<Value>),
+    /// Return the status of a component it speaks for (a device).
+    Member(Box<(Uuid, oneshot::Sender<Option<Value>>)>),
     /// Publish `gone` once, then stop.
     Remove(oneshot::Sender<()>),
 }
@@ -126,6 +128,14 @@ impl ComponentHandle {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::Status(tx)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// The status of `uuid`, a component this one speaks for (a gateway's
+    /// device); `None` if it has none by that uuid, or has stopped.
+    pub async fn member_status(&self, uuid: Uuid) -> Option<Value> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Member(Box::new((uuid, tx)))).await.ok()?;
+        rx.await.ok()?
     }
 
     /// Publish `gone` and stop the task; returns when it has.
@@ -249,7 +259,7 @@ impl Component {
                     None => break,
                     Some(cmd) => Wake::Command(cmd),
                 },
-                Some(d) = crate::bus::next_delivery(&mut self.consumer) => {
+                Some(d) = crate::amqp::next_delivery(&mut self.consumer) => {
                     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         crate::bus::decode_delivery(&self.shared, &d)
                     }));
@@ -371,6 +381,10 @@ impl Component {
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+            Command::Member(ask) => {
+                let (uuid, reply) = *ask;
+                let _ = reply.send(self.driver.member_status(uuid, &self.shared.info));
             }
             Command::Remove(_) => unreachable!("handled in run"),
         }

@@ -52,6 +52,83 @@ fn by_type(kind: String) -> Filter {
     Filter { kind: Some(kind), ..Default::default() }
 }
 
+/// The routing keys of device `r` of gateway `core`.
+fn keys(core: &Core, r: &Resolved) -> RoutingKeys {
+    RoutingKeys {
+        category: "equipment".into(),
+        kind: r.record.device.entity_type(r.group.as_deref()).to_owned(),
+        uuid: r.record.uuid,
+        realm: Some(core.realm.clone()),
+    }
+}
+
+/// What a device's status envelope says: an `equipment` component managed
+/// by its gateway, running while the gateway takes measures, with its last
+/// attribute values. One builder for the bus and the HTTP API.
+pub(super) struct Described {
+    keys: RoutingKeys,
+    properties: Map<String, Value>,
+    extra: Map<String, Value>,
+}
+
+pub(super) fn describe(core: &Core, r: &Resolved) -> Described {
+    let keys = keys(core, r);
+    let d = &r.record.device;
+    let group = r.group.as_deref();
+    let mut properties = Map::new();
+    for (k, v) in [
+        ("category", json!("equipment")),
+        ("type", json!(keys.kind)),
+        ("name", json!(d.entity_name(group))),
+        ("realm", json!(core.realm)),
+        ("uuid", json!(r.record.uuid.to_string())),
+        ("device_id", json!(d.device_id)),
+        ("service", json!(r.record.tenant.service)),
+        ("servicepath", json!(r.record.tenant.servicepath)),
+        ("entity_name", json!(d.entity_name(group))),
+        ("entity_type", json!(keys.kind)),
+    ] {
+        properties.insert(k.into(), v);
+    }
+    let attributes: Map<String, Value> = r
+        .record
+        .last
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(name, (kind, value, ms))| {
+            let time = jiff::Timestamp::from_millisecond(*ms).map(|t| t.to_string()).unwrap_or_default();
+            (name.clone(), json!({"type": kind, "value": value, "time": time}))
+        })
+        .collect();
+    let mut extra = Map::new();
+    extra.insert("attributes".into(), Value::Object(attributes));
+    Described { keys, properties, extra }
+}
+
+impl Described {
+    /// The envelope; `error` (an unsupported action) shows as state `error`.
+    pub(super) fn view<'a>(&'a self, core: &Core, error: Option<&'a ErrorInfo>) -> StatusView<'a> {
+        let running = *core.running.borrow();
+        StatusView {
+            prefix: Prefix::None,
+            state: match (error, running) {
+                (Some(_), _) => State::Error,
+                (None, true) => State::Running,
+                (None, false) => State::Idle,
+            },
+            managed_by: Some(core.gateway),
+            error,
+            extra: &self.extra,
+            properties: &self.properties,
+            schema: &NO_SCHEMA,
+        }
+    }
+}
+
+/// Devices advertise no action schema.
+static NO_SCHEMA: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
 struct Devices {
     shared: Arc<Shared>,
     core: Arc<Core>,
@@ -70,62 +147,13 @@ struct Devices {
 
 impl Devices {
     fn keys(&self, r: &Resolved) -> RoutingKeys {
-        RoutingKeys {
-            category: "equipment".into(),
-            kind: r.record.device.entity_type(r.group.as_deref()).to_owned(),
-            uuid: r.record.uuid,
-            realm: Some(self.core.realm.clone()),
-        }
-    }
-
-    fn state(&self) -> State {
-        if *self.core.running.borrow() { State::Running } else { State::Idle }
+        keys(&self.core, r)
     }
 
     async fn publish(&self, r: &Resolved, reply: Option<&ReplyTo>, error: Option<&ErrorInfo>) {
-        let keys = self.keys(r);
-        let uuid = r.record.uuid;
-        let d = &r.record.device;
-        let group = r.group.as_deref();
-        let mut properties = Map::new();
-        for (k, v) in [
-            ("category", json!("equipment")),
-            ("type", json!(keys.kind)),
-            ("name", json!(d.entity_name(group))),
-            ("realm", json!(self.core.realm)),
-            ("uuid", json!(uuid.to_string())),
-            ("device_id", json!(d.device_id)),
-            ("service", json!(r.record.tenant.service)),
-            ("servicepath", json!(r.record.tenant.servicepath)),
-            ("entity_name", json!(d.entity_name(group))),
-            ("entity_type", json!(keys.kind)),
-        ] {
-            properties.insert(k.into(), v);
-        }
-        let attributes: Map<String, Value> = r
-            .record
-            .last
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(name, (kind, value, ms))| {
-                let time = jiff::Timestamp::from_millisecond(*ms).map(|t| t.to_string()).unwrap_or_default();
-                (name.clone(), json!({"type": kind, "value": value, "time": time}))
-            })
-            .collect();
-        let mut extra = Map::new();
-        extra.insert("attributes".into(), Value::Object(attributes));
-        let view = StatusView {
-            prefix: Prefix::None,
-            state: if error.is_some() { State::Error } else { self.state() },
-            managed_by: Some(self.core.gateway),
-            error,
-            extra: &extra,
-            properties: &properties,
-            schema: &self.empty,
-        };
-        let body = view.to_vec(&self.shared.info);
-        self.send(keys.device_status_headers(), &body, reply).await;
+        let d = describe(&self.core, r);
+        let body = d.view(&self.core, error).to_vec(&self.shared.info);
+        self.send(d.keys.device_status_headers(), &body, reply).await;
     }
 
     /// Publish a device status on the confirm channel (see `statuses`),
@@ -266,7 +294,7 @@ impl Devices {
         let ch = self.shared.bus.open_channel().await?;
         let exchange = self.binding_exchange();
         if self.core.settings.device_exchange.is_some() {
-            crate::bus::declare_exchange(&ch, &exchange).await.ok()?;
+            crate::amqp::declare_exchange(&ch, &exchange).await.ok()?;
         }
         let mut args = FieldTable::default();
         args.insert("x-max-length".into(), AMQPValue::LongLongInt(QUEUE_CAP));
@@ -376,7 +404,7 @@ pub async fn run(
                 }
                 attach = true;
             }
-            Some(d) = crate::bus::next_delivery(&mut consumer) => devices.delivery(d).await,
+            Some(d) = crate::amqp::next_delivery(&mut consumer) => devices.delivery(d).await,
             Some(c) = changes.recv() => {
                 // Take what else is already waiting (a bulk provisioning),
                 // so that its bindings go out in batches, in order.

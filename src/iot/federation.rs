@@ -8,24 +8,21 @@
 //! full) and sends them in order once the broker is back; unconfirmed
 //! publishes of a lost connection are sent again (at least once).
 
-use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{BasicProperties, Channel, Connection};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::Counters;
+use crate::amqp::{self, Backoff, LinkError};
 
 /// Publishes in flight before the oldest confirm is awaited.
 const WINDOW: usize = 1024;
 /// Most publishes handed to lapin at once.
 pub const BATCH: usize = 256;
-/// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Longest AMQP routing key (a short string).
 pub const MAX_ROUTING_KEY: usize = 255;
@@ -74,21 +71,13 @@ pub struct Target {
 
 type Events = futures_util::stream::BoxStream<'static, lapin::Event>;
 
-async fn connect(t: &Target) -> Result<(Connection, Channel, Events), lapin::Error> {
-    let uri = crate::bus::amqp_uri(&t.url).map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
-    let props = ConnectionProperties::default().with_connection_name(t.name.as_str().into());
-    let conn = Connection::connect_uri(uri, props).await?;
+async fn connect(t: &Target) -> Result<(Connection, Channel, Events), LinkError> {
+    let conn = amqp::connect(&t.url, &t.name).await?;
     // A lost connection is noticed even while idle, not only by the next publish.
     let lost = futures_util::StreamExt::boxed(conn.events_listener());
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    ch.exchange_declare(
-        t.exchange.as_str().into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
-        FieldTable::default(),
-    )
-    .await?;
+    amqp::declare_topic_exchange(&ch, &t.exchange).await?;
     Ok((conn, ch, lost))
 }
 
@@ -117,20 +106,20 @@ impl Buffer {
 /// Run the publisher until `token` is cancelled or every sender is gone.
 pub async fn run(target: Target, mut rx: mpsc::Receiver<Envelope>, counters: Arc<Counters>, token: CancellationToken) {
     let mut buf = Buffer { queue: VecDeque::new(), cap: target.buffer.max(1), counters: counters.clone() };
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     loop {
         match tokio::select! { r = connect(&target) => Some(r), _ = token.cancelled() => None } {
             None => break,
             Some(Ok((conn, ch, mut lost))) => {
                 info!(exchange = %target.exchange, "federation publisher connected");
                 counters.federation_up.store(true, std::sync::atomic::Ordering::Relaxed);
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 let pumped = pump(&target, &ch, &mut lost, &mut buf, &mut rx, &counters, &token);
                 // A bug on one batch must not end the publisher: it
                 // reconnects as after a lost connection.
                 let outcome = crate::supervise::catch(pumped).await.unwrap_or_else(|panic| {
                     counters.error("panic");
-                    Err(lapin::Error::from(std::io::Error::other(format!("the publisher panicked: {panic}"))))
+                    Err(LinkError::Panicked(panic))
                 });
                 counters.federation_up.store(false, std::sync::atomic::Ordering::Relaxed);
                 let _ = conn.close(200, "bye".into()).await;
@@ -142,7 +131,7 @@ pub async fn run(target: Target, mut rx: mpsc::Receiver<Envelope>, counters: Arc
             Some(Err(e)) => warn!(error = %e, "federation publisher cannot connect"),
         }
         // Disconnected: keep taking measures into the bounded buffer.
-        let wake = tokio::time::sleep(backoff);
+        let wake = tokio::time::sleep(backoff.next_delay());
         tokio::pin!(wake);
         loop {
             tokio::select! {
@@ -157,7 +146,6 @@ pub async fn run(target: Target, mut rx: mpsc::Receiver<Envelope>, counters: Arc
         if token.is_cancelled() {
             break;
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     if !buf.queue.is_empty() {
         warn!(lost = buf.queue.len(), "federation publisher stopped with measures still buffered");
@@ -175,7 +163,7 @@ async fn pump(
     rx: &mut mpsc::Receiver<Envelope>,
     counters: &Counters,
     token: &CancellationToken,
-) -> Result<(), lapin::Error> {
+) -> Result<(), LinkError> {
     let props = BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
     let exchange: lapin::types::ShortString = target.exchange.as_str().into();
     let mut inflight: VecDeque<(Envelope, lapin::PublisherConfirm)> = VecDeque::new();
@@ -211,7 +199,7 @@ async fn pump(
                 break;
             }
             let messages = batch.iter().map(|e| (&e.routing_key, e.body.as_slice()));
-            let sent = crate::bus::publish_batch(ch, &exchange, &props, messages).await;
+            let sent = amqp::publish_batch(ch, &exchange, &props, messages).await;
             let mut batch = batch.into_iter();
             for (sent, e) in sent.into_iter().zip(batch.by_ref()) {
                 match sent {
@@ -223,7 +211,7 @@ async fn pump(
                             buf.queue.push_front(e);
                         }
                         requeue(buf, &mut inflight, None);
-                        return Err(err);
+                        return Err(err.into());
                     }
                 }
             }
@@ -239,9 +227,9 @@ async fn pump(
                 },
                 _ = token.cancelled() => return Ok(()),
                 ev = futures_util::StreamExt::next(lost) => match ev {
-                    Some(lapin::Event::Error(e)) => return Err(e),
+                    Some(lapin::Event::Error(e)) => return Err(e.into()),
                     Some(_) => {}
-                    None => return Err(lapin::Error::from(std::io::Error::other("connection lost"))),
+                    None => return Err(LinkError::Lost("event stream ended".into())),
                 },
             }
             continue;
@@ -270,7 +258,7 @@ async fn pump(
             }
             Err(err) => {
                 requeue(buf, &mut inflight, Some(e));
-                return Err(err);
+                return Err(err.into());
             }
         }
     }

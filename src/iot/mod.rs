@@ -484,6 +484,14 @@ impl Agent {
         m
     }
 
+    /// The status envelope of device `uuid` of this gateway, as its device
+    /// component publishes it on the bus.
+    pub fn device_status(&self, uuid: Uuid, info: &crate::protocol::DaemonInfo) -> Option<Value> {
+        let r = self.core.registry.device_by_uuid(uuid)?;
+        let d = devices::describe(&self.core, &r);
+        Some(d.view(&self.core, None).render(info))
+    }
+
     /// Whether the I/O thread has ended (a bug); `reset` starts a new agent.
     pub fn io_dead(&self) -> bool {
         !self.core.counters.io_running.load(Ordering::Relaxed) && !self.token.is_cancelled()

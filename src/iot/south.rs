@@ -11,10 +11,9 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -27,9 +26,7 @@ use tracing::{debug, info, warn};
 use super::mapping::{Address, parse_routing_key, parse_topic, single_value};
 use super::model::ApiError;
 use super::{Core, Payload, Transport};
-
-/// Longest wait between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+use crate::amqp::{self, Backoff, LinkError};
 
 // ----- HTTP -----
 
@@ -300,7 +297,7 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
     let mut connected = false;
     // SUBACKs still expected; the client counts as up once they are in.
     let mut pending = 0usize;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     let set = |client: &AsyncClient, on: bool| {
         for f in &filters {
             let r = if on { client.try_subscribe(f.clone(), qos) } else { client.try_unsubscribe(f.clone()) };
@@ -315,7 +312,7 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     info!(filters = filters.len(), "MQTT connected");
                     connected = true;
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     subscribed = *running.borrow();
                     if subscribed {
                         set(&client, true);
@@ -362,11 +359,9 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
                     }
                     connected = false;
                     core.counters.mqtt_up.store(false, Ordering::Relaxed);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = token.cancelled() => break,
+                    if !backoff.wait(&token).await {
+                        break;
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             },
             changed = running.changed() => {
@@ -394,32 +389,41 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
 /// exchange `exchange`, bound `.*.*.attrs` and `.*.*.attrs.*`; a delivery
 /// is acknowledged once the federation has taken its measure.
 pub async fn amqp(core: Arc<Core>, url: String, exchange: String, token: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     loop {
         let session = amqp_session(&core, &url, &exchange, &token);
         match session.await {
-            Ok(()) => return,
+            Ok(Ended::Shutdown) => return,
+            // Stopped, then started again: reconnect and consume at once.
+            Ok(Ended::Resumed) => {
+                backoff.reset();
+                continue;
+            }
             Err(e) => {
                 core.counters.error("amqp_south_disconnect");
                 warn!(error = %e, "AMQP southbound lost the broker; reconnecting");
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = token.cancelled() => return,
+        if !backoff.wait(&token).await {
+            return;
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &CancellationToken) -> Result<(), lapin::Error> {
-    let uri = crate::bus::amqp_uri(url).map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
-    let name = format!("busbar amqp-south gateway={}", core.gateway);
-    let conn = Connection::connect_uri(uri, ConnectionProperties::default().with_connection_name(name.into())).await?;
+/// How an AMQP southbound session ended, when its link did not fail.
+enum Ended {
+    /// The daemon shuts down or the gateway goes.
+    Shutdown,
+    /// The gateway was stopped (the session closed its connection, so
+    /// measures wait in the queue) and is running again.
+    Resumed,
+}
+
+async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &CancellationToken) -> Result<Ended, LinkError> {
+    let conn = amqp::connect(url, &format!("busbar amqp-south gateway={}", core.gateway)).await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(1000, BasicQosOptions::default()).await?;
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    ch.exchange_declare(exchange.into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+    amqp::declare_topic_exchange(&ch, exchange).await?;
     let queue = core.settings.amqp_south_queue.as_str();
     ch.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
         .await?;
@@ -443,21 +447,21 @@ async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &Cancellati
                     }
                     d.ack(BasicAckOptions::default()).await?;
                 }
-                Some(Err(e)) => return Err(e),
-                None => return Err(lapin::Error::from(std::io::Error::other("consumer ended"))),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(LinkError::Lost("the consumer ended".into())),
             },
             // While stopped, stop consuming: measures wait in the queue.
             _ = async { drop(running.wait_for(|on| !on).await) } => break,
             _ = token.cancelled() => {
                 let _ = conn.close(200, "bye".into()).await;
-                return Ok(());
+                return Ok(Ended::Shutdown);
             }
         }
     }
     let _ = conn.close(200, "gateway stopped".into()).await;
     tokio::select! {
-        _ = async { drop(running.wait_for(|on| *on).await) } => Err(lapin::Error::from(std::io::Error::other("gateway restarted"))),
-        _ = token.cancelled() => Ok(()),
+        _ = async { drop(running.wait_for(|on| *on).await) } => Ok(Ended::Resumed),
+        _ = token.cancelled() => Ok(Ended::Shutdown),
     }
 }
 

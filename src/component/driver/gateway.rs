@@ -83,6 +83,11 @@ impl Driver for Gateway {
         self.agent.as_ref().map(|a| a.status())
     }
 
+    /// A device of this gateway.
+    fn member_status(&self, uuid: uuid::Uuid, info: &crate::protocol::DaemonInfo) -> Option<Value> {
+        self.agent.as_ref()?.device_status(uuid, info)
+    }
+
     /// The gateway is deleted: its devices go `gone`, its tasks stop.
     fn remove<'a>(&'a mut self, _cx: Cx<'a>) -> Fut<'a, ()> {
         Box::pin(async move {

@@ -88,6 +88,12 @@ pub(crate) trait Driver: Send {
         None
     }
 
+    /// The status envelope of `uuid`, a component this one speaks for
+    /// without a task of its own (a gateway's devices).
+    fn member_status(&self, _uuid: uuid::Uuid, _info: &crate::protocol::DaemonInfo) -> Option<Value> {
+        None
+    }
+
     /// The component is being deleted: release what the driver holds
     /// (delete the Job, stop the agent).
     fn remove<'a>(&'a mut self, _cx: Cx<'a>) -> Fut<'a, ()> {
