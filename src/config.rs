@@ -32,6 +32,26 @@ impl ConfigError {
     }
 }
 
+/// A component spec that cannot be run: the key (`uuid`, `whitelist[2]`)
+/// and what is wrong with it. Whoever knows where the spec came from adds
+/// it: a configuration error names the file and `components[i]`, a create
+/// answers with `$.key`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {msg}")]
+pub struct SpecError {
+    /// The offending key, relative to the spec.
+    pub key: String,
+    /// What is wrong.
+    pub msg: String,
+}
+
+impl SpecError {
+    /// A spec error at `key`.
+    pub fn new(key: impl Into<String>, msg: impl Into<String>) -> Self {
+        SpecError { key: key.into(), msg: msg.into() }
+    }
+}
+
 /// How component queues are laid out on the broker. Both route category,
 /// type and realm through one daemon queue bound once per distinct value;
 /// they differ in how messages naming a uuid arrive. See README
@@ -282,7 +302,7 @@ impl Config {
         let mut seen = std::collections::HashMap::new();
         for (i, c) in self.components.iter().enumerate() {
             let spec = ComponentSpec::from_map(c.clone())
-                .map_err(|(k, m)| ConfigError::new(path, format!("components[{i}].{k}"), m))?;
+                .map_err(|e| ConfigError::new(path, format!("components[{i}].{}", e.key), e.msg))?;
             if let Some(u) = spec.uuid
                 && let Some(j) = seen.insert(u, i)
             {
@@ -292,7 +312,7 @@ impl Config {
                     format!("duplicate uuid {u}, also used by components[{j}]"),
                 ));
             }
-            kinds.check(&spec).map_err(|(k, m)| ConfigError::new(path, format!("components[{i}].{k}"), m))?;
+            kinds.check(&spec).map_err(|e| ConfigError::new(path, format!("components[{i}].{}", e.key), e.msg))?;
         }
         Ok(())
     }
@@ -339,28 +359,30 @@ pub struct ComponentSpec {
 }
 
 impl ComponentSpec {
-    /// Read a spec; the error is `(key, message)`.
-    pub fn from_map(map: Map<String, Value>) -> Result<Self, (String, String)> {
-        let s = |k: &str, required: bool| -> Result<Option<String>, (String, String)> {
+    /// Read a spec.
+    pub fn from_map(map: Map<String, Value>) -> Result<Self, SpecError> {
+        let s = |k: &str, required: bool| -> Result<Option<String>, SpecError> {
             match map.get(k) {
                 None | Some(Value::Null) if !required => Ok(None),
-                None | Some(Value::Null) => Err((k.into(), "is required".into())),
+                None | Some(Value::Null) => Err(SpecError::new(k, "is required")),
                 Some(Value::String(v)) if !v.is_empty() => Ok(Some(v.clone())),
-                Some(_) => Err((k.into(), "must be a non-empty string".into())),
+                Some(_) => Err(SpecError::new(k, "must be a non-empty string")),
             }
         };
         let category = s("category", true)?.unwrap_or_default();
         let kind = s("type", true)?.unwrap_or_default();
         let uuid = match s("uuid", false)? {
             None => None,
-            Some(u) => Some(Uuid::parse_str(&u).map_err(|e| ("uuid".to_string(), format!("invalid uuid {u:?}: {e}")))?),
+            Some(u) => {
+                Some(Uuid::parse_str(&u).map_err(|e| SpecError::new("uuid", format!("invalid uuid {u:?}: {e}")))?)
+            }
         };
         let realm = s("realm", false)?;
         let name = s("name", false)?.unwrap_or_else(|| format!("{category}/{kind}"));
         let enabled = match map.get("enabled") {
             None | Some(Value::Null) => true,
             Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(("enabled".into(), "must be true or false".into())),
+            Some(_) => return Err(SpecError::new("enabled", "must be true or false")),
         };
         Ok(Self { category, kind, uuid, realm, name, enabled, properties: map })
     }

@@ -196,8 +196,7 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
     let cfg = &shared.config;
     let mut specs: Vec<ComponentSpec> = Vec::new();
     for (i, map) in cfg.components.iter().enumerate() {
-        let spec = ComponentSpec::from_map(map.clone())
-            .map_err(|(k, m)| Error::Internal(format!("components[{i}].{k}: {m}")))?;
+        let spec = ComponentSpec::from_map(map.clone()).map_err(|e| Error::spec(format!("components[{i}]"), e))?;
         if spec.enabled {
             specs.push(spec);
         }
@@ -212,23 +211,24 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
             ("name", "Generic Manager".into()),
             ("location", shared.info.host.clone().into()),
         ]))
-        .map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?,
+        .map_err(|e| Error::spec("the implicit root manager", e))?,
     };
     let root_uuid = match root.uuid.or(cfg.uuid) {
         Some(u) => u,
         None => shared.store.identity("manager/generic/root")?,
     };
-    let kind = shared.kinds.check(&root).map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?;
+    let kind = shared.kinds.check(&root).map_err(|e| Error::spec("the root manager", e))?;
     shared.add_component(&root, kind, root_uuid, None, false).await;
 
     for spec in specs {
-        let kind = shared.kinds.check(&spec).map_err(|(k, m)| Error::Internal(format!("{k}: {m}")))?;
+        let at = || format!("component {:?} ({}/{})", spec.name, spec.category, spec.kind);
+        let kind = shared.kinds.check(&spec).map_err(|e| Error::spec(at(), e))?;
         let uuid = match spec.uuid {
             Some(u) => u,
             None => shared.store.identity(&format!("config:{}/{}/{}", spec.category, spec.kind, spec.name))?,
         };
         if shared.lookup(uuid).is_some() {
-            return Err(Error::Internal(format!("duplicate component uuid {uuid}")));
+            return Err(Error::spec(at(), crate::config::SpecError::new("uuid", format!("duplicate uuid {uuid}"))));
         }
         shared.add_component(&spec, kind, uuid, Some(root_uuid), false).await;
     }
@@ -236,8 +236,8 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
     for stored in shared.store.components()? {
         let spec = match ComponentSpec::from_map(stored.spec.clone()) {
             Ok(s) => s,
-            Err((k, m)) => {
-                warn!(uuid = %stored.uuid, "skipping stored component: {k} {m}");
+            Err(e) => {
+                warn!(uuid = %stored.uuid, error = %e, "skipping stored component");
                 continue;
             }
         };

@@ -6,6 +6,14 @@ pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// A component spec cannot be run; `at` says which component.
+    #[error("{at}: {source}")]
+    Spec {
+        /// Which component (`components[2]`).
+        at: String,
+        /// The key and what is wrong.
+        source: crate::config::SpecError,
+    },
     /// The embedded store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -34,6 +42,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Config(_) => "config",
+            Error::Spec { .. } => "spec",
             Error::Usage(_) => "usage",
             Error::Store(_) => "store",
             Error::Link(_) => "amqp",
@@ -42,6 +51,13 @@ impl Error {
             Error::Timeout(_) => "timeout",
             Error::Internal(_) => "internal",
         }
+    }
+}
+
+impl Error {
+    /// A spec error of the component `at`.
+    pub fn spec(at: impl Into<String>, source: crate::config::SpecError) -> Self {
+        Error::Spec { at: at.into(), source }
     }
 }
 

@@ -158,7 +158,7 @@ async fn tenancy_and_ids_with_separators_or_control_characters_are_refused() {
 /// arrived again. Now it is taken once, refused, counted and acknowledged.
 #[tokio::test]
 async fn an_oversized_mqtt_message_is_refused_once_and_measures_keep_flowing() {
-    let g = Gw::with("max_body_bytes: 4096");
+    let g = Gw::with(json!({"max_body_bytes": 4096}));
     let (d, gw, c, _l, mut data) = g.up().await;
     gw.provision(LAB, json!({"resource": "/iot/json", "apikey": "k1", "entity_type": "Sensor"}), Value::Null).await;
     let mqtt = Mqtt::connect(1883).await;
@@ -294,8 +294,9 @@ async fn a_create_cannot_widen_the_sandbox_unless_the_config_allows_it() {
 #[test]
 fn the_sandbox_config_names_known_properties() {
     let env = TestEnv::new();
-    let yaml = format!("{}sandbox: {{create_may_set: [whitlist]}}\n", env.config_yaml());
-    let e = busbar::config::Config::parse(&yaml, std::path::Path::new("lab.yaml")).unwrap_err().to_string();
+    let mut config = env.config_value();
+    config["sandbox"] = json!({"create_may_set": ["whitlist"]});
+    let e = busbar::config::Config::parse(&text_of(&config), std::path::Path::new("lab.yaml")).unwrap_err().to_string();
     assert!(e.starts_with("lab.yaml: sandbox.create_may_set[0]:"), "{e}");
 }
 
@@ -444,7 +445,7 @@ async fn oversized_and_misdirected_requests_get_json_errors() {
 async fn health_reports_gateways_and_lists_problems() {
     let g = Gw::new();
     // Created gateways listen on free ports, so the config lets a create set them.
-    let mut cfg = g.env.config(&g.yaml());
+    let mut cfg = g.config();
     cfg.sandbox.create_may_set = vec!["north_bind".into(), "south_bind".into()];
     let data = Data::bind(&g.data).await;
     let d = g.env.start_with(cfg).await;
@@ -537,8 +538,8 @@ async fn devices_do_not_flood_the_realm_and_answer_only_when_addressed() {
 /// `category: equipment` and the entity types are bound into `villas`.
 #[tokio::test]
 async fn devices_can_bind_on_an_exchange_of_their_own() {
-    let g = Gw::with(&format!("device_exchange: devices-{}", TestEnv::new().id));
-    let own = g.extra.trim_start_matches("device_exchange: ").to_owned();
+    let g = Gw::with(json!({"device_exchange": format!("devices-{}", TestEnv::new().id)}));
+    let own = g.extra["device_exchange"].as_str().unwrap().to_owned();
     let (d, gw, c, _all, data) = g.up().await;
     gw.provision(
         LAB,

@@ -203,8 +203,9 @@ async fn an_http_measure_becomes_the_exact_device_data_message_and_updates_the_d
 
 #[tokio::test]
 async fn mqtt_and_amqp_measures_reach_the_federation_in_every_topic_form() {
-    let gw = Gw::with(&format!("amqp_south_exchange: south-{0}, amqp_south_queue: q-{0}", TestEnv::new().id));
-    let south_exchange = gw.extra.split(',').next().unwrap().split(": ").nth(1).unwrap().to_owned();
+    let id = TestEnv::new().id.clone();
+    let gw = Gw::with(json!({"amqp_south_exchange": format!("south-{id}"), "amqp_south_queue": format!("q-{id}")}));
+    let south_exchange = gw.extra["amqp_south_exchange"].as_str().unwrap().to_owned();
     let (d, g, _c, _l, mut data) = gw.up().await;
     let k = format!("k{}", gw.env.id);
     g.provision(LAB, group(&k), dev1()).await;
@@ -398,7 +399,7 @@ async fn the_upstream_bugs_do_not_happen() {
 
 #[tokio::test]
 async fn an_mqtt_password_is_never_published() {
-    let gw = Gw::with("mqtt_url: \"mqtt://lab:s3cret@127.0.0.1:1883\"");
+    let gw = Gw::with(json!({"mqtt_url": "mqtt://lab:s3cret@127.0.0.1:1883"}));
     let (d, _g, c, mut l, data) = gw.up().await;
     let st = ping_status(&c, &mut l, gw.uuid, |_| true).await;
     assert_eq!(st["properties"]["mqtt_url"], "mqtt://lab:***@127.0.0.1:1883");
@@ -503,7 +504,7 @@ impl Drop for Broker {
 async fn an_mqtt_broker_restart_mid_stream_loses_no_qos1_measure() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(dir.path());
-    let gw = Gw::with(&format!("mqtt_url: \"mqtt://127.0.0.1:{}\"", broker.port));
+    let gw = Gw::with(json!({"mqtt_url": format!("mqtt://127.0.0.1:{}", broker.port)}));
     let (d, g, _c, _l, mut data) = gw.up().await;
     let k = format!("k{}", gw.env.id);
     g.provision(LAB, group(&k), dev1()).await;
@@ -536,15 +537,15 @@ async fn an_mqtt_broker_restart_mid_stream_loses_no_qos1_measure() {
 
 #[tokio::test]
 async fn gateways_in_a_shared_subscription_group_split_the_measures() {
-    let gw = Gw::with("mqtt_shared_group: split");
+    let gw = Gw::with(json!({"mqtt_shared_group": "split"}));
     let second = uuid::Uuid::new_v4();
-    let yaml = gw.yaml()
-        + &format!(
-            "  - {{category: gateway, type: iot-agent, name: Second, uuid: {second}, north_bind: \"127.0.0.1:0\", south_bind: \"127.0.0.1:0\", mqtt_prefix: {}, federation_exchange: {}, mqtt_shared_group: split}}\n",
-            gw.prefix, gw.data
-        );
+    let mut config = gw.config_value();
+    let mut other = gw.component();
+    other["uuid"] = json!(second);
+    other["name"] = json!("Second");
+    config["components"].as_array_mut().unwrap().push(other);
     let mut data = Data::bind(&gw.data).await;
-    let d = gw.env.start_with(gw.env.config(&yaml)).await;
+    let d = gw.env.start_with(gw.env.config_of(&config)).await;
     let (a, b) = (Gateway::of(&d, gw.uuid).await, Gateway::of(&d, second).await);
     let k = format!("k{}", gw.env.id);
     // The same group and device in both (each gateway has its own registry).
@@ -593,9 +594,10 @@ async fn measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order()
     let user = format!("busbar-{}", gw.env.id);
     rabbitmqctl(&["add_user", &user, "secret"]);
     rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
-    let yaml = gw.yaml().replace("guest:guest@", &format!("{user}:secret@"));
+    let mut config = gw.config();
+    config.broker.url = config.broker.url.replace("guest:guest@", &format!("{user}:secret@"));
     let mut data = Data::bind(&gw.data).await;
-    let d = gw.env.start_with(gw.env.config(&yaml)).await;
+    let d = gw.env.start_with(config).await;
     let g = Gateway::of(&d, gw.uuid).await;
     let k = format!("k{}", gw.env.id);
     g.provision(LAB, group(&k), dev1()).await;
@@ -646,13 +648,14 @@ async fn measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order()
 
 #[tokio::test]
 async fn a_full_buffer_drops_the_oldest_and_counts_them() {
-    let gw = Gw::with("buffer: 10");
+    let gw = Gw::with(json!({"buffer": 10}));
     let user = format!("busbar-{}", gw.env.id);
     rabbitmqctl(&["add_user", &user, "secret"]);
     rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
-    let yaml = gw.yaml().replace("guest:guest@", &format!("{user}:secret@"));
+    let mut config = gw.config();
+    config.broker.url = config.broker.url.replace("guest:guest@", &format!("{user}:secret@"));
     let mut data = Data::bind(&gw.data).await;
-    let d = gw.env.start_with(gw.env.config(&yaml)).await;
+    let d = gw.env.start_with(config).await;
     let g = Gateway::of(&d, gw.uuid).await;
     let k = format!("k{}", gw.env.id);
     g.provision(LAB, group(&k), dev1()).await;
@@ -779,7 +782,7 @@ async fn a_deleted_device_goes_gone_once() {
 
 #[tokio::test]
 async fn dojot_topics_feed_provisioned_devices_when_enabled() {
-    let gw = Gw::with("dojot: true");
+    let gw = Gw::with(json!({"dojot": true}));
     let (d, g, _c, _l, mut data) = gw.up().await;
     let tenant = format!("admin{}", gw.env.id);
     g.provision((tenant.as_str(), "/"), Value::Null, json!([{"device_id": "a1998e", "entity_type": "Sensor"}])).await;
@@ -850,10 +853,9 @@ async fn the_fiware_tutorial_sequence_works_as_written() {
 async fn a_gateway_that_cannot_listen_is_an_error_until_reset_after_the_port_is_free() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let gw = Gw::new();
-    let yaml = gw.yaml().replace("north_bind: \"127.0.0.1:0\"", &format!("north_bind: \"127.0.0.1:{port}\""));
+    let gw = Gw::with(json!({"north_bind": format!("127.0.0.1:{port}")}));
     let data = Data::bind(&gw.data).await;
-    let (d, c, mut l) = gw.env.up(&yaml).await;
+    let (d, c, mut l) = gw.env.up_with(gw.config()).await;
     let st = d.shared.lookup(gw.uuid).unwrap().status().await.unwrap();
     assert_eq!(st["status"]["state"], "error", "{st}");
     assert!(

@@ -83,12 +83,11 @@ async fn provisioning_survives_kill_9_and_devices_are_listed_and_monitored() {
     let (north, south) = (free_port(), free_port());
     let data = format!("data-{}", env.id);
     let gw = uuid::Uuid::new_v4();
-    let yaml = env.config_yaml_with(&format!(
-        "  - {{category: gateway, type: iot-agent, name: IoT, uuid: {gw}, north_bind: \"127.0.0.1:{north}\", south_bind: \"127.0.0.1:{south}\", mqtt_prefix: t{}, federation_exchange: {data}}}\n",
-        env.id
-    ));
+    let gateway = json!({"category": "gateway", "type": "iot-agent", "name": "IoT", "uuid": gw,
+        "north_bind": format!("127.0.0.1:{north}"), "south_bind": format!("127.0.0.1:{south}"),
+        "mqtt_prefix": format!("t{}", env.id), "federation_exchange": data});
     let config = env.dir.path().join("lab.yaml");
-    std::fs::write(&config, yaml).unwrap();
+    std::fs::write(&config, text_of(&env.config_value_with(vec![gateway]))).unwrap();
     let base = format!("http://127.0.0.1:{north}");
     let d = Daemon::spawn(&config);
     until_up(&format!("{base}/iot/about")).await;

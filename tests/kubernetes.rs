@@ -28,16 +28,16 @@ impl Lab {
         Lab { env: TestEnv::new(), fake: FakeKube::new(), k8s: Uuid::new_v4(), simple: Uuid::new_v4() }
     }
 
-    fn yaml(&self) -> String {
-        self.env.config_yaml_with(&format!(
-            "  - {{category: manager, type: kubernetes, name: Kubernetes Manager, uuid: {}, namespace: {NS}}}\n  - {{category: manager, type: kubernetes-simple, name: Simple, uuid: {}, namespace: {NS}}}\n",
-            self.k8s, self.simple
-        ))
+    fn config(&self) -> busbar::config::Config {
+        self.env.config_with(vec![
+            json!({"category": "manager", "type": "kubernetes", "name": "Kubernetes Manager", "uuid": self.k8s, "namespace": NS}),
+            json!({"category": "manager", "type": "kubernetes-simple", "name": "Simple", "uuid": self.simple, "namespace": NS}),
+        ])
     }
 
     async fn daemon(&self) -> Running {
         let options = Options { kube_client: Some(self.fake.client()) };
-        self.env.start_opts(self.env.config(&self.yaml()), options).await
+        self.env.start_opts(self.config(), options).await
     }
 
     async fn up(&self) -> (Running, busbar::client::Client, busbar::client::Listener) {
@@ -384,10 +384,8 @@ async fn real_cluster_lifecycle() {
     let env = TestEnv::new();
     let mgr = Uuid::new_v4();
     let ns = std::env::var("BUSBAR_TEST_NAMESPACE").unwrap_or_else(|_| "default".into());
-    let yaml = env.config_yaml_with(&format!(
-        "  - {{category: manager, type: kubernetes, name: K8s, uuid: {mgr}, namespace: {ns}}}\n"
-    ));
-    let (d, c, mut l) = env.up(&yaml).await;
+    let manager = json!({"category": "manager", "type": "kubernetes", "name": "K8s", "uuid": mgr, "namespace": ns});
+    let (d, c, mut l) = env.up_with(env.config_with(vec![manager])).await;
     let sim = Uuid::new_v4();
     let mut params = create_params(sim);
     params["properties"]["job"]["spec"]["template"]["spec"]["containers"] = json!([{"name": "sleep", "image": "busybox:1.36", "command": ["sh", "-c", "cat $VILLAS_PAYLOAD_FILE; sleep 20"]}]);

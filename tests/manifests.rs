@@ -48,7 +48,7 @@ fn a_broken_manifest_in_an_extra_directory_fails_the_config_with_its_file_name()
     std::fs::write(dir.join("bad.yaml"), "category: simulator\ntype: bad\ndriver: process\nprocess: {argv: [x]}\n")
         .unwrap();
     let cfg = env.dir.path().join("lab.yaml");
-    std::fs::write(&cfg, format!("component_dirs: [{}]\n", dir.display())).unwrap();
+    std::fs::write(&cfg, text_of(&json!({"component_dirs": [dir]}))).unwrap();
     let e = busbar::config::Config::load(&cfg).unwrap_err().to_string();
     assert!(e.contains("bad.yaml"), "{e}");
 }
@@ -58,30 +58,20 @@ async fn a_site_type_from_an_extra_directory_is_creatable_through_the_manager_an
     let env = TestEnv::new();
     let dir = env.dir.path().join("types/simulator");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("exiter.yaml"),
-        format!(
-            r#"category: simulator
-type: exiter
-driver: process
-description: Exits with the requested code after a pause.
-process:
-  executable: {bin}/exit-with.sh
-  argv: ["{{{{start.code}}}}", ["{{{{start.delay}}}}"]]
-schema:
-  start:
-    type: object
-    required: [code]
-    properties:
-      code: {{type: integer, minimum: 0, maximum: 255}}
-      delay: {{type: number, minimum: 0}}
-"#,
-            bin = fixtures_bin()
-        ),
-    )
-    .unwrap();
-    let yaml = format!("{}component_dirs: [{}]\n", env.config_yaml(), env.dir.path().join("types").display());
-    let (d, c, mut l) = env.up(&yaml).await;
+    // A manifest as a typed value (JSON is YAML): the checkout path goes
+    // in as it is.
+    let manifest = json!({
+        "category": "simulator", "type": "exiter", "driver": "process",
+        "description": "Exits with the requested code after a pause.",
+        "process": {"executable": format!("{}/exit-with.sh", fixtures_bin()), "argv": ["{{start.code}}", ["{{start.delay}}"]]},
+        "schema": {"start": {"type": "object", "required": ["code"], "properties": {
+            "code": {"type": "integer", "minimum": 0, "maximum": 255},
+            "delay": {"type": "number", "minimum": 0}}}},
+    });
+    std::fs::write(dir.join("exiter.yaml"), text_of(&manifest)).unwrap();
+    let mut config = env.config_value();
+    config["component_dirs"] = json!([env.dir.path().join("types")]);
+    let (d, c, mut l) = env.up_with(env.config_of(&config)).await;
     let u = Uuid::new_v4();
     c.publish(
         to_uuid(env.manager),
@@ -114,7 +104,9 @@ schema:
 async fn the_readme_example_type_runs_as_documented() {
     let env = TestEnv::new();
     let types = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/types");
-    let d = env.start_with(env.config(&format!("{}component_dirs: [{types}]\n", env.config_yaml()))).await;
+    let mut config = env.config_value();
+    config["component_dirs"] = json!([types]);
+    let d = env.start_with(env.config_of(&config)).await;
     let c = env.client().await;
     let mut l = env.listen_all(&c).await;
     let u = Uuid::new_v4();

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
-use crate::config::ComponentSpec;
+use crate::config::{ComponentSpec, SpecError};
 use crate::protocol::ErrorInfo;
 use crate::state::Action;
 
@@ -290,23 +290,23 @@ impl Kind {
 
     /// This type with `custom` schemas (name → JSON Schema, e.g. a `start`
     /// schema given at create) merged over its own, as a Kubernetes
-    /// simulator advertises them. The error is `(key, message)`.
-    pub fn with_custom_schema(&self, custom: &Map<String, Value>) -> Result<Kind, (String, String)> {
+    /// simulator advertises them.
+    pub fn with_custom_schema(&self, custom: &Map<String, Value>) -> Result<Kind, SpecError> {
         let mut schema = self.schema.clone();
         let mut validators = HashMap::new();
         for (key, s) in custom {
             if key == "properties" {
-                return Err(("schema.properties".into(), "cannot be replaced".into()));
+                return Err(SpecError::new("schema.properties", "cannot be replaced"));
             }
             schema.insert(key.clone(), s.clone());
         }
         for (key, s) in &schema {
-            let v = jsonschema::validator_for(s).map_err(|e| (format!("schema.{key}"), e.to_string()))?;
+            let v = jsonschema::validator_for(s).map_err(|e| SpecError::new(format!("schema.{key}"), e.to_string()))?;
             validators.insert(key.clone(), v);
         }
         let properties = match &self.properties_schema {
             Some(s) => {
-                Some(jsonschema::validator_for(s).map_err(|e| ("schema.properties".to_string(), e.to_string()))?)
+                Some(jsonschema::validator_for(s).map_err(|e| SpecError::new("schema.properties", e.to_string()))?)
             }
             None => None,
         };
@@ -337,14 +337,14 @@ impl Kind {
         }
     }
 
-    /// Validate a component's properties; the error is `(key, message)`.
-    pub fn validate_properties(&self, properties: &Map<String, Value>) -> Result<(), (String, String)> {
+    /// Validate a component's properties.
+    pub fn validate_properties(&self, properties: &Map<String, Value>) -> Result<(), SpecError> {
         let Some(v) = &self.properties else { return Ok(()) };
         match v.validate(&Value::Object(properties.clone())) {
             Ok(()) => Ok(()),
             Err(e) => {
                 let key = dotted(&e.instance_path().to_string());
-                Err((if key == "(manifest)" { "(component)".into() } else { key }, e.to_string()))
+                Err(SpecError::new(if key == "(manifest)" { "(component)".into() } else { key }, e.to_string()))
             }
         }
     }
@@ -412,21 +412,21 @@ impl Kinds {
     }
 
     /// Check that a spec names a known type and that its properties fit the
-    /// type's properties schema; the error is `(key, message)`.
-    pub fn check(&self, spec: &ComponentSpec) -> Result<Arc<Kind>, (String, String)> {
+    /// type's properties schema.
+    pub fn check(&self, spec: &ComponentSpec) -> Result<Arc<Kind>, SpecError> {
         if !self.0.iter().any(|k| k.category == spec.category) {
             let cats: std::collections::BTreeSet<_> = self.0.iter().map(|k| k.category.as_str()).collect();
             let cats: Vec<_> = cats.into_iter().collect();
-            return Err((
-                "category".into(),
+            return Err(SpecError::new(
+                "category",
                 format!("unknown category {:?}; known: {}", spec.category, cats.join(", ")),
             ));
         }
         let kind = self.lookup(&spec.category, &spec.kind).ok_or_else(|| {
             let known: Vec<_> =
                 self.0.iter().filter(|k| k.category == spec.category).map(|k| k.kind.as_str()).collect();
-            (
-                "type".to_string(),
+            SpecError::new(
+                "type",
                 format!("unknown type {:?} for category {}; known: {}", spec.kind, spec.category, known.join(", ")),
             )
         })?;
@@ -446,7 +446,7 @@ impl Kinds {
             for (i, pat) in list.iter().enumerate() {
                 let pat = pat.as_str().unwrap_or_default();
                 if let Err(e) = regex::Regex::new(pat) {
-                    return Err((format!("whitelist[{i}]"), format!("invalid regex {pat:?}: {e}")));
+                    return Err(SpecError::new(format!("whitelist[{i}]"), format!("invalid regex {pat:?}: {e}")));
                 }
             }
         }
@@ -551,7 +551,7 @@ mod tests {
         assert!(k.validate(Action::Start, &params(json!({"digits": 20}))).is_ok());
         let e = k.validate(Action::Start, &params(json!({"digits": "many"}))).unwrap_err();
         assert_eq!(e.0["path"], json!("$.digits"));
-        let (key, _) = kinds.check(&spec(json!({"start": {"type": 7}}))).unwrap_err();
+        let SpecError { key, .. } = kinds.check(&spec(json!({"start": {"type": 7}}))).unwrap_err();
         assert_eq!(key, "schema.start");
         // Without custom schemas the built-in one applies.
         let plain = kinds.lookup("simulator", "kubernetes").unwrap();

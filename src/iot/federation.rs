@@ -39,14 +39,9 @@ pub struct Envelope {
 
 impl Envelope {
     /// An envelope, if `routing_key` fits in an AMQP short string.
-    pub fn new(routing_key: &str, body: Vec<u8>) -> Result<Envelope, super::model::ApiError> {
-        let routing_key = lapin::types::ShortString::try_new(routing_key).map_err(|_| {
-            super::model::ApiError::new(
-                400,
-                "ID_TOO_LONG",
-                format!("the federation routing key would be {} bytes, more than {MAX_ROUTING_KEY}", routing_key.len()),
-            )
-        })?;
+    pub fn new(routing_key: &str, body: Vec<u8>) -> Result<Envelope, super::IngestError> {
+        let routing_key = lapin::types::ShortString::try_new(routing_key)
+            .map_err(|_| super::IngestError::RoutingKeyTooLong(routing_key.len()))?;
         Ok(Envelope { routing_key, body })
     }
 

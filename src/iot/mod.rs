@@ -252,6 +252,49 @@ fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }
 
+/// Why a southbound measure was not taken. The same on every transport:
+/// HTTP answers it (see `south::http_error`), MQTT and AMQP count and log
+/// it; each kind has its metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The gateway is stopped.
+    #[error("The gateway is stopped and accepts no measures")]
+    Stopped,
+    /// The gateway is going away.
+    #[error("The gateway is shutting down")]
+    ShuttingDown,
+    /// No such device, and its group does not autoprovision.
+    #[error("No device was found with id:{0}")]
+    UnknownDevice(String),
+    /// No group or device has this apikey.
+    #[error("Couldn't find device group for apikey {0}")]
+    UnknownApikey(String),
+    /// The body is not a measure of the device.
+    #[error(transparent)]
+    Measure(#[from] mapping::MeasureError),
+    /// The federation routing key would be longer than AMQP allows.
+    #[error("the federation routing key would be {0} bytes, more than {max}", max = federation::MAX_ROUTING_KEY)]
+    RoutingKeyTooLong(usize),
+    /// Autoprovisioning refused the device (the provisioning API's rules).
+    #[error("{}", .0.message)]
+    Autoprovision(ApiError),
+}
+
+impl IngestError {
+    /// The metric label (`counters.errors.<label>` in the gateway status).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            IngestError::Stopped | IngestError::ShuttingDown => "gateway_stopped",
+            IngestError::UnknownDevice(_) => "device_not_found",
+            IngestError::UnknownApikey(_) => "device_group_not_found",
+            IngestError::Measure(mapping::MeasureError::Payload(_)) => "bad_payload",
+            IngestError::Measure(mapping::MeasureError::Timestamp(_)) => "bad_timestamp",
+            IngestError::RoutingKeyTooLong(_) => "id_too_long",
+            IngestError::Autoprovision(_) => "autoprovision_refused",
+        }
+    }
+}
+
 impl Core {
     /// Whether the north API may serve `service`.
     pub fn serves(&self, service: &str) -> bool {
@@ -268,9 +311,9 @@ impl Core {
         addr: &Address,
         payload: Payload,
         t: Option<&str>,
-    ) -> Result<usize, ApiError> {
+    ) -> Result<usize, IngestError> {
         let counters = &self.counters;
-        self.ingest_inner(transport, addr, payload, t).await.inspect_err(|e| counters.error(&e.kind()))
+        self.ingest_inner(transport, addr, payload, t).await.inspect_err(|e| counters.error(e.metric_label()))
     }
 
     async fn ingest_inner(
@@ -279,12 +322,12 @@ impl Core {
         addr: &Address,
         payload: Payload,
         t: Option<&str>,
-    ) -> Result<usize, ApiError> {
+    ) -> Result<usize, IngestError> {
         if !*self.running.borrow() {
-            return Err(ApiError::new(503, "GATEWAY_STOPPED", "The gateway is stopped and accepts no measures"));
+            return Err(IngestError::Stopped);
         }
         let resolved = match self.registry.resolve(addr).await {
-            Err(e) if e.name == "DEVICE_GROUP_NOT_FOUND" && self.settings.dojot => {
+            Err(e @ IngestError::UnknownApikey(_)) if self.settings.dojot => {
                 // `/{tenant}/{device}/attrs` (dojot, Mosca) reads like an apikey topic.
                 match addr {
                     Address::Apikey { apikey, device_id, attr: None } => {
@@ -317,7 +360,7 @@ impl Core {
         for m in &measures {
             let envelope = federation::Envelope::new(&routing_key, origin.device_data(m))?;
             if self.outbox.send(envelope).await.is_err() {
-                return Err(ApiError::new(503, "GATEWAY_STOPPED", "The gateway is shutting down"));
+                return Err(IngestError::ShuttingDown);
             }
         }
         let count = measures.len();

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::IngestError;
 use super::mapping::Address;
 use super::model::{ApiError, Device, Group, Tenant, parse_device, parse_group};
 use crate::store::{IotRecord, Store};
@@ -532,7 +533,7 @@ impl Registry {
     // ----- south -----
 
     /// The device a measure is for, creating it if its group autoprovisions.
-    pub async fn resolve(&self, addr: &Address) -> Result<Resolved, ApiError> {
+    pub async fn resolve(&self, addr: &Address) -> Result<Resolved, IngestError> {
         match addr {
             Address::Apikey { apikey, device_id, .. } => {
                 let group_hit = {
@@ -549,23 +550,23 @@ impl Registry {
                 match group_hit {
                     Some((_, group, Some(record))) => {
                         if record.device.apikey.as_deref().is_some_and(|k| k != apikey) {
-                            return Err(ApiError::device_not_found(device_id));
+                            return Err(IngestError::UnknownDevice(device_id.clone()));
                         }
                         Ok(Resolved { record, group })
                     }
                     Some((tenant, Some(group), None)) => {
                         if group.autoprovision == Some(false) {
-                            return Err(ApiError::device_not_found(device_id));
+                            return Err(IngestError::UnknownDevice(device_id.clone()));
                         }
-                        self.autoprovision(&tenant, device_id, group).await
+                        self.autoprovision(&tenant, device_id, group).await.map_err(IngestError::Autoprovision)
                     }
-                    Some((_, None, None)) => Err(ApiError::device_not_found(device_id)),
+                    Some((_, None, None)) => Err(IngestError::UnknownDevice(device_id.clone())),
                     None => {
                         // A device with its own apikey and no group.
                         let record = self.read().by_key.get(&(apikey.clone(), device_id.clone())).cloned();
                         record
                             .map(|record| Resolved { record, group: None })
-                            .ok_or_else(|| ApiError::group_not_found(&format!("apikey {apikey}")))
+                            .ok_or_else(|| IngestError::UnknownApikey(apikey.clone()))
                     }
                 }
             }
@@ -579,7 +580,7 @@ impl Registry {
                     .get(&(root, device_id.clone()))
                     .or_else(|| inner.by_service.get(&(tenant.clone(), device_id.clone()))?.first())
                     .cloned()
-                    .ok_or_else(|| ApiError::device_not_found(device_id))?;
+                    .ok_or_else(|| IngestError::UnknownDevice(device_id.clone()))?;
                 let group = record.device.apikey.as_deref().and_then(|k| inner.group_by_apikey(k));
                 Ok(Resolved { record, group })
             }
@@ -644,7 +645,7 @@ mod tests {
         // A new apikey replaces the old one in the index.
         let patch = json!({"apikey": "new"});
         r.update_device(&a, "d", patch.as_object().unwrap()).await.unwrap();
-        assert_eq!(r.resolve(&key("own", "d")).await.unwrap_err().name, "DEVICE_GROUP_NOT_FOUND");
+        assert!(matches!(r.resolve(&key("own", "d")).await.unwrap_err(), IngestError::UnknownApikey(k) if k == "own"));
         assert_eq!(r.resolve(&key("new", "d")).await.unwrap().record.device.device_id, "d");
         // Deleted: gone from every index; reloading from the store gives the same.
         let r2 = registry(dir.path());
@@ -684,9 +685,9 @@ mod tests {
         let found = r.resolve(&Address::Dojot { tenant: "admin".into(), device_id: "efac".into() }).await.unwrap();
         assert_eq!(found.record.tenant, t);
         let e = r.resolve(&Address::Dojot { tenant: "admin".into(), device_id: "nope".into() }).await.unwrap_err();
-        assert_eq!(e.name, "DEVICE_NOT_FOUND");
+        assert!(matches!(e, IngestError::UnknownDevice(_)), "{e}");
         let e = r.resolve(&Address::Dojot { tenant: "other".into(), device_id: "efac".into() }).await.unwrap_err();
-        assert_eq!(e.name, "DEVICE_NOT_FOUND");
+        assert!(matches!(e, IngestError::UnknownDevice(_)), "{e}");
         // A device in another servicepath of the service is found too; with
         // the same id in `/` as well, the one in `/` wins.
         let rig = Tenant { service: "admin".into(), servicepath: "/rig1".into() };
@@ -698,8 +699,8 @@ mod tests {
         r.delete_devices(&t, &["efac".into()]).await.unwrap();
         assert_eq!(r.resolve(&dojot("efac")).await.unwrap().record.tenant, rig);
         r.delete_devices(&rig, &["deep".into(), "efac".into()]).await.unwrap();
-        assert_eq!(r.resolve(&dojot("deep")).await.unwrap_err().name, "DEVICE_NOT_FOUND");
-        assert_eq!(r.resolve(&dojot("efac")).await.unwrap_err().name, "DEVICE_NOT_FOUND");
+        assert!(matches!(r.resolve(&dojot("deep")).await.unwrap_err(), IngestError::UnknownDevice(_)));
+        assert!(matches!(r.resolve(&dojot("efac")).await.unwrap_err(), IngestError::UnknownDevice(_)));
         // Reloaded from the store, the index is rebuilt.
         r.create_devices(&rig, vec![parse_device(&json!({"device_id": "deep"})).unwrap()]).await.unwrap();
         assert_eq!(registry(dir.path()).resolve(&dojot("deep")).await.unwrap().record.tenant, rig);

@@ -23,9 +23,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::mapping::MeasureError;
 use super::mapping::{Address, parse_routing_key, parse_topic, single_value};
 use super::model::ApiError;
-use super::{Core, Payload, Transport};
+use super::{Core, IngestError, Payload, Transport};
 use crate::amqp::{self, Backoff, LinkError};
 
 // ----- HTTP -----
@@ -143,6 +144,22 @@ async fn post_attr(
     };
     core.ingest(Transport::Http, &addr, Payload::Single(attr, value), q.get("t").map(String::as_str)).await?;
     Ok(ok())
+}
+
+/// The HTTP answer to a refused measure (iotagent-json's names and codes).
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            IngestError::Stopped | IngestError::ShuttingDown => ApiError::new(503, "GATEWAY_STOPPED", message),
+            IngestError::UnknownDevice(_) => ApiError::new(404, "DEVICE_NOT_FOUND", message),
+            IngestError::UnknownApikey(_) => ApiError::new(404, "DEVICE_GROUP_NOT_FOUND", message),
+            IngestError::Measure(MeasureError::Payload(_)) => ApiError::new(400, "BAD_PAYLOAD", message),
+            IngestError::Measure(MeasureError::Timestamp(_)) => ApiError::new(400, "BAD_TIMESTAMP", message),
+            IngestError::RoutingKeyTooLong(_) => ApiError::new(400, "ID_TOO_LONG", message),
+            IngestError::Autoprovision(e) => e,
+        }
+    }
 }
 
 fn count(core: &Core, e: ApiError) -> ApiError {

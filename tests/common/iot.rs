@@ -23,8 +23,8 @@ pub struct Gw {
     pub data: String,
     /// The MQTT topic prefix.
     pub prefix: String,
-    /// Extra gateway properties (YAML flow mapping entries).
-    pub extra: String,
+    /// Extra gateway properties, over the defaults.
+    pub extra: Value,
 }
 
 /// A fiware tenant.
@@ -33,35 +33,42 @@ pub const LAB: (&str, &str) = ("lab", "/rig1");
 impl Gw {
     /// A gateway with the default settings.
     pub fn new() -> Gw {
-        Gw::with("")
+        Gw::with(json!({}))
     }
 
-    /// A gateway with extra properties (`"dojot: true, mqtt_qos: 0"`).
-    pub fn with(extra: &str) -> Gw {
+    /// A gateway with extra properties (`json!({"dojot": true})`).
+    pub fn with(extra: Value) -> Gw {
         let env = TestEnv::new();
-        Gw {
-            uuid: Uuid::new_v4(),
-            data: format!("data-{}", env.id),
-            prefix: format!("t{}", env.id),
-            extra: extra.to_owned(),
-            env,
+        Gw { uuid: Uuid::new_v4(), data: format!("data-{}", env.id), prefix: format!("t{}", env.id), extra, env }
+    }
+
+    /// The gateway component: listeners on free ports, this test's topic
+    /// prefix and federation exchange, then `extra`.
+    pub fn component(&self) -> Value {
+        let mut c = json!({"category": "gateway", "type": "iot-agent", "name": "IoT Agent", "uuid": self.uuid,
+            "north_bind": "127.0.0.1:0", "south_bind": "127.0.0.1:0", "mqtt_prefix": self.prefix,
+            "federation_exchange": self.data});
+        for (k, v) in self.extra.as_object().expect("extra properties are an object") {
+            c[k] = v.clone();
         }
+        c
+    }
+
+    /// The daemon config, as a value to adjust.
+    pub fn config_value(&self) -> Value {
+        self.env.config_value_with(vec![self.component()])
     }
 
     /// The daemon config.
-    pub fn yaml(&self) -> String {
-        let extra = if self.extra.is_empty() { String::new() } else { format!(", {}", self.extra) };
-        self.env.config_yaml_with(&format!(
-            "  - {{category: gateway, type: iot-agent, name: IoT Agent, uuid: {}, north_bind: \"127.0.0.1:0\", south_bind: \"127.0.0.1:0\", mqtt_prefix: \"{}\", federation_exchange: {}{extra}}}\n",
-            self.uuid, self.prefix, self.data
-        ))
+    pub fn config(&self) -> Config {
+        self.env.config_of(&self.config_value())
     }
 
     /// Start the daemon, a client, a listener on `villas`, and a consumer
     /// on the federation exchange.
     pub async fn up(&self) -> (Running, Gateway, Client, Listener, Data) {
         let data = Data::bind(&self.data).await;
-        let d = self.env.start_with(self.env.config(&self.yaml())).await;
+        let d = self.env.start_with(self.config()).await;
         let gw = Gateway::of(&d, self.uuid).await;
         let c = self.env.client().await;
         let l = self.env.listen_all(&c).await;

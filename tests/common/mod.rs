@@ -24,6 +24,11 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// A config value as a file's text: JSON, which YAML reads as it is.
+pub fn text_of(config: &Value) -> String {
+    serde_json::to_string_pretty(config).expect("a config serialises")
+}
+
 /// Default deadline for waits.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -59,39 +64,35 @@ impl TestEnv {
         }
     }
 
-    /// The default config: a generic manager and one fast dummy.
-    pub fn config_yaml(&self) -> String {
-        format!(
-            r#"
-broker: {{url: "{url}"}}
-exchange: {ex}
-realm: {realm}
-status_interval: 30
-data_dir: {dir}
-api: {{bind: "127.0.0.1:0"}}
-components:
-  - {{category: manager, type: generic, name: Test Manager, uuid: {mgr}}}
-  - category: simulator
-    type: dummy
-    name: "Dummy Simulator #1"
-    uuid: {dummy}
-    location: Test bench
-    owner: svg
-    durations: {{stop: 0.05, pause: 0.05, resume: 0.05, reset: 0.05, shutdown: 0.05}}
-"#,
-            url = amqp_url(),
-            ex = self.exchange,
-            realm = self.realm,
-            dir = self.dir.path().join("data").display(),
-            mgr = self.manager,
-            dummy = self.dummy,
-        )
+    /// The default config, as a typed value: a generic manager and one
+    /// fast dummy. Paths go in as they are, whatever characters they hold.
+    pub fn config_value(&self) -> Value {
+        json!({
+            "broker": {"url": amqp_url()},
+            "exchange": self.exchange,
+            "realm": self.realm,
+            "status_interval": 30,
+            "data_dir": self.dir.path().join("data"),
+            "api": {"bind": "127.0.0.1:0"},
+            "components": [
+                {"category": "manager", "type": "generic", "name": "Test Manager", "uuid": self.manager},
+                {"category": "simulator", "type": "dummy", "name": "Dummy Simulator #1", "uuid": self.dummy,
+                 "location": "Test bench", "owner": "svg",
+                 "durations": {"stop": 0.05, "pause": 0.05, "resume": 0.05, "reset": 0.05, "shutdown": 0.05}},
+            ],
+        })
     }
 
-    /// The default config plus `extra` YAML component entries (each starting
-    /// with `  - `).
-    pub fn config_yaml_with(&self, extra: &str) -> String {
-        format!("{}{extra}", self.config_yaml())
+    /// The default config as a file's text (JSON, which is YAML): for
+    /// tests that hand the daemon a file.
+    pub fn config_yaml(&self) -> String {
+        text_of(&self.config_value())
+    }
+
+    /// A config from a typed value, through the same parser and checks as
+    /// a file.
+    pub fn config_of(&self, value: &Value) -> Config {
+        self.config(&text_of(value))
     }
 
     /// Parse a config text for this environment.
@@ -141,12 +142,14 @@ components:
     /// The default config plus `components`, as typed values: paths and
     /// regexes go in as they are, whatever characters they hold.
     pub fn config_with(&self, components: Vec<Value>) -> Config {
-        let mut cfg = self.config(&self.config_yaml());
-        cfg.components.extend(components.into_iter().map(|c| match c {
-            Value::Object(m) => m,
-            other => panic!("a component is an object, not {other}"),
-        }));
-        cfg
+        self.config_of(&self.config_value_with(components))
+    }
+
+    /// [`TestEnv::config_value`] plus `components`.
+    pub fn config_value_with(&self, components: Vec<Value>) -> Value {
+        let mut v = self.config_value();
+        v["components"].as_array_mut().expect("components").extend(components);
+        v
     }
 
     /// A whitelist regex allowing everything under the fixture programs

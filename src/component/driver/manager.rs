@@ -79,13 +79,14 @@ impl Manager {
             crate::sandbox::check_create(params, may_set).inspect_err(|_| shared.metrics.error("refused_create"))?;
         }
         let mut params = self.shape(cx, &req.parameters)?;
-        let spec = ComponentSpec::from_map(params.clone()).map_err(|(key, msg)| {
+        let spec = ComponentSpec::from_map(params.clone()).map_err(|e| {
             shared.metrics.error("invalid_create");
-            ErrorInfo::new(format!("Invalid create parameters: {key} {msg}")).with("path", format!("$.{key}"))
+            ErrorInfo::new(format!("Invalid create parameters: {} {}", e.key, e.msg))
+                .with("path", format!("$.{}", e.key))
         })?;
-        let kind = shared.kinds.check(&spec).map_err(|(key, msg)| {
+        let kind = shared.kinds.check(&spec).map_err(|e| {
             shared.metrics.error("unknown_type");
-            ErrorInfo::new(format!("Cannot create component: {msg}")).with("path", format!("$.{key}"))
+            ErrorInfo::new(format!("Cannot create component: {}", e.msg)).with("path", format!("$.{}", e.key))
         })?;
         let uuid = spec.uuid.unwrap_or_else(Uuid::new_v4);
         params.insert("uuid".into(), Value::String(uuid.to_string()));
