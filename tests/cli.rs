@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::broker::bindings_on;
 use common::*;
 use serde_json::Value;
 use std::process::Output;
@@ -13,14 +14,6 @@ async fn busbar(env: &TestEnv, args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn bindings_on(exchange: &str) -> usize {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_bindings", "source_name", "destination_name", "-q", "--no-table-headers"])
-        .output()
-        .expect("rabbitmqctl runs");
-    text(&out.stdout).lines().filter(|l| l.split('\t').next() == Some(exchange)).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ mod common;
 
 use busbar::iot::model::Tenant;
 use busbar::iot::registry::device_uuid;
+use common::broker::*;
 use common::iot::*;
 use common::*;
 use serde_json::{Value, json};
@@ -229,25 +230,15 @@ async fn mqtt_and_amqp_measures_reach_the_federation_in_every_topic_form() {
 
     // AMQP southbound.
     let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let end = tokio::time::Instant::now() + WAIT;
-    loop {
-        // The gateway declares the exchange when it connects.
-        let ok = ch
-            .exchange_declare(
-                south_exchange.as_str().into(),
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() },
-                Default::default(),
-            )
-            .await
-            .is_ok();
-        if ok {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < end);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The gateway declares the exchange when it connects. (A failed
+    // passive declare closes the channel: each try opens its own.)
+    eventually(WAIT, "the AMQP southbound declares its exchange", async || {
+        let ch = conn.create_channel().await.unwrap();
+        let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
+        let kind = lapin::ExchangeKind::Topic;
+        ch.exchange_declare(south_exchange.as_str().into(), kind, passive, Default::default()).await.ok()
+    })
+    .await;
     let ch = conn.create_channel().await.unwrap();
     let publish = |key: String, body: String| {
         let ch = ch.clone();
@@ -436,15 +427,12 @@ async fn stopped_gateways_refuse_south_traffic_and_start_takes_it_again() {
     assert_eq!(g.measure(&k, "dev1", json!({"t": 3})).await.0, 200);
     assert_eq!(data.next().await.body["attrs"]["temperature"], 3);
     // MQTT is subscribed again.
-    let end = tokio::time::Instant::now() + WAIT;
-    loop {
+    let m = eventually(WAIT, "MQTT resubscribed", async || {
         mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), "{\"t\":4}", 1).await;
-        if let Some(m) = data.next_within(Duration::from_millis(300)).await {
-            assert_eq!(m.body["attrs"]["temperature"], 4);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < end, "MQTT not resubscribed");
-    }
+        data.next_within(Duration::from_millis(300)).await
+    })
+    .await;
+    assert_eq!(m.body["attrs"]["temperature"], 4);
     data.close().await;
     d.stop().await.unwrap();
 }
@@ -568,34 +556,12 @@ async fn gateways_in_a_shared_subscription_group_split_the_measures() {
     d.stop().await.unwrap();
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Close every connection whose client-provided name contains `name`.
-fn close_connections(name: &str) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "-q", "--no-table-headers"])
-        .output()
-        .expect("rabbitmqctl runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let pids: Vec<&str> =
-        text.lines().filter(|l| l.contains(name)).filter_map(|l| l.split_whitespace().next()).collect();
-    assert!(!pids.is_empty(), "no connection named {name}");
-    for pid in pids {
-        rabbitmqctl(&["close_connection", pid, "test: federation connection dropped"]);
-    }
-}
-
 #[tokio::test]
 async fn measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order() {
     let gw = Gw::new();
-    let user = format!("busbar-{}", gw.env.id);
-    rabbitmqctl(&["add_user", &user, "secret"]);
-    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let user = BrokerUser::new(&gw.env.id);
     let mut config = gw.config();
-    config.broker.url = config.broker.url.replace("guest:guest@", &format!("{user}:secret@"));
+    config.broker.url = user.url(&config.broker.url);
     let mut data = Data::bind(&gw.data).await;
     let d = gw.env.start_with(config).await;
     let g = Gateway::of(&d, gw.uuid).await;
@@ -606,27 +572,19 @@ async fn measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order()
         assert_eq!(g.measure(&k, "dev1", json!({"seq": seq})).await.0, 200);
     }
     // Keep the broker from taking the publisher back, then drop its connection.
-    rabbitmqctl(&["set_user_limits", &user, "{\"max-connections\": 0}"]);
+    user.refuse();
     close_connections(&format!("busbar federation gateway={}", gw.uuid));
-    let end = tokio::time::Instant::now() + WAIT;
-    while status().await["federation_connected"] == true {
-        assert!(tokio::time::Instant::now() < end, "the publisher did not notice");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, "the publisher notices", async || (status().await["federation_connected"] == false).then_some(()))
+        .await;
     for seq in 20..120 {
         assert_eq!(g.measure(&k, "dev1", json!({"seq": seq})).await.0, 200, "accepted while the broker is gone");
     }
     // Taken into the publisher's buffer on its own thread.
-    let end = tokio::time::Instant::now() + WAIT;
-    loop {
-        let buffered = status().await["counters"]["buffered"].as_u64().unwrap();
-        if buffered >= 100 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < end, "buffered {buffered}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    rabbitmqctl(&["set_user_limits", &user, "{\"max-connections\": -1}"]);
+    eventually(WAIT, "100 measures buffered", async || {
+        (status().await["counters"]["buffered"].as_u64().unwrap() >= 100).then_some(())
+    })
+    .await;
+    user.admit();
     let mut order = Vec::new();
     let end = tokio::time::Instant::now() + Duration::from_secs(30);
     while !(0..120).all(|s| order.contains(&s)) {
@@ -643,30 +601,24 @@ async fn measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order()
     assert_eq!(st["counters"]["buffered"], 0);
     d.stop().await.unwrap();
     data.close().await;
-    rabbitmqctl(&["delete_user", &user]);
 }
 
 #[tokio::test]
 async fn a_full_buffer_drops_the_oldest_and_counts_them() {
     let gw = Gw::with(json!({"buffer": 10}));
-    let user = format!("busbar-{}", gw.env.id);
-    rabbitmqctl(&["add_user", &user, "secret"]);
-    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let user = BrokerUser::new(&gw.env.id);
     let mut config = gw.config();
-    config.broker.url = config.broker.url.replace("guest:guest@", &format!("{user}:secret@"));
+    config.broker.url = user.url(&config.broker.url);
     let mut data = Data::bind(&gw.data).await;
     let d = gw.env.start_with(config).await;
     let g = Gateway::of(&d, gw.uuid).await;
     let k = format!("k{}", gw.env.id);
     g.provision(LAB, group(&k), dev1()).await;
-    rabbitmqctl(&["set_user_limits", &user, "{\"max-connections\": 0}"]);
+    user.refuse();
     close_connections(&format!("busbar federation gateway={}", gw.uuid));
     let status = || async { d.shared.lookup(gw.uuid).unwrap().status().await.unwrap()["status"].clone() };
-    let end = tokio::time::Instant::now() + WAIT;
-    while status().await["federation_connected"] == true {
-        assert!(tokio::time::Instant::now() < end);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, "the publisher notices", async || (status().await["federation_connected"] == false).then_some(()))
+        .await;
     for seq in 0..25 {
         assert_eq!(g.measure(&k, "dev1", json!({"seq": seq})).await.0, 200);
     }
@@ -676,13 +628,9 @@ async fn a_full_buffer_drops_the_oldest_and_counts_them() {
         let st = status().await;
         (st["counters"]["buffered"].as_u64(), st["counters"]["dropped"].as_u64())
     };
-    let end = tokio::time::Instant::now() + WAIT;
-    while counts().await.1 < Some(15) {
-        assert!(tokio::time::Instant::now() < end, "{:?}", counts().await);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(WAIT, "15 measures dropped", async || (counts().await.1 >= Some(15)).then_some(())).await;
     assert_eq!(counts().await, (Some(10), Some(15)));
-    rabbitmqctl(&["set_user_limits", &user, "{\"max-connections\": -1}"]);
+    user.admit();
     let mut got = Vec::new();
     while got.len() < 10 {
         got.push(data.next().await.body["attrs"]["seq"].as_u64().unwrap());
@@ -690,7 +638,6 @@ async fn a_full_buffer_drops_the_oldest_and_counts_them() {
     assert_eq!(got, (15..25).collect::<Vec<u64>>(), "the newest ten, in order");
     d.stop().await.unwrap();
     data.close().await;
-    rabbitmqctl(&["delete_user", &user]);
 }
 
 #[tokio::test]

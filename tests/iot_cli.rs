@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
-use tokio::time::Instant;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -66,11 +65,7 @@ async fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
 }
 
 async fn until_up(url: &str) {
-    let end = Instant::now() + WAIT;
-    while call("GET", url, None).await.0 != 200 {
-        assert!(Instant::now() < end, "{url} did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(WAIT, &format!("{url} comes up"), async || (call("GET", url, None).await.0 == 200).then_some(())).await;
 }
 
 async fn busbar(env: &TestEnv, args: &[&str]) -> std::process::Output {

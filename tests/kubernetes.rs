@@ -49,7 +49,7 @@ impl Lab {
 
     /// The one Job of `sim`, once it exists.
     async fn job_of(&self, sim: Uuid) -> Value {
-        eventually(WAIT, "the Job appears", || self.fake.jobs_of(sim).into_iter().next()).await
+        eventually(WAIT, "the Job appears", async || self.fake.jobs_of(sim).into_iter().next()).await
     }
 }
 
@@ -146,7 +146,7 @@ async fn create_start_run_succeed_and_return_to_idle() {
     assert_eq!(container["env"][0], json!({"name": "VILLAS_PAYLOAD_FILE", "value": "/config/payload.json"}));
 
     // The payload ConfigMap holds the whole action and belongs to the Job.
-    let cm = eventually(WAIT, "the ConfigMap appears", || {
+    let cm = eventually(WAIT, "the ConfigMap appears", async || {
         lab.fake.configmaps_of(sim).into_iter().next().filter(|cm| cm["metadata"]["ownerReferences"].is_array())
     })
     .await;
@@ -286,7 +286,7 @@ async fn api_errors_are_errors_with_the_api_message() {
     let (d, c, mut l) = lab.up().await;
     let sim = create(&lab, &c, &mut l).await;
     // Let the adoption lookup of the new component pass first.
-    eventually(WAIT, "the Job list is read", || {
+    eventually(WAIT, "the Job list is read", async || {
         lab.fake.log().iter().any(|r| r.starts_with("GET") && r.ends_with("/jobs")).then_some(())
     })
     .await;
@@ -316,7 +316,7 @@ async fn a_dropped_watch_is_re_established() {
     let watches = || lab.fake.log().iter().filter(|r| r.starts_with("GET") && r.ends_with("/jobs")).count();
     let before = watches();
     lab.fake.drop_watches();
-    eventually(WAIT, "the watch is re-established", || (watches() > before).then_some(())).await;
+    eventually(WAIT, "the watch is re-established", async || (watches() > before).then_some(())).await;
     // The new watch carries on where the old one ended.
     lab.fake.set_job_status(NS, &name, json!({"succeeded": 1}));
     state_of(&mut l, sim, "idle").await;
@@ -427,7 +427,7 @@ async fn a_manager_deletes_jobs_whose_component_no_longer_exists() {
         jobs.create(&PostParams::default(), &serde_json::from_value(job).unwrap()).await.unwrap();
     }
     let (d, c, mut l) = lab.up().await;
-    eventually(WAIT, "the orphan Job is deleted", || lab.fake.jobs_of(orphan).is_empty().then_some(())).await;
+    eventually(WAIT, "the orphan Job is deleted", async || lab.fake.jobs_of(orphan).is_empty().then_some(())).await;
     assert_eq!(lab.fake.jobs_of(foreign).len(), 1, "another manager's Job is left alone");
     // A live component's Job survives a restart.
     let sim = create(&lab, &c, &mut l).await;

@@ -6,10 +6,10 @@ mod common;
 
 use busbar::client::{Goal, Outcome};
 
+use common::broker::close_connections;
 use common::*;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::time::Instant;
 use uuid::Uuid;
 
 #[tokio::test]
@@ -239,26 +239,6 @@ async fn a_deleted_component_publishes_gone_once_and_then_stays_silent() {
     d.stop().await.expect("clean shutdown");
 }
 
-/// Close the daemon's broker connection from the broker side.
-fn drop_connection(exchange: &str) {
-    let name = format!("busbar daemon exchange={exchange}");
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "-q", "--no-table-headers"])
-        .output()
-        .expect("rabbitmqctl runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let pid = text
-        .lines()
-        .find(|l| l.contains(&name))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no connection named {name}"));
-    let st = std::process::Command::new("rabbitmqctl")
-        .args(["close_connection", pid, "test: connection dropped by broker"])
-        .status()
-        .expect("rabbitmqctl runs");
-    assert!(st.success());
-}
-
 #[tokio::test]
 async fn state_survives_a_broker_side_connection_drop_and_the_daemon_reconnects() {
     let env = TestEnv::new();
@@ -266,15 +246,11 @@ async fn state_survives_a_broker_side_connection_drop_and_the_daemon_reconnects(
     c.publish(to_uuid(env.dummy), &action("start", json!({"runtime": 0})), None).await.unwrap();
     state_of(&mut l, env.dummy, "running").await;
     let before = d.shared.metrics.connects.get();
-    drop_connection(&env.exchange);
+    close_connections(&format!("busbar daemon exchange={}", env.exchange));
     // Reconnected, topology redeclared, announced again with the state kept.
     let st = state_of(&mut l, env.dummy, "running").await;
     assert_eq!(st["properties"]["uuid"], env.dummy.to_string());
-    let end = Instant::now() + WAIT;
-    while d.shared.metrics.connects.get() == before {
-        assert!(Instant::now() < end, "no reconnect");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, "a reconnect", async || (d.shared.metrics.connects.get() != before).then_some(())).await;
     c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
     state_of(&mut l, env.dummy, "running").await;
     c.publish(to_uuid(env.dummy), &action("stop", json!({})), None).await.unwrap();

@@ -56,16 +56,10 @@ fn run_dir(data: &Path, uuid: Uuid) -> PathBuf {
 }
 
 async fn read_eventually(path: PathBuf) -> String {
-    let end = Instant::now() + WAIT;
-    loop {
-        if let Ok(s) = std::fs::read_to_string(&path)
-            && !s.is_empty()
-        {
-            return s;
-        }
-        assert!(Instant::now() < end, "{} never appeared", path.display());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(WAIT, &format!("{} appears", path.display()), async || {
+        std::fs::read_to_string(&path).ok().filter(|s| !s.is_empty())
+    })
+    .await
 }
 
 fn alive(pid: i32) -> bool {
@@ -78,11 +72,8 @@ fn proc_state(stat: &str) -> char {
 }
 
 async fn gone(pids: &[i32]) {
-    let end = Instant::now() + WAIT;
-    while pids.iter().any(|p| alive(*p)) {
-        assert!(Instant::now() < end, "processes {pids:?} outlived their component");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("processes {pids:?} end with their component");
+    eventually(WAIT, &what, async || (!pids.iter().any(|p| alive(*p))).then_some(())).await;
 }
 
 async fn pids(lab: &Lab, uuid: Uuid) -> Vec<i32> {
@@ -161,11 +152,7 @@ async fn pause_and_resume_stop_and_continue_the_process() {
     assert_eq!(stat(), 'T', "stopped by SIGSTOP");
     c.publish(to_uuid(g), &action("resume", json!({})), None).await.unwrap();
     state_of(&mut l, g, "running").await;
-    let end = Instant::now() + WAIT;
-    while stat() == 'T' {
-        assert!(Instant::now() < end, "still stopped after resume");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(WAIT, "the process continues after resume", async || (stat() != 'T').then_some(())).await;
     // Stop from paused works too.
     c.publish(to_uuid(g), &action("pause", json!({})), None).await.unwrap();
     state_of(&mut l, g, "paused").await;

@@ -10,7 +10,6 @@ use lapin::types::FieldTable;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use std::time::Duration;
-use tokio::time::Instant;
 use uuid::Uuid;
 
 /// One gateway test.
@@ -94,18 +93,16 @@ pub struct Gateway {
 impl Gateway {
     /// Wait until the gateway of `uuid` reports its listeners and MQTT is up.
     pub async fn of(d: &Running, uuid: Uuid) -> Gateway {
-        let end = Instant::now() + WAIT;
-        loop {
+        eventually(WAIT, "the gateway listens and its MQTT and federation links are up", async || {
             let st = d.shared.lookup(uuid).expect("gateway exists").status().await.expect("status");
-            if let (Some(n), Some(s)) = (st["status"]["north_url"].as_str(), st["status"]["south_url"].as_str())
-                && st["status"]["mqtt_connected"] == true
-                && st["status"]["federation_connected"] == true
-            {
-                return Gateway { north: n.to_owned(), south: s.to_owned(), http: reqwest::Client::new() };
-            }
-            assert!(Instant::now() < end, "gateway not ready: {st}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            let (n, s) = (st["status"]["north_url"].as_str()?, st["status"]["south_url"].as_str()?);
+            (st["status"]["mqtt_connected"] == true && st["status"]["federation_connected"] == true).then(|| Gateway {
+                north: n.to_owned(),
+                south: s.to_owned(),
+                http: reqwest::Client::new(),
+            })
+        })
+        .await
     }
 
     /// A north API call as tenant `t` (`None`: no fiware headers).

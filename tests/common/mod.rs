@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod fake_kube;
 pub mod iot;
 
@@ -254,10 +255,10 @@ pub async fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
 /// Poll `f` until it returns something, or fail after `deadline` naming
 /// `what`. The one polling helper: tests wait for conditions, never sleep
 /// a fixed time and hope.
-pub async fn eventually<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub async fn eventually<T>(deadline: Duration, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let end = Instant::now() + deadline;
     loop {
-        if let Some(v) = f() {
+        if let Some(v) = f().await {
             return v;
         }
         assert!(Instant::now() < end, "{what}: not within {deadline:?}");
