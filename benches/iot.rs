@@ -372,7 +372,7 @@ async fn through(qos: u8, n: usize) -> (f64, f64, usize) {
     let cpu = d.cpu() - cpu0;
     println!("{}", split.line(&format!("MQTT QoS {qos} flood through busbar"), got));
     if got < n {
-        let took = d.metric("measureRequests{transport=\"mqtt\"}").await.unwrap_or(0);
+        let took = d.metric("measureRequests_total{transport=\"mqtt\"}").await.unwrap_or(0);
         println!("  (busbar took {took} of {n} from Mosquitto; {got} reached the data consumer)");
     }
     let _ = p.await;

@@ -54,7 +54,8 @@ pub async fn serve(shared: Arc<Shared>) -> Result<SocketAddr, crate::serve::Bind
     let listener = crate::serve::bind(bind).await?;
     let addr = listener.local_addr().map_err(|source| crate::serve::BindError { addr: bind, source })?;
     let limits = shared.config.api.limits();
-    crate::serve::spawn(&shared.tracker, listener, app(shared.clone()), shared.shutdown.clone(), limits);
+    let observe = crate::serve::Observe::new("api", &shared.metrics);
+    crate::serve::spawn(&shared.tracker, listener, app(shared.clone()), shared.shutdown.clone(), limits, observe);
     Ok(addr)
 }
 

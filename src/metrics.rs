@@ -1,10 +1,20 @@
-//! Prometheus metrics, owned by the daemon (not global) so tests can read them.
+//! Prometheus metrics, owned by the daemon (not global) so tests can read
+//! them. One registry for everything the daemon runs: its own counters,
+//! HTTP requests of every listener, and the IoT gateways' measure counters
+//! (which stay lock-free atomics on the hot path and are read at scrape
+//! time, see [`GatewaySource`]). A gateway's own `/metrics` renders the same
+//! families for itself alone ([`render_gateway`]).
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
 
 /// Label for errors: what went wrong.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -18,6 +28,20 @@ pub struct KindLabel {
 pub struct StateLabel {
     /// Component state.
     pub state: String,
+}
+
+/// Labels of an HTTP request count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabel {
+    /// Which listener: `api`, `north`, `south`.
+    pub server: &'static str,
+    /// The route template (`/api/v1/component/{uuid}`), or `unmatched`: a
+    /// bounded set, whatever paths clients send.
+    pub route: String,
+    /// The request method.
+    pub method: String,
+    /// The answer's status code.
+    pub status: u16,
 }
 
 /// All metrics of one daemon.
@@ -34,6 +58,10 @@ pub struct Metrics {
     pub components: Family<StateLabel, Gauge>,
     /// Broker (re)connections established.
     pub connects: Counter,
+    /// HTTP requests answered, by listener, route, method and status.
+    pub http_requests: Family<RequestLabel, Counter>,
+    /// The running IoT gateways, read at scrape time.
+    gateways: Gateways,
 }
 
 impl Default for Metrics {
@@ -51,12 +79,16 @@ impl Metrics {
         let errors = Family::<KindLabel, Counter>::default();
         let components = Family::<StateLabel, Gauge>::default();
         let connects = Counter::default();
+        let http_requests = Family::<RequestLabel, Counter>::default();
         registry.register("messages_in", "AMQP messages consumed", messages_in.clone());
         registry.register("messages_out", "AMQP messages published", messages_out.clone());
         registry.register("errors", "Rejected messages and failed actions by kind", errors.clone());
         registry.register("components", "Components by state", components.clone());
         registry.register("broker_connects", "Broker connections established", connects.clone());
-        Self { registry, messages_in, messages_out, errors, components, connects }
+        registry.register("http_requests", "HTTP requests answered", http_requests.clone());
+        let gateways = Gateways::default();
+        registry.sub_registry_with_prefix("gateway").register_collector(Box::new(gateways.clone()));
+        Self { registry, messages_in, messages_out, errors, components, connects, http_requests, gateways }
     }
 
     /// Count one error of `kind`.
@@ -80,11 +112,181 @@ impl Metrics {
         }
     }
 
+    /// Report `gateway`'s counters (as `busbar_gateway_*{gateway=…}`) for as
+    /// long as it lives.
+    pub fn add_gateway(&self, gateway: Weak<dyn GatewaySource>) {
+        let mut list = self.gateways.0.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|g| g.strong_count() > 0);
+        list.push(gateway);
+    }
+
     /// Render in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// What an IoT gateway reports at scrape time.
+pub trait GatewaySource: Send + Sync + std::fmt::Debug {
+    /// Its counters now.
+    fn snapshot(&self) -> GatewaySnapshot;
+}
+
+/// One gateway's counters at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct GatewaySnapshot {
+    /// The gateway's uuid (the `gateway` label in the daemon's registry).
+    pub gateway: String,
+    /// Provisioned devices.
+    pub devices: u64,
+    /// Measures accepted: MQTT, HTTP, AMQP.
+    pub measures_in: [u64; 3],
+    /// Measures confirmed by the federation broker.
+    pub measures_out: u64,
+    /// Measures dropped by a full buffer.
+    pub dropped: u64,
+    /// Measures waiting for the federation broker.
+    pub buffered: u64,
+    /// Refusals and faults by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Whether it accepts measures.
+    pub ready: bool,
+    /// Whether MQTT is connected and subscribed.
+    pub mqtt_connected: bool,
+    /// Whether the federation publisher is connected.
+    pub federation_connected: bool,
+}
+
+/// The live gateways (weak: a deleted gateway drops out by itself).
+#[derive(Debug, Clone, Default)]
+struct Gateways(Arc<Mutex<Vec<Weak<dyn GatewaySource>>>>);
+
+impl Collector for Gateways {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let live: Vec<Arc<dyn GatewaySource>> =
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+        let snapshots: Vec<GatewaySnapshot> = live.iter().map(|g| g.snapshot()).collect();
+        encode_gateways(&snapshots, true, &mut encoder)
+    }
+}
+
+/// The gateway families (iotagent names: `devices`, `measureRequests`, …)
+/// with one sample per gateway; labelled by `gateway` in the daemon's
+/// registry, unlabelled on a gateway's own `/metrics`.
+fn encode_gateways(gateways: &[GatewaySnapshot], labelled: bool, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    type Labels = Vec<(&'static str, String)>;
+    let base = |g: &GatewaySnapshot| -> Labels { if labelled { vec![("gateway", g.gateway.clone())] } else { vec![] } };
+    let gauge = |e: &mut DescriptorEncoder, name: &str, help: &str, f: &dyn Fn(&GatewaySnapshot) -> u64| {
+        let mut m = e.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+        for g in gateways {
+            let (labels, v) = (base(g), ConstGauge::new(f(g) as i64));
+            if labels.is_empty() {
+                // A gateway's own page: one sample, no `{}`.
+                return v.encode(m);
+            }
+            v.encode(m.encode_family(&labels)?)?;
+        }
+        Ok::<(), std::fmt::Error>(())
+    };
+    let counter =
+        |e: &mut DescriptorEncoder, name: &str, help: &str, f: &dyn Fn(&GatewaySnapshot) -> Vec<(Labels, u64)>| {
+            let mut m = e.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+            for g in gateways {
+                for (extra, v) in f(g) {
+                    let mut labels = base(g);
+                    labels.extend(extra);
+                    if labels.is_empty() {
+                        return ConstCounter::new(v).encode(m);
+                    }
+                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+            Ok::<(), std::fmt::Error>(())
+        };
+    gauge(e, "devices", "provisioned devices", &|g| g.devices)?;
+    counter(e, "measureRequests", "measures accepted, by transport", &|g| {
+        ["mqtt", "http", "amqp"]
+            .into_iter()
+            .zip(g.measures_in)
+            .map(|(t, v)| (vec![("transport", t.to_owned())], v))
+            .collect()
+    })?;
+    counter(e, "measuresOut", "measures confirmed by the federation broker", &|g| vec![(vec![], g.measures_out)])?;
+    counter(e, "measuresDropped", "measures dropped by a full buffer", &|g| vec![(vec![], g.dropped)])?;
+    gauge(e, "measuresBuffered", "measures waiting for the federation broker", &|g| g.buffered)?;
+    counter(e, "errors", "errors by kind", &|g| {
+        g.errors.iter().map(|(k, v)| (vec![("kind", k.clone())], *v)).collect()
+    })?;
+    gauge(e, "ready", "1 when the gateway accepts measures", &|g| u64::from(g.ready))?;
+    gauge(e, "mqttConnected", "1 when the MQTT client is connected and subscribed", &|g| u64::from(g.mqtt_connected))?;
+    gauge(e, "federationConnected", "1 when the federation publisher is connected", &|g| {
+        u64::from(g.federation_connected)
+    })
+}
+
+/// One gateway's families in the OpenMetrics text format, unlabelled (its
+/// own `/metrics`, as iotagent-json serves it).
+pub fn render_gateway(gateway: GatewaySnapshot) -> String {
+    #[derive(Debug)]
+    struct One(GatewaySnapshot);
+    impl Collector for One {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            encode_gateways(std::slice::from_ref(&self.0), false, &mut encoder)
+        }
+    }
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(One(gateway)));
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(gateway: &str) -> GatewaySnapshot {
+        GatewaySnapshot {
+            gateway: gateway.into(),
+            devices: 3,
+            measures_in: [1, 2, 0],
+            errors: BTreeMap::from([("bad_payload".to_owned(), 4)]),
+            ready: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_gateways_own_page_is_unlabelled_and_the_daemons_labels_every_gateway() {
+        let page = render_gateway(snapshot("g1"));
+        for line in ["devices 3", "measureRequests_total{transport=\"http\"} 2", "errors_total{kind=\"bad_payload\"} 4"]
+        {
+            assert!(page.lines().any(|l| l == line), "{line} missing:\n{page}");
+        }
+        assert!(!page.contains("{}") && page.ends_with("# EOF\n"), "{page}");
+        let m = Metrics::new();
+        let (a, b): (Arc<dyn GatewaySource>, Arc<dyn GatewaySource>) =
+            (Arc::new(Fixed(snapshot("a"))), Arc::new(Fixed(snapshot("b"))));
+        m.add_gateway(Arc::downgrade(&a));
+        m.add_gateway(Arc::downgrade(&b));
+        let all = m.render();
+        assert_eq!(all.matches("# TYPE busbar_gateway_devices gauge").count(), 1, "one family:\n{all}");
+        for g in ["a", "b"] {
+            let line = format!("busbar_gateway_devices{{gateway=\"{g}\"}} 3");
+            assert!(all.contains(&line), "{line} missing:\n{all}");
+        }
+        drop(b);
+        assert!(!m.render().contains("gateway=\"b\""), "a deleted gateway drops out");
+    }
+
+    #[derive(Debug)]
+    struct Fixed(GatewaySnapshot);
+    impl GatewaySource for Fixed {
+        fn snapshot(&self) -> GatewaySnapshot {
+            self.0.clone()
+        }
     }
 }

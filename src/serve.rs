@@ -13,6 +13,7 @@
 //!   like every other refusal, before hyper's own (bodiless) limits apply.
 
 use axum::Router;
+use axum::extract::{MatchedPath, State};
 use axum::http::{Request, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -26,6 +27,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, warn};
+
+use crate::metrics::RequestLabel;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// Longest request target (path and query) answered with anything but 414.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
@@ -90,11 +95,50 @@ async fn guard(req: Request<axum::body::Body>, next: Next) -> Response {
     next.run(req).await
 }
 
+/// What a listener reports of each request: a `request` span (server,
+/// method, route) around its handling, and a count in
+/// `busbar_http_requests`.
+#[derive(Debug, Clone)]
+pub struct Observe {
+    /// The listener's name in spans and metrics (`api`, `north`, `south`).
+    pub server: &'static str,
+    /// The daemon's request counter (shared by every listener).
+    pub requests: Family<RequestLabel, Counter>,
+}
+
+impl Observe {
+    /// Report as `server` into `metrics`.
+    pub fn new(server: &'static str, metrics: &crate::metrics::Metrics) -> Self {
+        Observe { server, requests: metrics.http_requests.clone() }
+    }
+}
+
+async fn observe(State(o): State<Observe>, req: Request<axum::body::Body>, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
+    let method = req.method().as_str().to_owned();
+    let span = tracing::debug_span!("request", server = o.server, %method, %route);
+    let started = std::time::Instant::now();
+    let response = next.run(req).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    debug!(parent: &span, status, elapsed_us = started.elapsed().as_micros() as u64, "answered");
+    o.requests.get_or_create(&RequestLabel { server: o.server, route, method, status }).inc();
+    response
+}
+
 /// Serve `router` on `listener` until `token` is cancelled, each connection
 /// a task of `tracker` (so shutdown waits for them). Connections in
-/// progress finish their current request, then close.
-pub fn spawn(tracker: &TaskTracker, listener: TcpListener, router: Router, token: CancellationToken, limits: Limits) {
-    let router = router.layer(axum::middleware::from_fn(guard));
+/// progress finish their current request, then close. Each request is
+/// reported as `observe` says.
+pub fn spawn(
+    tracker: &TaskTracker,
+    listener: TcpListener,
+    router: Router,
+    token: CancellationToken,
+    limits: Limits,
+    observe_as: Observe,
+) {
+    let router =
+        router.layer(axum::middleware::from_fn(guard)).layer(axum::middleware::from_fn_with_state(observe_as, observe));
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let conn_tracker = tracker.clone();
     let span = tracing::Span::current();

@@ -65,6 +65,11 @@ async fn the_api_lists_reports_and_acts_on_components_with_json_errors() {
         "busbar_messages_out_total",
         "busbar_errors_total{kind=\"invalid_json\"}",
         "busbar_components{state=\"error\"} 1",
+        // Every request is counted by route template, never by raw path.
+        "busbar_http_requests_total{server=\"api\",route=\"/api/v1/component/{uuid}\",method=\"GET\",status=\"200\"} 1",
+        "busbar_http_requests_total{server=\"api\",route=\"/api/v1/component/{uuid}\",method=\"GET\",status=\"404\"} 2",
+        "busbar_http_requests_total{server=\"api\",route=\"unmatched\",method=\"GET\",status=\"404\"} 1",
+        "busbar_http_requests_total{server=\"api\",route=\"/api/v1/component/{uuid}\",method=\"POST\",status=\"400\"} 4",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }

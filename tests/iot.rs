@@ -140,6 +140,12 @@ async fn provisioning_calls_answer_with_the_upstream_codes_and_errors() {
         let v = text.lines().find_map(|l| l.strip_prefix(gauge)?.strip_prefix(' '));
         assert!(matches!(v, Some("0" | "1")), "{gauge} missing: {text}");
     }
+    // The daemon's registry has the same families for every gateway.
+    let daemon = d.shared.metrics.render();
+    let labelled = format!("busbar_gateway_devices{{gateway=\"{}\"}} 1", gw.uuid);
+    assert!(daemon.contains(&labelled), "{labelled} missing:\n{daemon}");
+    let north = r#"busbar_http_requests_total{server="north",route="/admin/log",method="PUT",status="400"} 2"#;
+    assert!(daemon.contains(north), "{north} missing:\n{daemon}");
     drop(c);
     data.close().await;
     d.stop().await.unwrap();

@@ -295,6 +295,25 @@ impl IngestError {
     }
 }
 
+impl crate::metrics::GatewaySource for Core {
+    fn snapshot(&self) -> crate::metrics::GatewaySnapshot {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        crate::metrics::GatewaySnapshot {
+            gateway: self.gateway.to_string(),
+            devices: self.registry.device_count() as u64,
+            measures_in: [get(&c.mqtt_in), get(&c.http_in), get(&c.amqp_in)],
+            measures_out: get(&c.measures_out),
+            dropped: get(&c.dropped),
+            buffered: get(&c.buffered),
+            errors: c.errors(),
+            ready: *self.running.borrow(),
+            mqtt_connected: c.mqtt_up.load(Ordering::Relaxed),
+            federation_connected: c.federation_up.load(Ordering::Relaxed),
+        }
+    }
+}
+
 impl Core {
     /// Whether the north API may serve `service`.
     pub fn serves(&self, service: &str) -> bool {
@@ -423,6 +442,8 @@ impl Agent {
             log_level: Mutex::new("INFO".into()),
             outbox,
         });
+        let source: Arc<dyn crate::metrics::GatewaySource> = core.clone();
+        shared.metrics.add_gateway(Arc::downgrade(&source));
         let span = tracing::info_span!("gateway", gateway = %gateway);
         let listen = async |addr| {
             crate::serve::bind(addr)
@@ -435,8 +456,17 @@ impl Agent {
         let t = &shared.tracker;
         {
             let _span = span.enter();
-            crate::serve::spawn(t, north, north::router(core.clone()), token.clone(), settings.limits);
-            crate::serve::spawn(t, south, south::http_router(core.clone()), token.clone(), settings.limits);
+            let observe = |server| crate::serve::Observe::new(server, &shared.metrics);
+            crate::serve::spawn(
+                t,
+                north,
+                north::router(core.clone()),
+                token.clone(),
+                settings.limits,
+                observe("north"),
+            );
+            let south_router = south::http_router(core.clone());
+            crate::serve::spawn(t, south, south_router, token.clone(), settings.limits, observe("south"));
         }
         let fed = federation::Target {
             url: shared.config.broker.url.clone(),

@@ -277,51 +277,6 @@ async fn put_log(State(core): Shared, q: Params) -> Response {
 }
 
 async fn metrics(State(core): Shared) -> Response {
-    use std::sync::atomic::Ordering::Relaxed;
-    let c = &core.counters;
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, v) in samples {
-            out.push_str(&format!("{name}{labels} {v}\n"));
-        }
-    };
-    metric("devices", "gauge", "provisioned devices", &[("", core.registry.device_count() as u64)]);
-    metric(
-        "measureRequests",
-        "counter",
-        "measures accepted, by transport",
-        &[
-            ("{transport=\"mqtt\"}", c.mqtt_in.load(Relaxed)),
-            ("{transport=\"http\"}", c.http_in.load(Relaxed)),
-            ("{transport=\"amqp\"}", c.amqp_in.load(Relaxed)),
-        ],
-    );
-    metric(
-        "measuresOut",
-        "counter",
-        "measures confirmed by the federation broker",
-        &[("", c.measures_out.load(Relaxed))],
-    );
-    metric("measuresDropped", "counter", "measures dropped by a full buffer", &[("", c.dropped.load(Relaxed))]);
-    metric(
-        "measuresBuffered",
-        "gauge",
-        "measures waiting for the federation broker",
-        &[("", c.buffered.load(Relaxed))],
-    );
-    let samples: Vec<(String, u64)> = c.errors().into_iter().map(|(k, v)| (format!("{{kind=\"{k}\"}}"), v)).collect();
-    let refs: Vec<(&str, u64)> = samples.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    metric("errors", "counter", "errors by kind", &refs);
-    metric("ready", "gauge", "1 when the gateway accepts measures", &[("", u64::from(*core.running.borrow()))]);
-    let up = |b: &std::sync::atomic::AtomicBool| u64::from(b.load(Relaxed));
-    metric("mqttConnected", "gauge", "1 when the MQTT client is connected and subscribed", &[("", up(&c.mqtt_up))]);
-    metric(
-        "federationConnected",
-        "gauge",
-        "1 when the federation publisher is connected",
-        &[("", up(&c.federation_up))],
-    );
-    out.push_str("# EOF\n");
-    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+    let text = crate::metrics::render_gateway(crate::metrics::GatewaySource::snapshot(&*core));
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
 }
