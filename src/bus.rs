@@ -374,7 +374,7 @@ async fn session(
         bound.into_iter().collect::<Result<Vec<()>, _>>()?;
         for (h, r) in batch.into_iter().zip(routed_components) {
             if let Some((q, consumer)) = r? {
-                h.attach(consumer).await;
+                h.attach(Inbox(consumer)).await;
                 queues.insert(h.uuid(), q);
             }
             h.announce().await;
@@ -457,6 +457,51 @@ async fn session(
 fn spawn_forwarder(shared: &Arc<Shared>, consumer: lapin::Consumer, target: Target) {
     let weak = Arc::downgrade(shared);
     shared.tracker.spawn(forward(weak, consumer, target));
+}
+
+/// A component's own queue (per-component topology) as the component sees
+/// it: decoded requests and typed rejections. The lapin consumer and the
+/// decoding stay here, so components never name lapin.
+pub struct Inbox(lapin::Consumer);
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inbox")
+    }
+}
+
+/// What an [`Inbox`] yields.
+pub enum Incoming {
+    /// An action request, or why the message was refused (already counted
+    /// and logged). Boxed, as the component keeps it.
+    Message(Box<Result<ActionRequest, Rejection>>),
+    /// Decoding panicked (a bug): the message is dropped; the component
+    /// reports it.
+    Panicked(String),
+}
+
+impl Inbox {
+    /// The next message for the component. Pending forever without an
+    /// inbox; when the queue ends (deleted, connection lost) the inbox is
+    /// dropped, and the bus attaches a new one after reconnecting.
+    /// Cancel-safe: the component selects over it.
+    pub async fn next(inbox: &mut Option<Box<Inbox>>, shared: &Shared) -> Incoming {
+        loop {
+            let Some(consumer) = inbox.as_mut().map(|i| &mut i.0) else {
+                return std::future::pending().await;
+            };
+            let Some(Ok(d)) = consumer.next().await else {
+                *inbox = None;
+                continue;
+            };
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_delivery(shared, &d)));
+            match decoded {
+                Ok(Some(msg)) => return Incoming::Message(Box::new(msg)),
+                Ok(None) => continue,
+                Err(p) => return Incoming::Panicked(crate::supervise::panic_message(p)),
+            }
+        }
+    }
 }
 
 /// Count and decode one delivery. `None` for messages controllers ignore

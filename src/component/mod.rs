@@ -55,7 +55,7 @@ pub enum Command {
     Announce,
     /// Consume this queue from now on (per-component topology; replaces the
     /// consumer of a previous connection).
-    Attach(Box<lapin::Consumer>),
+    Attach(Box<crate::bus::Inbox>),
     /// Accept an action (now, or at its `when`) and return the resulting
     /// status (HTTP API).
     Act(Box<(ActionRequest, oneshot::Sender<Value>)>),
@@ -105,9 +105,9 @@ impl ComponentHandle {
         let _ = self.tx.send(Command::Message(Box::new(msg))).await;
     }
 
-    /// Give the component its queue's consumer.
-    pub async fn attach(&self, consumer: lapin::Consumer) {
-        let _ = self.tx.send(Command::Attach(Box::new(consumer))).await;
+    /// Give the component its own queue's inbox.
+    pub async fn attach(&self, inbox: crate::bus::Inbox) {
+        let _ = self.tx.send(Command::Attach(Box::new(inbox))).await;
     }
 
     /// Ask the component to publish its status.
@@ -161,7 +161,7 @@ pub(crate) struct Component {
     publish_due: Option<Instant>,
     /// The component's own queue, consumed right here: no task hop between
     /// the broker connection and the state that answers.
-    consumer: Option<Box<lapin::Consumer>>,
+    inbox: Option<Box<crate::bus::Inbox>>,
 }
 
 /// Build the properties object: every given key in order, with the identity
@@ -200,7 +200,7 @@ pub(crate) fn spawn(
         driver,
         scheduled: VecDeque::new(),
         publish_due: None,
-        consumer: None,
+        inbox: None,
     };
     shared.metrics.state_change(None, Some(State::Idle.as_str()));
     let span = info_span!("component", uuid = %keys.uuid, r#type = %keys.kind);
@@ -259,16 +259,10 @@ impl Component {
                     None => break,
                     Some(cmd) => Wake::Command(cmd),
                 },
-                Some(d) = crate::amqp::next_delivery(&mut self.consumer) => {
-                    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        crate::bus::decode_delivery(&self.shared, &d)
-                    }));
-                    match decoded {
-                        Ok(Some(msg)) => Wake::Message(Box::new(msg)),
-                        Ok(None) => continue,
-                        Err(p) => Wake::Panicked(crate::supervise::panic_message(p)),
-                    }
-                }
+                incoming = crate::bus::Inbox::next(&mut self.inbox, &self.shared) => match incoming {
+                    crate::bus::Incoming::Message(msg) => Wake::Message(msg),
+                    crate::bus::Incoming::Panicked(panic) => Wake::Panicked(panic),
+                },
                 ev = self.driver.next_event() => Wake::Driver(Box::new(ev)),
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = Instant::now();
@@ -364,7 +358,7 @@ impl Component {
     async fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Message(msg) => self.message(*msg).await,
-            Command::Attach(consumer) => self.consumer = Some(consumer),
+            Command::Attach(inbox) => self.inbox = Some(inbox),
             // Discovery and (re)subscription. A gateway's devices answer
             // only when addressed (uuid, type, `category: equipment`): a
             // broadcast ping that announced 10,000 devices would hold the
