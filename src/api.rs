@@ -60,7 +60,7 @@ pub async fn serve(shared: Arc<Shared>) -> Result<SocketAddr, crate::serve::Bind
 }
 
 async fn index(State(s): State<Arc<Shared>>) -> Json<Value> {
-    let components: Vec<String> = s.handles().iter().map(|h| h.uuid().to_string()).collect();
+    let components: Vec<String> = s.components.handles().iter().map(|h| h.uuid().to_string()).collect();
     Json(json!({"components": components, "status": s.info.summary()}))
 }
 
@@ -73,7 +73,7 @@ async fn problems(s: &Shared) -> Vec<Value> {
     if !s.bus.connected() {
         out.push(json!({"what": "broker", "msg": "broker disconnected"}));
     }
-    for h in s.handles() {
+    for h in s.components.handles() {
         let uuid = h.uuid().to_string();
         if !h.is_alive() {
             out.push(json!({"what": "component", "uuid": uuid, "msg": "the component's task has stopped"}));
@@ -110,7 +110,7 @@ async fn health(State(s): State<Arc<Shared>>, query: axum::extract::RawQuery) ->
         Some(p) => json!({"status": "error", "msg": p["msg"]}),
     };
     if verbose {
-        body["components"] = s.handles().len().into();
+        body["components"] = s.components.len().into();
         body["problems"] = Value::Array(problems);
     }
     (code, Json(body)).into_response()
@@ -119,7 +119,7 @@ async fn health(State(s): State<Arc<Shared>>, query: axum::extract::RawQuery) ->
 fn find(s: &Shared, uuid: &str) -> Result<crate::component::ComponentHandle, ApiError> {
     let not_found = || ApiError(StatusCode::NOT_FOUND, format!("No component with uuid {uuid}"));
     let u = Uuid::parse_str(uuid).map_err(|_| not_found())?;
-    s.lookup(u).ok_or_else(not_found)
+    s.components.lookup(u).ok_or_else(not_found)
 }
 
 /// `GET /api/v1/component/{uuid}`: a component's status, or a device's
@@ -135,7 +135,7 @@ async fn component_status(State(s): State<Arc<Shared>>, Path(uuid): Path<String>
 /// The status of device `uuid`, from the gateway that has it.
 async fn device_status(s: &Shared, uuid: &str) -> Option<Value> {
     let uuid = Uuid::parse_str(uuid).ok()?;
-    for gateway in s.handles().into_iter().filter(|h| h.keys.category == "gateway") {
+    for gateway in s.components.handles().into_iter().filter(|h| h.keys.category == "gateway") {
         if let Some(status) = gateway.member_status(uuid).await {
             return Some(status);
         }

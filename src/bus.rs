@@ -387,13 +387,13 @@ async fn session(
     // Commands queued while disconnected concern components that the
     // registry snapshot below already covers; drop them.
     while cmd_rx.try_recv().is_ok() {}
-    let all = s.handles();
+    let all = s.components.handles();
     for chunk in all.chunks(SUBSCRIBE_BATCH) {
         subscribe(chunk.to_vec(), &mut queues, &mut shared_keys).await?;
     }
     ready.store(true, std::sync::atomic::Ordering::Release);
     s.metrics.connects.inc();
-    info!(broker = %redact_url(url), %exchange, components = queues.len().max(s.handles().len()), "connected to broker");
+    info!(broker = %redact_url(url), %exchange, components = queues.len().max(s.components.len()), "connected to broker");
 
     let mut check = tokio::time::interval(Duration::from_secs(1));
     // A command taken while batching subscriptions, to run next.
@@ -562,7 +562,7 @@ async fn dispatch(s: &Shared, d: &lapin::message::Delivery, target: &Target) {
             let headers = d.properties.headers().as_ref().unwrap_or(&empty);
             let to = crate::protocol::Addressed::of(headers);
             let skip = if matches!(target, Target::MatchingElsewhere) { to.uuid } else { None };
-            for h in s.addressed(&to).into_iter().filter(|h| Some(h.uuid()) != skip) {
+            for h in s.components.addressed(&to).into_iter().filter(|h| Some(h.uuid()) != skip) {
                 h.deliver(msg.clone()).await;
             }
         }
@@ -582,7 +582,7 @@ async fn discover(s: &Shared, msg: Result<ActionRequest, Rejection>) {
     match msg {
         Ok(req) if req.action == Action::Ping.as_str() => {
             debug!("broadcast ping");
-            for h in s.handles() {
+            for h in s.components.handles() {
                 h.announce().await;
             }
         }

@@ -1,10 +1,9 @@
 //! The daemon: wires store, bus, components and the HTTP API together, and
 //! shuts them down in order (signal → cancel all → wait for all).
 
-use indexmap::IndexMap;
 use serde_json::{Map, Value};
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -43,43 +42,11 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Kubernetes API clients.
     pub kube: Arc<crate::k8s::Clients>,
-    registry: RwLock<IndexMap<Uuid, ComponentHandle>>,
+    /// Every running component, by uuid.
+    pub components: component::Registry,
 }
 
 impl Shared {
-    /// The handle of component `uuid`.
-    pub fn lookup(&self, uuid: Uuid) -> Option<ComponentHandle> {
-        self.read().get(&uuid).cloned()
-    }
-
-    /// Every component, in creation order.
-    pub fn handles(&self) -> Vec<ComponentHandle> {
-        self.read().values().cloned().collect()
-    }
-
-    /// The components a message with routing headers `to` reaches (shared
-    /// topology: what the exchange would deliver to each component queue).
-    /// Only the matches are cloned out of the registry.
-    pub fn addressed(&self, to: &crate::protocol::Addressed<'_>) -> Vec<ComponentHandle> {
-        if let Some(uuid) = to.uuid
-            && to.category.is_none()
-            && to.kind.is_none()
-            && to.realm.is_none()
-        {
-            return self.lookup(uuid).into_iter().collect();
-        }
-        self.read().values().filter(|h| h.keys.matches_addressed(to)).cloned().collect()
-    }
-
-    /// The uuids of the components managed by `manager`.
-    pub fn managed_by(&self, manager: Uuid) -> Vec<Uuid> {
-        self.read().values().filter(|h| h.managed_by == Some(manager)).map(|h| h.uuid()).collect()
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, IndexMap<Uuid, ComponentHandle>> {
-        self.registry.read().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Start a component, register it and route it; it announces itself as
     /// soon as its queue is bound.
     pub(crate) async fn add_component(
@@ -91,14 +58,14 @@ impl Shared {
         persisted: bool,
     ) -> ComponentHandle {
         let handle = component::spawn(self, spec, kind, uuid, managed_by, persisted);
-        self.registry.write().unwrap_or_else(|p| p.into_inner()).insert(uuid, handle.clone());
+        self.components.insert(handle.clone());
         self.bus.subscribe(handle.clone());
         handle
     }
 
     /// Unroute and unregister a component; it publishes `gone` once and stops.
     pub(crate) async fn remove_component(&self, uuid: Uuid) {
-        let handle = self.registry.write().unwrap_or_else(|p| p.into_inner()).shift_remove(&uuid);
+        let handle = self.components.remove(uuid);
         if let Some(h) = handle {
             self.bus.unsubscribe((*h.keys).clone());
             h.remove().await;
@@ -168,13 +135,13 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         shutdown,
         tracker,
         kube: Arc::new(options.kube_client.map(crate::k8s::Clients::fixed).unwrap_or_default()),
-        registry: RwLock::new(IndexMap::new()),
+        components: component::Registry::default(),
     });
     runner.spawn(&shared);
     start_components(&shared).await?;
     component::sweep_orphans(&shared);
     let api_addr = if shared.config.api.enabled { Some(crate::api::serve(shared.clone()).await?) } else { None };
-    info!(components = shared.handles().len(), api = ?api_addr, "busbar started");
+    info!(components = shared.components.len(), api = ?api_addr, "busbar started");
     Ok(Running { shared, api_addr })
 }
 
@@ -227,7 +194,7 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
             Some(u) => u,
             None => shared.store.identity(&format!("config:{}/{}/{}", spec.category, spec.kind, spec.name))?,
         };
-        if shared.lookup(uuid).is_some() {
+        if shared.components.lookup(uuid).is_some() {
             return Err(Error::spec(at(), crate::config::SpecError::new("uuid", format!("duplicate uuid {uuid}"))));
         }
         shared.add_component(&spec, kind, uuid, Some(root_uuid), false).await;
@@ -245,11 +212,11 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
             warn!(uuid = %stored.uuid, r#type = %spec.kind, "skipping stored component of unknown type");
             continue;
         };
-        if shared.lookup(stored.uuid).is_some() {
+        if shared.components.lookup(stored.uuid).is_some() {
             warn!(uuid = %stored.uuid, "stored component clashes with a configured one; configured wins");
             continue;
         }
-        let manager = if shared.lookup(stored.manager).is_some() { stored.manager } else { root_uuid };
+        let manager = if shared.components.lookup(stored.manager).is_some() { stored.manager } else { root_uuid };
         shared.add_component(&spec, kind, stored.uuid, Some(manager), true).await;
     }
     Ok(())

@@ -117,7 +117,7 @@ async fn create_start_run_succeed_and_return_to_idle() {
     assert_eq!(st["status"]["managed_by"], lab.k8s.to_string());
     assert_eq!(st["schema"]["start"]["properties"]["digits"]["type"], "integer", "custom schema advertised: {st}");
     assert_eq!(st["properties"]["namespace"], NS);
-    let mgr = d.shared.lookup(lab.k8s).unwrap().status().await.unwrap();
+    let mgr = d.shared.components.lookup(lab.k8s).unwrap().status().await.unwrap();
     assert_eq!(mgr["components"], json!([sim.to_string()]));
 
     // The custom start schema is enforced.

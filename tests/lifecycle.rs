@@ -142,7 +142,7 @@ async fn created_components_survive_a_restart_with_the_same_uuid() {
 
     let d = env.start().await;
     for u in [created, anon] {
-        let h = d.shared.lookup(u).unwrap_or_else(|| panic!("{u} restored"));
+        let h = d.shared.components.lookup(u).unwrap_or_else(|| panic!("{u} restored"));
         assert_eq!(h.managed_by, Some(env.manager));
         c.publish(to_uuid(u), &json!({"action": "ping"}), None).await.unwrap();
         state_of(&mut l, u, "idle").await;
@@ -180,7 +180,7 @@ async fn create_errors_are_clear_and_leave_the_daemon_running() {
         let st = status_of(&mut l, env.manager, has_error(msg)).await;
         assert_eq!(st["status"]["state"], "idle", "{st}");
     }
-    assert_eq!(d.shared.handles().len(), 2);
+    assert_eq!(d.shared.components.len(), 2);
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
@@ -201,7 +201,7 @@ async fn a_refused_create_leaves_the_manager_able_to_create_the_next_one() {
     let created = c.act_and_wait(&m, &action("create", ok), Goal::Created { follow: u }, wait).await;
     assert!(matches!(created, Ok(Outcome::Reached(_))), "{created:?}");
     state_of(&mut l, u, "idle").await;
-    assert!(d.shared.lookup(u).is_some());
+    assert!(d.shared.components.lookup(u).is_some());
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
@@ -230,11 +230,11 @@ async fn a_deleted_component_publishes_gone_once_and_then_stays_silent() {
         .filter(|s| s.payload.pointer("/properties/uuid").and_then(Value::as_str) == Some(&u.to_string()))
         .collect();
     assert!(from_u.is_empty(), "silence after gone, got {}", from_u.len());
-    assert!(d.shared.lookup(u).is_none());
+    assert!(d.shared.components.lookup(u).is_none());
     d.stop().await.expect("clean shutdown");
     // Not resurrected by a restart either.
     let d = env.start().await;
-    assert!(d.shared.lookup(u).is_none());
+    assert!(d.shared.components.lookup(u).is_none());
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }

@@ -9,7 +9,9 @@
 mod core;
 mod driver;
 pub mod kinds;
+mod registry;
 pub(crate) use driver::sweep_orphans;
+pub use registry::Registry;
 
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
@@ -542,7 +544,7 @@ impl Component {
         let core = &self.core;
         let prefix = match core.keys.category.as_str() {
             "simulator" => Prefix::Simulator { model: &core.model, results: &core.results },
-            "manager" => Prefix::Manager { components: self.shared.managed_by(core.keys.uuid) },
+            "manager" => Prefix::Manager { components: self.shared.components.managed_by(core.keys.uuid) },
             _ => Prefix::None,
         };
         StatusView {

@@ -315,6 +315,29 @@ impl crate::metrics::GatewaySource for Core {
 }
 
 impl Core {
+    /// The state the gateway's tasks and routers share: its `registry`,
+    /// fresh counters, and `outbox` towards the federation publisher.
+    /// `Agent::start` builds one; router tests build one without brokers.
+    pub fn new(
+        gateway: Uuid,
+        realm: String,
+        settings: Settings,
+        registry: registry::Registry,
+        outbox: mpsc::Sender<federation::Envelope>,
+        running: bool,
+    ) -> Core {
+        Core {
+            gateway,
+            realm,
+            settings,
+            registry,
+            counters: Arc::new(Counters::default()),
+            running: watch::Sender::new(running),
+            log_level: Mutex::new("INFO".into()),
+            outbox,
+        }
+    }
+
     /// Whether the north API may serve `service`.
     pub fn serves(&self, service: &str) -> bool {
         self.settings.services.is_empty() || self.settings.services.iter().any(|s| s == service)
@@ -429,19 +452,10 @@ impl Agent {
         let realm = realm.unwrap_or_else(|| "busbar".into());
         let registry = registry::Registry::load(gateway, &realm, shared.store.clone(), changes_tx)
             .map_err(|e| ErrorInfo::new(format!("Cannot load the device registry: {}", e.message)))?;
-        let counters = Arc::new(Counters::default());
         let (outbox, outbox_rx) = mpsc::channel(4096);
-        let (running, _) = watch::channel(props.get("autostart").and_then(Value::as_bool).unwrap_or(true));
-        let core = Arc::new(Core {
-            gateway,
-            realm,
-            settings: settings.clone(),
-            registry,
-            counters: counters.clone(),
-            running,
-            log_level: Mutex::new("INFO".into()),
-            outbox,
-        });
+        let autostart = props.get("autostart").and_then(Value::as_bool).unwrap_or(true);
+        let core = Arc::new(Core::new(gateway, realm, settings.clone(), registry, outbox, autostart));
+        let counters = core.counters.clone();
         let source: Arc<dyn crate::metrics::GatewaySource> = core.clone();
         shared.metrics.add_gateway(Arc::downgrade(&source));
         let span = tracing::info_span!("gateway", gateway = %gateway);

@@ -88,7 +88,7 @@ fn finish_spec(mut spec: Map<String, Value>, manager: &Map<String, Value>) -> Ma
 /// Jobs it once created for components that no longer exist (in the
 /// background; failures are logged).
 pub(crate) fn sweep_orphans(shared: &Arc<Shared>) {
-    for handle in shared.handles() {
+    for handle in shared.components.handles() {
         if handle.keys.category != "manager" || !handle.keys.kind.starts_with("kubernetes") {
             continue;
         }
@@ -96,7 +96,7 @@ pub(crate) fn sweep_orphans(shared: &Arc<Shared>) {
         shared.tracker.clone().spawn(async move {
             let Some(status) = handle.status().await else { return };
             let props = status["properties"].as_object().cloned().unwrap_or_default();
-            let known: HashSet<Uuid> = shared.managed_by(handle.uuid()).into_iter().collect();
+            let known: HashSet<Uuid> = shared.components.managed_by(handle.uuid()).into_iter().collect();
             let (kubeconfig, namespace) = (str_prop(&props, "kubeconfig"), str_prop(&props, "namespace"));
             let sweep = crate::k8s::job::sweep_orphans(
                 &shared.kube,

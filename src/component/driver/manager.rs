@@ -93,7 +93,7 @@ impl Manager {
         let spec = ComponentSpec { uuid: Some(uuid), properties: params.clone(), ..spec };
         let duplicate =
             || ErrorInfo::new("Duplicate uuid: a component with this uuid exists").with("uuid", uuid.to_string());
-        if shared.lookup(uuid).is_some() {
+        if shared.components.lookup(uuid).is_some() {
             shared.metrics.error("duplicate_uuid");
             return Err(duplicate());
         }
@@ -123,7 +123,7 @@ async fn delete(cx: &Cx<'_>, req: &ActionRequest) -> Result<(), ErrorInfo> {
         Some(Value::String(s)) => Uuid::parse_str(s).map_err(|_| invalid("Invalid uuid"))?,
         _ => return Err(invalid("Missing uuid")),
     };
-    let Some(handle) = shared.lookup(uuid) else {
+    let Some(handle) = shared.components.lookup(uuid) else {
         shared.metrics.error("unknown_component");
         return Err(ErrorInfo::new("Unknown component").with("uuid", uuid.to_string()));
     };
