@@ -580,7 +580,7 @@ fn is_broadcast(d: &lapin::message::Delivery) -> bool {
 /// A broadcast: a ping makes every component announce itself.
 async fn discover(s: &Shared, msg: Result<ActionRequest, Rejection>) {
     match msg {
-        Ok(req) if req.action == Action::Ping.as_str() => {
+        Ok(req) if req.action.is(Action::Ping) => {
             debug!("broadcast ping");
             for h in s.components.handles() {
                 h.announce().await;

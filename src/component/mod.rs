@@ -408,8 +408,8 @@ impl Component {
             When::Now => now,
             When::At(t) => now + t.duration_since(SystemTime::now()).unwrap_or_default(),
         };
-        if req.action == Action::Ping.as_str() || due <= now {
-            if req.action == Action::Reset.as_str() && !self.scheduled.is_empty() {
+        if req.action.is(Action::Ping) || due <= now {
+            if req.action.is(Action::Reset) && !self.scheduled.is_empty() {
                 info!(component = %self.uuid(), dropped = self.scheduled.len(), "reset drops the scheduled actions");
                 self.scheduled.clear();
                 self.sync_schedule();
@@ -446,7 +446,7 @@ impl Component {
             .map(|(at, req)| {
                 let when = wall + at.saturating_duration_since(now);
                 let secs = when.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
-                serde_json::json!({"action": req.action, "when": (secs * 1000.0).round() / 1000.0})
+                serde_json::json!({"action": req.action.as_str(), "when": (secs * 1000.0).round() / 1000.0})
             })
             .collect();
         extra.insert("scheduled".into(), Value::Array(list));
@@ -459,7 +459,7 @@ impl Component {
 
     async fn execute_inner(&mut self, req: ActionRequest) {
         let reply = Some(&req);
-        let action = match req.action.parse::<Action>() {
+        let action = match req.action.known() {
             Ok(a) => a,
             Err(e) => return self.refuse(e, reply).await,
         };

@@ -339,7 +339,7 @@ impl Devices {
         };
         let headers = d.properties.headers().clone().unwrap_or_default();
         let reply = Some(&req.reply).filter(|r| r.wanted());
-        let unsupported = (req.action != "ping").then(|| {
+        let unsupported = (!req.action.is(crate::state::Action::Ping)).then(|| {
             ErrorInfo::new(format!("Unsupported action {} for equipment", req.action))
                 .with("action", req.action.as_str())
         });

@@ -3,6 +3,8 @@
 //! [`decode`] on raw broker bytes.
 
 use serde_json::{Map, Value};
+
+use crate::state::{Action, TransitionError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How far ahead a `when` may lie. Anything later is almost certainly
@@ -84,12 +86,57 @@ fn parse_time_str(s: &str) -> Option<f64> {
     Some(ts.as_nanosecond() as f64 / 1e9)
 }
 
+/// An action name as decoded: one of the protocol's, or an unknown one,
+/// kept so that the addressed component can report it (as the Python
+/// controller does, with `error.msg`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActionName {
+    /// A protocol action.
+    Known(Action),
+    /// Anything else, as sent.
+    Unknown(String),
+}
+
+impl ActionName {
+    /// Decode `name`.
+    pub fn parse(name: &str) -> ActionName {
+        name.parse().map_or_else(|_| ActionName::Unknown(name.to_owned()), ActionName::Known)
+    }
+
+    /// The protocol action, or why there is none.
+    pub fn known(&self) -> Result<Action, TransitionError> {
+        match self {
+            ActionName::Known(a) => Ok(*a),
+            ActionName::Unknown(s) => Err(TransitionError::UnknownAction(s.clone())),
+        }
+    }
+
+    /// Whether this is `action`.
+    pub fn is(&self, action: Action) -> bool {
+        *self == ActionName::Known(action)
+    }
+
+    /// The name as sent.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ActionName::Known(a) => a.as_str(),
+            ActionName::Unknown(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for ActionName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A decoded action message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActionRequest {
-    /// The action name as sent (checked against the protocol later, so an
-    /// unknown name can still be reported to the addressed component).
-    pub action: String,
+    /// The action, decoded here once; an unknown name still reaches the
+    /// addressed component, which reports it.
+    pub action: ActionName,
     /// `parameters`, `{}` when absent.
     pub parameters: Map<String, Value>,
     /// When to run it.
@@ -106,7 +153,7 @@ impl ActionRequest {
         let mut payload = Map::new();
         payload.insert("action".into(), Value::String(action.into()));
         payload.insert("parameters".into(), Value::Object(parameters.clone()));
-        Self { action: action.into(), parameters, when: When::Now, payload, reply: ReplyTo::default() }
+        Self { action: ActionName::parse(action), parameters, when: When::Now, payload, reply: ReplyTo::default() }
     }
 }
 
@@ -214,7 +261,7 @@ pub fn decode(
         return Err(Rejection::NotAnObject(json_kind(&value)));
     };
     let action = match payload.get("action") {
-        Some(Value::String(a)) => a.clone(),
+        Some(Value::String(a)) => ActionName::parse(a),
         Some(_) => return Err(Rejection::ActionNotAString),
         None if payload.contains_key("status") => return Ok(None),
         None => return Err(Rejection::MissingAction),
@@ -259,7 +306,8 @@ mod tests {
     #[test]
     fn captured_cli_and_villasweb_requests_decode() {
         let a = action(r#"{"action": "ping"}"#);
-        assert_eq!(a.action, "ping");
+        assert_eq!(a.action, ActionName::Known(Action::Ping));
+        assert_eq!(action(r#"{"action": "dance"}"#).action, ActionName::Unknown("dance".into()));
         assert!(a.parameters.is_empty());
         assert_eq!(a.when, When::Now);
         let a = action(r#"{"action":"ping","when":0}"#);

@@ -5,7 +5,7 @@ pub mod action;
 pub mod headers;
 pub mod status;
 
-pub use action::{ActionRequest, Rejection, ReplyTo, When, decode};
+pub use action::{ActionName, ActionRequest, Rejection, ReplyTo, When, decode};
 pub use headers::{Addressed, Filter, RoutingKeys};
 pub use status::{DaemonInfo, ErrorInfo};
 
