@@ -37,6 +37,27 @@ pub(crate) struct Core {
     pub extra: Map<String, Value>,
     /// States entered since the last publish, in order.
     trail: Vec<State>,
+    /// What the driver asked of the daemon during the current action.
+    requests: Vec<Request>,
+}
+
+/// What a driver asks the daemon to do (a manager's create and delete).
+/// Drivers never reach the daemon's registry; the component task carries
+/// requests out once the action is accepted, before it answers.
+#[derive(Debug)]
+pub(crate) enum Request {
+    /// Start, register and route a new component managed by this one.
+    Spawn(Box<Spawn>),
+    /// Unroute and stop a component (it publishes `gone`).
+    Remove(Uuid),
+}
+
+/// A component to start.
+#[derive(Debug)]
+pub(crate) struct Spawn {
+    pub spec: crate::config::ComponentSpec,
+    pub kind: Arc<crate::component::kinds::Kind>,
+    pub uuid: Uuid,
 }
 
 impl Core {
@@ -55,6 +76,7 @@ impl Core {
             results: Value::Null,
             extra: Map::new(),
             trail: Vec::new(),
+            requests: Vec::new(),
         }
     }
 
@@ -78,6 +100,11 @@ impl Core {
         std::mem::take(&mut self.trail)
     }
 
+    /// What the driver asked of the daemon since the last call.
+    pub(super) fn take_requests(&mut self) -> Vec<Request> {
+        std::mem::take(&mut self.requests)
+    }
+
     /// `category/type`, for messages.
     pub fn kind_name(&self) -> String {
         format!("{}/{}", self.keys.category, self.keys.kind)
@@ -91,6 +118,11 @@ pub(crate) struct Cx<'a> {
 }
 
 impl Cx<'_> {
+    /// Ask the daemon for `request` once the action is accepted.
+    pub fn request(&mut self, request: Request) {
+        self.core.requests.push(request);
+    }
+
     /// Enter the transient state of `action` (counting a refused
     /// transition) and clear the previous error.
     pub fn begin(&mut self, action: Action) -> Result<(), ErrorInfo> {

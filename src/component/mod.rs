@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
-use self::core::{Core, Cx};
+use self::core::{Core, Cx, Request, Spawn};
 use crate::config::ComponentSpec;
 use crate::daemon::Shared;
 use crate::protocol::status::{Prefix, StatusView};
@@ -482,6 +482,10 @@ impl Component {
         }
         let cx = Cx { core: &mut self.core, shared: &self.shared };
         let outcome = self.driver.act(cx, action, &req).await;
+        // What the driver asked of the daemon, done before anyone is told.
+        for request in self.core.take_requests() {
+            self.carry_out(request).await;
+        }
         match outcome {
             Ok(()) if matches!(action, Action::Create | Action::Delete) => {
                 // The requester hears at once; the exchange at most every
@@ -501,6 +505,18 @@ impl Component {
             // the manager's: answer with the error, stay usable.
             Err(info) if matches!(action, Action::Create | Action::Delete) => self.refuse_request(info, reply).await,
             Err(info) => self.fail(info, reply).await,
+        }
+    }
+
+    /// Carry out a driver's request of the daemon.
+    async fn carry_out(&mut self, request: Request) {
+        match request {
+            Request::Spawn(s) => {
+                let Spawn { spec, kind, uuid } = *s;
+                let managed_by = Some(self.uuid());
+                Box::pin(self.shared.add_component(&spec, kind, uuid, managed_by, true)).await;
+            }
+            Request::Remove(uuid) => Box::pin(self.shared.remove_component(uuid)).await,
         }
     }
 

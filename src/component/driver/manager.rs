@@ -12,7 +12,7 @@ use tracing::info;
 use uuid::Uuid;
 
 use super::{Driver, Fut};
-use crate::component::core::Cx;
+use crate::component::core::{Cx, Request, Spawn};
 use crate::config::ComponentSpec;
 use crate::protocol::{ActionRequest, ErrorInfo};
 use crate::state::{Action, State, TransitionError};
@@ -41,8 +41,14 @@ impl Manager {
 
     async fn act(&self, mut cx: Cx<'_>, action: Action, req: &ActionRequest) -> Result<(), ErrorInfo> {
         match action {
-            Action::Create => self.create(&cx, req).await?,
-            Action::Delete => delete(&cx, req).await?,
+            Action::Create => {
+                let spawn = self.create(&cx, req).await?;
+                cx.request(Request::Spawn(Box::new(spawn)));
+            }
+            Action::Delete => {
+                let uuid = delete(&cx, req).await?;
+                cx.request(Request::Remove(uuid));
+            }
             Action::Reset => {
                 cx.begin(Action::Reset)?;
                 cx.go(State::Idle);
@@ -70,7 +76,8 @@ impl Manager {
         })
     }
 
-    async fn create(&self, cx: &Cx<'_>, req: &ActionRequest) -> Result<(), ErrorInfo> {
+    /// Check and persist a create; the component to start.
+    async fn create(&self, cx: &Cx<'_>, req: &ActionRequest) -> Result<Spawn, ErrorInfo> {
         let shared = cx.shared;
         // The Kubernetes manager lifts `properties.*` into the new component.
         let may_set = &shared.config.sandbox.create_may_set;
@@ -110,13 +117,13 @@ impl Manager {
                 return Err(ErrorInfo::new(format!("Cannot persist component: {e}")));
             }
         }
-        shared.add_component(&spec, kind, uuid, Some(manager), true).await;
         info!(created = %uuid, category = %spec.category, r#type = %spec.kind, "component created");
-        Ok(())
+        Ok(Spawn { spec, kind, uuid })
     }
 }
 
-async fn delete(cx: &Cx<'_>, req: &ActionRequest) -> Result<(), ErrorInfo> {
+/// Check and unpersist a delete; the component to remove.
+async fn delete(cx: &Cx<'_>, req: &ActionRequest) -> Result<Uuid, ErrorInfo> {
     let shared = cx.shared;
     let invalid = |msg: &str| ErrorInfo::new(msg.to_owned()).with("path", "$.uuid");
     let uuid = match req.parameters.get("uuid") {
@@ -140,9 +147,8 @@ async fn delete(cx: &Cx<'_>, req: &ActionRequest) -> Result<(), ErrorInfo> {
         shared.metrics.error("store");
         return Err(ErrorInfo::new(format!("Cannot delete component: {e}")));
     }
-    shared.remove_component(uuid).await;
     info!(deleted = %uuid, "component deleted");
-    Ok(())
+    Ok(uuid)
 }
 
 impl Driver for Manager {
