@@ -138,9 +138,26 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         components: component::Registry::default(),
     });
     runner.spawn(&shared);
-    start_components(&shared).await?;
-    component::sweep_orphans(&shared);
-    let api_addr = if shared.config.api.enabled { Some(crate::api::serve(shared.clone()).await?) } else { None };
+    // A start that fails half-way stops what it started (the bus, the
+    // components so far) before it reports why: nothing is left running.
+    let started = async {
+        start_components(&shared).await?;
+        component::sweep_orphans(&shared);
+        if !shared.config.api.enabled {
+            return Ok::<_, Error>(None);
+        }
+        Ok(Some(crate::api::serve(shared.clone()).await?))
+    };
+    let api_addr = match started.await {
+        Ok(addr) => addr,
+        Err(e) => {
+            let running = Running { shared, api_addr: None };
+            if let Err(stop) = running.stop().await {
+                warn!(error = %stop, "stopping after a failed start");
+            }
+            return Err(e);
+        }
+    };
     info!(components = shared.components.len(), api = ?api_addr, "busbar started");
     Ok(Running { shared, api_addr })
 }

@@ -6,7 +6,7 @@ mod common;
 
 use busbar::client::{Goal, Outcome};
 
-use common::broker::close_connections;
+use common::broker::{close_connections, connections_named};
 use common::*;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -256,5 +256,37 @@ async fn state_survives_a_broker_side_connection_drop_and_the_daemon_reconnects(
     c.publish(to_uuid(env.dummy), &action("stop", json!({})), None).await.unwrap();
     state_of(&mut l, env.dummy, "idle").await;
     c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+/// A config built in code skips the file checks; a component that cannot
+/// run is then a spec error naming the component and the key, and the
+/// half-started daemon stops what it started (the store can be opened by
+/// the next daemon at once).
+#[tokio::test]
+async fn a_spec_error_at_start_names_the_component_and_key_and_leaves_nothing_running() {
+    let env = TestEnv::new();
+    let mut cfg = env.config(&env.config_yaml());
+    let bad = json!({"category": "simulator", "type": "warp-drive", "name": "Bad"});
+    cfg.components.push(bad.as_object().unwrap().clone());
+    let e = busbar::daemon::start(cfg).await.expect_err("an unknown type cannot start");
+    match &e {
+        busbar::Error::Spec { at, source } => {
+            assert!(at.contains("Bad"), "{e}");
+            assert_eq!(source.key, "type", "{e}");
+        }
+        other => panic!("not a spec error: {other}"),
+    }
+    assert_eq!(e.metric_label(), "spec");
+    // Everything it started has stopped: its bus never stays connected (a
+    // running bus connects within milliseconds), and a daemon on the same
+    // data starts.
+    let name = format!("busbar daemon exchange={}", env.exchange);
+    // (Each look takes rabbitmqctl a few hundred milliseconds.)
+    for _ in 0..3 {
+        assert_eq!(connections_named(&name), 0, "the failed start left its bus running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let d = env.start().await;
     d.stop().await.expect("clean shutdown");
 }

@@ -10,6 +10,12 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// How many connections' client-provided names contain `name`.
+pub fn connections_named(name: &str) -> usize {
+    let list = rabbitmqctl(&["list_connections", "client_properties", "-q", "--no-table-headers"]);
+    list.lines().filter(|l| l.contains(name)).count()
+}
+
 /// Close, from the broker side, every connection whose client-provided
 /// name contains `name` (`busbar daemon exchange=…`, `busbar federation
 /// gateway=…`); how many were closed. Panics if there is none.
