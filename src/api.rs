@@ -163,7 +163,7 @@ async fn component_action(
             return Err(ApiError(StatusCode::BAD_REQUEST, "Missing action".into()));
         }
         Err(r) => {
-            s.metrics.error(r.kind());
+            s.metrics.error((&r).into());
             return Err(ApiError(StatusCode::BAD_REQUEST, r.to_string()));
         }
     };

@@ -26,6 +26,7 @@ use crate::amqp::{self, Backoff, LinkError, consume, declare_bound_queue, declar
 use crate::component::ComponentHandle;
 use crate::config::{Topology, redact_url};
 use crate::daemon::Shared;
+use crate::metrics::Fault;
 use crate::protocol::{self, ActionRequest, Rejection, ReplyTo, RoutingKeys};
 use crate::state::Action;
 
@@ -518,7 +519,7 @@ pub(crate) fn decode_delivery(s: &Shared, d: &lapin::message::Delivery) -> Optio
         Ok(None) => None,
         Ok(Some(req)) => Some(Ok(req)),
         Err(rej) => {
-            s.metrics.error(rej.kind());
+            s.metrics.error((&rej).into());
             warn!(error = %rej, kind = rej.kind(), "rejected message");
             Some(Err(rej))
         }
@@ -545,7 +546,7 @@ async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Ta
         // One bad message must not end the loop that feeds every component
         // of the queue (or the discovery answers): a panic costs only it.
         if let Err(panic) = crate::supervise::catch(dispatch(&s, &d, &target)).await {
-            s.metrics.error("panic");
+            s.metrics.error(Fault::Panic);
             tracing::error!(%panic, "dispatching a message panicked; the message is dropped");
         }
     }
@@ -587,7 +588,7 @@ async fn discover(s: &Shared, msg: Result<ActionRequest, Rejection>) {
             }
         }
         Ok(req) => {
-            s.metrics.error("broadcast_action");
+            s.metrics.error(Fault::BroadcastAction);
             warn!(action = %req.action, "ignoring a non-ping action addressed to no component (uuid \"\")");
         }
         Err(_) => {}

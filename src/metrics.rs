@@ -16,6 +16,113 @@ use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 
+/// What went wrong: the `kind` label of `busbar_errors_total`. One list,
+/// so the labels dashboards and alerts rely on are written in one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// A message refused by the decoder (`invalid_json`, `too_large`, …:
+    /// the rejection's own label).
+    Rejected(&'static str),
+    /// A non-ping action sent to no component (`uuid: ""`).
+    BroadcastAction,
+    /// An action name the protocol does not have.
+    UnknownAction,
+    /// An action this component type does not take.
+    UnsupportedAction,
+    /// An action the state table refuses in the current state.
+    InvalidTransition,
+    /// Parameters that do not fit the type's schema.
+    Validation,
+    /// Too many actions waiting for their `when`.
+    ScheduleFull,
+    /// A handler panicked (a bug; the message is dropped).
+    Panic,
+    /// The embedded store failed.
+    Store,
+    /// Create parameters that are not a component spec.
+    InvalidCreate,
+    /// A create naming a uuid in use.
+    DuplicateUuid,
+    /// A create of an unknown category or type.
+    UnknownType,
+    /// A create setting properties the daemon's config does not allow.
+    RefusedCreate,
+    /// A delete of an unknown component.
+    UnknownComponent,
+    /// A delete of a component another manager manages.
+    NotManaged,
+    /// A delete of a component from the configuration file.
+    ConfiguredComponent,
+    /// A start whose command line the sandbox refuses.
+    RefusedCommand,
+    /// A process that could not be prepared or spawned.
+    Process,
+    /// A process that exited with a non-zero code.
+    ProcessExit,
+    /// A process killed by a signal.
+    ProcessSignal,
+    /// A results upload that failed.
+    Upload,
+    /// An IoT agent that could not start.
+    GatewayStart,
+    /// A Kubernetes Job that failed.
+    JobFailed,
+    /// A Kubernetes Job deleted outside busbar.
+    JobVanished,
+    /// The Kubernetes API failed.
+    KubernetesApi,
+}
+
+impl Fault {
+    /// The label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Rejected(kind) => kind,
+            Fault::BroadcastAction => "broadcast_action",
+            Fault::UnknownAction => "unknown_action",
+            Fault::UnsupportedAction => "unsupported_action",
+            Fault::InvalidTransition => "invalid_transition",
+            Fault::Validation => "validation",
+            Fault::ScheduleFull => "schedule_full",
+            Fault::Panic => "panic",
+            Fault::Store => "store",
+            Fault::InvalidCreate => "invalid_create",
+            Fault::DuplicateUuid => "duplicate_uuid",
+            Fault::UnknownType => "unknown_type",
+            Fault::RefusedCreate => "refused_create",
+            Fault::UnknownComponent => "unknown_component",
+            Fault::NotManaged => "not_managed",
+            Fault::ConfiguredComponent => "configured_component",
+            Fault::RefusedCommand => "refused_command",
+            Fault::Process => "process",
+            Fault::ProcessExit => "process_exit",
+            Fault::ProcessSignal => "process_signal",
+            Fault::Upload => "upload",
+            Fault::GatewayStart => "gateway_start",
+            Fault::JobFailed => "job_failed",
+            Fault::JobVanished => "job_vanished",
+            Fault::KubernetesApi => "kubernetes_api",
+        }
+    }
+}
+
+impl From<&crate::state::TransitionError> for Fault {
+    fn from(e: &crate::state::TransitionError) -> Fault {
+        use crate::state::TransitionError as T;
+        match e {
+            T::UnknownAction(_) => Fault::UnknownAction,
+            T::Unsupported { .. } => Fault::UnsupportedAction,
+            T::Invalid { .. } => Fault::InvalidTransition,
+        }
+    }
+}
+
+impl From<&crate::protocol::Rejection> for Fault {
+    fn from(r: &crate::protocol::Rejection) -> Fault {
+        Fault::Rejected(r.kind())
+    }
+}
+
 /// Label for errors: what went wrong.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -91,12 +198,12 @@ impl Metrics {
         Self { registry, messages_in, messages_out, errors, components, connects, http_requests, gateways }
     }
 
-    /// Count one error of `kind`.
-    pub fn error(&self, kind: &str) {
-        self.errors.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
+    /// Count one error.
+    pub fn error(&self, fault: Fault) {
+        self.errors.get_or_create(&KindLabel { kind: fault.as_str().to_owned() }).inc();
     }
 
-    /// The count of errors of `kind` so far.
+    /// The count of errors labelled `kind` so far.
     pub fn error_count(&self, kind: &str) -> u64 {
         self.errors.get_or_create(&KindLabel { kind: kind.to_owned() }).get()
     }
@@ -280,6 +387,44 @@ mod tests {
         }
         drop(b);
         assert!(!m.render().contains("gateway=\"b\""), "a deleted gateway drops out");
+    }
+
+    #[test]
+    fn fault_labels_are_distinct_snake_case_words() {
+        use Fault::*;
+        let all = [
+            BroadcastAction,
+            UnknownAction,
+            UnsupportedAction,
+            InvalidTransition,
+            Validation,
+            ScheduleFull,
+            Panic,
+            Store,
+            InvalidCreate,
+            DuplicateUuid,
+            UnknownType,
+            RefusedCreate,
+            UnknownComponent,
+            NotManaged,
+            ConfiguredComponent,
+            RefusedCommand,
+            Process,
+            ProcessExit,
+            ProcessSignal,
+            Upload,
+            GatewayStart,
+            JobFailed,
+            JobVanished,
+            KubernetesApi,
+        ];
+        let labels: std::collections::HashSet<_> = all.iter().map(|f| f.as_str()).collect();
+        assert_eq!(labels.len(), all.len(), "two faults share a label");
+        assert!(labels.iter().all(|l| l.chars().all(|c| c.is_ascii_lowercase() || c == '_')), "{labels:?}");
+        let m = Metrics::new();
+        m.error(Fault::from(&crate::state::TransitionError::UnknownAction("x".into())));
+        m.error(Fault::from(&crate::protocol::Rejection::MissingAction));
+        assert_eq!((m.error_count("unknown_action"), m.error_count("missing_action")), (1, 1));
     }
 
     #[derive(Debug)]

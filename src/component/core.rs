@@ -12,6 +12,7 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::daemon::Shared;
+use crate::metrics::Fault;
 use crate::protocol::{ErrorInfo, RoutingKeys};
 use crate::react::Reaction;
 use crate::state::{Action, Lifecycle, Observed, State};
@@ -128,7 +129,7 @@ impl Cx<'_> {
     pub fn begin(&mut self, action: Action) -> Result<(), ErrorInfo> {
         let from = self.core.lifecycle.state();
         let to = self.core.lifecycle.begin(action).map_err(|e| {
-            self.shared.metrics.error("invalid_transition");
+            self.shared.metrics.error(Fault::InvalidTransition);
             ErrorInfo::from(&e)
         })?;
         if to != from || action.entry_state().is_some() {
@@ -149,7 +150,7 @@ impl Cx<'_> {
                 true
             }
             Err(e) => {
-                self.shared.metrics.error("invalid_transition");
+                self.shared.metrics.error(Fault::InvalidTransition);
                 warn!(component = %self.core.keys.uuid, error = ?e, "a driver asked for a transition the table does not allow");
                 false
             }
@@ -165,7 +166,7 @@ impl Cx<'_> {
                 true
             }
             Err(e) => {
-                self.shared.metrics.error("invalid_transition");
+                self.shared.metrics.error(Fault::InvalidTransition);
                 warn!(component = %self.core.keys.uuid, error = ?e, ?why, "an observed transition was refused");
                 false
             }

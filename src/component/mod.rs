@@ -25,6 +25,7 @@ use uuid::Uuid;
 use self::core::{Core, Cx, Request, Spawn};
 use crate::config::ComponentSpec;
 use crate::daemon::Shared;
+use crate::metrics::Fault;
 use crate::protocol::status::{Prefix, StatusView};
 use crate::protocol::{ActionRequest, ErrorInfo, Rejection, RoutingKeys, When};
 use crate::state::{Action, Observed, State, TransitionError};
@@ -349,7 +350,7 @@ impl Component {
     /// component says so on the bus (and `reset` brings it back).
     async fn panicked(&mut self, panic: String) {
         tracing::error!(component = %self.uuid(), %panic, "a component handler panicked; the component enters error");
-        self.shared.metrics.error("panic");
+        self.shared.metrics.error(Fault::Panic);
         let info = ErrorInfo::new("Internal error while handling a message; reset to recover").with("detail", panic);
         self.enter_error(info);
         if let Err(again) = crate::supervise::catch(self.publish(None)).await {
@@ -418,7 +419,7 @@ impl Component {
             return;
         }
         if self.scheduled.len() >= MAX_SCHEDULED {
-            self.shared.metrics.error("schedule_full");
+            self.shared.metrics.error(Fault::ScheduleFull);
             let info =
                 ErrorInfo::new(format!("Too many scheduled actions (at most {MAX_SCHEDULED}); reset clears them"))
                     .with("action", req.action.as_str());
@@ -474,7 +475,7 @@ impl Component {
             return self.refuse(TransitionError::Unsupported { action, kind }, reply).await;
         }
         if let Err(info) = self.kind.validate(action, &req.parameters) {
-            self.shared.metrics.error("validation");
+            self.shared.metrics.error(Fault::Validation);
             if matches!(action, Action::Create | Action::Delete) {
                 return self.refuse_request(info, reply).await;
             }
@@ -521,12 +522,7 @@ impl Component {
     }
 
     async fn refuse(&mut self, e: TransitionError, reply: Option<&ActionRequest>) {
-        let kind = match e {
-            TransitionError::UnknownAction(_) => "unknown_action",
-            TransitionError::Unsupported { .. } => "unsupported_action",
-            TransitionError::Invalid { .. } => "invalid_transition",
-        };
-        self.shared.metrics.error(kind);
+        self.shared.metrics.error((&e).into());
         self.fail(ErrorInfo::from(&e), reply).await
     }
 

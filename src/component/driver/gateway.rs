@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use super::{Driver, Fut};
 use crate::component::core::Cx;
 use crate::iot::Agent;
+use crate::metrics::Fault;
 use crate::protocol::{ActionRequest, ErrorInfo};
 use crate::react::{self, GatewayEvent};
 use crate::state::Action;
@@ -66,7 +67,7 @@ impl Driver for Gateway {
                     running && cx.react(react::gateway(cx.core.state(), GatewayEvent::Started), agent_failed)
                 }
                 Err(info) => {
-                    cx.shared.metrics.error("gateway_start");
+                    cx.shared.metrics.error(Fault::GatewayStart);
                     cx.react(react::gateway(cx.core.state(), GatewayEvent::StartFailed), || info);
                     true
                 }

@@ -26,6 +26,7 @@ use crate::component::core::Cx;
 use crate::daemon::Shared;
 use crate::k8s::job::{JobCmd, JobEvent, JobRun, Mode, StartJob, Target};
 use crate::k8s::{Owner, Phase, simple_job_template};
+use crate::metrics::Fault;
 use crate::protocol::{ActionRequest, ErrorInfo};
 use crate::react::{self, JobEvent as Rule, Reaction};
 use crate::state::{Action, State};
@@ -260,9 +261,9 @@ impl Driver for Kubernetes {
             let reaction = react::kubernetes(cx.core.state(), rule, adopting);
             if reaction == Reaction::Fail {
                 cx.shared.metrics.error(match rule {
-                    Rule::PhaseFailed => "job_failed",
-                    Rule::Vanished => "job_vanished",
-                    _ => "kubernetes_api",
+                    Rule::PhaseFailed => Fault::JobFailed,
+                    Rule::Vanished => Fault::JobVanished,
+                    _ => Fault::KubernetesApi,
                 });
             }
             cx.react(reaction, || failure);

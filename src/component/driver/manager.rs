@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::{Driver, Fut};
 use crate::component::core::{Cx, Request, Spawn};
 use crate::config::ComponentSpec;
+use crate::metrics::Fault;
 use crate::protocol::{ActionRequest, ErrorInfo};
 use crate::state::{Action, State, TransitionError};
 use crate::store::StoredComponent;
@@ -54,7 +55,7 @@ impl Manager {
                 cx.go(State::Idle);
             }
             other => {
-                cx.shared.metrics.error("unsupported_action");
+                cx.shared.metrics.error(Fault::UnsupportedAction);
                 return Err(ErrorInfo::from(&TransitionError::Unsupported {
                     action: other,
                     kind: cx.core.kind_name(),
@@ -72,7 +73,7 @@ impl Manager {
             Shape::AsGiven => params.clone(),
             Shape::KubernetesJob => super::kubernetes::simulator_spec(params, manager),
             Shape::KubernetesSimple => super::kubernetes::simple_simulator_spec(params, manager)
-                .inspect_err(|_| cx.shared.metrics.error("invalid_create"))?,
+                .inspect_err(|_| cx.shared.metrics.error(Fault::InvalidCreate))?,
         })
     }
 
@@ -83,16 +84,17 @@ impl Manager {
         let may_set = &shared.config.sandbox.create_may_set;
         let lifted = req.parameters.get("properties").and_then(Value::as_object);
         for params in std::iter::once(&req.parameters).chain(lifted) {
-            crate::sandbox::check_create(params, may_set).inspect_err(|_| shared.metrics.error("refused_create"))?;
+            crate::sandbox::check_create(params, may_set)
+                .inspect_err(|_| shared.metrics.error(Fault::RefusedCreate))?;
         }
         let mut params = self.shape(cx, &req.parameters)?;
         let spec = ComponentSpec::from_map(params.clone()).map_err(|e| {
-            shared.metrics.error("invalid_create");
+            shared.metrics.error(Fault::InvalidCreate);
             ErrorInfo::new(format!("Invalid create parameters: {} {}", e.key, e.msg))
                 .with("path", format!("$.{}", e.key))
         })?;
         let kind = shared.kinds.check(&spec).map_err(|e| {
-            shared.metrics.error("unknown_type");
+            shared.metrics.error(Fault::UnknownType);
             ErrorInfo::new(format!("Cannot create component: {}", e.msg)).with("path", format!("$.{}", e.key))
         })?;
         let uuid = spec.uuid.unwrap_or_else(Uuid::new_v4);
@@ -101,7 +103,7 @@ impl Manager {
         let duplicate =
             || ErrorInfo::new("Duplicate uuid: a component with this uuid exists").with("uuid", uuid.to_string());
         if shared.components.lookup(uuid).is_some() {
-            shared.metrics.error("duplicate_uuid");
+            shared.metrics.error(Fault::DuplicateUuid);
             return Err(duplicate());
         }
         let manager = cx.core.keys.uuid;
@@ -109,11 +111,11 @@ impl Manager {
         match shared.store.insert_component(stored).await {
             Ok(true) => {}
             Ok(false) => {
-                shared.metrics.error("duplicate_uuid");
+                shared.metrics.error(Fault::DuplicateUuid);
                 return Err(duplicate());
             }
             Err(e) => {
-                shared.metrics.error("store");
+                shared.metrics.error(Fault::Store);
                 return Err(ErrorInfo::new(format!("Cannot persist component: {e}")));
             }
         }
@@ -131,20 +133,20 @@ async fn delete(cx: &Cx<'_>, req: &ActionRequest) -> Result<Uuid, ErrorInfo> {
         _ => return Err(invalid("Missing uuid")),
     };
     let Some(handle) = shared.components.lookup(uuid) else {
-        shared.metrics.error("unknown_component");
+        shared.metrics.error(Fault::UnknownComponent);
         return Err(ErrorInfo::new("Unknown component").with("uuid", uuid.to_string()));
     };
     if handle.managed_by != Some(cx.core.keys.uuid) {
-        shared.metrics.error("not_managed");
+        shared.metrics.error(Fault::NotManaged);
         return Err(ErrorInfo::new("Component is not managed by this manager").with("uuid", uuid.to_string()));
     }
     if !handle.persisted {
-        shared.metrics.error("configured_component");
+        shared.metrics.error(Fault::ConfiguredComponent);
         return Err(ErrorInfo::new("Component is defined in the configuration file and cannot be deleted")
             .with("uuid", uuid.to_string()));
     }
     if let Err(e) = shared.store.delete_component(uuid).await {
-        shared.metrics.error("store");
+        shared.metrics.error(Fault::Store);
         return Err(ErrorInfo::new(format!("Cannot delete component: {e}")));
     }
     info!(deleted = %uuid, "component deleted");

@@ -25,6 +25,7 @@ use uuid::Uuid;
 use super::{Driver, Event, Fut};
 use crate::component::core::Cx;
 use crate::component::kinds::ProcessSpec;
+use crate::metrics::Fault;
 use crate::protocol::{ActionRequest, ErrorInfo};
 use crate::react::{self, ProcessEvent, Reaction};
 use crate::state::Action;
@@ -118,7 +119,7 @@ impl Process {
         cx.core.extra.insert("return_code".into(), Value::Null);
         cx.core.extra.shift_remove("pid");
         let cmd = command::command_line(&self.spec, req, &cx.core.driver_properties())
-            .inspect_err(|_| cx.shared.metrics.error("refused_command"))?;
+            .inspect_err(|_| cx.shared.metrics.error(Fault::RefusedCommand))?;
         let shared = cx.shared;
         let dir =
             shared.config.data_dir.join("runs").join(cx.core.keys.uuid.to_string()).join(Uuid::new_v4().to_string());
@@ -161,11 +162,11 @@ impl Process {
                 return;
             }
             (Some(code), _) => {
-                cx.shared.metrics.error("process_exit");
+                cx.shared.metrics.error(Fault::ProcessExit);
                 ErrorInfo::new("Child process exited").with("code", code)
             }
             (None, Some(sig)) => {
-                cx.shared.metrics.error("process_signal");
+                cx.shared.metrics.error(Fault::ProcessSignal);
                 ErrorInfo::new("Child process caught signal").with("signal", sig).with("signal_name", signal_name(sig))
             }
             (None, None) => ErrorInfo::new("Child process ended"),
@@ -210,7 +211,7 @@ impl Driver for Process {
             RunEvent::Failed(info) => {
                 self.run = None;
                 if on_process(&mut cx, ProcessEvent::SpawnFailed, || info) == Reaction::Fail {
-                    cx.shared.metrics.error("process");
+                    cx.shared.metrics.error(Fault::Process);
                 }
             }
             RunEvent::Exited(status) => self.on_exit(cx, status),
@@ -221,7 +222,7 @@ impl Driver for Process {
                         on_process(&mut cx, ProcessEvent::ResultsDone, no_failure);
                     }
                     Err(info) => {
-                        cx.shared.metrics.error("upload");
+                        cx.shared.metrics.error(Fault::Upload);
                         on_process(&mut cx, ProcessEvent::UploadFailed, || info);
                     }
                 }
