@@ -74,6 +74,36 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// Every fault with a label of its own (not `Rejected`, whose labels
+    /// are the rejections'). Their series exist from the start, at 0, so
+    /// a rate or an alert on them works before the first error.
+    pub const ALL: [Fault; 24] = [
+        Fault::BroadcastAction,
+        Fault::UnknownAction,
+        Fault::UnsupportedAction,
+        Fault::InvalidTransition,
+        Fault::Validation,
+        Fault::ScheduleFull,
+        Fault::Panic,
+        Fault::Store,
+        Fault::InvalidCreate,
+        Fault::DuplicateUuid,
+        Fault::UnknownType,
+        Fault::RefusedCreate,
+        Fault::UnknownComponent,
+        Fault::NotManaged,
+        Fault::ConfiguredComponent,
+        Fault::RefusedCommand,
+        Fault::Process,
+        Fault::ProcessExit,
+        Fault::ProcessSignal,
+        Fault::Upload,
+        Fault::GatewayStart,
+        Fault::JobFailed,
+        Fault::JobVanished,
+        Fault::KubernetesApi,
+    ];
+
     /// The label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -193,6 +223,9 @@ impl Metrics {
         registry.register("components", "Components by state", components.clone());
         registry.register("broker_connects", "Broker connections established", connects.clone());
         registry.register("http_requests", "HTTP requests answered", http_requests.clone());
+        for fault in Fault::ALL {
+            let _ = errors.get_or_create(&KindLabel { kind: fault.as_str().to_owned() });
+        }
         let gateways = Gateways::default();
         registry.sub_registry_with_prefix("gateway").register_collector(Box::new(gateways.clone()));
         Self { registry, messages_in, messages_out, errors, components, connects, http_requests, gateways }
@@ -391,33 +424,7 @@ mod tests {
 
     #[test]
     fn fault_labels_are_distinct_snake_case_words() {
-        use Fault::*;
-        let all = [
-            BroadcastAction,
-            UnknownAction,
-            UnsupportedAction,
-            InvalidTransition,
-            Validation,
-            ScheduleFull,
-            Panic,
-            Store,
-            InvalidCreate,
-            DuplicateUuid,
-            UnknownType,
-            RefusedCreate,
-            UnknownComponent,
-            NotManaged,
-            ConfiguredComponent,
-            RefusedCommand,
-            Process,
-            ProcessExit,
-            ProcessSignal,
-            Upload,
-            GatewayStart,
-            JobFailed,
-            JobVanished,
-            KubernetesApi,
-        ];
+        let all = Fault::ALL;
         let labels: std::collections::HashSet<_> = all.iter().map(|f| f.as_str()).collect();
         assert_eq!(labels.len(), all.len(), "two faults share a label");
         assert!(labels.iter().all(|l| l.chars().all(|c| c.is_ascii_lowercase() || c == '_')), "{labels:?}");
