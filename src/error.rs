@@ -29,9 +29,14 @@ pub enum Error {
     /// A client was given something it cannot use (a malformed uuid).
     #[error("{0}")]
     Usage(String),
-    /// A client operation timed out.
+    /// A client operation timed out while the target was there (it
+    /// answered, but did not get where it was asked to in time).
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// Nothing answered for the target: no reply, no status, not even to a
+    /// ping (a wrong uuid, or its daemon is down).
+    #[error("no component answered for uuid {0}")]
+    NoAnswer(uuid::Uuid),
     /// A bug or impossible state, with context.
     #[error("internal: {0}")]
     Internal(String),
@@ -49,6 +54,7 @@ impl Error {
             Error::Io(_) => "io",
             Error::Bind(_) => "bind",
             Error::Timeout(_) => "timeout",
+            Error::NoAnswer(_) => "no_answer",
             Error::Internal(_) => "internal",
         }
     }

@@ -1,6 +1,6 @@
 //! The `busbar` binary: the daemon and the command-line client.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
@@ -11,13 +11,49 @@ use busbar::client::{Client, Goal, Outcome};
 use busbar::config::{AMQP_URL_ENV, Config};
 use busbar::protocol::Filter;
 
+/// Exit codes (README "Exit codes"): scripts tell the cases apart.
+mod exit {
+    /// The target (or its manager) reported an error.
+    pub const TARGET_ERROR: u8 = 1;
+    /// The target answered but did not get there in time.
+    pub const TIMEOUT: u8 = 2;
+    /// The broker cannot be reached.
+    pub const BROKER: u8 = 3;
+    /// No component answered at all.
+    pub const NO_ANSWER: u8 = 4;
+    /// Something else failed (a bug, a socket): see the message.
+    pub const SOFTWARE: u8 = 70;
+    /// The command line is wrong (`sysexits.h` EX_USAGE).
+    pub const USAGE: u8 = 64;
+    /// An input file (`-p @file`) cannot be read (EX_NOINPUT).
+    pub const NO_INPUT: u8 = 66;
+    /// The configuration is invalid (EX_CONFIG).
+    pub const CONFIG: u8 = 78;
+    /// A listener cannot be bound, a file cannot be written (EX_IOERR).
+    pub const IO: u8 = 74;
+}
+
+/// A mistake in the command line found after parsing (bad `-p` text).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+/// An input file that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}: {source}")]
+struct NoInput {
+    path: String,
+    source: std::io::Error,
+}
+
 /// A VILLAScontroller-compatible lab equipment controller.
 #[derive(Parser)]
 #[command(name = "busbar", version, about)]
 struct Cli {
-    /// Log filter when RUST_LOG is unset (error, warn, info, debug, trace).
-    #[arg(long, global = true, default_value = "info")]
-    log_level: String,
+    /// Log filter when RUST_LOG is unset (error, warn, info, debug, trace);
+    /// by default `info` for the daemon, `warn` for client commands.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     /// Log as JSON lines.
     #[arg(long, global = true)]
     log_json: bool,
@@ -155,7 +191,7 @@ enum Cmd {
         #[arg(long)]
         when: Option<String>,
         /// Wait until the component reaches this state (exit 0), or error (exit 1).
-        #[arg(long)]
+        #[arg(long, value_parser = state_name)]
         wait: Option<String>,
         /// Give up waiting after this many seconds (exit 2).
         #[arg(long, default_value = "30", value_parser = seconds)]
@@ -201,6 +237,14 @@ fn seconds(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// A state name (`--wait`): one of the VILLAS states.
+fn state_name(s: &str) -> Result<String, String> {
+    s.parse::<busbar::state::State>().map(|st| st.as_str().to_owned()).map_err(|_| {
+        let all: Vec<&str> = busbar::state::State::ALL.iter().map(|s| s.as_str()).collect();
+        format!("{s:?} is not a state; one of: {}", all.join(", "))
+    })
+}
+
 /// Hand what `next` yields to `show` until Ctrl-C or SIGTERM (`monitor`).
 async fn until_interrupted<T>(mut next: impl AsyncFnMut(tokio::time::Instant) -> Option<T>, mut show: impl FnMut(T)) {
     let stop = shutdown_signal();
@@ -219,18 +263,21 @@ async fn until_interrupted<T>(mut next: impl AsyncFnMut(tokio::time::Instant) ->
 /// Parse `text` as JSON, else YAML; `@path` reads a file.
 fn document(text: &str) -> anyhow::Result<Value> {
     let (text, from) = match text.strip_prefix('@') {
-        Some(path) => (std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?, path.to_owned()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| NoInput { path: path.to_owned(), source })?;
+            (text, path.to_owned())
+        }
         None => (text.to_owned(), "argument".to_owned()),
     };
     serde_json::from_str(&text)
         .or_else(|_| serde_saphyr::from_str::<Value>(&text))
-        .with_context(|| format!("{from}: not valid JSON or YAML"))
+        .map_err(|e| Usage(format!("{from}: not valid JSON or YAML: {e}")).into())
 }
 
 fn object(text: &str) -> anyhow::Result<Map<String, Value>> {
     match document(text)? {
         Value::Object(m) => Ok(m),
-        other => bail!("expected an object, got {other}"),
+        other => Err(Usage(format!("expected an object, got {other}")).into()),
     }
 }
 
@@ -276,11 +323,15 @@ async fn wait_outcome(
         Ok(Outcome::Failed(status)) => {
             eprintln!("error: {}", error_msg(&status));
             println!("{}", status.pointer("/status/error").cloned().unwrap_or(Value::Null));
-            ExitCode::from(1)
+            ExitCode::from(exit::TARGET_ERROR)
         }
         Err(busbar::Error::Timeout(t)) => {
-            eprintln!("timed out after {t:?}");
-            ExitCode::from(2)
+            eprintln!("timed out after {t:?} (the target answered, but did not get there)");
+            ExitCode::from(exit::TIMEOUT)
+        }
+        Err(e @ busbar::Error::NoAnswer(_)) => {
+            eprintln!("{e}");
+            ExitCode::from(exit::NO_ANSWER)
         }
         Err(e) => return Err(e.into()),
     })
@@ -334,8 +385,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 .await?;
             client.close().await;
             if n == 0 {
-                eprintln!("no replies");
-                return Ok(ExitCode::from(2));
+                eprintln!("no component answered");
+                return Ok(ExitCode::from(exit::NO_ANSWER));
             }
         }
         Cmd::Monitor { conn, data: true, data_exchange, key, json, .. } => {
@@ -461,13 +512,27 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
+        }
+    };
     busbar::http::install_crypto_provider();
     let daemon = matches!(cli.cmd, Cmd::Daemon { .. });
     if daemon {
         busbar::serve::raise_fd_limit();
+    } else {
+        // A client piped into `head` ends quietly when the reader goes, as
+        // Unix tools do, instead of panicking on a broken pipe.
+        // SAFETY: called before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
-    busbar::telemetry::init(if daemon { &cli.log_level } else { "warn" }, cli.log_json);
+    let level = cli.log_level.as_deref().unwrap_or(if daemon { "info" } else { "warn" });
+    busbar::telemetry::init(level, cli.log_json);
     let rt = if daemon {
         tokio::runtime::Builder::new_multi_thread().enable_all().build()
     } else {
@@ -477,14 +542,36 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
-            return ExitCode::from(3);
+            return ExitCode::from(exit::SOFTWARE);
         }
     };
     match rt.block_on(run(cli.cmd)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(3)
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The exit code for a failed command.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.is::<Usage>() {
+        return exit::USAGE;
+    }
+    if e.is::<NoInput>() {
+        return exit::NO_INPUT;
+    }
+    if e.is::<busbar::config::ConfigError>() {
+        return exit::CONFIG;
+    }
+    match e.downcast_ref::<busbar::Error>() {
+        Some(busbar::Error::Config(_) | busbar::Error::Spec { .. }) => exit::CONFIG,
+        Some(busbar::Error::Usage(_)) => exit::USAGE,
+        Some(busbar::Error::Link(_)) => exit::BROKER,
+        Some(busbar::Error::Timeout(_)) => exit::TIMEOUT,
+        Some(busbar::Error::NoAnswer(_)) => exit::NO_ANSWER,
+        Some(busbar::Error::Bind(_) | busbar::Error::Io(_) | busbar::Error::Store(_)) => exit::IO,
+        Some(busbar::Error::Internal(_)) | None => exit::SOFTWARE,
     }
 }

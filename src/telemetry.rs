@@ -51,7 +51,10 @@ pub fn init(default_level: &str, json: bool) {
     let base = base.unwrap_or_else(|| default_level.to_owned());
     let filter = EnvFilter::try_new(compose(&base, &BTreeMap::new())).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let text = (!json).then(|| fmt::layer().with_writer(std::io::stderr));
+    // Colour only on a terminal, and never with NO_COLOR set (no escape
+    // codes in log files or journald).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let text = (!json).then(|| fmt::layer().with_ansi(ansi).with_writer(std::io::stderr));
     let lines = json.then(|| fmt::layer().json().with_writer(std::io::stderr));
     if tracing_subscriber::registry().with(filter).with(text).with(lines).try_init().is_ok() {
         let _ = LOG.set(LogControl { handle, state: Mutex::new((base, BTreeMap::new())) });

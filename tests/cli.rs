@@ -3,9 +3,11 @@
 mod common;
 
 use common::broker::bindings_on;
+use busbar::protocol::Filter;
 use common::*;
 use serde_json::Value;
 use std::process::Output;
+use std::time::Duration;
 use uuid::Uuid;
 
 async fn busbar(env: &TestEnv, args: &[&str]) -> Output {
@@ -63,7 +65,7 @@ async fn ping_prints_one_line_per_reply_and_exits_when_quiet() {
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(out.contains(&env.dummy.to_string()) && out.contains("idle"), "{out}");
     let o = busbar(&env, &["ping", "--uuid", &Uuid::new_v4().to_string(), "--quiet", "0.3"]).await;
-    assert_eq!(o.status.code(), Some(2), "no replies is a failure for scripts");
+    assert_eq!(o.status.code(), Some(4), "no component answered: a failure of its own for scripts");
     d.stop().await.expect("clean shutdown");
 }
 
@@ -103,7 +105,7 @@ async fn validate_config_names_the_file_and_the_key() {
     )
     .unwrap();
     let o = busbar(&env, &["validate-config", bad.to_str().unwrap()]).await;
-    assert_ne!(o.status.code(), Some(0));
+    assert_eq!(o.status.code(), Some(78), "a config error (EX_CONFIG)");
     let err = text(&o.stderr);
     assert!(err.contains("bad.yaml: components[1].type: unknown type"), "{err}");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/lab.yaml");
@@ -183,4 +185,80 @@ async fn monitor_prints_messages_as_they_pass_until_interrupted() {
     assert!(status.success(), "{status}");
     c.close().await;
     d.stop().await.unwrap();
+}
+
+/// Every kind of failure has its own exit code (README "Exit codes"), and
+/// mistakes end at once with a message, not a silent timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failure_has_its_exit_code_and_mistakes_end_at_once() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let u = env.dummy.to_string();
+    let code = |o: &Output| o.status.code();
+    // Usage: clap's own errors, a state that does not exist, bad -p text.
+    let o = busbar(&env, &["action", "start", "-u", &u, "--wait", "runing"]).await;
+    assert_eq!(code(&o), Some(64), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("one of: "), "{}", text(&o.stderr));
+    assert_eq!(code(&busbar(&env, &["action", "--nope"]).await), Some(64));
+    let o = busbar(&env, &["action", "start", "-u", &u, "-p", "{runtime: [1"]).await;
+    assert_eq!(code(&o), Some(64), "{}", text(&o.stderr));
+    assert_eq!(code(&busbar(&env, &["action", "start", "-u", "not-a-uuid", "--wait", "idle"]).await), Some(64));
+    // A missing @file.
+    let o = busbar(&env, &["action", "start", "-u", &u, "-p", "@/nonexistent/params.yaml"]).await;
+    assert_eq!(code(&o), Some(66), "{}", text(&o.stderr));
+    // The broker cannot be reached.
+    let o = busbar(&env, &["ping", "--broker", "amqp://guest:guest@127.0.0.1:1/%2f"]).await;
+    assert_eq!(code(&o), Some(3), "{}", text(&o.stderr));
+    // Nobody has this uuid: "no component answered", long before the timeout.
+    let started = std::time::Instant::now();
+    let nobody = Uuid::new_v4().to_string();
+    let o = busbar(&env, &["action", "start", "-u", &nobody, "--wait", "running", "--timeout", "20"]).await;
+    assert_eq!(code(&o), Some(4), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("no component answered"), "{}", text(&o.stderr));
+    assert!(started.elapsed() < Duration::from_secs(10), "ended at once, not after the timeout");
+    d.stop().await.expect("clean shutdown");
+}
+
+/// `busbar monitor | head -1`: the client ends quietly when its reader
+/// goes (it used to panic on the broken pipe, exit 101).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_piped_into_head_ends_quietly() {
+    let env = TestEnv::new();
+    let d = env.start().await;
+    let line = format!(
+        "{} monitor --exchange {} | head -1; echo \"status=${{PIPESTATUS[0]}}\"",
+        shell_word(env!("CARGO_BIN_EXE_busbar")),
+        env.exchange
+    );
+    let mut child = tokio::process::Command::new("bash")
+        .args(["-c", &line])
+        .env("AMQP_URL", amqp_url())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("bash runs");
+    // Keep the bus busy until the monitor has printed a line, `head` has
+    // gone, and the monitor's next line finds the pipe closed.
+    let c = env.client().await;
+    let ping = Filter { uuid: Some(env.dummy.to_string()), ..Default::default() }.action_headers();
+    let out = eventually(Duration::from_secs(20), "the piped monitor ends", async || {
+        c.publish(ping.clone(), &serde_json::json!({"action": "ping"}), None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        child.try_wait().unwrap()
+    })
+    .await;
+    assert!(out.code().is_some(), "bash ended");
+    let output = child.wait_with_output().await.unwrap();
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+    let status = stdout.lines().last().unwrap_or_default();
+    assert_eq!(status, "status=141", "ended by SIGPIPE, as Unix tools do: {stdout}{stderr}");
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+fn shell_word(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }

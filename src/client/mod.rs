@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 mod wait;
-pub use wait::{CORRELATION_GRACE, Goal, Wait};
+pub use wait::{CORRELATION_GRACE, Goal, NO_ANSWER, Wait};
 
 use crate::amqp::{consume, declare_bound_queue, declare_exchange};
 use crate::protocol::headers::headers_to_json;
@@ -263,11 +263,14 @@ impl Client {
         let mut wait = Wait::new(target, id.clone(), goal);
         let filter = Filter { uuid: Some(uuid.to_owned()), ..Default::default() };
         self.publish(filter.action_headers(), body, Some((&l.queue, &id))).await?;
-        let end = Instant::now() + timeout;
-        let mut grace = Some(Instant::now() + CORRELATION_GRACE);
+        let sent = Instant::now();
+        let end = sent + timeout;
+        let mut grace = Some(sent + CORRELATION_GRACE);
+        let absent_at = sent + NO_ANSWER;
         let mut next_ping = Instant::now();
         loop {
             let deadline = grace.unwrap_or(end).min(end);
+            let deadline = if wait.heard() { deadline } else { deadline.min(absent_at) };
             let seen = l.next_until(deadline).await;
             if let Some(seen) = seen {
                 if seen.is_status()
@@ -276,13 +279,20 @@ impl Client {
                     return Ok(done);
                 }
             } else if Instant::now() >= end {
-                return Err(Error::Timeout(timeout));
+                return Err(if wait.heard() { Error::Timeout(timeout) } else { Error::NoAnswer(target) });
             }
             if grace.is_some_and(|g| Instant::now() >= g) {
                 grace = None;
                 if let Some(done) = wait.on_grace() {
                     return Ok(done);
                 }
+                // Silent so far: is anyone there at all?
+                if !wait.heard() {
+                    self.publish(filter.action_headers(), &json!({"action": "ping"}), None).await?;
+                }
+            }
+            if !wait.heard() && Instant::now() >= absent_at {
+                return Err(Error::NoAnswer(target));
             }
             // A Python component announces nothing when created: ask it.
             if let Some(f) = wait.follow()
@@ -293,7 +303,7 @@ impl Client {
                 self.publish(to.action_headers(), &json!({"action": "ping"}), None).await?;
             }
             if Instant::now() >= end {
-                return Err(Error::Timeout(timeout));
+                return Err(if wait.heard() { Error::Timeout(timeout) } else { Error::NoAnswer(target) });
             }
         }
     }

@@ -26,6 +26,12 @@ use super::Outcome;
 /// target does not send them.
 pub const CORRELATION_GRACE: Duration = Duration::from_secs(1);
 
+/// A target that has said nothing (no reply, no status, nothing after the
+/// client pinged it at the end of the grace period) this long after the
+/// action is taken as absent: the wait ends at once with "no component
+/// answered" instead of running out its timeout.
+pub const NO_ANSWER: Duration = Duration::from_secs(2);
+
 /// What ends the wait.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Goal {
@@ -62,6 +68,8 @@ pub struct Wait {
     /// The target (or the followed component) was seen in a state other
     /// than the goal since the action was sent.
     armed: bool,
+    /// Anything came from the target or the followed component.
+    heard: bool,
 }
 
 fn uuid_of(status: &Value) -> Option<Uuid> {
@@ -80,7 +88,13 @@ impl Wait {
     /// Wait for `goal` after sending an action to `target` with
     /// `correlation_id`.
     pub fn new(target: Uuid, correlation_id: String, goal: Goal) -> Wait {
-        Wait { target, correlation_id, goal, mode: Mode::Undecided, buffer: Vec::new(), armed: false }
+        Wait { target, correlation_id, goal, mode: Mode::Undecided, buffer: Vec::new(), armed: false, heard: false }
+    }
+
+    /// Whether anything came from the target (or the component followed)
+    /// since the action was sent.
+    pub fn heard(&self) -> bool {
+        self.heard
     }
 
     /// The component the client should ping while uncorrelated, if any.
@@ -93,6 +107,10 @@ impl Wait {
 
     /// A status arrived (`correlation_id` as received).
     pub fn on_status(&mut self, correlation_id: Option<&str>, status: &Value) -> Option<Outcome> {
+        let from = uuid_of(status);
+        self.heard |= correlation_id == Some(self.correlation_id.as_str())
+            || from == Some(self.target)
+            || matches!(&self.goal, Goal::Created { follow } | Goal::Deleted { follow } if from == Some(*follow));
         if correlation_id == Some(self.correlation_id.as_str()) {
             // A correlated reply decides the mode for good.
             self.mode = Mode::Correlated;
