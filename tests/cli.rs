@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::broker::bindings_on;
 use busbar::protocol::Filter;
+use common::broker::bindings_on;
 use common::*;
 use serde_json::Value;
 use std::process::Output;
