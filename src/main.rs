@@ -294,8 +294,13 @@ fn print_row(v: &Value) {
     );
 }
 
+/// The error a status carries, with its way out when it names one.
 fn error_msg(status: &Value) -> String {
-    status.pointer("/status/error/msg").and_then(Value::as_str).unwrap_or("error").to_owned()
+    let msg = status.pointer("/status/error/msg").and_then(Value::as_str).unwrap_or("error");
+    match status.pointer("/status/error/hint").and_then(Value::as_str) {
+        Some(hint) => format!("{msg} ({hint})"),
+        None => msg.to_owned(),
+    }
 }
 
 async fn wait_outcome(

@@ -31,7 +31,7 @@ async fn action_wait_exits_0_on_the_target_state_1_on_error_and_2_on_timeout() {
     // stop from idle is an invalid transition: exit 1 with the message.
     let o = busbar(&env, &["action", "stop", "-u", &u, "--wait", "idle"]).await;
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("Invalid state transition"), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("Invalid state transition (from idle, send one of: start"), "{}", text(&o.stderr));
     busbar(&env, &["action", "reset", "-u", &u, "--wait", "idle"]).await;
     // A state that never comes: exit 2 after the timeout.
     let o =

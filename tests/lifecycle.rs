@@ -43,12 +43,15 @@ async fn an_invalid_transition_errors_and_reset_recovers() {
     let st = state_of(&mut l, env.dummy, "error").await;
     assert_eq!(
         st["status"]["error"],
-        json!({"msg": "Invalid state transition", "current": "idle", "next": "stopping"})
+        json!({"msg": "Invalid state transition", "current": "idle", "next": "stopping",
+            "allowed": ["start", "reset", "shutdown"], "hint": "from idle, send one of: start, reset, shutdown"})
     );
     // Nothing but reset leaves error.
     c.publish(to_uuid(env.dummy), &action("start", json!({})), None).await.unwrap();
     let st = state_of(&mut l, env.dummy, "error").await;
     assert_eq!(st["status"]["error"]["current"], "error");
+    // The error says the way out.
+    assert!(st["status"]["error"]["hint"].as_str().unwrap().starts_with("from error, send one of: reset"), "{st}");
     c.publish(to_uuid(env.dummy), &action("reset", json!({})), None).await.unwrap();
     state_of(&mut l, env.dummy, "resetting").await;
     let st = state_of(&mut l, env.dummy, "idle").await;

@@ -90,7 +90,20 @@ impl From<&crate::state::TransitionError> for ErrorInfo {
         use crate::state::TransitionError as T;
         let info = ErrorInfo::new(e.to_string());
         match e {
-            T::Invalid { current, next } => info.with("current", current.as_str()).with("next", next.as_str()),
+            T::Invalid { current, next } => {
+                // The message stays VILLAScontroller's; the way out is added.
+                let allowed: Vec<&str> = crate::state::Action::ALL
+                    .into_iter()
+                    .filter(|a| a.entry_state().is_some())
+                    .filter(|a| crate::state::Lifecycle::new(*current).begin(*a).is_ok())
+                    .map(crate::state::Action::as_str)
+                    .collect();
+                let hint = format!("from {current}, send one of: {}", allowed.join(", "));
+                info.with("current", current.as_str())
+                    .with("next", next.as_str())
+                    .with("allowed", allowed)
+                    .with("hint", hint)
+            }
             T::UnknownAction(a) => info.with("action", a.as_str()),
             T::Unsupported { action, kind } => info.with("action", action.as_str()).with("type", kind.as_str()),
         }
