@@ -108,6 +108,22 @@ async fn validate_config_names_the_file_and_the_key() {
     assert_eq!(o.status.code(), Some(78), "a config error (EX_CONFIG)");
     let err = text(&o.stderr);
     assert!(err.contains("bad.yaml: components[1].type: unknown type"), "{err}");
+    // A typo inside a component is caught, with the likely name.
+    let typo = env.dir.path().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "components:\n  - {category: gateway, type: iot-agent, mqtt_ulr: \"mqtt://10.0.0.5:1883\"}\n",
+    )
+    .unwrap();
+    let o = busbar(&env, &["validate-config", typo.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(78));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains(
+            "typo.yaml: components[0].mqtt_ulr: unknown property of gateway/iot-agent; did you mean \"mqtt_url\"?"
+        ),
+        "{err}"
+    );
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/lab.yaml");
     let o = busbar(&env, &["validate-config", example]).await;
     assert_eq!(o.status.code(), Some(0), "the shipped example is valid: {}", text(&o.stderr));

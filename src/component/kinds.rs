@@ -337,6 +337,31 @@ impl Kind {
         }
     }
 
+    /// The property names this type declares (its properties schema).
+    pub fn declared_properties(&self) -> Vec<&str> {
+        let declared = self.properties_schema.as_ref().and_then(|s| s.get("properties")).and_then(Value::as_object);
+        declared.map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default()
+    }
+
+    /// Refuse a property that is a near miss of one the type declares
+    /// (`mqtt_ulr` for `mqtt_url`, `whitelst` for `whitelist`): as written,
+    /// it would be kept as a descriptive property while the daemon quietly
+    /// used the default. Other undeclared keys stay allowed, as in
+    /// VILLAScontroller, which echoes them (`owner`, `api_url`, …).
+    pub fn check_spelling(&self, properties: &Map<String, Value>) -> Result<(), SpecError> {
+        let declared = self.declared_properties();
+        let known = |k: &str| declared.contains(&k) || COMMON_PROPERTIES.contains(&k);
+        for key in properties.keys().filter(|k| !known(k)) {
+            if let Some(near) = near_miss(key, declared.iter().chain(COMMON_PROPERTIES).copied()) {
+                return Err(SpecError::new(
+                    key.clone(),
+                    format!("unknown property of {}/{}; did you mean {near:?}?", self.category, self.kind),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Validate a component's properties.
     pub fn validate_properties(&self, properties: &Map<String, Value>) -> Result<(), SpecError> {
         let Some(v) = &self.properties else { return Ok(()) };
@@ -431,6 +456,7 @@ impl Kinds {
             )
         })?;
         kind.validate_properties(&spec.properties)?;
+        kind.check_spelling(&spec.properties)?;
         // A Kubernetes simulator may advertise (and validate) its own schemas.
         if kind.driver == Driver::KubernetesJob
             && let Some(custom) = spec.properties.get("schema").and_then(Value::as_object)
@@ -454,6 +480,36 @@ impl Kinds {
     }
 }
 
+/// Properties every component may have, whatever its type: identity, and
+/// the descriptive keys VILLAScontroller configs and VILLASweb use.
+pub const COMMON_PROPERTIES: &[&str] = &[
+    "category",
+    "type",
+    "name",
+    "uuid",
+    "realm",
+    "enabled",
+    "location",
+    "owner",
+    "description",
+    "api_url",
+    "api_url_external",
+    "ws_url",
+];
+
+/// The candidate `key` is most likely a misspelling of, if any: a
+/// Damerau-Levenshtein distance of 1 (2 for longer names), as shells and
+/// clap suggest.
+fn near_miss<'a>(key: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = if key.chars().count() >= 8 { 2 } else { 1 };
+    candidates
+        .filter(|c| *c != key && key.chars().count() >= 3)
+        .map(|c| (strsim::damerau_levenshtein(key, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -473,6 +529,28 @@ mod tests {
 
     fn params(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_near_miss_of_a_declared_property_is_an_error_that_suggests_it() {
+        let kinds = Kinds::builtin();
+        let spec = |v: Value| ComponentSpec::from_map(v.as_object().unwrap().clone()).unwrap();
+        for (category, kind, typo, want) in [
+            ("gateway", "iot-agent", "mqtt_ulr", "mqtt_url"),
+            ("gateway", "iot-agent", "sevices", "services"),
+            ("simulator", "generic", "whitelst", "whitelist"),
+            ("simulator", "dummy", "locaton", "location"),
+        ] {
+            let e = kinds.check(&spec(json!({"category": category, "type": kind, typo: "x"}))).unwrap_err();
+            assert_eq!(e.key, typo);
+            assert!(e.msg.ends_with(&format!("did you mean {want:?}?")), "{e}");
+        }
+        // Descriptive keys VILLAScontroller echoes, and anything far from a
+        // declared name, stay allowed.
+        let ok = json!({"category": "simulator", "type": "dummy", "owner": "svg", "location": "lab",
+            "api_url": "http://x", "ws_url": "ws://x", "contact": "rmr@example.org"});
+        assert!(kinds.check(&spec(ok)).is_ok());
+        assert_eq!(near_miss("ab", ["abc"].into_iter()), None, "too short to guess");
     }
 
     #[test]
