@@ -117,6 +117,10 @@ pub struct ApiConfig {
     /// Listen address; loopback unless configured otherwise.
     #[serde(default = "default_bind")]
     pub bind: SocketAddr,
+    /// VILLAScontroller's `api.port`: the port of `bind` (still loopback;
+    /// set `bind` to listen elsewhere).
+    #[serde(default)]
+    pub port: Option<u16>,
     /// Connections served at once (more wait in the backlog).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -131,6 +135,7 @@ impl Default for ApiConfig {
         Self {
             enabled: true,
             bind: default_bind(),
+            port: None,
             max_connections: default_max_connections(),
             header_timeout: default_header_timeout(),
         }
@@ -193,7 +198,8 @@ pub struct Config {
     #[serde(default)]
     pub api: ApiConfig,
     /// Where the store lives; relative to the config file.
-    #[serde(default = "default_data_dir")]
+    /// (VILLAScontroller's `workdir` is read as this.)
+    #[serde(default = "default_data_dir", alias = "workdir")]
     pub data_dir: PathBuf,
     /// Queue layout.
     #[serde(default)]
@@ -252,6 +258,10 @@ impl Config {
                 *dir = base.join(&*dir);
             }
         }
+        if let Some(port) = cfg.api.port {
+            cfg.api.bind.set_port(port);
+        }
+        cfg.infer_categories(path)?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -264,6 +274,39 @@ impl Config {
             key: e.field,
             msg: e.msg,
         })
+    }
+
+    /// VILLAScontroller configs may leave out a component's `category`
+    /// (its own `etc/config_dpsim.yaml` does, and then fails to load): take
+    /// it from the type when exactly one category has that type, and say
+    /// which ones do when several have.
+    fn infer_categories(&mut self, path: &Path) -> Result<(), ConfigError> {
+        if self.components.iter().all(|c| c.contains_key("category")) {
+            return Ok(());
+        }
+        let kinds = self.kinds()?;
+        for (i, c) in self.components.iter_mut().enumerate() {
+            if c.contains_key("category") {
+                continue;
+            }
+            let Some(kind) = c.get("type").and_then(Value::as_str) else { continue };
+            let categories: Vec<&str> =
+                kinds.all().iter().filter(|k| k.kind == kind).map(|k| k.category.as_str()).collect();
+            match categories.as_slice() {
+                [one] => {
+                    c.insert("category".into(), Value::String((*one).to_owned()));
+                }
+                [] => {}
+                several => {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("components[{i}].category"),
+                        format!("is required: type {kind:?} exists as {}", several.join(" and ")),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
