@@ -88,18 +88,63 @@ impl Daemon {
     /// Start the release daemon with `n` simulators described by `spec`
     /// (the YAML flow-map entries after `category: simulator`).
     async fn start_kind(n: usize, topology: &str, spec: &str) -> (Daemon, Vec<Uuid>) {
+        let uuids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        let spec: Value = serde_saphyr::from_str(&format!("{{{spec}}}")).unwrap();
+        let components: Vec<Value> = uuids
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let mut c = json!({"category": "simulator", "name": format!("d{i}"), "uuid": u});
+                c.as_object_mut().unwrap().extend(spec.as_object().unwrap().clone());
+                c
+            })
+            .collect();
+        let config =
+            json!({"realm": "bench", "topology": topology, "api": {"enabled": false}, "components": components});
+        Self::start_config(config, &uuids).await
+    }
+
+    /// Start the release daemon with `examples/lab.yaml` (five components
+    /// and an IoT gateway), on an exchange of its own, with the gateway on
+    /// free ports and a topic prefix of its own. Returns the dummy's uuid.
+    async fn lab(topology: &str) -> (Daemon, Uuid) {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+        let mut config: Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(format!("{dir}/lab.yaml")).unwrap()).unwrap();
+        config["topology"] = json!(topology);
+        config["api"] = json!({"enabled": false});
+        config["component_dirs"] = json!([format!("{dir}/types")]);
+        let id = Uuid::new_v4().simple().to_string();
+        for c in config["components"].as_array_mut().unwrap() {
+            if c["category"] == "gateway" {
+                c["north_bind"] = json!("127.0.0.1:0");
+                c["south_bind"] = json!("127.0.0.1:0");
+                c["mqtt_prefix"] = json!(format!("bench{id}"));
+                c["federation_exchange"] = json!(format!("bench-data-{id}"));
+            }
+        }
+        let dummy = config["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "dummy")
+            .and_then(|c| c["uuid"].as_str()?.parse().ok())
+            .unwrap();
+        let (d, _) = Self::start_config(config, &[dummy]).await;
+        (d, dummy)
+    }
+
+    /// Start the release daemon with `config` (broker, exchange and data
+    /// directory are set here) and wait until the last of `uuids` answers.
+    async fn start_config(mut config: Value, uuids: &[Uuid]) -> (Daemon, Vec<Uuid>) {
         let dir = tempfile::tempdir().unwrap();
         let exchange = format!("bench-{}", Uuid::new_v4().simple());
-        let uuids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
-        let mut yaml = format!(
-            "broker: {{url: \"{}\"}}\nexchange: {exchange}\nrealm: bench\ntopology: {topology}\napi: {{enabled: false}}\ndata_dir: data\ncomponents:\n",
-            url()
-        );
-        for (i, u) in uuids.iter().enumerate() {
-            yaml += &format!("  - {{category: simulator, name: d{i}, uuid: {u}, {spec}}}\n");
-        }
-        let cfg = dir.path().join("bench.yaml");
-        std::fs::write(&cfg, yaml).unwrap();
+        config["broker"] = json!({"url": url()});
+        config["exchange"] = json!(exchange);
+        config["data_dir"] = json!(dir.path().join("data"));
+        let uuids = uuids.to_vec();
+        let cfg = dir.path().join("bench.json");
+        std::fs::write(&cfg, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_busbar"))
             .args(["--log-level", "warn", "daemon", "-c"])
             .arg(&cfg)
@@ -146,6 +191,34 @@ async fn next_status(l: &mut Listener, within: Duration) -> Option<Value> {
         }
     }
     None
+}
+
+/// Which daemon a ping scenario talks to.
+#[derive(Clone, Copy)]
+enum Setup<'a> {
+    /// One dummy, in this topology.
+    One(&'a str),
+    /// `examples/lab.yaml` (its dummy), in this topology.
+    Lab(&'a str),
+}
+
+impl Setup<'_> {
+    async fn start(self) -> (Daemon, Uuid) {
+        match self {
+            Setup::One(topology) => {
+                let (d, uuids) = Daemon::start(1, topology).await;
+                (d, uuids[0])
+            }
+            Setup::Lab(topology) => Daemon::lab(topology).await,
+        }
+    }
+
+    fn name(self) -> String {
+        match self {
+            Setup::One(t) => format!("one dummy, topology {t}"),
+            Setup::Lab(t) => format!("examples/lab.yaml, topology {t}"),
+        }
+    }
 }
 
 /// The broker alone doing discovery's routing work: `n` component-style
@@ -198,9 +271,9 @@ async fn raw_discovery(n: usize) -> Duration {
 /// Sequential ping round trips to one component, interleaved in blocks with
 /// the raw one-hop loop so both see the same machine conditions. Returns
 /// (ping p50, ping p99, raw p50, raw p99).
-async fn rtt(blocks: usize, per_block: usize, topology: &str) -> [Duration; 4] {
-    let (d, uuids) = Daemon::start(1, topology).await;
-    let u = uuids[0].to_string();
+async fn rtt(blocks: usize, per_block: usize, setup: Setup<'_>) -> [Duration; 4] {
+    let (d, target) = setup.start().await;
+    let u = target.to_string();
     let c = Client::connect(&url(), &d.exchange).await.unwrap();
     let mut l = c.listen(header("uuid", &u)).await.unwrap();
     let h = Filter { uuid: Some(u.clone()), ..Default::default() }.action_headers();
@@ -249,9 +322,9 @@ async fn rtt(blocks: usize, per_block: usize, topology: &str) -> [Duration; 4] {
 /// Pings to one component with up to 100 unanswered; replies/s. The
 /// client only counts replies (no parsing), so it costs what the raw loop's
 /// consumer costs.
-async fn flood(n: usize, topology: &str) -> f64 {
-    let (d, uuids) = Daemon::start(1, topology).await;
-    let u = uuids[0].to_string();
+async fn flood(n: usize, setup: Setup<'_>) -> f64 {
+    let (d, target) = setup.start().await;
+    let u = target.to_string();
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     // Status replies carry `category`; our pings carry only `uuid`.
@@ -405,11 +478,14 @@ async fn main() {
         println!("raw broker: {rate:.0} msgs/s (100 in flight); one-hop RTT p50 {} p99 {}", ms(p50), ms(p99));
         raw_rate = Some(rate);
     }
+    let setups: Vec<Setup> =
+        TOPOLOGIES.into_iter().map(Setup::One).chain(TOPOLOGIES.into_iter().map(Setup::Lab)).collect();
     if want("rtt") {
-        for topo in TOPOLOGIES {
-            let [p50, p99, r50, r99] = rtt(10, 200, topo).await;
+        for setup in setups.iter().copied() {
+            let [p50, p99, r50, r99] = rtt(10, 200, setup).await;
             println!(
-                "ping RTT, topology {topo} (2000 sequential, interleaved with 2000 raw one-hop): p50 {} ({:.2}x raw {}), p99 {} ({:.2}x raw {})",
+                "ping RTT, {} (2000 sequential, interleaved with 2000 raw one-hop): p50 {} ({:.2}x raw {}), p99 {} ({:.2}x raw {})",
+                setup.name(),
                 ms(p50),
                 p50.as_secs_f64() / r50.as_secs_f64(),
                 ms(r50),
@@ -420,10 +496,11 @@ async fn main() {
         }
     }
     if want("flood") {
-        for topo in TOPOLOGIES {
-            let rate = flood(40_000, topo).await;
+        for setup in setups.iter().copied() {
+            let rate = flood(40_000, setup).await;
             println!(
-                "ping flood, topology {topo} (40000, 100 in flight): {rate:.0} replies/s ({:.2}x raw)",
+                "ping flood, {} (40000, 100 in flight): {rate:.0} replies/s ({:.2}x raw)",
+                setup.name(),
                 rate / raw_rate.unwrap()
             );
         }
