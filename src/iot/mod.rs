@@ -229,12 +229,43 @@ pub struct Core {
     pub running: watch::Sender<bool>,
     /// The level `/admin/log` reports.
     pub log_level: Mutex<String>,
+    /// Which refusals were logged lately (see [`Quiet`]).
+    pub quiet: Quiet,
     outbox: mpsc::Sender<federation::Envelope>,
 }
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core").field("gateway", &self.gateway).finish_non_exhaustive()
+    }
+}
+
+/// Log a kind of refusal once per interval per source (an apikey): the
+/// counters say how many there were. Bounded: past [`Quiet::MAX`] sources
+/// it forgets them all, which costs at most one more line each.
+#[derive(Debug, Default)]
+pub struct Quiet(Mutex<std::collections::HashMap<(&'static str, String), std::time::Instant>>);
+
+impl Quiet {
+    /// How long a logged refusal keeps its kind and source quiet.
+    pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+    /// Most (kind, source) pairs remembered.
+    pub const MAX: usize = 4096;
+
+    /// Whether a refusal of `kind` from `source` should be logged now.
+    pub fn first(&self, kind: &'static str, source: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = seen.get(&(kind, source.to_owned()))
+            && now.duration_since(*at) < Self::INTERVAL
+        {
+            return false;
+        }
+        if seen.len() >= Self::MAX {
+            seen.clear();
+        }
+        seen.insert((kind, source.to_owned()), now);
+        true
     }
 }
 
@@ -334,6 +365,7 @@ impl Core {
             counters: Arc::new(Counters::default()),
             running: watch::Sender::new(running),
             log_level: Mutex::new("INFO".into()),
+            quiet: Quiet::default(),
             outbox,
         }
     }
@@ -588,5 +620,19 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.token.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_logged_once_per_interval_per_kind_and_source() {
+        let q = Quiet::default();
+        assert!(q.first("device_group_not_found", "k1"));
+        assert!(!q.first("device_group_not_found", "k1"), "the same again: counted only");
+        assert!(q.first("device_group_not_found", "k2"), "another apikey");
+        assert!(q.first("bad_payload", "k1"), "another kind");
     }
 }

@@ -282,7 +282,17 @@ async fn ingest_bytes(core: &Core, transport: Transport, source: &str, addr: Opt
         },
     };
     if let Err(e) = core.ingest(transport, &addr, payload, None).await {
-        warn!(%source, error = %e, "dropped a measure");
+        // Counted always; logged once a minute per kind and apikey, so a
+        // shared broker's traffic for other gateways cannot flood the log.
+        let key = match &addr {
+            Address::Apikey { apikey, .. } => apikey.as_str(),
+            Address::Dojot { tenant, .. } => tenant.as_str(),
+        };
+        if core.quiet.first(e.metric_label(), key) {
+            warn!(%source, error = %e, "dropped a measure (more like it within a minute are only counted)");
+        } else {
+            debug!(%source, error = %e, "dropped a measure");
+        }
     }
 }
 
