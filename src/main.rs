@@ -553,10 +553,29 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli.cmd)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// An error and its causes on one line, each said once: lapin's errors
+/// repeat their source in their own message, so `{:#}` would print the
+/// same cause three times.
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !last.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        last = text;
+    }
+    out
 }
 
 /// The exit code for a failed command.

@@ -9,10 +9,11 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
 
-/// Always appended: lapin reports a channel closed during our own orderly
-/// shutdown as an error; busbar logs connection problems itself, with
-/// context.
-const QUIET: &str = "lapin::channels=off";
+/// Appended unless the filter names lapin itself: lapin logs a refused
+/// login or a closed channel as ERROR lines with debug dumps of its
+/// frames, and a channel closed by our own orderly shutdown as an error;
+/// busbar reports every connection problem itself, once, with context.
+const QUIET: &str = "lapin=off";
 
 /// The live filter: a base (as given at start or by `set_filter`) plus
 /// per-target levels (`busbar::iot=debug`).
@@ -39,8 +40,10 @@ fn compose(base: &str, targets: &BTreeMap<String, String>) -> String {
     for (t, l) in targets {
         s.push_str(&format!(",{t}={l}"));
     }
-    s.push(',');
-    s.push_str(QUIET);
+    if !base.contains("lapin") {
+        s.push(',');
+        s.push_str(QUIET);
+    }
     s
 }
 
@@ -92,9 +95,8 @@ pub fn set_target(target: &str, level: tracing::Level) -> Result<(), LogError> {
 pub fn filter() -> Option<String> {
     let c = LOG.get()?;
     let (base, targets) = c.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut s = compose(&base, &targets);
-    s.truncate(s.len() - QUIET.len() - 1);
-    Some(s)
+    let s = compose(&base, &targets);
+    Some(s.strip_suffix(&format!(",{QUIET}")).map(str::to_owned).unwrap_or(s))
 }
 
 /// The level set for `target`, if one was.

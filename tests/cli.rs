@@ -225,6 +225,13 @@ async fn each_failure_has_its_exit_code_and_mistakes_end_at_once() {
     // The broker cannot be reached.
     let o = busbar(&env, &["ping", "--broker", "amqp://guest:guest@127.0.0.1:1/%2f"]).await;
     assert_eq!(code(&o), Some(3), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stderr).matches("Connection refused").count(), 1, "said once: {}", text(&o.stderr));
+    let wrong = amqp_url().replacen("guest:guest@", "guest:wrong@", 1);
+    let o = busbar(&env, &["ping", "--broker", &wrong]).await;
+    assert_eq!(code(&o), Some(3), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert_eq!(err.matches("Login was refused").count(), 1, "said once, without lapin's dumps: {err}");
+    assert!(!err.contains("guest:wrong") && err.contains("guest:***"), "no password: {err}");
     // Nobody has this uuid: "no component answered", long before the timeout.
     let started = std::time::Instant::now();
     let nobody = Uuid::new_v4().to_string();

@@ -175,6 +175,11 @@ impl Wait {
                 // Created: the new component's first status; deleted: its `gone`.
                 let done = matches!(self.goal, Goal::Created { .. }) || state == Some("gone");
                 if from == Some(*follow) && done {
+                    // Created, but already failed (a Kubernetes simulator
+                    // without a kubeconfig, say): the create did not work.
+                    if state == Some("error") {
+                        return Some(Outcome::Failed(status.clone()));
+                    }
                     return Some(Outcome::Reached(status.clone()));
                 }
                 if from != Some(self.target) {
@@ -205,6 +210,17 @@ mod tests {
 
     fn failed(o: Option<Outcome>) -> bool {
         matches!(o, Some(Outcome::Failed(_)))
+    }
+
+    #[test]
+    fn a_created_component_that_starts_in_error_fails_the_create() {
+        let (m, new) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut w = Wait::new(m, "id".into(), Goal::Created { follow: new });
+        assert_eq!(w.on_grace(), None);
+        assert!(failed(w.on_status(None, &st(new, "error"))), "the new component is in error");
+        let mut w = Wait::new(m, "id".into(), Goal::Created { follow: new });
+        assert_eq!(w.on_grace(), None);
+        assert!(reached(w.on_status(None, &st(new, "idle"))));
     }
 
     #[test]
