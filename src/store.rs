@@ -105,7 +105,15 @@ impl Store {
              );
              -- Each insert reads MAX(seq): without this index that is a
              -- scan per row, and a bulk provisioning quadratic.
-             CREATE INDEX IF NOT EXISTS iot_records_seq ON iot_records (seq);",
+             CREATE INDEX IF NOT EXISTS iot_records_seq ON iot_records (seq);
+             -- The process group of each component's running child, so a
+             -- daemon restarted after a crash finds what it left running.
+             CREATE TABLE IF NOT EXISTS runs (
+                component TEXT PRIMARY KEY,
+                pgid INTEGER NOT NULL,
+                dir TEXT NOT NULL,
+                started_at INTEGER NOT NULL DEFAULT (unixepoch())
+             );",
         )?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
@@ -159,6 +167,40 @@ impl Store {
                 out.push(StoredComponent { uuid: parse(&u)?, manager: parse(&m)?, spec });
             }
             Ok(out)
+        })
+    }
+
+    /// Record that `component`'s child runs as process group `pgid` in run
+    /// directory `dir`. Synchronous: one small write (WAL), done when the
+    /// child has just spawned.
+    pub fn put_run(&self, component: Uuid, pgid: i32, dir: &Path) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO runs (component, pgid, dir) VALUES (?1, ?2, ?3)",
+                params![component.to_string(), pgid, dir.to_string_lossy()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The recorded running child of `component`: (process group, run
+    /// directory).
+    pub fn run_of(&self, component: Uuid) -> Result<Option<(i32, PathBuf)>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare("SELECT pgid, dir FROM runs WHERE component = ?1")?;
+            let mut rows = stmt.query([component.to_string()])?;
+            Ok(match rows.next()? {
+                Some(r) => Some((r.get(0)?, PathBuf::from(r.get::<_, String>(1)?))),
+                None => None,
+            })
+        })
+    }
+
+    /// Forget `component`'s child (it ended, or was stopped).
+    pub fn delete_run(&self, component: Uuid) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.execute("DELETE FROM runs WHERE component = ?1", [component.to_string()])?;
+            Ok(())
         })
     }
 

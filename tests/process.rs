@@ -276,3 +276,52 @@ async fn the_script_type_gets_its_parameters_as_json_on_stdin() {
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
+
+/// A child left running by a daemon that was killed (`kill -9` never lets
+/// it drop its runs) is found at the next start by the process group and
+/// run directory recorded in the store, and stopped; the status says so.
+/// A recorded group that is not one of ours (the pgid reused by another
+/// program) is left alone.
+#[tokio::test]
+async fn a_child_left_by_a_killed_daemon_is_stopped_at_the_next_start() {
+    use std::os::unix::process::CommandExt;
+    let lab = Lab::new();
+    let data = lab.env.dir.path().join("data");
+    let dir = data.join("runs").join(lab.generic.to_string()).join("left-behind");
+    std::fs::create_dir_all(&dir).unwrap();
+    // What the killed daemon left: its child, in a group of its own, with
+    // its run directory in the environment, and the record in the store.
+    let mut orphan =
+        std::process::Command::new("sleep").arg("300").env("BUSBAR_RUN_DIR", &dir).process_group(0).spawn().unwrap();
+    // Someone else's process, recorded for the shell simulator: not ours.
+    let mut stranger = std::process::Command::new("sleep").arg("300").process_group(0).spawn().unwrap();
+    {
+        let store = busbar::store::Store::open(&data).unwrap();
+        store.put_run(lab.generic, orphan.id() as i32, &dir).unwrap();
+        store.put_run(lab.shell, stranger.id() as i32, &dir).unwrap();
+    }
+    let (d, c, mut l) = lab.env.up_with(lab.config()).await;
+    c.publish(to_uuid(lab.generic), &action("ping", json!({})), None).await.unwrap();
+    let st = status_of(&mut l, lab.generic, |s| s["status"]["recovered"].is_object()).await;
+    assert_eq!(st["status"]["recovered"]["action"], "stopped", "{st}");
+    assert_eq!(st["status"]["recovered"]["pgid"], orphan.id());
+    assert_eq!(st["status"]["state"], "idle");
+    eventually(WAIT, "the orphan is gone", async || orphan.try_wait().unwrap()).await;
+    assert!(stranger.try_wait().unwrap().is_none(), "a process that is not ours is left alone");
+    let store = busbar::store::Store::open(&data).unwrap();
+    assert_eq!(store.run_of(lab.generic).unwrap(), None, "the record is gone");
+    // The daemon's own children are recorded while they run, and forgotten
+    // when they end.
+    c.publish(to_uuid(lab.generic), &start("sleeper.sh", json!([])), None).await.unwrap();
+    let st = state_of(&mut l, lab.generic, "running").await;
+    assert!(st["status"].get("recovered").is_none(), "a new start clears it: {st}");
+    let recorded = eventually(WAIT, "the run is recorded", async || store.run_of(lab.generic).unwrap()).await;
+    assert_eq!(Some(recorded.0), st["status"]["pid"].as_i64().map(|p| p as i32));
+    c.publish(to_uuid(lab.generic), &action("reset", json!({})), None).await.unwrap();
+    state_of(&mut l, lab.generic, "idle").await;
+    eventually(WAIT, "the run is forgotten", async || store.run_of(lab.generic).unwrap().is_none().then_some(())).await;
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}

@@ -118,6 +118,7 @@ impl Process {
         cx.show_transfers(&req.payload);
         cx.core.extra.insert("return_code".into(), Value::Null);
         cx.core.extra.shift_remove("pid");
+        cx.core.extra.shift_remove("recovered");
         let cmd = command::command_line(&self.spec, req, &cx.core.driver_properties())
             .inspect_err(|_| cx.shared.metrics.error(Fault::RefusedCommand))?;
         let shared = cx.shared;
@@ -127,7 +128,9 @@ impl Process {
         let launch = Launch { cmd, dir: dir.clone(), model, tx: tx.clone(), token: shared.shutdown.clone() };
         let task = shared.tracker.spawn(run::run_task(launch)).abort_handle();
         info!(run_dir = %dir.display(), "starting process");
-        self.run = Some(Box::new(Run { pgid: None, events, tx, dir, results, ending: None, kill_at: None, task }));
+        let record = (shared.store.clone(), cx.core.keys.uuid);
+        self.run =
+            Some(Box::new(Run { pgid: None, events, tx, dir, results, ending: None, kill_at: None, task, record }));
         Ok(())
     }
 
@@ -176,7 +179,40 @@ impl Process {
     }
 }
 
+impl Process {
+    /// After a crash of the daemon (`kill -9`), the child it left running:
+    /// found by its recorded process group and run directory, and stopped
+    /// (its outcome is unknown, and nothing here can follow it). The
+    /// status says so in `recovered`. Returns whether there was one.
+    fn recover(cx: &mut Cx<'_>) -> bool {
+        let (uuid, store) = (cx.core.keys.uuid, &cx.shared.store);
+        let Ok(Some((pgid, dir))) = store.run_of(uuid) else { return false };
+        if let Err(e) = store.delete_run(uuid) {
+            warn!(component = %uuid, error = %e, "cannot forget the recorded run");
+        }
+        if !run::group_runs_in(pgid, &dir) {
+            return false;
+        }
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGCONT);
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
+        warn!(component = %uuid, pgid, run_dir = %dir.display(), "stopped a process group left running by a daemon that ended without stopping it");
+        let msg =
+            "A process left running when the daemon last ended (killed or crashed) was stopped; its outcome is unknown";
+        cx.core.extra.insert(
+            "recovered".into(),
+            serde_json::json!({"action": "stopped", "pgid": pgid, "run_dir": dir, "msg": msg}),
+        );
+        true
+    }
+}
+
 impl Driver for Process {
+    /// A daemon restarted after a crash stops what the last one left running.
+    fn started<'a>(&'a mut self, mut cx: Cx<'a>) -> Fut<'a, bool> {
+        let recovered = Self::recover(&mut cx);
+        Box::pin(std::future::ready(recovered))
+    }
+
     fn act<'a>(&'a mut self, cx: Cx<'a>, action: Action, req: &'a ActionRequest) -> Fut<'a, Result<(), ErrorInfo>> {
         Box::pin(std::future::ready(Process::act(self, cx, action, req)))
     }
@@ -198,6 +234,9 @@ impl Driver for Process {
             RunEvent::Spawned(pid) => {
                 if let Some(r) = self.run.as_mut() {
                     r.pgid = Some(pid);
+                    if let Err(e) = cx.shared.store.put_run(cx.core.keys.uuid, pid, &r.dir) {
+                        warn!(component = %cx.core.keys.uuid, error = %e, "cannot record the run in the store");
+                    }
                 }
                 cx.core.extra.insert("pid".into(), pid.into());
                 if on_process(&mut cx, ProcessEvent::Spawned, no_failure) == Reaction::Kill

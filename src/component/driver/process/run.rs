@@ -19,6 +19,10 @@ use super::command::CommandLine;
 use super::transfer::download_model;
 use crate::protocol::ErrorInfo;
 
+/// The variable every child gets with its run directory: how a restarted
+/// daemon recognises a process group it left running.
+pub(super) const RUN_DIR_ENV: &str = "BUSBAR_RUN_DIR";
+
 /// Environment variables a child inherits from the daemon; everything else
 /// (credentials such as `AMQP_URL` included) stays out.
 const INHERITED_ENV: &[&str] = &["PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR"];
@@ -55,6 +59,9 @@ pub(super) struct Run {
     /// SIGKILL deadline after a SIGTERM.
     pub(super) kill_at: Option<Instant>,
     pub(super) task: tokio::task::AbortHandle,
+    /// Where the running group is recorded (so that a daemon restarted
+    /// after a crash finds it), and for which component.
+    pub(super) record: (crate::store::Store, uuid::Uuid),
 }
 
 impl Run {
@@ -82,6 +89,10 @@ impl Drop for Run {
         if let Some(pg) = self.pgid {
             let _ = killpg(Pid::from_raw(pg), Signal::SIGCONT);
             let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
+            let (store, component) = &self.record;
+            if let Err(e) = store.delete_run(*component) {
+                warn!(%component, error = %e, "cannot forget the ended run in the store");
+            }
         }
     }
 }
@@ -156,7 +167,7 @@ pub(super) async fn run_task(l: Launch) {
         .env_clear()
         .envs(INHERITED_ENV.iter().filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))))
         .envs(cmd.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("BUSBAR_RUN_DIR", &dir)
+        .env(RUN_DIR_ENV, &dir)
         .current_dir(cwd)
         .stdin(if cmd.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(stdout)
@@ -192,6 +203,22 @@ pub(super) async fn run_task(l: Launch) {
             let _ = child.wait().await;
         }
     }
+}
+
+/// Whether any process of group `pgid` still runs with `dir` as its run
+/// directory (a pgid alone may have been reused by another program).
+pub(super) fn group_runs_in(pgid: i32, dir: &std::path::Path) -> bool {
+    let want = [RUN_DIR_ENV.as_bytes(), b"=", dir.as_os_str().as_encoded_bytes()].concat();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return false };
+    procs.flatten().any(|p| {
+        let path = p.path();
+        let in_group = std::fs::read_to_string(path.join("stat")).ok().and_then(|stat| {
+            // `pid (comm) state ppid pgrp …`; comm may hold spaces.
+            let rest = stat.rsplit_once(')')?.1;
+            rest.split_whitespace().nth(2)?.parse::<i32>().ok()
+        }) == Some(pgid);
+        in_group && std::fs::read(path.join("environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == want))
+    })
 }
 
 #[cfg(test)]
