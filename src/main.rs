@@ -211,6 +211,13 @@ enum Cmd {
         #[arg(long, default_value = "10", value_parser = seconds)]
         timeout: Duration,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `busbar man | man -l -`).
+    Man,
     /// Delete a component through its manager.
     Delete {
         #[command(flatten)]
@@ -347,6 +354,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Daemon { config } => {
             let config = Config::load(&config)?;
             busbar::daemon::run(config, shutdown_signal()).await?;
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "busbar", &mut std::io::stdout());
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
         }
         Cmd::ValidateConfig { file } => {
             let c = Config::load(&file)?;

@@ -285,3 +285,24 @@ async fn a_client_piped_into_head_ends_quietly() {
 fn shell_word(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
+
+/// Shell completions and the manual page come from the command definition.
+#[tokio::test]
+async fn completions_and_the_manual_page_are_generated() {
+    for (args, needle) in [
+        (vec!["completions", "bash"], "_busbar()"),
+        (vec!["completions", "zsh"], "#compdef busbar"),
+        (vec!["completions", "fish"], "complete -c busbar"),
+        (vec!["man"], ".TH busbar 1"),
+    ] {
+        let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar")).args(&args).output().await.unwrap();
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        let out = text(&o.stdout);
+        assert!(out.contains(needle), "{args:?}: {}", &out[..out.len().min(200)]);
+        if args[0] == "completions" {
+            assert!(out.contains("validate-config"), "subcommands are completed");
+        }
+    }
+    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar")).args(["completions", "tcsh"]).output().await;
+    assert_eq!(o.unwrap().status.code(), Some(64), "an unknown shell is a usage error");
+}
