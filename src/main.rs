@@ -103,6 +103,26 @@ struct FilterArgs {
     /// Select by type.
     #[arg(short = 't', long = "type")]
     kind: Option<String>,
+    /// Show only components matching every given key. The VILLAS protocol
+    /// ORs them (`-C simulator -t dummy` reaches every simulator and every
+    /// dummy); this narrows what is printed, client-side.
+    #[arg(long)]
+    all: bool,
+}
+
+impl FilterArgs {
+    /// Whether a status passes `--all` (always, without it).
+    fn shows(&self, status: &Value) -> bool {
+        let is = |key: &str, want: &Option<String>| {
+            want.as_deref()
+                .is_none_or(|w| status.pointer(&format!("/properties/{key}")).and_then(Value::as_str) == Some(w))
+        };
+        !self.all
+            || (is("uuid", &self.uuid)
+                && is("realm", &self.realm)
+                && is("category", &self.category)
+                && is("type", &self.kind))
+    }
 }
 
 impl From<FilterArgs> for Filter {
@@ -391,11 +411,16 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Cmd::Ping { conn, filter, timeout, quiet, json } => {
+        Cmd::Ping { conn, filter: args, timeout, quiet, json } => {
             let client = conn.connect().await?;
-            let filter: Filter = filter.into();
-            let n = client
+            let filter: Filter = args.clone().into();
+            let mut shown = 0;
+            client
                 .ping(&filter, timeout, quiet, |seen| {
+                    if !args.shows(&seen.payload) {
+                        return;
+                    }
+                    shown += 1;
                     if json {
                         println!("{}", seen.payload);
                     } else {
@@ -404,7 +429,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 })
                 .await?;
             client.close().await;
-            if n == 0 {
+            if shown == 0 {
                 eprintln!("no component answered");
                 return Ok(ExitCode::from(exit::NO_ANSWER));
             }
@@ -427,13 +452,16 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             .await;
             client.close().await;
         }
-        Cmd::Monitor { conn, filter, json, .. } => {
+        Cmd::Monitor { conn, filter: args, json, .. } => {
             let client = conn.connect().await?;
-            let filter: Filter = filter.into();
+            let filter: Filter = args.clone().into();
             let mut l = client.listen(filter.binding()).await?;
             until_interrupted(
                 async |until| l.next_until(until).await,
                 |seen| {
+                    if seen.is_status() && !args.shows(&seen.payload) {
+                        return;
+                    }
                     if json {
                         println!("{}", seen.monitor_json());
                     } else if seen.is_status() {

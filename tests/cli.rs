@@ -66,6 +66,15 @@ async fn ping_prints_one_line_per_reply_and_exits_when_quiet() {
     assert!(out.contains(&env.dummy.to_string()) && out.contains("idle"), "{out}");
     let o = busbar(&env, &["ping", "--uuid", &Uuid::new_v4().to_string(), "--quiet", "0.3"]).await;
     assert_eq!(o.status.code(), Some(4), "no component answered: a failure of its own for scripts");
+    // The protocol ORs the keys; --all narrows what is printed to the
+    // components matching every one.
+    let lines = |o: &Output| text(&o.stdout).lines().count();
+    let o = busbar(&env, &["ping", "--category", "manager", "--type", "dummy", "--quiet", "0.5"]).await;
+    assert_eq!(lines(&o), 2, "the manager and the dummy: {}", text(&o.stdout));
+    let o = busbar(&env, &["ping", "--category", "simulator", "--type", "dummy", "--all", "--quiet", "0.5"]).await;
+    assert_eq!(lines(&o), 1, "{}", text(&o.stdout));
+    let o = busbar(&env, &["ping", "--category", "manager", "--type", "dummy", "--all", "--quiet", "0.5"]).await;
+    assert_eq!(o.status.code(), Some(4), "nothing is both: {}", text(&o.stdout));
     d.stop().await.expect("clean shutdown");
 }
 
