@@ -865,3 +865,51 @@ async fn the_openapi_document_matches_the_routes() {
     data.close().await;
     d.stop().await.unwrap();
 }
+
+/// `mqtts://`: the gateway takes measures from a Mosquitto TLS listener
+/// whose server certificate is signed by the CA named in `mqtt_ca` (made
+/// here); the test publishes on the same broker's plain listener.
+#[tokio::test]
+async fn measures_arrive_over_mqtt_with_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("server.pem"), server.pem()).unwrap();
+    std::fs::write(path("server.key"), server_key.serialize_pem()).unwrap();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (plain, tls) = (free(), free());
+    let conf = path("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "per_listener_settings false\nallow_anonymous true\nuser root\nlog_dest none\nlistener {plain} 127.0.0.1\nlistener {tls} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            path("ca.pem").display(),
+            path("server.pem").display(),
+            path("server.key").display()
+        ),
+    )
+    .unwrap();
+    let mut mosquitto = std::process::Command::new("mosquitto").arg("-c").arg(&conf).spawn().expect("mosquitto runs");
+    eventually(WAIT, "mosquitto listens", async || std::net::TcpStream::connect(("127.0.0.1", tls)).ok()).await;
+    let gw = Gw::with(json!({"mqtt_url": format!("mqtts://127.0.0.1:{tls}"), "mqtt_ca": path("ca.pem")}));
+    // `up` waits until the gateway's MQTT is connected: over TLS.
+    let (d, g, _c, _l, mut data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(LAB, group(&k), dev1()).await;
+    let mqtt = Mqtt::connect(plain).await;
+    mqtt.publish(&gw.topic(&format!("json/{k}/dev1/attrs")), r#"{"t": 7}"#, 1).await;
+    assert_eq!(data.next().await.body["attrs"]["temperature"], 7);
+    drop(mqtt);
+    data.close().await;
+    d.stop().await.unwrap();
+    let _ = mosquitto.kill();
+    let _ = mosquitto.wait();
+}

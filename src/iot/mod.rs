@@ -37,8 +37,11 @@ use model::ApiError;
 /// The settings of one gateway, from its component properties.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// MQTT broker URL; `None` disables MQTT.
+    /// MQTT broker URL (`mqtt://`, or `mqtts://` for TLS); `None`
+    /// disables MQTT.
     pub mqtt_url: Option<String>,
+    /// TLS settings of an `mqtts://` URL.
+    pub mqtt_tls: Option<MqttTls>,
     /// QoS of the MQTT subscriptions (0 or 1).
     pub mqtt_qos: u8,
     /// Shared-subscription group (`$share/{group}/…`); empty (the
@@ -89,6 +92,46 @@ fn bind(p: &Map<String, Value>, k: &str, default: &str) -> Result<SocketAddr, Er
     s.parse().map_err(|e| ErrorInfo::new(format!("Invalid {k} {s:?}: {e}")))
 }
 
+/// TLS for an `mqtts://` broker: the CA to trust (PEM; the system's roots
+/// without one) and a client certificate with its key (PEM), if the broker
+/// asks for one. Read when the gateway starts, so a wrong path is the
+/// gateway's error at once.
+#[derive(Clone)]
+pub struct MqttTls {
+    /// `mqtt_ca`.
+    pub ca: Option<Vec<u8>>,
+    /// `mqtt_cert` and `mqtt_key`.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for MqttTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("MqttTls").field("ca", &self.ca.is_some()).field("client", &self.client.is_some()).finish()
+    }
+}
+
+impl MqttTls {
+    fn from_properties(p: &Map<String, Value>, tls: bool) -> Result<Option<MqttTls>, ErrorInfo> {
+        let read = |key: &str| -> Result<Option<Vec<u8>>, ErrorInfo> {
+            let Some(path) = prop_str(p, key).filter(|s| !s.is_empty()) else { return Ok(None) };
+            if !tls {
+                return Err(ErrorInfo::new(format!("{key} needs an mqtts:// mqtt_url")).with("property", key));
+            }
+            std::fs::read(&path)
+                .map(Some)
+                .map_err(|e| ErrorInfo::new(format!("Cannot read {key} {path}: {e}")).with("property", key))
+        };
+        let (ca, cert, key) = (read("mqtt_ca")?, read("mqtt_cert")?, read("mqtt_key")?);
+        let client = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err(ErrorInfo::new("mqtt_cert and mqtt_key go together")),
+        };
+        Ok(tls.then_some(MqttTls { ca, client }))
+    }
+}
+
 impl Settings {
     /// Read the settings from component properties (already validated
     /// against the type's properties schema).
@@ -98,7 +141,16 @@ impl Settings {
             Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
             _ => None,
         };
+        if let Some(url) = &mqtt_url
+            && !["mqtt://", "tcp://", "mqtts://"].iter().any(|s| url.starts_with(s))
+        {
+            let shown = crate::config::redact_url(url);
+            return Err(ErrorInfo::new(format!("Unsupported MQTT URL {shown}: use mqtt:// or mqtts://"))
+                .with("property", "mqtt_url"));
+        }
+        let tls = mqtt_url.as_deref().is_some_and(|u| u.starts_with("mqtts://"));
         Ok(Settings {
+            mqtt_tls: MqttTls::from_properties(p, tls)?,
             mqtt_url,
             mqtt_qos: p.get("mqtt_qos").and_then(Value::as_u64).unwrap_or(1).min(1) as u8,
             mqtt_shared_group: prop_str(p, "mqtt_shared_group").unwrap_or_default(),
@@ -626,6 +678,20 @@ impl Drop for Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mqtt_urls_and_tls_files_are_checked_when_the_gateway_starts() {
+        let props = |v: Value| v.as_object().unwrap().clone();
+        let err = |v: Value| Settings::from_properties(&props(v)).unwrap_err().msg().to_owned();
+        assert!(err(json!({"mqtt_url": "ws://b:1"})).starts_with("Unsupported MQTT URL"), "only mqtt:// and mqtts://");
+        assert!(!err(json!({"mqtt_url": "ws://u:secret@b"})).contains("secret"), "no password in the message");
+        assert_eq!(err(json!({"mqtt_ca": "/x.pem"})), "mqtt_ca needs an mqtts:// mqtt_url");
+        assert!(
+            err(json!({"mqtt_url": "mqtts://b", "mqtt_ca": "/nonexistent.pem"})).starts_with("Cannot read mqtt_ca")
+        );
+        let s = Settings::from_properties(&props(json!({"mqtt_url": "mqtts://b"}))).unwrap();
+        assert!(s.mqtt_tls.is_some_and(|t| t.ca.is_none() && t.client.is_none()), "the system's roots");
+    }
 
     #[test]
     fn a_refusal_is_logged_once_per_interval_per_kind_and_source() {

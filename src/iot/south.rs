@@ -172,9 +172,13 @@ fn count(core: &Core, e: ApiError) -> ApiError {
 /// User name and password.
 type Credentials = (String, String);
 
-/// Host, port and credentials of an `mqtt://[user[:pass]@]host[:port]` URL.
+/// Host, port and credentials of an `mqtt://[user[:pass]@]host[:port]` URL
+/// (`mqtts://`: TLS, port 8883 by default).
 fn parse_mqtt_url(url: &str) -> Option<(String, u16, Option<Credentials>)> {
-    let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://"))?;
+    let (rest, default_port) = match url.strip_prefix("mqtts://") {
+        Some(rest) => (rest, 8883),
+        None => (url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://"))?, 1883),
+    };
     let rest = rest.trim_end_matches('/');
     let (creds, hostport) = match rest.rsplit_once('@') {
         Some((c, h)) => (Some(c), h),
@@ -182,13 +186,48 @@ fn parse_mqtt_url(url: &str) -> Option<(String, u16, Option<Credentials>)> {
     };
     let (host, port) = match hostport.rsplit_once(':') {
         Some((h, p)) => (h.to_owned(), p.parse().ok()?),
-        None => (hostport.to_owned(), 1883),
+        None => (hostport.to_owned(), default_port),
     };
     let creds = creds.map(|c| match c.split_once(':') {
         Some((u, p)) => (u.to_owned(), p.to_owned()),
         None => (c.to_owned(), String::new()),
     });
     (!host.is_empty()).then_some((host, port, creds))
+}
+
+/// The rustls client configuration of an `mqtts://` broker.
+fn tls_config(tls: &super::MqttTls) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("mqtt_ca: {e}"))?;
+                roots.add(cert).map_err(|e| format!("mqtt_ca: {e}"))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err("no CA certificate to trust (set mqtt_ca)".into());
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match &tls.client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("mqtt_cert: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("mqtt_key: {e}"))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| format!("mqtt_cert/mqtt_key: {e}"))
+        }
+    }
 }
 
 /// The subscriptions of a gateway.
@@ -315,6 +354,20 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
         .set_inflight(1000);
     if let Some((u, p)) = creds {
         opts.set_credentials(u, p);
+    }
+    if let Some(tls) = &core.settings.mqtt_tls {
+        match tls_config(tls) {
+            Ok(config) => {
+                opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(
+                    config,
+                ))));
+            }
+            Err(e) => {
+                core.counters.error("mqtt_tls");
+                warn!(error = %e, "invalid MQTT TLS settings; MQTT is off for this gateway");
+                return;
+            }
+        }
     }
     let (client, mut events) = AsyncClient::new(opts, 65_536);
     let qos = if core.settings.mqtt_qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
@@ -504,6 +557,7 @@ mod tests {
             parse_mqtt_url("mqtt://u:p@broker:1884/"),
             Some(("broker".into(), 1884, Some(("u".into(), "p".into()))))
         );
+        assert_eq!(parse_mqtt_url("mqtts://broker"), Some(("broker".into(), 8883, None)));
         assert_eq!(parse_mqtt_url("http://x"), None);
         assert_eq!(parse_mqtt_url("mqtt://x:port"), None);
     }
