@@ -48,7 +48,9 @@ async fn action_wait_exits_0_on_the_target_state_1_on_error_and_2_on_timeout() {
     // Client queues are exclusive and auto-delete: only the daemon's remain.
     // Its routed queue (shared topology): `uuid` present, categories manager
     // and simulator, types generic and dummy, the realm.
-    assert_eq!(bindings_on(&env.exchange), 6);
+    if common::broker::admin_or_skip("the bindings count of action_wait") {
+        assert_eq!(bindings_on(&env.exchange), 6);
+    }
     d.stop().await.expect("clean shutdown");
 }
 

@@ -564,6 +564,9 @@ async fn gateways_in_a_shared_subscription_group_split_the_measures() {
 
 #[tokio::test]
 async fn measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order() {
+    if !admin_or_skip("measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order") {
+        return;
+    }
     let gw = Gw::new();
     let user = BrokerUser::new(&gw.env.id);
     let mut config = gw.config();
@@ -611,6 +614,9 @@ async fn measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order()
 
 #[tokio::test]
 async fn a_full_buffer_drops_the_oldest_and_counts_them() {
+    if !admin_or_skip("a_full_buffer_drops_the_oldest_and_counts_them") {
+        return;
+    }
     let gw = Gw::with(json!({"buffer": 10}));
     let user = BrokerUser::new(&gw.env.id);
     let mut config = gw.config();
