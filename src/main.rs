@@ -227,6 +227,9 @@ enum Cmd {
         /// Create parameters: JSON or YAML text, or @file.
         #[arg(short = 'p', long)]
         parameters: String,
+        /// Print the new component's status (JSON) instead of its uuid.
+        #[arg(long)]
+        json: bool,
         /// Give up after this many seconds (exit 2).
         #[arg(long, default_value = "10", value_parser = seconds)]
         timeout: Duration,
@@ -336,6 +339,7 @@ async fn wait_outcome(
     body: &Value,
     goal: Goal,
     timeout: Duration,
+    print_uuid: bool,
 ) -> anyhow::Result<ExitCode> {
     let created = match &goal {
         Goal::Created { follow } => Some(*follow),
@@ -345,7 +349,9 @@ async fn wait_outcome(
     Ok(match result {
         Ok(Outcome::Reached(_)) if created.is_some() => {
             // What a script needs next: the new component's uuid.
-            println!("{}", created.unwrap_or_default());
+            if print_uuid {
+                println!("{}", created.unwrap_or_default());
+            }
             ExitCode::SUCCESS
         }
         Ok(Outcome::Reached(status)) => {
@@ -494,7 +500,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let body = Value::Object(body);
             let client = conn.connect().await?;
             let code = match wait {
-                Some(target) => wait_outcome(&client, &uuid, &body, Goal::State(target), timeout).await?,
+                Some(target) => wait_outcome(&client, &uuid, &body, Goal::State(target), timeout, false).await?,
                 None => {
                     let filter = Filter { uuid: Some(uuid), ..Default::default() };
                     client.publish(filter.action_headers(), &body, None).await?;
@@ -504,7 +510,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             client.close().await;
             return Ok(code);
         }
-        Cmd::Create { conn, manager, parameters, timeout } => {
+        Cmd::Create { conn, manager, parameters, json, timeout } => {
             let mut parameters = object(&parameters)?;
             // The client names the new component, so that it can follow it
             // (and print its uuid) whichever daemon creates it.
@@ -518,7 +524,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             };
             let body = serde_json::json!({"action": "create", "parameters": parameters});
             let client = conn.connect().await?;
-            let code = wait_outcome(&client, &manager, &body, Goal::Created { follow }, timeout).await?;
+            let print_uuid = !json;
+            let code = wait_outcome(&client, &manager, &body, Goal::Created { follow }, timeout, print_uuid).await?;
+            if json && code == ExitCode::SUCCESS {
+                // The new component's own status, as it answers a ping.
+                let to = Filter { uuid: Some(follow.to_string()), ..Default::default() };
+                let quick = Duration::from_secs(2);
+                client.ping(&to, quick, quick, |seen| println!("{}", seen.payload)).await?;
+            }
             client.close().await;
             return Ok(code);
         }
@@ -526,7 +539,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let follow = uuid::Uuid::try_parse(&uuid).unwrap_or_default();
             let body = serde_json::json!({"action": "delete", "parameters": {"uuid": uuid}});
             let client = conn.connect().await?;
-            let code = wait_outcome(&client, &manager, &body, Goal::Deleted { follow }, timeout).await?;
+            let code = wait_outcome(&client, &manager, &body, Goal::Deleted { follow }, timeout, false).await?;
             client.close().await;
             return Ok(code);
         }

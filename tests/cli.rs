@@ -99,6 +99,11 @@ async fn create_and_delete_through_the_cli() {
     let o = busbar(&env, &["delete", "-m", &m, "-u", &u]).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("Unknown component"));
+    // --json: the new component's status instead of its uuid.
+    let o = busbar(&env, &["create", "-m", &m, "-p", "{category: simulator, type: dummy, name: J}", "--json"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let st: Value = serde_json::from_str(text(&o.stdout).trim()).expect("one JSON status");
+    assert_eq!((st["properties"]["name"].as_str(), st["status"]["state"].as_str()), (Some("J"), Some("idle")));
     d.stop().await.expect("clean shutdown");
 }
 
