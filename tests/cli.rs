@@ -140,9 +140,11 @@ async fn validate_config_names_the_file_and_the_key() {
         ),
         "{err}"
     );
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/lab.yaml");
-    let o = busbar(&env, &["validate-config", example]).await;
-    assert_eq!(o.status.code(), Some(0), "the shipped example is valid: {}", text(&o.stderr));
+    for example in ["lab.yaml", "villas-k8s-lab.yaml", "device-lab.yaml"] {
+        let path = format!("{}/examples/{example}", env!("CARGO_MANIFEST_DIR"));
+        let o = busbar(&env, &["validate-config", &path]).await;
+        assert_eq!(o.status.code(), Some(0), "the shipped {example} is valid: {}", text(&o.stderr));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
