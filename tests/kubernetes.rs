@@ -438,3 +438,27 @@ async fn a_manager_deletes_jobs_whose_component_no_longer_exists() {
     assert_eq!(lab.fake.jobs_of(sim).len(), 1);
     d.stop().await.unwrap();
 }
+
+/// A Kubernetes simulator that could never reach a cluster (its kubeconfig
+/// does not exist) is refused in the create's answer, with the reason,
+/// instead of being created and failing a moment later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_without_a_usable_kubeconfig_is_refused_in_its_answer() {
+    let env = TestEnv::new();
+    let mgr = Uuid::new_v4();
+    let manager = json!({"category": "manager", "type": "kubernetes", "name": "K8s", "uuid": mgr,
+        "namespace": NS, "kubeconfig": "/nonexistent/kubeconfig"});
+    // No fixed client: the daemon makes its own from the kubeconfig.
+    let d = env.start_with(env.config_with(vec![manager])).await;
+    let sim = Uuid::new_v4();
+    let params = create_params(sim).to_string();
+    let o = cli(&env, &["create", "-m", &mgr.to_string(), "-p", &params]).await;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("Cannot create a Kubernetes simulator: Kubernetes configuration: /nonexistent/kubeconfig"),
+        "{err}"
+    );
+    assert!(d.shared.components.lookup(sim).is_none(), "nothing was created");
+    d.stop().await.expect("clean shutdown");
+}

@@ -97,6 +97,16 @@ impl Manager {
             shared.metrics.error(Fault::UnknownType);
             ErrorInfo::new(format!("Cannot create component: {}", e.msg)).with("path", format!("$.{}", e.key))
         })?;
+        // A Kubernetes simulator that could never reach a cluster (no
+        // kubeconfig, a path that does not exist) is refused here, in the
+        // create's answer, not left to fail on its own a moment later.
+        if self.shape != Shape::AsGiven {
+            let kubeconfig = params.get("kubeconfig").and_then(Value::as_str).filter(|s| !s.is_empty());
+            shared.kube.get(kubeconfig).await.map_err(|e| {
+                shared.metrics.error(Fault::KubernetesApi);
+                ErrorInfo::new(format!("Cannot create a Kubernetes simulator: {}", e.msg()))
+            })?;
+        }
         let uuid = spec.uuid.unwrap_or_else(Uuid::new_v4);
         params.insert("uuid".into(), Value::String(uuid.to_string()));
         let spec = ComponentSpec { uuid: Some(uuid), properties: params.clone(), ..spec };
