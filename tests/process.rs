@@ -325,3 +325,69 @@ async fn a_child_left_by_a_killed_daemon_is_stopped_at_the_next_start() {
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
+
+/// The same with a real `kill -9` of the daemon binary: its child keeps
+/// running, and the daemon started next on the same data stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_the_next_daemon_stops_the_child_it_left() {
+    let lab = Lab::new();
+    let config = lab.env.dir.path().join("lab.json");
+    let bin = lab.env.fixtures_whitelist();
+    let generic = json!({"category": "simulator", "type": "generic", "name": "Gen", "uuid": lab.generic.to_string(),
+        "whitelist": [bin]});
+    std::fs::write(&config, text_of(&lab.env.config_value_with(vec![generic]))).unwrap();
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"))
+            .args(["--log-level", "warn", "daemon", "-c"])
+            .arg(&config)
+            .env("AMQP_URL", amqp_url())
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the daemon runs")
+    };
+    let c = lab.env.client().await;
+    let mut l = lab.env.listen_all(&c).await;
+    let ping_body = action("ping", json!({}));
+    let ping = || c.publish(to_uuid(lab.generic), &ping_body, None);
+    let mut daemon = spawn();
+    eventually(WAIT, "the daemon answers", async || {
+        ping().await.unwrap();
+        status_of_within(&mut l, lab.generic, Duration::from_millis(300)).await
+    })
+    .await;
+    c.publish(to_uuid(lab.generic), &start("sleeper.sh", json!([])), None).await.unwrap();
+    let st = state_of(&mut l, lab.generic, "running").await;
+    let pid = st["status"]["pid"].as_i64().unwrap() as i32;
+    // SIGKILL: the daemon cannot stop its child.
+    daemon.start_kill().unwrap();
+    daemon.wait().await.unwrap();
+    assert!(alive(pid), "the child outlived the killed daemon");
+    let mut daemon = spawn();
+    let st = eventually(WAIT, "the next daemon reports what it stopped", async || {
+        ping().await.unwrap();
+        status_of_within(&mut l, lab.generic, Duration::from_millis(300))
+            .await
+            .filter(|s| s["status"]["recovered"].is_object())
+    })
+    .await;
+    assert_eq!(st["status"]["recovered"]["action"], "stopped");
+    assert_eq!(st["status"]["recovered"]["pgid"], pid);
+    gone(&[pid]).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id().unwrap() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    assert!(daemon.wait().await.unwrap().success(), "clean shutdown");
+    c.close().await;
+}
+
+/// The next status of `uuid` within `window`, if any.
+async fn status_of_within(l: &mut busbar::client::Listener, uuid: Uuid, window: Duration) -> Option<Value> {
+    let end = Instant::now() + window;
+    let want = uuid.to_string();
+    while let Some(seen) = l.next_until(end).await {
+        if seen.is_status() && seen.payload.pointer("/properties/uuid").and_then(Value::as_str) == Some(want.as_str()) {
+            return Some(seen.payload);
+        }
+    }
+    None
+}
