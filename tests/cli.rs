@@ -250,6 +250,17 @@ async fn each_failure_has_its_exit_code_and_mistakes_end_at_once() {
     let err = text(&o.stderr);
     assert_eq!(err.matches("Login was refused").count(), 1, "said once, without lapin's dumps: {err}");
     assert!(!err.contains("guest:wrong") && err.contains("guest:***"), "no password: {err}");
+    // A daemon whose API port is taken: 74, naming the address.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut cfg = env.config_value();
+    cfg["api"] = serde_json::json!({"bind": addr});
+    cfg["exchange"] = serde_json::json!(format!("{}-second", env.exchange));
+    let file = env.dir.path().join("taken.json");
+    std::fs::write(&file, text_of(&cfg)).unwrap();
+    let o = busbar(&env, &["daemon", "-c", file.to_str().unwrap()]).await;
+    assert_eq!(code(&o), Some(74), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains(&addr), "the address is named: {}", text(&o.stderr));
     // Nobody has this uuid: "no component answered", long before the timeout.
     let started = std::time::Instant::now();
     let nobody = Uuid::new_v4().to_string();
