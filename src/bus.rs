@@ -16,7 +16,7 @@ use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -24,9 +24,10 @@ use uuid::Uuid;
 
 use crate::amqp::{self, Backoff, LinkError, consume, declare_bound_queue, declare_exchange, declare_private_queue};
 use crate::component::ComponentHandle;
+use crate::component::Registry;
 use crate::config::{Topology, redact_url};
-use crate::daemon::Shared;
 use crate::metrics::Fault;
+use crate::metrics::Metrics;
 use crate::protocol::{self, ActionRequest, Rejection, ReplyTo, RoutingKeys};
 use crate::state::Action;
 
@@ -45,6 +46,7 @@ pub struct Bus {
     published: prometheus_client::metrics::counter::Counter,
     /// Set once every component's queue is bound after a (re)connect.
     ready: Arc<std::sync::atomic::AtomicBool>,
+    decoder: Decoder,
 }
 
 impl std::fmt::Debug for BusCmd {
@@ -70,15 +72,29 @@ pub fn status_properties(headers: FieldTable) -> BasicProperties {
 impl Bus {
     /// A bus handle plus the supervisor that will serve it once started
     /// with [`BusRunner::spawn`].
-    /// `published` counts every message handed to the broker.
-    pub fn new(exchange: &str, published: prometheus_client::metrics::counter::Counter) -> (Bus, BusRunner) {
+    /// Deliveries are decoded with `max_body_bytes` and counted in
+    /// `metrics`, as is every message handed to the broker.
+    pub fn new(exchange: &str, max_body_bytes: usize, metrics: &Arc<Metrics>) -> (Bus, BusRunner) {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ch_tx, ch_rx) = watch::channel(None);
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        (
-            Bus { cmd: cmd_tx, channel: ch_rx, exchange: exchange.into(), published, ready: ready.clone() },
-            BusRunner { cmd_rx, ch_tx, ready },
-        )
+        let decoder = Decoder { max_body_bytes, metrics: metrics.clone() };
+        let published = metrics.messages_out.clone();
+        let bus = Bus {
+            cmd: cmd_tx,
+            channel: ch_rx,
+            exchange: exchange.into(),
+            published,
+            ready: ready.clone(),
+            decoder: decoder.clone(),
+        };
+        (bus, BusRunner { cmd_rx, ch_tx, ready, decoder })
+    }
+
+    /// The decoder of this daemon's deliveries (for tasks that consume
+    /// queues of their own: the IoT gateway's device components).
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
     }
 
     /// Whether a broker connection is up and every component is routed.
@@ -229,30 +245,50 @@ pub struct BusRunner {
     cmd_rx: mpsc::UnboundedReceiver<BusCmd>,
     ch_tx: watch::Sender<Option<Channel>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    decoder: Decoder,
+}
+
+/// What the bus needs from the daemon, and nothing more: where to connect,
+/// how to lay out its queues, whom messages reach, what to count, and the
+/// daemon's lifetime.
+#[derive(Debug)]
+pub(crate) struct Wiring {
+    /// The broker URL.
+    pub url: String,
+    /// The headers exchange.
+    pub exchange: String,
+    /// The queue layout.
+    pub topology: Topology,
+    /// The running components (whom a message reaches).
+    pub components: Arc<Registry>,
+    /// The daemon's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled once, on shutdown.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// Every long-lived task, so shutdown waits for the forwarders too.
+    pub tracker: tokio_util::task::TaskTracker,
 }
 
 impl BusRunner {
-    /// Start the supervisor task. It holds only a weak reference to the
-    /// daemon, and ends on shutdown.
-    pub(crate) fn spawn(self, shared: &Arc<Shared>) {
-        let weak = Arc::downgrade(shared);
-        shared.tracker.spawn(supervise(weak, shared.config.broker.url.clone(), self.cmd_rx, self.ch_tx, self.ready));
+    /// Start the supervisor task; it ends on shutdown.
+    pub(crate) fn spawn(self, wiring: Wiring) {
+        let wiring = Arc::new(wiring);
+        wiring.tracker.clone().spawn(supervise(wiring, self.decoder, self.cmd_rx, self.ch_tx, self.ready));
     }
 }
 
 async fn supervise(
-    shared: Weak<Shared>,
-    url: String,
+    w: Arc<Wiring>,
+    decoder: Decoder,
     mut cmd_rx: mpsc::UnboundedReceiver<BusCmd>,
     ch_tx: watch::Sender<Option<Channel>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut backoff = Backoff::new();
-    let Some(token) = shared.upgrade().map(|s| s.shutdown.clone()) else {
-        return;
-    };
+    let token = w.shutdown.clone();
+    let url = w.url.clone();
     loop {
-        let outcome = session(&shared, &url, &mut cmd_rx, &ch_tx, &ready, &token).await;
+        let outcome = session(&w, &decoder, &mut cmd_rx, &ch_tx, &ready, &token).await;
         ready.store(false, std::sync::atomic::Ordering::Release);
         ch_tx.send_replace(None);
         if token.is_cancelled() {
@@ -285,16 +321,15 @@ enum Target {
 /// One connection's lifetime. Returns `Ok` only if the connection ended
 /// without error (it never does on its own); every failure is an `Err`.
 async fn session(
-    shared: &Weak<Shared>,
-    url: &str,
+    w: &Arc<Wiring>,
+    decoder: &Decoder,
     cmd_rx: &mut mpsc::UnboundedReceiver<BusCmd>,
     ch_tx: &watch::Sender<Option<Channel>>,
     ready: &std::sync::atomic::AtomicBool,
     token: &tokio_util::sync::CancellationToken,
 ) -> Result<(), LinkError> {
-    let Some(name) = shared.upgrade().map(|s| format!("busbar daemon exchange={}", s.config.exchange)) else {
-        return Ok(());
-    };
+    let name = format!("busbar daemon exchange={}", w.exchange);
+    let url = w.url.as_str();
     let conn = tokio::select! {
         c = amqp::connect(url, &name) => c?,
         _ = token.cancelled() => return Ok(()),
@@ -302,11 +337,8 @@ async fn session(
     let mut events = conn.events_listener();
     let sub = conn.create_channel().await?;
     let publ = conn.create_channel().await?;
-    let Some(s) = shared.upgrade() else {
-        return Ok(());
-    };
-    let exchange = s.config.exchange.clone();
-    let topology = s.config.topology;
+    let exchange = w.exchange.clone();
+    let topology = w.topology;
     declare_exchange(&sub, &exchange).await?;
 
     // Messages addressed by category, type or realm reach this daemon once
@@ -340,11 +372,11 @@ async fn session(
             discovery.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
             discovery.insert("uuid".into(), AMQPValue::LongString(LongString::from("")));
             let dq = declare_bound_queue(&sub, &exchange, discovery).await?;
-            spawn_forwarder(&s, consume(&sub, dq).await?, Target::Discovery);
+            spawn_forwarder(w, decoder, consume(&sub, dq).await?, Target::Discovery);
             Target::MatchingElsewhere
         }
     };
-    spawn_forwarder(&s, consume(&sub, routed.clone()).await?, target);
+    spawn_forwarder(w, decoder, consume(&sub, routed.clone()).await?, target);
     let mut queues: HashMap<Uuid, ShortString> = HashMap::new();
     let mut shared_keys = SharedKeys::default();
     // Subscribe a batch of components at once: their declares, binds and
@@ -375,7 +407,7 @@ async fn session(
         bound.into_iter().collect::<Result<Vec<()>, _>>()?;
         for (h, r) in batch.into_iter().zip(routed_components) {
             if let Some((q, consumer)) = r? {
-                h.attach(Inbox(consumer)).await;
+                h.attach(Inbox(consumer, decoder.clone())).await;
                 queues.insert(h.uuid(), q);
             }
             h.announce().await;
@@ -388,13 +420,13 @@ async fn session(
     // Commands queued while disconnected concern components that the
     // registry snapshot below already covers; drop them.
     while cmd_rx.try_recv().is_ok() {}
-    let all = s.components.handles();
+    let all = w.components.handles();
     for chunk in all.chunks(SUBSCRIBE_BATCH) {
         subscribe(chunk.to_vec(), &mut queues, &mut shared_keys).await?;
     }
     ready.store(true, std::sync::atomic::Ordering::Release);
-    s.metrics.connects.inc();
-    info!(broker = %redact_url(url), %exchange, components = queues.len().max(s.components.len()), "connected to broker");
+    w.metrics.connects.inc();
+    info!(broker = %redact_url(url), %exchange, components = queues.len().max(w.components.len()), "connected to broker");
 
     let mut check = tokio::time::interval(Duration::from_secs(1));
     // A command taken while batching subscriptions, to run next.
@@ -455,15 +487,14 @@ async fn session(
     }
 }
 
-fn spawn_forwarder(shared: &Arc<Shared>, consumer: lapin::Consumer, target: Target) {
-    let weak = Arc::downgrade(shared);
-    shared.tracker.spawn(forward(weak, consumer, target));
+fn spawn_forwarder(w: &Arc<Wiring>, decoder: &Decoder, consumer: lapin::Consumer, target: Target) {
+    w.tracker.spawn(forward(w.clone(), decoder.clone(), consumer, target));
 }
 
 /// A component's own queue (per-component topology) as the component sees
 /// it: decoded requests and typed rejections. The lapin consumer and the
 /// decoding stay here, so components never name lapin.
-pub struct Inbox(lapin::Consumer);
+pub struct Inbox(lapin::Consumer, Decoder);
 
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -486,16 +517,16 @@ impl Inbox {
     /// inbox; when the queue ends (deleted, connection lost) the inbox is
     /// dropped, and the bus attaches a new one after reconnecting.
     /// Cancel-safe: the component selects over it.
-    pub async fn next(inbox: &mut Option<Box<Inbox>>, shared: &Shared) -> Incoming {
+    pub async fn next(inbox: &mut Option<Box<Inbox>>) -> Incoming {
         loop {
-            let Some(consumer) = inbox.as_mut().map(|i| &mut i.0) else {
+            let Some(Inbox(consumer, decoder)) = inbox.as_deref_mut() else {
                 return std::future::pending().await;
             };
             let Some(Ok(d)) = consumer.next().await else {
                 *inbox = None;
                 continue;
             };
-            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_delivery(shared, &d)));
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder.decode(&d)));
             match decoded {
                 Ok(Some(msg)) => return Incoming::Message(Box::new(msg)),
                 Ok(None) => continue,
@@ -505,23 +536,35 @@ impl Inbox {
     }
 }
 
-/// Count and decode one delivery. `None` for messages controllers ignore
-/// (other components' status); a rejection is counted and logged here.
-pub(crate) fn decode_delivery(s: &Shared, d: &lapin::message::Delivery) -> Option<Result<ActionRequest, Rejection>> {
-    s.metrics.messages_in.inc();
-    let props = &d.properties;
-    let reply = ReplyTo {
-        queue: props.reply_to().as_ref().map(|q| q.to_string()),
-        correlation_id: props.correlation_id().as_ref().map(|c| c.to_string()),
-    };
-    let ct = props.content_type().as_ref().map(|c| c.as_str());
-    match protocol::decode(ct, &d.data, s.config.max_body_bytes, reply, SystemTime::now()) {
-        Ok(None) => None,
-        Ok(Some(req)) => Some(Ok(req)),
-        Err(rej) => {
-            s.metrics.error((&rej).into());
-            warn!(error = %rej, kind = rej.kind(), "rejected message");
-            Some(Err(rej))
+/// Decodes deliveries as the daemon accepts them: its body limit, its
+/// counters. Cheap to clone; the bus gives one to each inbox and keeps one
+/// for its forwarders, and the device task asks the bus for one.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    max_body_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Decoder {
+    /// Count and decode one delivery. `None` for messages controllers
+    /// ignore (other components' status); a rejection is counted and
+    /// logged here.
+    pub(crate) fn decode(&self, d: &lapin::message::Delivery) -> Option<Result<ActionRequest, Rejection>> {
+        self.metrics.messages_in.inc();
+        let props = &d.properties;
+        let reply = ReplyTo {
+            queue: props.reply_to().as_ref().map(|q| q.to_string()),
+            correlation_id: props.correlation_id().as_ref().map(|c| c.to_string()),
+        };
+        let ct = props.content_type().as_ref().map(|c| c.as_str());
+        match protocol::decode(ct, &d.data, self.max_body_bytes, reply, SystemTime::now()) {
+            Ok(None) => None,
+            Ok(Some(req)) => Some(Ok(req)),
+            Err(rej) => {
+                self.metrics.error((&rej).into());
+                warn!(error = %rej, kind = rej.kind(), "rejected message");
+                Some(Err(rej))
+            }
         }
     }
 }
@@ -529,10 +572,8 @@ pub(crate) fn decode_delivery(s: &Shared, d: &lapin::message::Delivery) -> Optio
 /// Decode each delivery and hand it to its component(s). A bad message is
 /// counted and reported; it never ends the loop. The loop ends with the
 /// consumer (queue deleted or connection lost).
-async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Target) {
-    let Some(token) = shared.upgrade().map(|s| s.shutdown.clone()) else {
-        return;
-    };
+async fn forward(w: Arc<Wiring>, decoder: Decoder, mut consumer: lapin::Consumer, target: Target) {
+    let token = w.shutdown.clone();
     loop {
         let delivery = tokio::select! {
             d = consumer.next() => match d {
@@ -542,32 +583,31 @@ async fn forward(shared: Weak<Shared>, mut consumer: lapin::Consumer, target: Ta
             _ = token.cancelled() => break,
         };
         let Ok(d) = delivery else { break };
-        let Some(s) = shared.upgrade() else { break };
         // One bad message must not end the loop that feeds every component
         // of the queue (or the discovery answers): a panic costs only it.
-        if let Err(panic) = crate::supervise::catch(dispatch(&s, &d, &target)).await {
-            s.metrics.error(Fault::Panic);
+        if let Err(panic) = crate::supervise::catch(dispatch(&w, &decoder, &d, &target)).await {
+            w.metrics.error(Fault::Panic);
             tracing::error!(%panic, "dispatching a message panicked; the message is dropped");
         }
     }
 }
 
 /// Decode one delivery and hand it to its component(s).
-async fn dispatch(s: &Shared, d: &lapin::message::Delivery, target: &Target) {
-    let Some(msg) = decode_delivery(s, d) else { return };
+async fn dispatch(w: &Wiring, decoder: &Decoder, d: &lapin::message::Delivery, target: &Target) {
+    let Some(msg) = decoder.decode(d) else { return };
     match target {
         // Shared topology: VILLASweb's broadcast `uuid: ""` arrives here.
-        Target::Matching if is_broadcast(d) => discover(s, msg).await,
+        Target::Matching if is_broadcast(d) => discover(w, msg).await,
         Target::Matching | Target::MatchingElsewhere => {
             let empty = FieldTable::default();
             let headers = d.properties.headers().as_ref().unwrap_or(&empty);
             let to = crate::protocol::Addressed::of(headers);
             let skip = if matches!(target, Target::MatchingElsewhere) { to.uuid } else { None };
-            for h in s.components.addressed(&to).into_iter().filter(|h| Some(h.uuid()) != skip) {
+            for h in w.components.addressed(&to).into_iter().filter(|h| Some(h.uuid()) != skip) {
                 h.deliver(msg.clone()).await;
             }
         }
-        Target::Discovery => discover(s, msg).await,
+        Target::Discovery => discover(w, msg).await,
     }
 }
 
@@ -579,16 +619,16 @@ fn is_broadcast(d: &lapin::message::Delivery) -> bool {
 }
 
 /// A broadcast: a ping makes every component announce itself.
-async fn discover(s: &Shared, msg: Result<ActionRequest, Rejection>) {
+async fn discover(w: &Wiring, msg: Result<ActionRequest, Rejection>) {
     match msg {
         Ok(req) if req.action.is(Action::Ping) => {
             debug!("broadcast ping");
-            for h in s.components.handles() {
+            for h in w.components.handles() {
                 h.announce().await;
             }
         }
         Ok(req) => {
-            s.metrics.error(Fault::BroadcastAction);
+            w.metrics.error(Fault::BroadcastAction);
             warn!(action = %req.action, "ignoring a non-ping action addressed to no component (uuid \"\")");
         }
         Err(_) => {}

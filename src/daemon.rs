@@ -29,7 +29,7 @@ pub struct Shared {
     /// Host facts for status messages.
     pub info: DaemonInfo,
     /// Metrics.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// The embedded store.
     pub store: Store,
     /// The bus handle.
@@ -43,7 +43,7 @@ pub struct Shared {
     /// Kubernetes API clients.
     pub kube: Arc<crate::k8s::Clients>,
     /// Every running component, by uuid.
-    pub components: component::Registry,
+    pub components: Arc<component::Registry>,
 }
 
 impl Shared {
@@ -121,10 +121,18 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 pub async fn start_with(config: Config, options: Options) -> Result<Running, Error> {
     let kinds = config.kinds()?;
     let store = Store::open(&config.data_dir)?;
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let metrics = Metrics::new();
-    let (bus, runner) = Bus::new(&config.exchange, metrics.messages_out.clone());
+    let metrics = Arc::new(Metrics::new());
+    let (bus, runner) = Bus::new(&config.exchange, config.max_body_bytes, &metrics);
+    let components = Arc::new(component::Registry::default());
+    let wiring = crate::bus::Wiring {
+        url: config.broker.url.clone(),
+        exchange: config.exchange.clone(),
+        topology: config.topology,
+        components: components.clone(),
+        metrics: metrics.clone(),
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    };
     let shared = Arc::new(Shared {
         bus,
         kinds,
@@ -132,12 +140,12 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         info: DaemonInfo::detect(),
         metrics,
         store,
-        shutdown,
-        tracker,
+        shutdown: wiring.shutdown.clone(),
+        tracker: wiring.tracker.clone(),
         kube: Arc::new(options.kube_client.map(crate::k8s::Clients::fixed).unwrap_or_default()),
-        components: component::Registry::default(),
+        components,
     });
-    runner.spawn(&shared);
+    runner.spawn(wiring);
     // A start that fails half-way stops what it started (the bus, the
     // components so far) before it reports why: nothing is left running.
     let started = async {

@@ -262,7 +262,7 @@ impl Component {
                     None => break,
                     Some(cmd) => Wake::Command(cmd),
                 },
-                incoming = crate::bus::Inbox::next(&mut self.inbox, &self.shared) => match incoming {
+                incoming = crate::bus::Inbox::next(&mut self.inbox) => match incoming {
                     crate::bus::Incoming::Message(msg) => Wake::Message(msg),
                     crate::bus::Incoming::Panicked(panic) => Wake::Panicked(panic),
                 },

@@ -329,7 +329,7 @@ impl Devices {
 
     async fn delivery(&mut self, d: lapin::message::Delivery) {
         let _ = d.ack(BasicAckOptions::default()).await;
-        let Some(msg) = crate::bus::decode_delivery(&self.shared, &d) else { return };
+        let Some(msg) = self.shared.bus.decoder().decode(&d) else { return };
         let req: ActionRequest = match msg {
             Ok(r) => r,
             Err(rejection) => {
