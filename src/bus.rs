@@ -71,7 +71,7 @@ pub fn status_properties(headers: FieldTable) -> BasicProperties {
 
 impl Bus {
     /// A bus handle plus the supervisor that will serve it once started
-    /// with [`BusRunner::spawn`].
+    /// with `BusRunner::spawn`.
     /// Deliveries are decoded with `max_body_bytes` and counted in
     /// `metrics`, as is every message handed to the broker.
     pub fn new(exchange: &str, max_body_bytes: usize, metrics: &Arc<Metrics>) -> (Bus, BusRunner) {

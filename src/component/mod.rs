@@ -3,8 +3,11 @@
 //! its handle; only the task touches its state.
 //!
 //! The task loop (`Component::run`) selects over: commands from the handle,
-//! the due time of the next scheduled (`when`) action, the settle timer of
-//! the current transient state, the periodic status tick, and shutdown.
+//! its own queue's inbox (per-component topology), its driver's events, one
+//! timer for every deadline (the next scheduled `when` action, the driver's
+//! deadline, a coalesced publish, the periodic status), and shutdown. The
+//! driver-independent state is `core::Core`; what a type does is its
+//! driver (`driver/`).
 
 mod core;
 mod driver;

@@ -1,4 +1,4 @@
-//! Kubernetes: the Job simulator's objects ([`build`], pure), the API
+//! Kubernetes: the Job simulator's objects (`build.rs`, pure), the API
 //! clients ([`Clients`]), and the task that drives one component's Job
 //! ([`job`]): create, watch, suspend, delete.
 
