@@ -335,3 +335,18 @@ async fn completions_and_the_manual_page_are_generated() {
     let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar")).args(["completions", "tcsh"]).output().await;
     assert_eq!(o.unwrap().status.code(), Some(64), "an unknown shell is a usage error");
 }
+
+/// `scripts/test` ends with one summary line, also when tests failed (the
+/// summary is `scripts/summarize` over cargo's output).
+#[test]
+fn the_test_summary_counts_failures_too() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/summarize");
+    let log = "running 3 tests\ntest a ... ok\ntest result: ok. 3 passed; 0 failed; 0 ignored\n\
+               running 2 tests\ntest b ... FAILED\ntest result: FAILED. 1 passed; 1 failed; 0 ignored\n";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cargo test.log");
+    std::fs::write(&file, log).unwrap();
+    let o = std::process::Command::new(script).arg(&file).output().expect("the script runs");
+    assert!(o.status.success());
+    assert_eq!(text(&o.stdout), "tests: 4 passed, 1 failed\n");
+}
