@@ -919,3 +919,28 @@ async fn measures_arrive_over_mqtt_with_tls() {
     let _ = mosquitto.kill();
     let _ = mosquitto.wait();
 }
+
+/// TLS settings that cannot work (a CA file that holds no certificate) fail
+/// the gateway's start with the reason, instead of leaving MQTT silently
+/// off behind `running`.
+#[tokio::test]
+async fn a_gateway_whose_mqtt_tls_cannot_work_is_an_error_that_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate").unwrap();
+    let gw = Gw::with(json!({"mqtt_url": "mqtts://127.0.0.1:8883", "mqtt_ca": ca}));
+    let data = Data::bind(&gw.data).await;
+    let (d, c, mut l) = gw.env.up_with(gw.config()).await;
+    let st = eventually(WAIT, "the gateway reports its error", async || {
+        let st = d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+        (st["status"]["state"] == "error").then_some(st)
+    })
+    .await;
+    let msg = st["status"]["error"]["msg"].as_str().unwrap();
+    assert!(msg.contains("MQTT TLS: no CA certificate to trust"), "{st}");
+    // The rest of the daemon carries on.
+    c.publish(to_uuid(gw.env.dummy), &action("ping", json!({})), None).await.unwrap();
+    state_of(&mut l, gw.env.dummy, "idle").await;
+    data.close().await;
+    d.stop().await.unwrap();
+}

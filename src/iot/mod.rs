@@ -148,9 +148,24 @@ impl Settings {
             return Err(ErrorInfo::new(format!("Unsupported MQTT URL {shown}: use mqtt:// or mqtts://"))
                 .with("property", "mqtt_url"));
         }
+        if let Some(url) = &mqtt_url
+            && south::parse_mqtt_url(url).is_none()
+        {
+            let shown = crate::config::redact_url(url);
+            return Err(ErrorInfo::new(format!(
+                "Invalid MQTT URL {shown}: expected mqtt[s]://[user[:password]@]host[:port]"
+            ))
+            .with("property", "mqtt_url"));
+        }
         let tls = mqtt_url.as_deref().is_some_and(|u| u.starts_with("mqtts://"));
+        let mqtt_tls = MqttTls::from_properties(p, tls)?;
+        // A CA or key that does not parse fails the gateway's start, with the
+        // reason in its error, rather than leaving MQTT off behind `running`.
+        if let Some(t) = &mqtt_tls {
+            south::tls_config(t).map_err(|e| ErrorInfo::new(format!("MQTT TLS: {e}")).with("property", "mqtt_ca"))?;
+        }
         Ok(Settings {
-            mqtt_tls: MqttTls::from_properties(p, tls)?,
+            mqtt_tls,
             mqtt_url,
             mqtt_qos: p.get("mqtt_qos").and_then(Value::as_u64).unwrap_or(1).min(1) as u8,
             mqtt_shared_group: prop_str(p, "mqtt_shared_group").unwrap_or_default(),
@@ -689,8 +704,12 @@ mod tests {
         assert!(
             err(json!({"mqtt_url": "mqtts://b", "mqtt_ca": "/nonexistent.pem"})).starts_with("Cannot read mqtt_ca")
         );
-        let s = Settings::from_properties(&props(json!({"mqtt_url": "mqtts://b"}))).unwrap();
-        assert!(s.mqtt_tls.is_some_and(|t| t.ca.is_none() && t.client.is_none()), "the system's roots");
+        assert!(err(json!({"mqtt_url": "mqtt://host:notaport"})).starts_with("Invalid MQTT URL"));
+        let garbage = std::env::temp_dir().join(format!("busbar-not-a-ca-{}.pem", std::process::id()));
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        let e = err(json!({"mqtt_url": "mqtts://b", "mqtt_ca": garbage}));
+        let _ = std::fs::remove_file(&garbage);
+        assert!(e.starts_with("MQTT TLS: "), "{e}");
     }
 
     #[test]

@@ -174,7 +174,7 @@ type Credentials = (String, String);
 
 /// Host, port and credentials of an `mqtt://[user[:pass]@]host[:port]` URL
 /// (`mqtts://`: TLS, port 8883 by default).
-fn parse_mqtt_url(url: &str) -> Option<(String, u16, Option<Credentials>)> {
+pub(crate) fn parse_mqtt_url(url: &str) -> Option<(String, u16, Option<Credentials>)> {
     let (rest, default_port) = match url.strip_prefix("mqtts://") {
         Some(rest) => (rest, 8883),
         None => (url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://"))?, 1883),
@@ -196,7 +196,7 @@ fn parse_mqtt_url(url: &str) -> Option<(String, u16, Option<Credentials>)> {
 }
 
 /// The rustls client configuration of an `mqtts://` broker.
-fn tls_config(tls: &super::MqttTls) -> Result<rustls::ClientConfig, String> {
+pub(crate) fn tls_config(tls: &super::MqttTls) -> Result<rustls::ClientConfig, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
