@@ -24,8 +24,19 @@ use crate::protocol::ErrorInfo;
 /// what it may execute, with which environment, which files it reads, and
 /// where it listens. A runtime `create` may set them only where the config
 /// allows (`sandbox.create_may_set`).
-pub const PRIVILEGED_PROPERTIES: &[&str] =
-    &["whitelist", "shell", "allowed_environment", "script", "kubeconfig", "north_bind", "south_bind"];
+pub const PRIVILEGED_PROPERTIES: &[&str] = &[
+    "whitelist",
+    "shell",
+    "allowed_environment",
+    "script",
+    "kubeconfig",
+    "north_bind",
+    "south_bind",
+    // Files the daemon reads (as root, often): a create must not name them.
+    "mqtt_ca",
+    "mqtt_cert",
+    "mqtt_key",
+];
 
 /// Environment variables no component may set, whatever it allows: they
 /// make the dynamic loader, libc or an interpreter load code of the
@@ -272,6 +283,11 @@ mod tests {
         assert!(check_create(&p, &["whitelist".into()]).unwrap_err().msg().contains("shell"));
         assert!(check_create(&p, &["whitelist".into(), "shell".into()]).is_ok());
         assert!(check_create(&props(json!({"category": "simulator", "type": "dummy", "location": "x"})), &[]).is_ok());
+        // A gateway's TLS files are paths the daemon reads: never from the bus.
+        let gw = props(
+            json!({"category": "gateway", "type": "iot-agent", "mqtt_url": "mqtts://h", "mqtt_key": "/etc/shadow"}),
+        );
+        assert!(check_create(&gw, &[]).unwrap_err().msg().starts_with("A create may not set mqtt_key"));
     }
 
     #[test]
