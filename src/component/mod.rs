@@ -217,7 +217,13 @@ pub(crate) fn spawn(
 impl Component {
     /// The driver's view of the component.
     fn cx(&mut self) -> Cx<'_> {
-        Cx { core: &mut self.core, shared: &self.shared }
+        self.parts().1
+    }
+
+    /// The driver and its view of the component, borrowed apart (a driver
+    /// call takes both).
+    fn parts(&mut self) -> (&mut dyn Driver, Cx<'_>) {
+        (self.driver.as_mut(), Cx { core: &mut self.core, shared: &self.shared })
     }
 
     fn uuid(&self) -> Uuid {
@@ -298,8 +304,8 @@ impl Component {
 
     /// The task starts: the driver adopts or starts what it runs.
     async fn started(&mut self) {
-        let cx = Cx { core: &mut self.core, shared: &self.shared };
-        if self.driver.started(cx).await {
+        let (driver, cx) = self.parts();
+        if driver.started(cx).await {
             self.publish(None).await;
         }
     }
@@ -307,23 +313,23 @@ impl Component {
     /// The component is deleted: the driver releases what it holds (its
     /// Job, its agent), then the component publishes `gone`.
     async fn remove(&mut self) {
-        let cx = Cx { core: &mut self.core, shared: &self.shared };
-        self.driver.remove(cx).await;
+        let (driver, cx) = self.parts();
+        driver.remove(cx).await;
         self.cx().observe(Observed::Deleted, State::Gone);
         self.publish(None).await;
     }
 
     /// The driver's own task reported: apply it, publish.
     async fn on_driver_event(&mut self, ev: driver::Event) {
-        let cx = Cx { core: &mut self.core, shared: &self.shared };
-        self.driver.on_event(cx, ev);
+        let (driver, cx) = self.parts();
+        driver.on_event(cx, ev);
         self.publish(None).await;
     }
 
     /// The driver's deadline passed.
     async fn on_deadline(&mut self, now: Instant) {
-        let cx = Cx { core: &mut self.core, shared: &self.shared };
-        if self.driver.on_deadline(cx, now) {
+        let (driver, cx) = self.parts();
+        if driver.on_deadline(cx, now) {
             self.publish(None).await;
         }
     }
@@ -484,8 +490,8 @@ impl Component {
             }
             return self.fail(info, reply).await;
         }
-        let cx = Cx { core: &mut self.core, shared: &self.shared };
-        let outcome = self.driver.act(cx, action, &req).await;
+        let (driver, cx) = self.parts();
+        let outcome = driver.act(cx, action, &req).await;
         // What the driver asked of the daemon, done before anyone is told.
         for request in self.core.take_requests() {
             self.carry_out(request).await;
