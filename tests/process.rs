@@ -353,7 +353,7 @@ async fn after_kill_9_the_next_daemon_stops_the_child_it_left() {
     let mut daemon = spawn();
     eventually(WAIT, "the daemon answers", async || {
         ping().await.unwrap();
-        status_of_within(&mut l, lab.generic, Duration::from_millis(300)).await
+        status_within(&mut l, lab.generic, Duration::from_millis(300), |_| true).await
     })
     .await;
     c.publish(to_uuid(lab.generic), &start("sleeper.sh", json!([])), None).await.unwrap();
@@ -366,9 +366,7 @@ async fn after_kill_9_the_next_daemon_stops_the_child_it_left() {
     let mut daemon = spawn();
     let st = eventually(WAIT, "the next daemon reports what it stopped", async || {
         ping().await.unwrap();
-        status_of_within(&mut l, lab.generic, Duration::from_millis(300))
-            .await
-            .filter(|s| s["status"]["recovered"].is_object())
+        status_within(&mut l, lab.generic, Duration::from_millis(300), |s| s["status"]["recovered"].is_object()).await
     })
     .await;
     assert_eq!(st["status"]["recovered"]["action"], "stopped");
@@ -378,16 +376,4 @@ async fn after_kill_9_the_next_daemon_stops_the_child_it_left() {
         .unwrap();
     assert!(daemon.wait().await.unwrap().success(), "clean shutdown");
     c.close().await;
-}
-
-/// The next status of `uuid` within `window`, if any.
-async fn status_of_within(l: &mut busbar::client::Listener, uuid: Uuid, window: Duration) -> Option<Value> {
-    let end = Instant::now() + window;
-    let want = uuid.to_string();
-    while let Some(seen) = l.next_until(end).await {
-        if seen.is_status() && seen.payload.pointer("/properties/uuid").and_then(Value::as_str) == Some(want.as_str()) {
-            return Some(seen.payload);
-        }
-    }
-    None
 }

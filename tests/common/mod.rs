@@ -194,17 +194,27 @@ impl Drop for TestEnv {
 
 /// Wait for a status of `uuid` satisfying `pred`.
 pub async fn status_of(l: &mut Listener, uuid: Uuid, pred: impl Fn(&Value) -> bool) -> Value {
-    let end = Instant::now() + WAIT;
+    status_within(l, uuid, WAIT, pred).await.unwrap_or_else(|| panic!("no matching status from {uuid} within {WAIT:?}"))
+}
+
+/// The next status of `uuid` that satisfies `pred` within `window`, if any.
+pub async fn status_within(
+    l: &mut Listener,
+    uuid: Uuid,
+    window: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Option<Value> {
+    let end = Instant::now() + window;
     let want = uuid.to_string();
-    loop {
-        let seen = l.next_until(end).await.unwrap_or_else(|| panic!("no matching status from {uuid} within {WAIT:?}"));
+    while let Some(seen) = l.next_until(end).await {
         if seen.is_status()
             && seen.payload.pointer("/properties/uuid").and_then(Value::as_str) == Some(&want)
             && pred(&seen.payload)
         {
-            return seen.payload;
+            return Some(seen.payload);
         }
     }
+    None
 }
 
 /// Wait for the status of `uuid` to be in `state`.
