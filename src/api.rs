@@ -54,14 +54,21 @@ pub async fn serve(shared: Arc<Shared>) -> Result<SocketAddr, crate::serve::Bind
     let listener = crate::serve::bind(bind).await?;
     let addr = listener.local_addr().map_err(|source| crate::serve::BindError { addr: bind, source })?;
     let limits = shared.config.api.limits();
-    let observe = crate::serve::Observe::new("api", &shared.metrics);
-    crate::serve::spawn(&shared.tracker, listener, app(shared.clone()), shared.shutdown.clone(), limits, observe);
+    let observe = crate::serve::Observe::new("api", &shared.env.metrics);
+    crate::serve::spawn(
+        &shared.env.tracker,
+        listener,
+        app(shared.clone()),
+        shared.env.shutdown.clone(),
+        limits,
+        observe,
+    );
     Ok(addr)
 }
 
 async fn index(State(s): State<Arc<Shared>>) -> Json<Value> {
-    let components: Vec<String> = s.components.handles().iter().map(|h| h.uuid().to_string()).collect();
-    Json(json!({"components": components, "status": s.info.summary()}))
+    let components: Vec<String> = s.env.components.handles().iter().map(|h| h.uuid().to_string()).collect();
+    Json(json!({"components": components, "status": s.env.info.summary()}))
 }
 
 /// What is wrong with the daemon, one entry per problem: the broker
@@ -70,10 +77,10 @@ async fn index(State(s): State<Arc<Shared>>) -> Json<Value> {
 /// within a second counts as a problem too.
 async fn problems(s: &Shared) -> Vec<Value> {
     let mut out = Vec::new();
-    if !s.bus.connected() {
+    if !s.env.bus.connected() {
         out.push(json!({"what": "broker", "msg": "broker disconnected"}));
     }
-    for h in s.components.handles() {
+    for h in s.env.components.handles() {
         let uuid = h.uuid().to_string();
         if !h.is_alive() {
             out.push(json!({"what": "component", "uuid": uuid, "msg": "the component's task has stopped"}));
@@ -110,7 +117,7 @@ async fn health(State(s): State<Arc<Shared>>, query: axum::extract::RawQuery) ->
         Some(p) => json!({"status": "error", "msg": p["msg"]}),
     };
     if verbose {
-        body["components"] = s.components.len().into();
+        body["components"] = s.env.components.len().into();
         body["problems"] = Value::Array(problems);
     }
     (code, Json(body)).into_response()
@@ -119,7 +126,7 @@ async fn health(State(s): State<Arc<Shared>>, query: axum::extract::RawQuery) ->
 fn find(s: &Shared, uuid: &str) -> Result<crate::component::ComponentHandle, ApiError> {
     let not_found = || ApiError(StatusCode::NOT_FOUND, format!("No component with uuid {uuid}"));
     let u = Uuid::parse_str(uuid).map_err(|_| not_found())?;
-    s.components.lookup(u).ok_or_else(not_found)
+    s.env.components.lookup(u).ok_or_else(not_found)
 }
 
 /// `GET /api/v1/component/{uuid}`: a component's status, or a device's
@@ -135,7 +142,7 @@ async fn component_status(State(s): State<Arc<Shared>>, Path(uuid): Path<String>
 /// The status of device `uuid`, from the gateway that has it.
 async fn device_status(s: &Shared, uuid: &str) -> Option<Value> {
     let uuid = Uuid::parse_str(uuid).ok()?;
-    for gateway in s.components.handles().into_iter().filter(|h| h.keys.category == "gateway") {
+    for gateway in s.env.components.handles().into_iter().filter(|h| h.keys.category == "gateway") {
         if let Some(status) = gateway.member_status(uuid).await {
             return Some(status);
         }
@@ -163,7 +170,7 @@ async fn component_action(
             return Err(ApiError(StatusCode::BAD_REQUEST, "Missing action".into()));
         }
         Err(r) => {
-            s.metrics.error((&r).into());
+            s.env.metrics.error((&r).into());
             return Err(ApiError(StatusCode::BAD_REQUEST, r.to_string()));
         }
     };
@@ -173,7 +180,7 @@ async fn component_action(
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        s.metrics.render(),
+        s.env.metrics.render(),
     )
         .into_response()
 }

@@ -8,11 +8,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use uuid::Uuid;
 
 use crate::Error;
 use crate::bus::Bus;
-use crate::component::{self, ComponentHandle, kinds};
+use crate::component;
 use crate::config::{ComponentSpec, Config};
 use crate::metrics::Metrics;
 use crate::protocol::DaemonInfo;
@@ -21,56 +20,14 @@ use crate::store::Store;
 /// How long shutdown waits for tasks before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// State shared by every task of one daemon.
+/// What the daemon's own parts share: its configuration (for the API) and
+/// the environment every component runs in.
 #[derive(Debug)]
 pub struct Shared {
     /// The configuration it runs with.
     pub config: Config,
-    /// Host facts for status messages.
-    pub info: DaemonInfo,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// The embedded store.
-    pub store: Store,
-    /// The bus handle.
-    pub bus: Bus,
-    /// Known component types.
-    pub kinds: kinds::Kinds,
-    /// Cancelled once, on shutdown.
-    pub shutdown: CancellationToken,
-    /// Every long-lived task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Kubernetes API clients.
-    pub kube: Arc<crate::k8s::Clients>,
-    /// Every running component, by uuid.
-    pub components: Arc<component::Registry>,
-}
-
-impl Shared {
-    /// Start a component, register it and route it; it announces itself as
-    /// soon as its queue is bound.
-    pub(crate) async fn add_component(
-        self: &Arc<Self>,
-        spec: &ComponentSpec,
-        kind: Arc<kinds::Kind>,
-        uuid: Uuid,
-        managed_by: Option<Uuid>,
-        persisted: bool,
-    ) -> ComponentHandle {
-        let handle = component::spawn(self, spec, kind, uuid, managed_by, persisted);
-        self.components.insert(handle.clone());
-        self.bus.subscribe(handle.clone());
-        handle
-    }
-
-    /// Unroute and unregister a component; it publishes `gone` once and stops.
-    pub(crate) async fn remove_component(&self, uuid: Uuid) {
-        let handle = self.components.remove(uuid);
-        if let Some(h) = handle {
-            self.bus.unsubscribe((*h.keys).clone());
-            h.remove().await;
-        }
-    }
+    /// What components and IoT agents use (they see nothing else).
+    pub env: Arc<component::Env>,
 }
 
 /// A running daemon, as returned by [`start`].
@@ -86,10 +43,11 @@ impl Running {
     /// Stop everything and wait for every task to finish; an error if some
     /// task is still running after the grace period.
     pub async fn stop(self) -> Result<(), Error> {
-        self.shared.shutdown.cancel();
-        self.shared.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.tracker.wait()).await.is_err() {
-            warn!(tasks = self.shared.tracker.len(), "some tasks did not stop within {SHUTDOWN_GRACE:?}");
+        let env = &self.shared.env;
+        env.shutdown.cancel();
+        env.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, env.tracker.wait()).await.is_err() {
+            warn!(tasks = env.tracker.len(), "some tasks did not stop within {SHUTDOWN_GRACE:?}");
             return Err(Error::Timeout(SHUTDOWN_GRACE));
         }
         info!("Goodbye");
@@ -133,10 +91,17 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
     };
-    let shared = Arc::new(Shared {
+    let settings = component::Settings {
+        realm: config.realm.clone(),
+        status_interval: config.status_interval(),
+        create_may_set: config.sandbox.create_may_set.clone(),
+        broker_url: config.broker.url.clone(),
+        data_dir: config.data_dir.clone(),
+    };
+    let env = Arc::new(component::Env {
+        settings,
         bus,
         kinds,
-        config,
         info: DaemonInfo::detect(),
         metrics,
         store,
@@ -145,12 +110,13 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         kube: Arc::new(options.kube_client.map(crate::k8s::Clients::fixed).unwrap_or_default()),
         components,
     });
+    let shared = Arc::new(Shared { config, env });
     runner.spawn(wiring);
     // A start that fails half-way stops what it started (the bus, the
     // components so far) before it reports why: nothing is left running.
     let started = async {
         start_components(&shared).await?;
-        component::sweep_orphans(&shared);
+        component::sweep_orphans(&shared.env);
         if !shared.config.api.enabled {
             return Ok::<_, Error>(None);
         }
@@ -166,7 +132,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
             return Err(e);
         }
     };
-    info!(components = shared.components.len(), api = ?api_addr, "busbar started");
+    info!(components = shared.env.components.len(), api = ?api_addr, "busbar started");
     Ok(Running { shared, api_addr })
 }
 
@@ -175,7 +141,7 @@ pub async fn run(config: Config, signal: impl std::future::Future<Output = ()>) 
     let running = start(config).await?;
     tokio::select! {
         _ = signal => info!("shutdown requested"),
-        _ = running.shared.shutdown.cancelled() => {}
+        _ = running.shared.env.shutdown.cancelled() => {}
     }
     running.stop().await
 }
@@ -186,6 +152,7 @@ fn spec_map(pairs: &[(&str, Value)]) -> Map<String, Value> {
 
 async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
     let cfg = &shared.config;
+    let env = &shared.env;
     let mut specs: Vec<ComponentSpec> = Vec::new();
     for (i, map) in cfg.components.iter().enumerate() {
         let spec = ComponentSpec::from_map(map.clone()).map_err(|e| Error::spec(format!("components[{i}]"), e))?;
@@ -201,31 +168,31 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
             ("category", "manager".into()),
             ("type", "generic".into()),
             ("name", "Generic Manager".into()),
-            ("location", shared.info.host.clone().into()),
+            ("location", env.info.host.clone().into()),
         ]))
         .map_err(|e| Error::spec("the implicit root manager", e))?,
     };
     let root_uuid = match root.uuid.or(cfg.uuid) {
         Some(u) => u,
-        None => shared.store.identity("manager/generic/root")?,
+        None => env.store.identity("manager/generic/root")?,
     };
-    let kind = shared.kinds.check(&root).map_err(|e| Error::spec("the root manager", e))?;
-    shared.add_component(&root, kind, root_uuid, None, false).await;
+    let kind = env.kinds.check(&root).map_err(|e| Error::spec("the root manager", e))?;
+    env.add_component(&root, kind, root_uuid, None, false).await;
 
     for spec in specs {
         let at = || format!("component {:?} ({}/{})", spec.name, spec.category, spec.kind);
-        let kind = shared.kinds.check(&spec).map_err(|e| Error::spec(at(), e))?;
+        let kind = env.kinds.check(&spec).map_err(|e| Error::spec(at(), e))?;
         let uuid = match spec.uuid {
             Some(u) => u,
-            None => shared.store.identity(&format!("config:{}/{}/{}", spec.category, spec.kind, spec.name))?,
+            None => env.store.identity(&format!("config:{}/{}/{}", spec.category, spec.kind, spec.name))?,
         };
-        if shared.components.lookup(uuid).is_some() {
+        if env.components.lookup(uuid).is_some() {
             return Err(Error::spec(at(), crate::config::SpecError::new("uuid", format!("duplicate uuid {uuid}"))));
         }
-        shared.add_component(&spec, kind, uuid, Some(root_uuid), false).await;
+        env.add_component(&spec, kind, uuid, Some(root_uuid), false).await;
     }
 
-    for stored in shared.store.components()? {
+    for stored in env.store.components()? {
         let spec = match ComponentSpec::from_map(stored.spec.clone()) {
             Ok(s) => s,
             Err(e) => {
@@ -233,16 +200,16 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
                 continue;
             }
         };
-        let Ok(kind) = shared.kinds.check(&spec) else {
+        let Ok(kind) = env.kinds.check(&spec) else {
             warn!(uuid = %stored.uuid, r#type = %spec.kind, "skipping stored component of unknown type");
             continue;
         };
-        if shared.components.lookup(stored.uuid).is_some() {
+        if env.components.lookup(stored.uuid).is_some() {
             warn!(uuid = %stored.uuid, "stored component clashes with a configured one; configured wins");
             continue;
         }
-        let manager = if shared.components.lookup(stored.manager).is_some() { stored.manager } else { root_uuid };
-        shared.add_component(&spec, kind, stored.uuid, Some(manager), true).await;
+        let manager = if env.components.lookup(stored.manager).is_some() { stored.manager } else { root_uuid };
+        env.add_component(&spec, kind, stored.uuid, Some(manager), true).await;
     }
     Ok(())
 }

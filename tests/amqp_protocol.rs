@@ -214,9 +214,9 @@ async fn every_kind_of_bad_input_is_rejected_and_pings_are_still_answered() {
     assert_eq!(st["status"]["error"]["msg"], "Unsupported action");
     c.publish(to_uuid(env.manager), &json!({"action": "ping"}), None).await.unwrap();
     state_of(&mut l, env.manager, "error").await;
-    assert!(d.shared.metrics.error_count("invalid_json") >= 2);
-    assert_eq!(d.shared.metrics.error_count("too_large"), 1);
-    assert_eq!(d.shared.metrics.error_count("unsupported_action"), 1);
+    assert!(d.shared.env.metrics.error_count("invalid_json") >= 2);
+    assert_eq!(d.shared.env.metrics.error_count("too_large"), 1);
+    assert_eq!(d.shared.env.metrics.error_count("unsupported_action"), 1);
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }

@@ -89,13 +89,13 @@ async fn create_and_delete_through_the_cli() {
     let params = format!("{{category: simulator, type: dummy, name: From CLI, uuid: {u}}}");
     let o = busbar(&env, &["create", "-m", &m, "-p", &params]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    assert!(d.shared.components.lookup(u.parse().unwrap()).is_some());
+    assert!(d.shared.env.components.lookup(u.parse().unwrap()).is_some());
     let o = busbar(&env, &["create", "-m", &m, "-p", &params]).await;
     assert_eq!(o.status.code(), Some(1), "duplicate");
     assert!(text(&o.stderr).contains("Duplicate uuid"), "{}", text(&o.stderr));
     let o = busbar(&env, &["delete", "-m", &m, "-u", &u]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    assert!(d.shared.components.lookup(u.parse().unwrap()).is_none());
+    assert!(d.shared.env.components.lookup(u.parse().unwrap()).is_none());
     let o = busbar(&env, &["delete", "-m", &m, "-u", &u]).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("Unknown component"));

@@ -169,7 +169,7 @@ async fn an_oversized_mqtt_message_is_refused_once_and_measures_keep_flowing() {
     assert!(m.key.ends_with(".small"), "{m:?}");
     let uuid = g.uuid;
     eventually(WAIT, "the oversized message counted once, MQTT connected", async || {
-        let st = d.shared.components.lookup(uuid).unwrap().status().await.unwrap();
+        let st = d.shared.env.components.lookup(uuid).unwrap().status().await.unwrap();
         (st["status"]["counters"]["errors"]["too_large"] == 1 && st["status"]["mqtt_connected"] == true).then_some(())
     })
     .await;
@@ -269,7 +269,7 @@ async fn a_create_cannot_widen_the_sandbox_unless_the_config_allows_it() {
     let st = status_of(&mut l, m, |s| s["status"]["error"]["msg"].is_string()).await;
     let msg = st["status"]["error"]["msg"].as_str().unwrap();
     assert!(msg.starts_with("A create may not set whitelist"), "{msg}");
-    assert!(d.shared.components.lookup(evil).is_none(), "nothing was created");
+    assert!(d.shared.env.components.lookup(evil).is_none(), "nothing was created");
     // Nested under `properties` (the Kubernetes managers' shape) as well.
     c.publish(to_uuid(m), &action("reset", json!({})), None).await.unwrap();
     d.stop().await.expect("clean shutdown");

@@ -141,7 +141,7 @@ async fn provisioning_calls_answer_with_the_upstream_codes_and_errors() {
         assert!(matches!(v, Some("0" | "1")), "{gauge} missing: {text}");
     }
     // The daemon's registry has the same families for every gateway.
-    let daemon = d.shared.metrics.render();
+    let daemon = d.shared.env.metrics.render();
     let labelled = format!("busbar_gateway_devices{{gateway=\"{}\"}} 1", gw.uuid);
     assert!(daemon.contains(&labelled), "{labelled} missing:\n{daemon}");
     let north = r#"busbar_http_requests_total{server="north",route="/admin/log",method="PUT",status="400"} 2"#;
@@ -201,7 +201,7 @@ async fn an_http_measure_becomes_the_exact_device_data_message_and_updates_the_d
     }
     assert_eq!(get(uuid::Uuid::new_v4().to_string()).await.0, 404, "an unknown uuid is no device");
     // The gateway counts it.
-    let gst = d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+    let gst = d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap();
     assert_eq!(gst["status"]["counters"]["measures_in"]["http"], 1);
     assert_eq!(gst["status"]["counters"]["devices"], 1);
     data.close().await;
@@ -265,7 +265,7 @@ async fn mqtt_and_amqp_measures_reach_the_federation_in_every_topic_form() {
     assert_eq!(data.next().await.body["attrs"]["temperature"], 7);
     publish(format!(".{k}.dev1.attrs.h"), "55".into()).await;
     assert_eq!(data.next().await.body["attrs"]["h"], 55);
-    let st = d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+    let st = d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap();
     let counters = &st["status"]["counters"];
     assert_eq!(counters["measures_in"]["mqtt"], 5, "{counters}");
     assert_eq!(counters["measures_in"]["amqp"], 2, "{counters}");
@@ -388,7 +388,7 @@ async fn the_upstream_bugs_do_not_happen() {
     let (_, b) = g.north("GET", "/iot/devices/dev1", Some(LAB), None).await;
     assert_eq!(b["entity_name"], "urn:lab:Sensor:dev1", "tenant lab's device untouched");
     // The MQTT client reconnects after the broker drops it, and re-subscribes.
-    let st = d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+    let st = d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap();
     assert_eq!(st["status"]["mqtt_connected"], true);
     data.close().await;
     d.stop().await.unwrap();
@@ -423,7 +423,7 @@ async fn stopped_gateways_refuse_south_traffic_and_start_takes_it_again() {
     // The MQTT measure never reached the gateway (it unsubscribed): only the
     // HTTP one was refused. Were it still subscribed, the MQTT measure would
     // arrive and be refused too, and this count would be 2.
-    let st = d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+    let st = d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap();
     let refused = st.pointer("/status/counters/errors/gateway_stopped").and_then(Value::as_u64);
     assert_eq!(refused, Some(1), "{st}");
     // Provisioning still works while stopped.
@@ -523,7 +523,7 @@ async fn an_mqtt_broker_restart_mid_stream_loses_no_qos1_measure() {
         };
         seen.insert(m.body["attrs"]["seq"].as_u64().unwrap());
     }
-    let st = d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+    let st = d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap();
     assert!(st["status"]["counters"]["errors"]["mqtt_disconnect"].as_u64() >= Some(1), "{st}");
     data.close().await;
     d.stop().await.unwrap();
@@ -576,7 +576,8 @@ async fn measures_wait_while_the_federation_broker_is_gone_and_arrive_in_order()
     let g = Gateway::of(&d, gw.uuid).await;
     let k = format!("k{}", gw.env.id);
     g.provision(LAB, group(&k), dev1()).await;
-    let status = || async { d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap()["status"].clone() };
+    let status =
+        || async { d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap()["status"].clone() };
     for seq in 0..20 {
         assert_eq!(g.measure(&k, "dev1", json!({"seq": seq})).await.0, 200);
     }
@@ -628,7 +629,8 @@ async fn a_full_buffer_drops_the_oldest_and_counts_them() {
     g.provision(LAB, group(&k), dev1()).await;
     user.refuse();
     close_connections(&format!("busbar federation gateway={}", gw.uuid));
-    let status = || async { d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap()["status"].clone() };
+    let status =
+        || async { d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap()["status"].clone() };
     eventually(WAIT, "the publisher notices", async || (status().await["federation_connected"] == false).then_some(()))
         .await;
     for seq in 0..25 {
@@ -759,7 +761,7 @@ async fn dojot_topics_feed_provisioned_devices_when_enabled() {
     // No autoprovisioning for dojot: an unknown device is dropped and counted.
     mqtt.publish(&gw.topic(&format!("{tenant}:ffff/attrs")), "{\"x\": 1}", 1).await;
     data.quiet(Duration::from_millis(300)).await;
-    let st = d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+    let st = d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap();
     assert_eq!(st["status"]["counters"]["errors"]["device_not_found"], 1, "{st}");
     data.close().await;
     d.stop().await.unwrap();
@@ -815,7 +817,7 @@ async fn a_gateway_that_cannot_listen_is_an_error_until_reset_after_the_port_is_
     let gw = Gw::with(json!({"north_bind": format!("127.0.0.1:{port}")}));
     let data = Data::bind(&gw.data).await;
     let (d, c, mut l) = gw.env.up_with(gw.config()).await;
-    let st = d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+    let st = d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap();
     assert_eq!(st["status"]["state"], "error", "{st}");
     assert!(
         st["status"]["error"]["msg"].as_str().unwrap().contains(&format!("Cannot listen on 127.0.0.1:{port}")),
@@ -932,7 +934,7 @@ async fn a_gateway_whose_mqtt_tls_cannot_work_is_an_error_that_says_why() {
     let data = Data::bind(&gw.data).await;
     let (d, c, mut l) = gw.env.up_with(gw.config()).await;
     let st = eventually(WAIT, "the gateway reports its error", async || {
-        let st = d.shared.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+        let st = d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap();
         (st["status"]["state"] == "error").then_some(st)
     })
     .await;

@@ -117,7 +117,7 @@ async fn create_start_run_succeed_and_return_to_idle() {
     assert_eq!(st["status"]["managed_by"], lab.k8s.to_string());
     assert_eq!(st["schema"]["start"]["properties"]["digits"]["type"], "integer", "custom schema advertised: {st}");
     assert_eq!(st["properties"]["namespace"], NS);
-    let mgr = d.shared.components.lookup(lab.k8s).unwrap().status().await.unwrap();
+    let mgr = d.shared.env.components.lookup(lab.k8s).unwrap().status().await.unwrap();
     assert_eq!(mgr["components"], json!([sim.to_string()]));
 
     // The custom start schema is enforced.
@@ -459,6 +459,6 @@ async fn a_create_without_a_usable_kubeconfig_is_refused_in_its_answer() {
         err.contains("Cannot create a Kubernetes simulator: Kubernetes configuration: /nonexistent/kubeconfig"),
         "{err}"
     );
-    assert!(d.shared.components.lookup(sim).is_none(), "nothing was created");
+    assert!(d.shared.env.components.lookup(sim).is_none(), "nothing was created");
     d.stop().await.expect("clean shutdown");
 }

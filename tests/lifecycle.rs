@@ -59,7 +59,7 @@ async fn an_invalid_transition_errors_and_reset_recovers() {
     // And the daemon keeps going.
     c.publish(to_uuid(env.dummy), &action("start", json!({"runtime": 0})), None).await.unwrap();
     state_of(&mut l, env.dummy, "running").await;
-    assert_eq!(d.shared.metrics.error_count("invalid_transition"), 2);
+    assert_eq!(d.shared.env.metrics.error_count("invalid_transition"), 2);
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
@@ -145,7 +145,7 @@ async fn created_components_survive_a_restart_with_the_same_uuid() {
 
     let d = env.start().await;
     for u in [created, anon] {
-        let h = d.shared.components.lookup(u).unwrap_or_else(|| panic!("{u} restored"));
+        let h = d.shared.env.components.lookup(u).unwrap_or_else(|| panic!("{u} restored"));
         assert_eq!(h.managed_by, Some(env.manager));
         c.publish(to_uuid(u), &json!({"action": "ping"}), None).await.unwrap();
         state_of(&mut l, u, "idle").await;
@@ -183,7 +183,7 @@ async fn create_errors_are_clear_and_leave_the_daemon_running() {
         let st = status_of(&mut l, env.manager, has_error(msg)).await;
         assert_eq!(st["status"]["state"], "idle", "{st}");
     }
-    assert_eq!(d.shared.components.len(), 2);
+    assert_eq!(d.shared.env.components.len(), 2);
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
@@ -204,7 +204,7 @@ async fn a_refused_create_leaves_the_manager_able_to_create_the_next_one() {
     let created = c.act_and_wait(&m, &action("create", ok), Goal::Created { follow: u }, wait).await;
     assert!(matches!(created, Ok(Outcome::Reached(_))), "{created:?}");
     state_of(&mut l, u, "idle").await;
-    assert!(d.shared.components.lookup(u).is_some());
+    assert!(d.shared.env.components.lookup(u).is_some());
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
@@ -233,11 +233,11 @@ async fn a_deleted_component_publishes_gone_once_and_then_stays_silent() {
         .filter(|s| s.payload.pointer("/properties/uuid").and_then(Value::as_str) == Some(&u.to_string()))
         .collect();
     assert!(from_u.is_empty(), "silence after gone, got {}", from_u.len());
-    assert!(d.shared.components.lookup(u).is_none());
+    assert!(d.shared.env.components.lookup(u).is_none());
     d.stop().await.expect("clean shutdown");
     // Not resurrected by a restart either.
     let d = env.start().await;
-    assert!(d.shared.components.lookup(u).is_none());
+    assert!(d.shared.env.components.lookup(u).is_none());
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
@@ -251,12 +251,12 @@ async fn state_survives_a_broker_side_connection_drop_and_the_daemon_reconnects(
     let (d, c, mut l) = env.up(&env.config_yaml()).await;
     c.publish(to_uuid(env.dummy), &action("start", json!({"runtime": 0})), None).await.unwrap();
     state_of(&mut l, env.dummy, "running").await;
-    let before = d.shared.metrics.connects.get();
+    let before = d.shared.env.metrics.connects.get();
     close_connections(&format!("busbar daemon exchange={}", env.exchange));
     // Reconnected, topology redeclared, announced again with the state kept.
     let st = state_of(&mut l, env.dummy, "running").await;
     assert_eq!(st["properties"]["uuid"], env.dummy.to_string());
-    eventually(WAIT, "a reconnect", async || (d.shared.metrics.connects.get() != before).then_some(())).await;
+    eventually(WAIT, "a reconnect", async || (d.shared.env.metrics.connects.get() != before).then_some(())).await;
     c.publish(to_uuid(env.dummy), &json!({"action": "ping"}), None).await.unwrap();
     state_of(&mut l, env.dummy, "running").await;
     c.publish(to_uuid(env.dummy), &action("stop", json!({})), None).await.unwrap();

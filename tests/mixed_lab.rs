@@ -155,7 +155,7 @@ async fn the_cli_waits_for_a_daemon_that_never_sends_correlated_replies() {
     let o = cli(&env, &["create", "-m", &m, "-p", "{category: simulator, type: dummy, name: sim-y}"]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let mine = Uuid::try_parse(text(&o.stdout).trim()).expect("create prints the new uuid");
-    assert!(d.shared.components.lookup(mine).is_some());
+    assert!(d.shared.env.components.lookup(mine).is_some());
     let o = cli(&env, &["delete", "-m", &m, "-u", &mine.to_string()]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     // A refused create fails (exit 1) with the manager's message.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tracing::warn;
 use uuid::Uuid;
 
-use crate::daemon::Shared;
+use crate::component::Env;
 use crate::metrics::Fault;
 use crate::protocol::{ErrorInfo, RoutingKeys};
 use crate::react::Reaction;
@@ -115,7 +115,7 @@ impl Core {
 /// A driver's view of its component: the core, and the daemon's services.
 pub(crate) struct Cx<'a> {
     pub core: &'a mut Core,
-    pub shared: &'a Arc<Shared>,
+    pub env: &'a Arc<Env>,
 }
 
 impl Cx<'_> {
@@ -129,7 +129,7 @@ impl Cx<'_> {
     pub fn begin(&mut self, action: Action) -> Result<(), ErrorInfo> {
         let from = self.core.lifecycle.state();
         let to = self.core.lifecycle.begin(action).map_err(|e| {
-            self.shared.metrics.error(Fault::InvalidTransition);
+            self.env.metrics.error(Fault::InvalidTransition);
             ErrorInfo::from(&e)
         })?;
         if to != from || action.entry_state().is_some() {
@@ -150,7 +150,7 @@ impl Cx<'_> {
                 true
             }
             Err(e) => {
-                self.shared.metrics.error(Fault::InvalidTransition);
+                self.env.metrics.error(Fault::InvalidTransition);
                 warn!(component = %self.core.keys.uuid, error = ?e, "a driver asked for a transition the table does not allow");
                 false
             }
@@ -166,7 +166,7 @@ impl Cx<'_> {
                 true
             }
             Err(e) => {
-                self.shared.metrics.error(Fault::InvalidTransition);
+                self.env.metrics.error(Fault::InvalidTransition);
                 warn!(component = %self.core.keys.uuid, error = ?e, ?why, "an observed transition was refused");
                 false
             }
@@ -174,7 +174,7 @@ impl Cx<'_> {
     }
 
     fn entered(&mut self, from: State, to: State) {
-        self.shared.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
+        self.env.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
         self.core.trail.push(to);
     }
 

@@ -11,9 +11,11 @@
 
 mod core;
 mod driver;
+mod env;
 pub mod kinds;
 mod registry;
 pub(crate) use driver::sweep_orphans;
+pub use env::{Env, Settings};
 pub use registry::Registry;
 
 use serde_json::{Map, Value};
@@ -27,7 +29,6 @@ use uuid::Uuid;
 
 use self::core::{Core, Cx, Request, Spawn};
 use crate::config::ComponentSpec;
-use crate::daemon::Shared;
 use crate::metrics::Fault;
 use crate::protocol::status::{Prefix, StatusView};
 use crate::protocol::{ActionRequest, ErrorInfo, Rejection, RoutingKeys, When};
@@ -156,7 +157,7 @@ impl ComponentHandle {
 /// The state owned by one component task: the driver-independent core,
 /// the driver, and what the task itself schedules.
 pub(crate) struct Component {
-    shared: Arc<Shared>,
+    env: Arc<Env>,
     kind: Arc<Kind>,
     core: Core,
     driver: Box<dyn Driver>,
@@ -186,31 +187,24 @@ fn properties_of(spec: &ComponentSpec, uuid: Uuid, realm: &Option<String>) -> Ma
 /// Start the task of a component and return its handle. The caller
 /// registers it with the registry and the bus.
 pub(crate) fn spawn(
-    shared: &Arc<Shared>,
+    env: &Arc<Env>,
     spec: &ComponentSpec,
     kind: Arc<Kind>,
     uuid: Uuid,
     managed_by: Option<Uuid>,
     persisted: bool,
 ) -> ComponentHandle {
-    let realm = spec.realm.clone().or_else(|| shared.config.realm.clone());
+    let realm = spec.realm.clone().or_else(|| env.settings.realm.clone());
     let keys =
         Arc::new(RoutingKeys { category: spec.category.clone(), kind: spec.kind.clone(), uuid, realm: realm.clone() });
     let (tx, rx) = mpsc::channel(MAILBOX);
     let core = Core::new(keys.clone(), managed_by, properties_of(spec, uuid, &realm));
     let driver = driver::build(&kind, &core);
-    let component = Component {
-        shared: shared.clone(),
-        kind,
-        core,
-        driver,
-        scheduled: VecDeque::new(),
-        publish_due: None,
-        inbox: None,
-    };
-    shared.metrics.state_change(None, Some(State::Idle.as_str()));
+    let component =
+        Component { env: env.clone(), kind, core, driver, scheduled: VecDeque::new(), publish_due: None, inbox: None };
+    env.metrics.state_change(None, Some(State::Idle.as_str()));
     let span = info_span!("component", uuid = %keys.uuid, r#type = %keys.kind);
-    shared.tracker.spawn(Box::new(component).run(rx).instrument(span));
+    env.tracker.spawn(Box::new(component).run(rx).instrument(span));
     ComponentHandle { keys, managed_by, persisted, tx }
 }
 
@@ -223,7 +217,7 @@ impl Component {
     /// The driver and its view of the component, borrowed apart (a driver
     /// call takes both).
     fn parts(&mut self) -> (&mut dyn Driver, Cx<'_>) {
-        (self.driver.as_mut(), Cx { core: &mut self.core, shared: &self.shared })
+        (self.driver.as_mut(), Cx { core: &mut self.core, env: &self.env })
     }
 
     fn uuid(&self) -> Uuid {
@@ -245,8 +239,8 @@ impl Component {
                 }
             };
         }
-        let token = self.shared.shutdown.clone();
-        let period = self.shared.config.status_interval();
+        let token = self.env.shutdown.clone();
+        let period = self.env.settings.status_interval;
         let mut next_tick = Instant::now() + period;
         guarded!(Box::pin(self.started()));
         loop {
@@ -299,7 +293,7 @@ impl Component {
                 Wake::Timer(now, tick) => guarded!(Box::pin(self.on_timer(now, tick))),
             }
         }
-        self.shared.metrics.state_change(Some(self.core.state().as_str()), None);
+        self.env.metrics.state_change(Some(self.core.state().as_str()), None);
     }
 
     /// The task starts: the driver adopts or starts what it runs.
@@ -359,7 +353,7 @@ impl Component {
     /// component says so on the bus (and `reset` brings it back).
     async fn panicked(&mut self, panic: String) {
         tracing::error!(component = %self.uuid(), %panic, "a component handler panicked; the component enters error");
-        self.shared.metrics.error(Fault::Panic);
+        self.env.metrics.error(Fault::Panic);
         let info = ErrorInfo::new("Internal error while handling a message; reset to recover").with("detail", panic);
         self.enter_error(info);
         if let Err(again) = crate::supervise::catch(self.publish(None)).await {
@@ -390,7 +384,7 @@ impl Component {
             }
             Command::Member(ask) => {
                 let (uuid, reply) = *ask;
-                let _ = reply.send(self.driver.member_status(uuid, &self.shared.info));
+                let _ = reply.send(self.driver.member_status(uuid, &self.env.info));
             }
             Command::Remove(_) => unreachable!("handled in run"),
         }
@@ -428,7 +422,7 @@ impl Component {
             return;
         }
         if self.scheduled.len() >= MAX_SCHEDULED {
-            self.shared.metrics.error(Fault::ScheduleFull);
+            self.env.metrics.error(Fault::ScheduleFull);
             let info =
                 ErrorInfo::new(format!("Too many scheduled actions (at most {MAX_SCHEDULED}); reset clears them"))
                     .with("action", req.action.as_str());
@@ -484,7 +478,7 @@ impl Component {
             return self.refuse(TransitionError::Unsupported { action, kind }, reply).await;
         }
         if let Err(info) = self.kind.validate(action, &req.parameters) {
-            self.shared.metrics.error(Fault::Validation);
+            self.env.metrics.error(Fault::Validation);
             if matches!(action, Action::Create | Action::Delete) {
                 return self.refuse_request(info, reply).await;
             }
@@ -502,8 +496,8 @@ impl Component {
                 // MANAGER_PUBLISH_EVERY.
                 info!(state = %self.core.state(), "action accepted");
                 if req.reply.queue.is_some() {
-                    let body = self.view(&self.core.extra).to_vec(&self.shared.info);
-                    Box::pin(self.shared.bus.reply(&self.core.keys, &body, &req.reply)).await;
+                    let body = self.view(&self.core.extra).to_vec(&self.env.info);
+                    Box::pin(self.env.bus.reply(&self.core.keys, &body, &req.reply)).await;
                 }
                 self.publish_due.get_or_insert_with(|| Instant::now() + MANAGER_PUBLISH_EVERY);
             }
@@ -524,14 +518,14 @@ impl Component {
             Request::Spawn(s) => {
                 let Spawn { spec, kind, uuid } = *s;
                 let managed_by = Some(self.uuid());
-                Box::pin(self.shared.add_component(&spec, kind, uuid, managed_by, true)).await;
+                Box::pin(self.env.add_component(&spec, kind, uuid, managed_by, true)).await;
             }
-            Request::Remove(uuid) => Box::pin(self.shared.remove_component(uuid)).await,
+            Request::Remove(uuid) => Box::pin(self.env.remove_component(uuid)).await,
         }
     }
 
     async fn refuse(&mut self, e: TransitionError, reply: Option<&ActionRequest>) {
-        self.shared.metrics.error((&e).into());
+        self.env.metrics.error((&e).into());
         self.fail(ErrorInfo::from(&e), reply).await
     }
 
@@ -565,7 +559,7 @@ impl Component {
         let core = &self.core;
         let prefix = match core.keys.category.as_str() {
             "simulator" => Prefix::Simulator { model: &core.model, results: &core.results },
-            "manager" => Prefix::Manager { components: self.shared.components.managed_by(core.keys.uuid) },
+            "manager" => Prefix::Manager { components: self.env.components.managed_by(core.keys.uuid) },
             _ => Prefix::None,
         };
         StatusView {
@@ -589,7 +583,7 @@ impl Component {
 
     fn status(&self) -> Value {
         let live = self.live_extra();
-        self.view(live.as_ref().unwrap_or(&self.core.extra)).render(&self.shared.info)
+        self.view(live.as_ref().unwrap_or(&self.core.extra)).render(&self.env.info)
     }
 
     /// Publish the status on the exchange; if `cause` asked for a reply, also
@@ -604,15 +598,15 @@ impl Component {
         let extra = live.as_ref().unwrap_or(&self.core.extra);
         if let Some((_, passed)) = trail.split_last() {
             for &state in passed {
-                let body = self.view_in(state, extra).to_vec(&self.shared.info);
-                Box::pin(self.shared.bus.publish_status(&self.core.keys, &body, None)).await;
+                let body = self.view_in(state, extra).to_vec(&self.env.info);
+                Box::pin(self.env.bus.publish_status(&self.core.keys, &body, None)).await;
             }
         }
-        let body = self.view(extra).to_vec(&self.shared.info);
+        let body = self.view(extra).to_vec(&self.env.info);
         let reply = cause.map(|r| &r.reply).filter(|r| r.wanted());
         // Boxed: lapin's publish future is kilobytes, and would otherwise be
         // part of every idle component task.
-        Box::pin(self.shared.bus.publish_status(&self.core.keys, &body, reply)).await;
+        Box::pin(self.env.bus.publish_status(&self.core.keys, &body, reply)).await;
     }
 }
 

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use super::Core;
 use super::registry::{Change, Resolved};
-use crate::daemon::Shared;
+use crate::component::Env;
 use crate::protocol::status::{Prefix, StatusView};
 use crate::protocol::{ActionRequest, ErrorInfo, Filter, ReplyTo, RoutingKeys};
 use crate::state::State;
@@ -130,7 +130,7 @@ impl Described {
 static NO_SCHEMA: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
 
 struct Devices {
-    shared: Arc<Shared>,
+    env: Arc<Env>,
     core: Arc<Core>,
     queue: Option<(Channel, ShortString)>,
     /// A channel in confirm mode for device statuses: each waits for the
@@ -152,7 +152,7 @@ impl Devices {
 
     async fn publish(&self, r: &Resolved, reply: Option<&ReplyTo>, error: Option<&ErrorInfo>) {
         let d = describe(&self.core, r);
-        let body = d.view(&self.core, error).to_vec(&self.shared.info);
+        let body = d.view(&self.core, error).to_vec(&self.env.info);
         self.send(d.keys.device_status_headers(), &body, reply).await;
     }
 
@@ -160,10 +160,10 @@ impl Devices {
     /// waiting for its confirm; through the bus if there is none.
     async fn send(&self, headers: FieldTable, body: &[u8], reply: Option<&ReplyTo>) {
         let Some(ch) = &self.statuses else {
-            self.shared.bus.publish_status_with(headers, body, reply).await;
+            self.env.bus.publish_status_with(headers, body, reply).await;
             return;
         };
-        let exchange = self.shared.bus.exchange();
+        let exchange = self.env.bus.exchange();
         let mut props = crate::bus::status_properties(headers);
         if let Some(id) = reply.and_then(|r| r.correlation_id.as_deref()) {
             props = props.with_correlation_id(id.into());
@@ -215,7 +215,7 @@ impl Devices {
             properties: &properties,
             schema: &self.empty,
         };
-        let body = view.to_vec(&self.shared.info);
+        let body = view.to_vec(&self.env.info);
         self.send(keys.device_status_headers(), &body, None).await;
         if let Some((ch, q)) = &self.queue {
             let exchange = self.binding_exchange();
@@ -234,7 +234,7 @@ impl Devices {
         // the next bind reports it), a few hundred per channel.
         let opts = QueueBindOptions { nowait: true };
         for chunk in bindings.chunks(BIND_CHUNK) {
-            let Some(ch) = self.shared.bus.open_channel().await else { return };
+            let Some(ch) = self.env.bus.open_channel().await else { return };
             for f in chunk {
                 if let Err(e) = ch.queue_bind(q.clone(), exchange.into(), "".into(), opts, f.binding()).await {
                     warn!(error = %e, "cannot bind a device queue");
@@ -245,7 +245,7 @@ impl Devices {
                 if let Some(own) = &self.core.settings.device_exchange
                     && f.uuid.is_none()
                 {
-                    let source = self.shared.bus.exchange();
+                    let source = self.env.bus.exchange();
                     let e2e = ch.exchange_bind(
                         own.as_str().into(),
                         source.into(),
@@ -287,11 +287,11 @@ impl Devices {
     /// announcements never piles up in memory here.
     /// The exchange the device queue binds on.
     fn binding_exchange(&self) -> String {
-        self.core.settings.device_exchange.clone().unwrap_or_else(|| self.shared.bus.exchange().to_owned())
+        self.core.settings.device_exchange.clone().unwrap_or_else(|| self.env.bus.exchange().to_owned())
     }
 
     async fn attach(&mut self) -> Option<Consumer> {
-        let ch = self.shared.bus.open_channel().await?;
+        let ch = self.env.bus.open_channel().await?;
         let exchange = self.binding_exchange();
         if self.core.settings.device_exchange.is_some() {
             crate::amqp::declare_exchange(&ch, &exchange).await.ok()?;
@@ -305,12 +305,12 @@ impl Devices {
             .await
             .ok()?;
         if self.core.settings.device_exchange.is_some() {
-            let source = self.shared.bus.exchange();
+            let source = self.env.bus.exchange();
             ch.exchange_bind(exchange.as_str().into(), source.into(), "".into(), Default::default(), b).await.ok()?;
         }
         ch.basic_qos(PREFETCH, BasicQosOptions::default()).await.ok()?;
         self.queue = Some((ch.clone(), q.clone()));
-        self.statuses = match self.shared.bus.open_channel().await {
+        self.statuses = match self.env.bus.open_channel().await {
             Some(c) => c.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.ok().map(|_| c),
             None => None,
         };
@@ -329,7 +329,7 @@ impl Devices {
 
     async fn delivery(&mut self, d: lapin::message::Delivery) {
         let _ = d.ack(BasicAckOptions::default()).await;
-        let Some(msg) = self.shared.bus.decoder().decode(&d) else { return };
+        let Some(msg) = self.env.bus.decoder().decode(&d) else { return };
         let req: ActionRequest = match msg {
             Ok(r) => r,
             Err(rejection) => {
@@ -364,15 +364,14 @@ impl Devices {
 
 /// Run the device components of a gateway until `token` is cancelled.
 pub async fn run(
-    shared: Arc<Shared>,
+    env: Arc<Env>,
     core: Arc<Core>,
     mut changes: mpsc::UnboundedReceiver<Change>,
     mut announce: mpsc::UnboundedReceiver<Announce>,
     token: CancellationToken,
 ) {
-    let mut channel = shared.bus.channel_watch();
-    let mut devices =
-        Devices { shared, core, queue: None, statuses: None, types: Default::default(), empty: Map::new() };
+    let mut channel = env.bus.channel_watch();
+    let mut devices = Devices { env, core, queue: None, statuses: None, types: Default::default(), empty: Map::new() };
     let mut consumer: Option<Box<Consumer>> = None;
     let mut attach = true;
     loop {

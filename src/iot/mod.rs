@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::daemon::Shared;
+use crate::component::Env;
 use crate::protocol::ErrorInfo;
 use mapping::{Address, Origin};
 use model::ApiError;
@@ -540,23 +540,23 @@ impl Agent {
     /// Load the registry, bind the listeners and start every task of the
     /// gateway `gateway` (realm `realm`, properties `props`).
     pub async fn start(
-        shared: &Arc<Shared>,
+        env: &Arc<Env>,
         gateway: Uuid,
         realm: Option<String>,
         props: &Map<String, Value>,
     ) -> Result<Agent, ErrorInfo> {
         let settings = Settings::from_properties(props)?;
-        let token = shared.shutdown.child_token();
+        let token = env.shutdown.child_token();
         let (changes_tx, changes_rx) = mpsc::unbounded_channel();
         let realm = realm.unwrap_or_else(|| "busbar".into());
-        let registry = registry::Registry::load(gateway, &realm, shared.store.clone(), changes_tx)
+        let registry = registry::Registry::load(gateway, &realm, env.store.clone(), changes_tx)
             .map_err(|e| ErrorInfo::new(format!("Cannot load the device registry: {}", e.message)))?;
         let (outbox, outbox_rx) = mpsc::channel(4096);
         let autostart = props.get("autostart").and_then(Value::as_bool).unwrap_or(true);
         let core = Arc::new(Core::new(gateway, realm, settings.clone(), registry, outbox, autostart));
         let counters = core.counters.clone();
         let source: Arc<dyn crate::metrics::GatewaySource> = core.clone();
-        shared.metrics.add_gateway(Arc::downgrade(&source));
+        env.metrics.add_gateway(Arc::downgrade(&source));
         let span = tracing::info_span!("gateway", gateway = %gateway);
         let listen = async |addr| {
             crate::serve::bind(addr)
@@ -566,10 +566,10 @@ impl Agent {
         let north = listen(settings.north_bind).await?;
         let south = listen(settings.south_bind).await?;
         let (north_addr, south_addr) = (north.local_addr().ok(), south.local_addr().ok());
-        let t = &shared.tracker;
+        let t = &env.tracker;
         {
             let _span = span.enter();
-            let observe = |server| crate::serve::Observe::new(server, &shared.metrics);
+            let observe = |server| crate::serve::Observe::new(server, &env.metrics);
             crate::serve::spawn(
                 t,
                 north,
@@ -582,7 +582,7 @@ impl Agent {
             crate::serve::spawn(t, south, south_router, token.clone(), settings.limits, observe("south"));
         }
         let fed = federation::Target {
-            url: shared.config.broker.url.clone(),
+            url: env.settings.broker_url.clone(),
             exchange: settings.federation_exchange.clone(),
             buffer: settings.buffer,
             name: format!("busbar federation gateway={gateway}"),
@@ -598,7 +598,7 @@ impl Agent {
             hot.push(Box::pin(south::mqtt(core.clone(), url.clone(), token.clone()).instrument(span.clone())));
         }
         if let Some(exchange) = &settings.amqp_south_exchange {
-            let url = shared.config.broker.url.clone();
+            let url = env.settings.broker_url.clone();
             hot.push(Box::pin(
                 south::amqp(core.clone(), url, exchange.clone(), token.clone()).instrument(span.clone()),
             ));
@@ -629,7 +629,7 @@ impl Agent {
             })
             .map_err(|e| ErrorInfo::new(format!("Cannot start the gateway's thread: {e}")))?;
         let (announce, announce_rx) = mpsc::unbounded_channel();
-        t.spawn(devices::run(shared.clone(), core.clone(), changes_rx, announce_rx, token.clone()).instrument(span));
+        t.spawn(devices::run(env.clone(), core.clone(), changes_rx, announce_rx, token.clone()).instrument(span));
         let unknown = || "0.0.0.0:0".parse().expect("a literal address");
         Ok(Agent {
             core,

@@ -94,7 +94,7 @@ impl Gateway {
     /// Wait until the gateway of `uuid` reports its listeners and MQTT is up.
     pub async fn of(d: &Running, uuid: Uuid) -> Gateway {
         eventually(WAIT, "the gateway listens and its MQTT and federation links are up", async || {
-            let st = d.shared.components.lookup(uuid).expect("gateway exists").status().await.expect("status");
+            let st = d.shared.env.components.lookup(uuid).expect("gateway exists").status().await.expect("status");
             let (n, s) = (st["status"]["north_url"].as_str()?, st["status"]["south_url"].as_str()?);
             (st["status"]["mqtt_connected"] == true && st["status"]["federation_connected"] == true).then(|| Gateway {
                 north: n.to_owned(),

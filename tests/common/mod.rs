@@ -116,7 +116,7 @@ impl TestEnv {
     pub async fn start_opts(&self, config: Config, options: daemon::Options) -> Running {
         let running = daemon::start_with(config, options).await.expect("daemon starts");
         let end = Instant::now() + WAIT;
-        while !running.shared.bus.connected() {
+        while !running.shared.env.bus.connected() {
             assert!(Instant::now() < end, "daemon did not connect to the broker");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

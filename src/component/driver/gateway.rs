@@ -27,7 +27,7 @@ pub(super) struct Gateway {
 impl Gateway {
     async fn start_agent(cx: &Cx<'_>) -> Result<Agent, ErrorInfo> {
         let props = cx.core.driver_properties().into_owned();
-        Agent::start(cx.shared, cx.core.keys.uuid, cx.core.keys.realm.clone(), &props).await
+        Agent::start(cx.env, cx.core.keys.uuid, cx.core.keys.realm.clone(), &props).await
     }
 
     /// Run a gateway action. An agent that could not start (a port in use,
@@ -67,7 +67,7 @@ impl Driver for Gateway {
                     running && cx.react(react::gateway(cx.core.state(), GatewayEvent::Started), agent_failed)
                 }
                 Err(info) => {
-                    cx.shared.metrics.error(Fault::GatewayStart);
+                    cx.env.metrics.error(Fault::GatewayStart);
                     cx.react(react::gateway(cx.core.state(), GatewayEvent::StartFailed), || info);
                     true
                 }

@@ -22,8 +22,8 @@ use tracing::warn;
 use uuid::Uuid;
 
 use super::{Driver, Event, Fut};
+use crate::component::Env;
 use crate::component::core::Cx;
-use crate::daemon::Shared;
 use crate::k8s::job::{JobCmd, JobEvent, JobRun, Mode, StartJob, Target};
 use crate::k8s::{Owner, Phase, simple_job_template};
 use crate::metrics::Fault;
@@ -88,19 +88,19 @@ fn finish_spec(mut spec: Map<String, Value>, manager: &Map<String, Value>) -> Ma
 /// Once every component is loaded: each Kubernetes manager deletes the
 /// Jobs it once created for components that no longer exist (in the
 /// background; failures are logged).
-pub(crate) fn sweep_orphans(shared: &Arc<Shared>) {
-    for handle in shared.components.handles() {
+pub(crate) fn sweep_orphans(env: &Arc<Env>) {
+    for handle in env.components.handles() {
         if handle.keys.category != "manager" || !handle.keys.kind.starts_with("kubernetes") {
             continue;
         }
-        let shared = shared.clone();
-        shared.tracker.clone().spawn(async move {
+        let env = env.clone();
+        env.tracker.clone().spawn(async move {
             let Some(status) = handle.status().await else { return };
             let props = status["properties"].as_object().cloned().unwrap_or_default();
-            let known: HashSet<Uuid> = shared.components.managed_by(handle.uuid()).into_iter().collect();
+            let known: HashSet<Uuid> = env.components.managed_by(handle.uuid()).into_iter().collect();
             let (kubeconfig, namespace) = (str_prop(&props, "kubeconfig"), str_prop(&props, "namespace"));
             let sweep = crate::k8s::job::sweep_orphans(
-                &shared.kube,
+                &env.kube,
                 kubeconfig.as_deref(),
                 namespace.as_deref(),
                 handle.uuid(),
@@ -110,7 +110,7 @@ pub(crate) fn sweep_orphans(shared: &Arc<Shared>) {
                 r = sweep => if let Err(e) = r {
                     warn!(manager = %handle.uuid(), error = %e.msg(), "cannot look for orphaned jobs");
                 },
-                _ = shared.shutdown.cancelled() => {}
+                _ = env.shutdown.cancelled() => {}
             }
         });
     }
@@ -146,7 +146,7 @@ fn job_target(cx: &Cx<'_>) -> Target {
 
 impl Kubernetes {
     fn spawn_job(&mut self, cx: &Cx<'_>, mode: Mode) {
-        let run = JobRun::spawn(&cx.shared.tracker, cx.shared.kube.clone(), job_target(cx), mode);
+        let run = JobRun::spawn(&cx.env.tracker, cx.env.kube.clone(), job_target(cx), mode);
         // Replacing a run aborts its task; the Job itself stays.
         self.job = Some(run);
     }
@@ -260,7 +260,7 @@ impl Driver for Kubernetes {
         if let Some(rule) = rule {
             let reaction = react::kubernetes(cx.core.state(), rule, adopting);
             if reaction == Reaction::Fail {
-                cx.shared.metrics.error(match rule {
+                cx.env.metrics.error(match rule {
                     Rule::PhaseFailed => Fault::JobFailed,
                     Rule::Vanished => Fault::JobVanished,
                     _ => Fault::KubernetesApi,

@@ -55,7 +55,7 @@ impl Manager {
                 cx.go(State::Idle);
             }
             other => {
-                cx.shared.metrics.error(Fault::UnsupportedAction);
+                cx.env.metrics.error(Fault::UnsupportedAction);
                 return Err(ErrorInfo::from(&TransitionError::Unsupported {
                     action: other,
                     kind: cx.core.kind_name(),
@@ -73,28 +73,27 @@ impl Manager {
             Shape::AsGiven => params.clone(),
             Shape::KubernetesJob => super::kubernetes::simulator_spec(params, manager),
             Shape::KubernetesSimple => super::kubernetes::simple_simulator_spec(params, manager)
-                .inspect_err(|_| cx.shared.metrics.error(Fault::InvalidCreate))?,
+                .inspect_err(|_| cx.env.metrics.error(Fault::InvalidCreate))?,
         })
     }
 
     /// Check and persist a create; the component to start.
     async fn create(&self, cx: &Cx<'_>, req: &ActionRequest) -> Result<Spawn, ErrorInfo> {
-        let shared = cx.shared;
+        let env = cx.env;
         // The Kubernetes manager lifts `properties.*` into the new component.
-        let may_set = &shared.config.sandbox.create_may_set;
+        let may_set = &env.settings.create_may_set;
         let lifted = req.parameters.get("properties").and_then(Value::as_object);
         for params in std::iter::once(&req.parameters).chain(lifted) {
-            crate::sandbox::check_create(params, may_set)
-                .inspect_err(|_| shared.metrics.error(Fault::RefusedCreate))?;
+            crate::sandbox::check_create(params, may_set).inspect_err(|_| env.metrics.error(Fault::RefusedCreate))?;
         }
         let mut params = self.shape(cx, &req.parameters)?;
         let spec = ComponentSpec::from_map(params.clone()).map_err(|e| {
-            shared.metrics.error(Fault::InvalidCreate);
+            env.metrics.error(Fault::InvalidCreate);
             ErrorInfo::new(format!("Invalid create parameters: {} {}", e.key, e.msg))
                 .with("path", format!("$.{}", e.key))
         })?;
-        let kind = shared.kinds.check(&spec).map_err(|e| {
-            shared.metrics.error(Fault::UnknownType);
+        let kind = env.kinds.check(&spec).map_err(|e| {
+            env.metrics.error(Fault::UnknownType);
             ErrorInfo::new(format!("Cannot create component: {}", e.msg)).with("path", format!("$.{}", e.key))
         })?;
         // A Kubernetes simulator that could never reach a cluster (no
@@ -102,8 +101,8 @@ impl Manager {
         // create's answer, not left to fail on its own a moment later.
         if self.shape != Shape::AsGiven {
             let kubeconfig = params.get("kubeconfig").and_then(Value::as_str).filter(|s| !s.is_empty());
-            shared.kube.get(kubeconfig).await.map_err(|e| {
-                shared.metrics.error(Fault::KubernetesApi);
+            env.kube.get(kubeconfig).await.map_err(|e| {
+                env.metrics.error(Fault::KubernetesApi);
                 ErrorInfo::new(format!("Cannot create a Kubernetes simulator: {}", e.msg()))
             })?;
         }
@@ -112,20 +111,20 @@ impl Manager {
         let spec = ComponentSpec { uuid: Some(uuid), properties: params.clone(), ..spec };
         let duplicate =
             || ErrorInfo::new("Duplicate uuid: a component with this uuid exists").with("uuid", uuid.to_string());
-        if shared.components.lookup(uuid).is_some() {
-            shared.metrics.error(Fault::DuplicateUuid);
+        if env.components.lookup(uuid).is_some() {
+            env.metrics.error(Fault::DuplicateUuid);
             return Err(duplicate());
         }
         let manager = cx.core.keys.uuid;
         let stored = StoredComponent { uuid, manager, spec: params };
-        match shared.store.insert_component(stored).await {
+        match env.store.insert_component(stored).await {
             Ok(true) => {}
             Ok(false) => {
-                shared.metrics.error(Fault::DuplicateUuid);
+                env.metrics.error(Fault::DuplicateUuid);
                 return Err(duplicate());
             }
             Err(e) => {
-                shared.metrics.error(Fault::Store);
+                env.metrics.error(Fault::Store);
                 return Err(ErrorInfo::new(format!("Cannot persist component: {e}")));
             }
         }
@@ -136,27 +135,27 @@ impl Manager {
 
 /// Check and unpersist a delete; the component to remove.
 async fn delete(cx: &Cx<'_>, req: &ActionRequest) -> Result<Uuid, ErrorInfo> {
-    let shared = cx.shared;
+    let env = cx.env;
     let invalid = |msg: &str| ErrorInfo::new(msg.to_owned()).with("path", "$.uuid");
     let uuid = match req.parameters.get("uuid") {
         Some(Value::String(s)) => Uuid::parse_str(s).map_err(|_| invalid("Invalid uuid"))?,
         _ => return Err(invalid("Missing uuid")),
     };
-    let Some(handle) = shared.components.lookup(uuid) else {
-        shared.metrics.error(Fault::UnknownComponent);
+    let Some(handle) = env.components.lookup(uuid) else {
+        env.metrics.error(Fault::UnknownComponent);
         return Err(ErrorInfo::new("Unknown component").with("uuid", uuid.to_string()));
     };
     if handle.managed_by != Some(cx.core.keys.uuid) {
-        shared.metrics.error(Fault::NotManaged);
+        env.metrics.error(Fault::NotManaged);
         return Err(ErrorInfo::new("Component is not managed by this manager").with("uuid", uuid.to_string()));
     }
     if !handle.persisted {
-        shared.metrics.error(Fault::ConfiguredComponent);
+        env.metrics.error(Fault::ConfiguredComponent);
         return Err(ErrorInfo::new("Component is defined in the configuration file and cannot be deleted")
             .with("uuid", uuid.to_string()));
     }
-    if let Err(e) = shared.store.delete_component(uuid).await {
-        shared.metrics.error(Fault::Store);
+    if let Err(e) = env.store.delete_component(uuid).await {
+        env.metrics.error(Fault::Store);
         return Err(ErrorInfo::new(format!("Cannot delete component: {e}")));
     }
     info!(deleted = %uuid, "component deleted");

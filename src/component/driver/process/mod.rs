@@ -120,15 +120,15 @@ impl Process {
         cx.core.extra.shift_remove("pid");
         cx.core.extra.shift_remove("recovered");
         let cmd = command::command_line(&self.spec, req, &cx.core.driver_properties())
-            .inspect_err(|_| cx.shared.metrics.error(Fault::RefusedCommand))?;
-        let shared = cx.shared;
+            .inspect_err(|_| cx.env.metrics.error(Fault::RefusedCommand))?;
+        let env = cx.env;
         let dir =
-            shared.config.data_dir.join("runs").join(cx.core.keys.uuid.to_string()).join(Uuid::new_v4().to_string());
+            env.settings.data_dir.join("runs").join(cx.core.keys.uuid.to_string()).join(Uuid::new_v4().to_string());
         let (tx, events) = mpsc::channel(8);
-        let launch = Launch { cmd, dir: dir.clone(), model, tx: tx.clone(), token: shared.shutdown.clone() };
-        let task = shared.tracker.spawn(run::run_task(launch)).abort_handle();
+        let launch = Launch { cmd, dir: dir.clone(), model, tx: tx.clone(), token: env.shutdown.clone() };
+        let task = env.tracker.spawn(run::run_task(launch)).abort_handle();
         info!(run_dir = %dir.display(), "starting process");
-        let record = (shared.store.clone(), cx.core.keys.uuid);
+        let record = (env.store.clone(), cx.core.keys.uuid);
         self.run =
             Some(Box::new(Run { pgid: None, events, tx, dir, results, ending: None, kill_at: None, task, record }));
         Ok(())
@@ -154,7 +154,7 @@ impl Process {
                 } else if let Some(run) = &mut self.run {
                     let (tx, results, dir) = (run.tx.clone(), run.results.clone(), run.dir.clone());
                     run.task = cx
-                        .shared
+                        .env
                         .tracker
                         .spawn(async move {
                             let r = transfer::upload_results(results, dir).await;
@@ -165,11 +165,11 @@ impl Process {
                 return;
             }
             (Some(code), _) => {
-                cx.shared.metrics.error(Fault::ProcessExit);
+                cx.env.metrics.error(Fault::ProcessExit);
                 ErrorInfo::new("Child process exited").with("code", code)
             }
             (None, Some(sig)) => {
-                cx.shared.metrics.error(Fault::ProcessSignal);
+                cx.env.metrics.error(Fault::ProcessSignal);
                 ErrorInfo::new("Child process caught signal").with("signal", sig).with("signal_name", signal_name(sig))
             }
             (None, None) => ErrorInfo::new("Child process ended"),
@@ -185,7 +185,7 @@ impl Process {
     /// (its outcome is unknown, and nothing here can follow it). The
     /// status says so in `recovered`. Returns whether there was one.
     fn recover(cx: &mut Cx<'_>) -> bool {
-        let (uuid, store) = (cx.core.keys.uuid, &cx.shared.store);
+        let (uuid, store) = (cx.core.keys.uuid, &cx.env.store);
         let Ok(Some((pgid, dir))) = store.run_of(uuid) else { return false };
         if let Err(e) = store.delete_run(uuid) {
             warn!(component = %uuid, error = %e, "cannot forget the recorded run");
@@ -234,7 +234,7 @@ impl Driver for Process {
             RunEvent::Spawned(pid) => {
                 if let Some(r) = self.run.as_mut() {
                     r.pgid = Some(pid);
-                    if let Err(e) = cx.shared.store.put_run(cx.core.keys.uuid, pid, &r.dir) {
+                    if let Err(e) = cx.env.store.put_run(cx.core.keys.uuid, pid, &r.dir) {
                         warn!(component = %cx.core.keys.uuid, error = %e, "cannot record the run in the store");
                     }
                 }
@@ -250,7 +250,7 @@ impl Driver for Process {
             RunEvent::Failed(info) => {
                 self.run = None;
                 if on_process(&mut cx, ProcessEvent::SpawnFailed, || info) == Reaction::Fail {
-                    cx.shared.metrics.error(Fault::Process);
+                    cx.env.metrics.error(Fault::Process);
                 }
             }
             RunEvent::Exited(status) => self.on_exit(cx, status),
@@ -261,7 +261,7 @@ impl Driver for Process {
                         on_process(&mut cx, ProcessEvent::ResultsDone, no_failure);
                     }
                     Err(info) => {
-                        cx.shared.metrics.error(Fault::Upload);
+                        cx.env.metrics.error(Fault::Upload);
                         on_process(&mut cx, ProcessEvent::UploadFailed, || info);
                     }
                 }
