@@ -39,12 +39,41 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/api/v1/", get(index))
         .route("/api/v1/health", get(health))
         .route("/api/v1/component/{uuid}", get(component_status).post(component_action))
+        .route("/api/v1/federation", get(federation))
+        .route("/api/v1/federation/components", get(federation_components))
         .route("/api/v1/log-level", get(get_log_level).put(put_log_level))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "Not found".into()) })
         .method_not_allowed_fallback(|| async { ApiError(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(shared)
+}
+
+/// `GET /api/v1/federation`: this daemon's site and every site it hears,
+/// with their controller status, staleness and clock offset.
+async fn federation(State(s): State<Arc<Shared>>) -> Json<Value> {
+    let env = &s.env;
+    let now = tokio::time::Instant::now();
+    let dir = env.directory.lock().unwrap_or_else(|p| p.into_inner());
+    Json(json!({
+        "uuid": env.settings.controller,
+        "site": s.config.site.clone().unwrap_or_else(|| env.info.host.clone()),
+        "ics": dir.len(),
+        "dropped": dir.dropped(),
+        "sites": dir.sites(now),
+    }))
+}
+
+/// `GET /api/v1/federation/components?site=&realm=&category=&type=&state=&stale=`:
+/// the merged view of every IC of every site.
+async fn federation_components(
+    State(s): State<Arc<Shared>>,
+    query: Result<axum::extract::Query<crate::directory::Filter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let axum::extract::Query(filter) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let now = tokio::time::Instant::now();
+    let dir = s.env.directory.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(Json(json!({"components": dir.components(&filter, now)})))
 }
 
 /// Bind the configured address and serve until shutdown; returns the bound

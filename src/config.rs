@@ -171,6 +171,12 @@ fn default_exchange() -> String {
 fn default_interval() -> f64 {
     30.0
 }
+fn default_alive() -> f64 {
+    1.0
+}
+fn default_directory_cap() -> usize {
+    100_000
+}
 fn default_data_dir() -> PathBuf {
     PathBuf::from("data")
 }
@@ -220,6 +226,18 @@ pub struct Config {
     /// Components to run. Free-form objects; see [`ComponentSpec`].
     #[serde(default)]
     pub components: Vec<Map<String, Value>>,
+    /// The site this daemon runs at, as the federation names it (default:
+    /// the host name). Also the name of the daemon's controller IC.
+    #[serde(default)]
+    pub site: Option<String>,
+    /// Seconds between the controller's alive messages (default 1). Peers
+    /// mark a site stale after three missed ones.
+    #[serde(default = "default_alive")]
+    pub alive_interval: f64,
+    /// Most ICs the federation directory keeps (default 100,000); more are
+    /// counted and dropped, so a flood of fake uuids cannot grow memory.
+    #[serde(default = "default_directory_cap")]
+    pub directory_cap: usize,
 }
 
 impl Config {
@@ -316,6 +334,15 @@ impl Config {
         if !(self.status_interval.is_finite() && self.status_interval > 0.0 && self.status_interval <= 86_400.0) {
             return Err(ConfigError::new(path, "status_interval", "must be a number of seconds between 0 and 86400"));
         }
+        if !(self.alive_interval.is_finite() && self.alive_interval >= 0.05 && self.alive_interval <= 60.0) {
+            return Err(ConfigError::new(path, "alive_interval", "must be a number of seconds between 0.05 and 60"));
+        }
+        if self.directory_cap == 0 {
+            return Err(ConfigError::new(path, "directory_cap", "must be positive"));
+        }
+        if self.site.as_deref().is_some_and(|s| s.trim().is_empty() || s.len() > 128) {
+            return Err(ConfigError::new(path, "site", "must be a name of 1 to 128 characters"));
+        }
         for (i, key) in self.sandbox.create_may_set.iter().enumerate() {
             if !crate::sandbox::PRIVILEGED_PROPERTIES.contains(&key.as_str()) {
                 return Err(ConfigError::new(
@@ -363,6 +390,11 @@ impl Config {
     /// The periodic status interval.
     pub fn status_interval(&self) -> Duration {
         Duration::from_secs_f64(self.status_interval)
+    }
+
+    /// The controller's alive interval.
+    pub fn alive_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.alive_interval)
     }
 }
 

@@ -44,6 +44,9 @@ impl Running {
     /// task is still running after the grace period.
     pub async fn stop(self) -> Result<(), Error> {
         let env = &self.shared.env;
+        // The controller says `gone` while the bus is still up, so the
+        // other sites see this one leave rather than go stale.
+        env.remove_component(env.settings.controller).await;
         env.shutdown.cancel();
         env.tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, env.tracker.wait()).await.is_err() {
@@ -91,7 +94,11 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
     };
+    let controller = store.identity("controller/busbar")?;
+    let directory = Arc::new(std::sync::Mutex::new(crate::directory::Directory::new(config.directory_cap)));
     let settings = component::Settings {
+        controller,
+        alive_interval: config.alive_interval(),
         realm: config.realm.clone(),
         status_interval: config.status_interval(),
         create_may_set: config.sandbox.create_may_set.clone(),
@@ -109,7 +116,15 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         tracker: wiring.tracker.clone(),
         kube: Arc::new(options.kube_client.map(crate::k8s::Clients::fixed).unwrap_or_default()),
         components,
+        directory: directory.clone(),
     });
+    let feed = crate::directory::Feed {
+        url: config.broker.url.clone(),
+        exchange: config.exchange.clone(),
+        directory,
+        heard: env.metrics.directory_statuses.clone(),
+    };
+    env.tracker.spawn(crate::directory::feed(feed, env.shutdown.clone()));
     let shared = Arc::new(Shared { config, env });
     runner.spawn(wiring);
     // A start that fails half-way stops what it started (the bus, the
@@ -176,8 +191,20 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
         Some(u) => u,
         None => env.store.identity("manager/generic/root")?,
     };
+    let site = cfg.site.clone().unwrap_or_else(|| env.info.host.clone());
+    let controller = ComponentSpec::from_map(spec_map(&[
+        ("category", "controller".into()),
+        ("type", "busbar".into()),
+        ("name", site.clone().into()),
+        ("site", site.into()),
+        ("location", env.info.host.clone().into()),
+    ]))
+    .map_err(|e| Error::spec("the controller", e))?;
+    let kind = env.kinds.lookup("controller", "busbar").expect("a built-in type");
+    let me = env.settings.controller;
+    env.add_component(&controller, kind, me, None, false).await;
     let kind = env.kinds.check(&root).map_err(|e| Error::spec("the root manager", e))?;
-    env.add_component(&root, kind, root_uuid, None, false).await;
+    env.add_component(&root, kind, root_uuid, Some(me), false).await;
 
     for spec in specs {
         let at = || format!("component {:?} ({}/{})", spec.name, spec.category, spec.kind);

@@ -11,6 +11,8 @@
 //! - [`bus`]: the AMQP connection supervisor: topology, consumers,
 //!   reconnection, publishing.
 //! - [`daemon`]: wiring and graceful shutdown.
+//! - [`directory`]: the federation directory, every IC of every site as
+//!   heard on the status stream.
 //! - [`api`]: the HTTP API (`/api/v1`, `/metrics`).
 //! - [`client`]: the client side used by the CLI (ping, monitor, actions).
 //! - [`k8s`]: the Kubernetes Job simulator: pure object builders, API
@@ -34,6 +36,7 @@ pub mod client;
 pub mod component;
 pub mod config;
 pub mod daemon;
+pub mod directory;
 pub mod error;
 pub mod http;
 pub mod iot;

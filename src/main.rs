@@ -234,6 +234,54 @@ enum Cmd {
         #[arg(long, default_value = "10", value_parser = seconds)]
         timeout: Duration,
     },
+    /// One line per site of the federation: its controller's state, its
+    /// components by state, when it was last heard, its clock offset.
+    Sites {
+        #[command(flatten)]
+        conn: Conn,
+        /// Listen this many seconds (at least one alive interval).
+        #[arg(long, default_value = "1.5", value_parser = seconds)]
+        listen: Duration,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every component of every site, as the federation directory sees
+    /// them (the merged view).
+    Components {
+        #[command(flatten)]
+        conn: Conn,
+        /// Only this site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Only this realm.
+        #[arg(short = 'r', long)]
+        realm: Option<String>,
+        /// Only this category.
+        #[arg(short = 'C', long)]
+        category: Option<String>,
+        /// Only this type.
+        #[arg(short = 't', long = "type")]
+        kind: Option<String>,
+        /// Only this state.
+        #[arg(long, value_parser = state_name)]
+        state: Option<String>,
+        /// Only stale ones.
+        #[arg(long)]
+        stale: bool,
+        /// Listen this many seconds before printing.
+        #[arg(long, default_value = "1.5", value_parser = seconds)]
+        listen: Duration,
+        /// Keep watching: print each change as a new line (like `kubectl get -w`).
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// Print the `managed_by` tree.
+        #[arg(long, conflicts_with = "json")]
+        tree: bool,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -309,6 +357,85 @@ fn object(text: &str) -> anyhow::Result<Map<String, Value>> {
         Value::Object(m) => Ok(m),
         other => Err(Usage(format!("expected an object, got {other}")).into()),
     }
+}
+
+/// Listen to the bus for `listen` after a broadcast ping, into a directory.
+async fn survey(client: &Client, listen: Duration) -> anyhow::Result<busbar::directory::Directory> {
+    let mut listener = client.survey().await?;
+    let mut dir = busbar::directory::Directory::new(1_000_000);
+    let until = tokio::time::Instant::now() + listen;
+    while let Some(seen) = listener.next_until(until).await {
+        observe(&mut dir, &seen);
+    }
+    Ok(dir)
+}
+
+fn observe(dir: &mut busbar::directory::Directory, seen: &busbar::client::Seen) -> busbar::directory::Change {
+    let body = serde_json::to_vec(&seen.payload).unwrap_or_default();
+    dir.observe(&body, tokio::time::Instant::now(), std::time::SystemTime::now())
+}
+
+fn print_site(v: &Value) {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
+    let counts: Vec<String> =
+        v["components"].as_object().map(|m| m.iter().map(|(k, n)| format!("{k}={n}")).collect()).unwrap_or_default();
+    let state = if v["stale"] == true { "stale".to_owned() } else { s("state") };
+    let offset = v["clock_offset_ms"].as_f64().map_or("-".to_owned(), |o| format!("{o:+.2} ms"));
+    println!(
+        "{:<16} {:<8} {:<32} last seen {:>6.1} s ago  clock {offset}",
+        s("site"),
+        state,
+        if counts.is_empty() { "-".to_owned() } else { counts.join(",") },
+        v["age"].as_f64().unwrap_or_default(),
+    );
+}
+
+fn print_component(v: &Value, json: bool) {
+    if json {
+        println!("{v}");
+        return;
+    }
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
+    println!(
+        "{:<12} {:<22} {:<24} {:<12} {:<5} {}",
+        s("site"),
+        format!("{}/{}", s("category"), s("type")),
+        s("name"),
+        s("state"),
+        if v["stale"] == true { "stale" } else { "" },
+        s("uuid"),
+    );
+}
+
+/// The rows as a tree by `managed_by` (roots: ICs whose manager is not
+/// among the rows).
+fn print_tree(rows: &[Value]) {
+    let uuid = |v: &Value| v["uuid"].as_str().unwrap_or_default().to_owned();
+    let known: std::collections::HashSet<String> = rows.iter().map(uuid).collect();
+    fn walk(rows: &[Value], parent: &str, depth: usize) {
+        for r in rows.iter().filter(|r| r["managed_by"].as_str() == Some(parent)) {
+            print_tree_line(r, depth);
+            walk(rows, r["uuid"].as_str().unwrap_or_default(), depth + 1);
+        }
+    }
+    for r in rows.iter().filter(|r| r["managed_by"].as_str().is_none_or(|m| !known.contains(m))) {
+        print_tree_line(r, 0);
+        walk(rows, r["uuid"].as_str().unwrap_or_default(), 1);
+    }
+}
+
+fn print_tree_line(v: &Value, depth: usize) {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
+    let stale = if v["stale"] == true { " (stale)" } else { "" };
+    println!(
+        "{}{} {}/{} {}{stale}  {}",
+        "  ".repeat(depth),
+        s("name"),
+        s("category"),
+        s("type"),
+        s("state"),
+        s("uuid")
+    );
 }
 
 fn print_row(v: &Value) {
@@ -416,6 +543,77 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+        }
+        Cmd::Sites { conn, listen, json } => {
+            let client = conn.connect().await?;
+            let dir = survey(&client, listen).await?;
+            client.close().await;
+            let sites = dir.sites(tokio::time::Instant::now());
+            if sites.is_empty() {
+                eprintln!("no site answered");
+                return Ok(ExitCode::from(exit::NO_ANSWER));
+            }
+            for site in &sites {
+                if json {
+                    println!("{site}");
+                } else {
+                    print_site(site);
+                }
+            }
+        }
+        Cmd::Components { conn, site, realm, category, kind, state, stale, listen, watch, tree, json } => {
+            let filter = busbar::directory::Filter { site, realm, category, kind, state, stale: stale.then_some(true) };
+            let client = conn.connect().await?;
+            let mut listener = client.survey().await?;
+            let mut dir = busbar::directory::Directory::new(1_000_000);
+            let until = tokio::time::Instant::now() + listen;
+            while let Some(seen) = listener.next_until(until).await {
+                observe(&mut dir, &seen);
+            }
+            let rows = dir.components(&filter, tokio::time::Instant::now());
+            if tree {
+                print_tree(&rows);
+            } else {
+                for row in &rows {
+                    print_component(row, json);
+                }
+            }
+            if watch {
+                until_interrupted(
+                    async |until| listener.next_until(until).await,
+                    |seen| {
+                        let uuid = seen.payload.pointer("/properties/uuid").and_then(Value::as_str).map(str::to_owned);
+                        if matches!(
+                            observe(&mut dir, &seen),
+                            busbar::directory::Change::Updated | busbar::directory::Change::Removed
+                        ) && let Some(uuid) = uuid
+                        {
+                            let now = tokio::time::Instant::now();
+                            let row = dir.components(&filter, now).into_iter().find(|r| r["uuid"] == uuid.as_str());
+                            match row {
+                                Some(row) => print_component(&row, json),
+                                None if seen.state() == Some("gone") => {
+                                    if json {
+                                        println!("{}", serde_json::json!({"uuid": uuid, "state": "gone"}));
+                                    } else {
+                                        println!(
+                                            "{:<12} {:<22} {:<24} {:<12} {:<5} {uuid}",
+                                            "-", "-", "-", "gone", "-"
+                                        );
+                                    }
+                                }
+                                None => {}
+                            }
+                        }
+                    },
+                )
+                .await;
+            } else if rows.is_empty() {
+                client.close().await;
+                eprintln!("no component matched");
+                return Ok(ExitCode::from(exit::NO_ANSWER));
+            }
+            client.close().await;
         }
         Cmd::Ping { conn, filter: args, timeout, quiet, json } => {
             let client = conn.connect().await?;

@@ -195,6 +195,8 @@ pub struct Metrics {
     pub components: Family<StateLabel, Gauge>,
     /// Broker (re)connections established.
     pub connects: Counter,
+    /// Statuses the federation directory heard.
+    pub directory_statuses: Counter,
     /// HTTP requests answered, by listener, route, method and status.
     pub http_requests: Family<RequestLabel, Counter>,
     /// The running IoT gateways, read at scrape time.
@@ -216,19 +218,35 @@ impl Metrics {
         let errors = Family::<KindLabel, Counter>::default();
         let components = Family::<StateLabel, Gauge>::default();
         let connects = Counter::default();
+        let directory_statuses = Counter::default();
         let http_requests = Family::<RequestLabel, Counter>::default();
         registry.register("messages_in", "AMQP messages consumed", messages_in.clone());
         registry.register("messages_out", "AMQP messages published", messages_out.clone());
         registry.register("errors", "Rejected messages and failed actions by kind", errors.clone());
         registry.register("components", "Components by state", components.clone());
         registry.register("broker_connects", "Broker connections established", connects.clone());
+        registry.register(
+            "directory_statuses",
+            "Statuses heard by the federation directory",
+            directory_statuses.clone(),
+        );
         registry.register("http_requests", "HTTP requests answered", http_requests.clone());
         for fault in Fault::ALL {
             let _ = errors.get_or_create(&KindLabel { kind: fault.as_str().to_owned() });
         }
         let gateways = Gateways::default();
         registry.sub_registry_with_prefix("gateway").register_collector(Box::new(gateways.clone()));
-        Self { registry, messages_in, messages_out, errors, components, connects, http_requests, gateways }
+        Self {
+            registry,
+            messages_in,
+            messages_out,
+            errors,
+            components,
+            connects,
+            directory_statuses,
+            http_requests,
+            gateways,
+        }
     }
 
     /// Count one error.

@@ -55,6 +55,16 @@ impl State {
         State::Gone,
     ];
 
+    /// The position in [`State::ALL`] (for an atomic copy of a state).
+    pub fn index(self) -> u8 {
+        State::ALL.iter().position(|s| *s == self).unwrap_or(0) as u8
+    }
+
+    /// The state at `index` in [`State::ALL`]; `idle` if out of range.
+    pub fn from_index(index: u8) -> State {
+        State::ALL.get(usize::from(index)).copied().unwrap_or(State::Idle)
+    }
+
     /// The wire name (`"shuttingdown"`, not `"shutting_down"`).
     pub fn as_str(self) -> &'static str {
         match self {

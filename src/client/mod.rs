@@ -157,6 +157,22 @@ impl Client {
         Ok(Listener { queue: q.to_string(), consumer })
     }
 
+    /// Listen to every status on the exchange (local and federated) and ask
+    /// everyone to announce themselves (VILLASweb's broadcast ping): what
+    /// `busbar sites` and `busbar components` feed a [`Directory`] with.
+    ///
+    /// [`Directory`]: crate::directory::Directory
+    pub async fn survey(&self) -> Result<Listener> {
+        let mut any_uuid = FieldTable::default();
+        any_uuid.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+        any_uuid.insert("uuid".into(), AMQPValue::Void);
+        let listener = self.listen(any_uuid).await?;
+        let mut broadcast = FieldTable::default();
+        broadcast.insert("uuid".into(), AMQPValue::LongString(LongString::from("")));
+        self.publish(broadcast, &json!({"action": "ping"}), None).await?;
+        Ok(listener)
+    }
+
     /// Publish an action body with `headers`, optionally asking for a reply
     /// (`(reply_to, correlation_id)`).
     pub async fn publish(&self, headers: FieldTable, body: &Value, reply: Option<(&str, &str)>) -> Result<()> {

@@ -38,6 +38,9 @@ pub(crate) struct Core {
     pub extra: Map<String, Value>,
     /// States entered since the last publish, in order.
     trail: Vec<State>,
+    /// The current state, readable without asking the task (the handle
+    /// holds a clone: the controller counts states, the API lists them).
+    pub(super) mirror: Arc<std::sync::atomic::AtomicU8>,
     /// What the driver asked of the daemon during the current action.
     requests: Vec<Request>,
 }
@@ -77,6 +80,7 @@ impl Core {
             results: Value::Null,
             extra: Map::new(),
             trail: Vec::new(),
+            mirror: Arc::new(std::sync::atomic::AtomicU8::new(State::Idle.index())),
             requests: Vec::new(),
         }
     }
@@ -176,6 +180,7 @@ impl Cx<'_> {
     fn entered(&mut self, from: State, to: State) {
         self.env.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
         self.core.trail.push(to);
+        self.core.mirror.store(to.index(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Apply a driver's [`Reaction`] (see `react.rs`); `failure` says why

@@ -32,6 +32,10 @@ pub struct Settings {
     pub broker_url: String,
     /// The daemon's data directory (run directories live under it).
     pub data_dir: std::path::PathBuf,
+    /// The uuid of this daemon's controller IC.
+    pub controller: Uuid,
+    /// Between the controller's alive messages.
+    pub alive_interval: Duration,
 }
 
 /// Everything a component task may use; one per daemon, shared.
@@ -57,6 +61,8 @@ pub struct Env {
     pub kube: Arc<crate::k8s::Clients>,
     /// Every running component, by uuid.
     pub components: Arc<Registry>,
+    /// The federation directory (fed by `directory::feed`).
+    pub directory: Arc<std::sync::Mutex<crate::directory::Directory>>,
 }
 
 impl Env {

@@ -26,6 +26,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("components/simulator/dpsim.yaml", include_str!("../../components/simulator/dpsim.yaml")),
     ("components/simulator/kubernetes.yaml", include_str!("../../components/simulator/kubernetes.yaml")),
     ("components/gateway/iot-agent.yaml", include_str!("../../components/gateway/iot-agent.yaml")),
+    ("components/controller/busbar.yaml", include_str!("../../components/controller/busbar.yaml")),
     ("components/manager/generic.yaml", include_str!("../../components/manager/generic.yaml")),
     ("components/manager/kubernetes.yaml", include_str!("../../components/manager/kubernetes.yaml")),
     ("components/manager/kubernetes-simple.yaml", include_str!("../../components/manager/kubernetes-simple.yaml")),
@@ -114,6 +115,10 @@ pub enum Driver {
     /// Runs an IoT agent: provisioning API, MQTT/HTTP/AMQP measures in,
     /// federation out, devices as `equipment` components.
     IotAgent,
+    /// The daemon itself, as an IC of the federation (`controller/busbar`):
+    /// alive messages, host and broker figures, its peers. Started by the
+    /// daemon; never configured or created.
+    Controller,
 }
 
 impl Driver {
@@ -212,6 +217,7 @@ impl Kind {
             "kubernetes-manager" => Driver::KubernetesManager,
             "kubernetes-simple-manager" => Driver::KubernetesSimpleManager,
             "iot-agent" => Driver::IotAgent,
+            "controller" => Driver::Controller,
             other => return Err(err("driver", format!("unknown driver {other:?}"))),
         };
         let compile = |key: &str, schema: &Value| {
@@ -455,6 +461,15 @@ impl Kinds {
                 format!("unknown type {:?} for category {}; known: {}", spec.kind, spec.category, known.join(", ")),
             )
         })?;
+        if kind.driver == Driver::Controller {
+            return Err(SpecError::new(
+                "type",
+                format!(
+                    "{}/{} is the daemon itself: every busbar runs one, none is configured or created",
+                    kind.category, kind.kind
+                ),
+            ));
+        }
         kind.validate_properties(&spec.properties)?;
         kind.check_spelling(&spec.properties)?;
         // A Kubernetes simulator may advertise (and validate) its own schemas.

@@ -94,12 +94,18 @@ pub struct ComponentHandle {
     /// Whether it was created at runtime (and so is in the store).
     pub persisted: bool,
     tx: mpsc::Sender<Command>,
+    state: Arc<std::sync::atomic::AtomicU8>,
 }
 
 impl ComponentHandle {
     /// The component's uuid.
     pub fn uuid(&self) -> Uuid {
         self.keys.uuid
+    }
+
+    /// The component's current state, without asking its task.
+    pub fn state(&self) -> State {
+        State::from_index(self.state.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Whether the component's task still runs (for `/api/v1/health`).
@@ -199,13 +205,14 @@ pub(crate) fn spawn(
         Arc::new(RoutingKeys { category: spec.category.clone(), kind: spec.kind.clone(), uuid, realm: realm.clone() });
     let (tx, rx) = mpsc::channel(MAILBOX);
     let core = Core::new(keys.clone(), managed_by, properties_of(spec, uuid, &realm));
-    let driver = driver::build(&kind, &core);
+    let driver = driver::build(&kind, &core, env);
+    let state = core.mirror.clone();
     let component =
         Component { env: env.clone(), kind, core, driver, scheduled: VecDeque::new(), publish_due: None, inbox: None };
     env.metrics.state_change(None, Some(State::Idle.as_str()));
     let span = info_span!("component", uuid = %keys.uuid, r#type = %keys.kind);
     env.tracker.spawn(Box::new(component).run(rx).instrument(span));
-    ComponentHandle { keys, managed_by, persisted, tx }
+    ComponentHandle { keys, managed_by, persisted, tx, state }
 }
 
 impl Component {

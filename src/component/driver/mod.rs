@@ -15,6 +15,7 @@
 //! one line in [`build`]. A driver with events of its own also adds a
 //! variant to [`Event`].
 
+mod controller;
 mod dummy;
 mod gateway;
 mod kubernetes;
@@ -102,7 +103,7 @@ pub(crate) trait Driver: Send {
 }
 
 /// The driver of a new component of `kind`.
-pub(super) fn build(kind: &Kind, core: &Core) -> Box<dyn Driver> {
+pub(super) fn build(kind: &Kind, core: &Core, env: &std::sync::Arc<crate::component::Env>) -> Box<dyn Driver> {
     use kinds::Driver as D;
     match &kind.driver {
         D::Dummy => Box::new(dummy::Dummy::new(core)),
@@ -112,5 +113,6 @@ pub(super) fn build(kind: &Kind, core: &Core) -> Box<dyn Driver> {
         D::Process(spec) => Box::new(process::Process::new(spec.clone())),
         D::KubernetesJob => Box::new(kubernetes::Kubernetes::default()),
         D::IotAgent => Box::new(gateway::Gateway::default()),
+        D::Controller => Box::new(controller::Controller::new(env)),
     }
 }

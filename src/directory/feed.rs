@@ -1,0 +1,118 @@
+//! The directory's task: hear every status on the exchange (local, and
+//! remote through exchange federation) and keep the [`Directory`] current.
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Change, Directory};
+use crate::amqp::{self, Backoff, LinkError};
+use crate::config::redact_url;
+
+/// How often the task looks for sites that came back.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// The least time between two broadcast pings of one directory.
+const PING_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
+/// Where the feed connects and what it feeds.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    /// Broker URL.
+    pub url: String,
+    /// The headers exchange (`villas`).
+    pub exchange: String,
+    /// The directory it keeps.
+    pub directory: Arc<Mutex<Directory>>,
+    /// Counts statuses heard (and decoded), for `/metrics`.
+    pub heard: prometheus_client::metrics::counter::Counter,
+}
+
+/// Run the feed until `token` is cancelled; reconnects with backoff.
+pub async fn feed(feed: Feed, token: CancellationToken) {
+    let mut backoff = Backoff::new();
+    loop {
+        match session(&feed, &token, &mut backoff).await {
+            Ok(()) => break,
+            Err(e) => warn!(broker = %redact_url(&feed.url), error = %e, "directory feed lost the broker; retrying"),
+        }
+        if !backoff.wait(&token).await {
+            break;
+        }
+    }
+    debug!("directory feed stopped");
+}
+
+/// Headers of VILLASweb's broadcast: `uuid: ""`.
+fn broadcast() -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert("uuid".into(), AMQPValue::LongString(LongString::from("")));
+    h
+}
+
+async fn session(feed: &Feed, token: &CancellationToken, backoff: &mut Backoff) -> Result<(), LinkError> {
+    let name = format!("busbar directory exchange={}", feed.exchange);
+    let conn = tokio::select! {
+        c = amqp::connect(&feed.url, &name) => c?,
+        _ = token.cancelled() => return Ok(()),
+    };
+    let ch = conn.create_channel().await?;
+    amqp::declare_exchange(&ch, &feed.exchange).await?;
+    // Every status carries a uuid header; `uuid: void` under `x-match: all`
+    // is RabbitMQ's "has the header" (actions addressed by uuid come too,
+    // and are ignored by their body).
+    let mut binding = FieldTable::default();
+    binding.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+    binding.insert("uuid".into(), AMQPValue::Void);
+    let queue = amqp::declare_bound_queue(&ch, &feed.exchange, binding).await?;
+    let mut consumer = Some(Box::new(amqp::consume(&ch, queue).await?));
+    backoff.reset();
+    info!(exchange = %feed.exchange, "directory feed connected");
+    let ping = async || {
+        let props = crate::bus::status_properties(broadcast());
+        let body = br#"{"action":"ping"}"#;
+        ch.basic_publish(feed.exchange.as_str().into(), "".into(), BasicPublishOptions::default(), body, props).await
+    };
+    // Warm the directory: everyone announces themselves.
+    ping().await?;
+    let mut last_ping = Instant::now();
+    let mut ping_due = false;
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    loop {
+        tokio::select! {
+            d = amqp::next_delivery(&mut consumer) => {
+                let Some(d) = d else { return Err(LinkError::Lost("the directory's consumer ended".into())) };
+                let change = {
+                    let mut dir = feed.directory.lock().unwrap_or_else(|p| p.into_inner());
+                    dir.observe(&d.data, Instant::now(), SystemTime::now())
+                };
+                if change != Change::Ignored {
+                    feed.heard.inc();
+                }
+            }
+            _ = check.tick() => {
+                let back = feed.directory.lock().unwrap_or_else(|p| p.into_inner()).sites_back(Instant::now());
+                if !back.is_empty() {
+                    info!(sites = back.len(), "sites came back; asking everyone to announce");
+                    ping_due = true;
+                }
+                if ping_due && last_ping.elapsed() >= PING_AT_MOST_EVERY {
+                    ping().await?;
+                    last_ping = Instant::now();
+                    ping_due = false;
+                }
+                if !conn.status().connected() {
+                    return Err(LinkError::Lost("connection closed".into()));
+                }
+            }
+            _ = token.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutdown".into())).await;
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! The federation directory: every daemon's live view of every IC on the
+//! bus, local or remote (another site's, reached through RabbitMQ exchange
+//! federation), fed by the status stream and nothing else.
+//!
+//! - [`Directory`] is the pure part: it takes status messages and time,
+//!   and answers queries (sites, the merged component view, staleness).
+//!   Tested without a broker.
+//! - [`feed`] is the task: one queue bound to every message that carries a
+//!   uuid header (every status does), a broadcast ping when it starts and
+//!   whenever a site comes back (so what changed while the link was down is
+//!   heard again), and the decoding.
+//!
+//! Sites: an IC belongs to the site whose controller (category
+//! `controller`) is at the top of its `managed_by` chain. A site is stale
+//! once its controller missed three alive intervals (the interval the
+//! controller itself advertises), and so is everything under it: a dark
+//! site shows within about three seconds with the default interval.
+//! ICs with no controller (a Python VILLAScontroller's) are stale once not
+//! heard from for [`ORPHAN_STALE_AFTER`].
+//!
+//! Ghosts: a manager's status lists every component it manages, so when a
+//! manager's status arrives, entries that claim it as manager but are not
+//! in its list are removed (deleted while the link was down).
+//!
+//! Memory: an entry is about 300 bytes plus its strings (measured in
+//! BENCHMARKS.md); the directory keeps at most `cap` entries and counts
+//! what it drops.
+
+mod feed;
+
+pub use feed::{Feed, feed};
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// How long an IC without a known controller stays fresh without a status.
+pub const ORPHAN_STALE_AFTER: Duration = Duration::from_secs(120);
+
+/// Alive intervals a controller may miss before its site is stale.
+pub const MISSED_ALIVES: u32 = 3;
+
+/// How many clock-offset samples of a peer are kept (the smallest wins).
+const OFFSET_SAMPLES: usize = 16;
+
+/// The longest `managed_by` chain followed to find an IC's site.
+const MAX_DEPTH: usize = 8;
+
+/// Filters of the merged view; `None` matches everything.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct Filter {
+    /// Site name (the controller's `site`).
+    pub site: Option<String>,
+    /// Realm.
+    pub realm: Option<String>,
+    /// Category.
+    pub category: Option<String>,
+    /// Type.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// State.
+    pub state: Option<String>,
+    /// Only stale (true) or only fresh (false) ICs.
+    pub stale: Option<bool>,
+}
+
+/// One IC as last heard.
+#[derive(Debug)]
+struct Entry {
+    name: Box<str>,
+    category: Box<str>,
+    kind: Box<str>,
+    realm: Option<Box<str>>,
+    state: Box<str>,
+    managed_by: Option<Uuid>,
+    error: Option<Box<str>>,
+    last_seen: Instant,
+    seen_wall: SystemTime,
+    /// Set for controllers: what a site shows.
+    controller: Option<Box<Controller>>,
+}
+
+/// What the directory keeps of a controller.
+#[derive(Debug)]
+struct Controller {
+    site: Box<str>,
+    alive: Duration,
+    /// The controller's whole `status` object (a few per federation).
+    status: Map<String, Value>,
+    /// Receive time minus send time of its last alive messages, in ms.
+    offsets: std::collections::VecDeque<f64>,
+    /// Whether it was stale when last looked at (to notice a site coming back).
+    was_stale: bool,
+}
+
+impl Controller {
+    /// The peer's clock minus ours, upper bound: the smallest
+    /// (receive − send) seen, which is the offset plus the shortest one-way
+    /// delay. Negative when the peer's clock is ahead.
+    fn offset_ms(&self) -> Option<f64> {
+        self.offsets.iter().copied().reduce(f64::min).map(|o| -((o * 100.0).round() / 100.0))
+    }
+}
+
+/// What a status message did to the directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Not a status (an action, or a body the directory cannot read).
+    Ignored,
+    /// A new IC, or one whose state changed.
+    Updated,
+    /// The same state again (an alive message, a periodic status).
+    Refreshed,
+    /// The IC is gone and was removed.
+    Removed,
+    /// The directory is full; the IC was not added.
+    Dropped,
+}
+
+/// The status envelope, as far as the directory reads it. `schema` and the
+/// other large parts are skipped without being built.
+#[derive(Deserialize)]
+struct Envelope {
+    status: Option<Map<String, Value>>,
+    properties: Option<Properties>,
+    components: Option<Vec<Uuid>>,
+}
+
+#[derive(Deserialize)]
+struct Properties {
+    uuid: Option<Uuid>,
+    name: Option<String>,
+    category: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    realm: Option<String>,
+    site: Option<String>,
+}
+
+/// The live view of every IC heard on the bus.
+#[derive(Debug)]
+pub struct Directory {
+    entries: HashMap<Uuid, Entry>,
+    cap: usize,
+    dropped: u64,
+    removed_ghosts: u64,
+}
+
+impl Directory {
+    /// An empty directory keeping at most `cap` ICs.
+    pub fn new(cap: usize) -> Self {
+        Directory { entries: HashMap::new(), cap, dropped: 0, removed_ghosts: 0 }
+    }
+
+    /// Number of ICs known.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no IC is known.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// ICs not added because the directory was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Take one message body heard at `now` (`wall`: the same instant on the
+    /// wall clock, for clock offsets and `last_seen`).
+    pub fn observe(&mut self, body: &[u8], now: Instant, wall: SystemTime) -> Change {
+        let Ok(env) = serde_json::from_slice::<Envelope>(body) else { return Change::Ignored };
+        let (Some(status), Some(props)) = (env.status, env.properties) else { return Change::Ignored };
+        let (Some(uuid), Some(state)) = (props.uuid, status.get("state").and_then(Value::as_str)) else {
+            return Change::Ignored;
+        };
+        let state: Box<str> = state.into();
+        let category = props.category.unwrap_or_default();
+        if let Some(list) = &env.components {
+            self.prune(uuid, list);
+        }
+        if &*state == "gone" && category != "controller" {
+            return if self.entries.remove(&uuid).is_some() { Change::Removed } else { Change::Refreshed };
+        }
+        if !self.entries.contains_key(&uuid) && self.entries.len() >= self.cap {
+            self.dropped += 1;
+            return Change::Dropped;
+        }
+        let managed_by = status.get("managed_by").and_then(Value::as_str).and_then(|s| s.parse().ok());
+        let error = status.get("error").and_then(|e| e.get("msg")).and_then(Value::as_str).map(Box::from);
+        let controller = (category == "controller").then(|| {
+            let alive = status.get("alive_interval").and_then(Value::as_f64).filter(|s| s.is_finite() && *s > 0.0);
+            let sent = status.get("time").and_then(Value::as_f64);
+            let received = wall.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
+            (props.site.clone(), alive, sent.map(|s| (received - s) * 1000.0), status)
+        });
+        let changed = match self.entries.get_mut(&uuid) {
+            Some(e) => {
+                let changed = e.state != state;
+                if changed {
+                    e.state = state;
+                }
+                e.managed_by = managed_by;
+                e.error = error;
+                e.last_seen = now;
+                e.seen_wall = wall;
+                if let Some(name) = props.name.as_deref().filter(|n| **n != *e.name) {
+                    e.name = name.into();
+                }
+                changed
+            }
+            None => {
+                let e = Entry {
+                    name: props.name.unwrap_or_default().into(),
+                    category: category.as_str().into(),
+                    kind: props.kind.unwrap_or_default().into(),
+                    realm: props.realm.map(Into::into),
+                    state,
+                    managed_by,
+                    error,
+                    last_seen: now,
+                    seen_wall: wall,
+                    controller: None,
+                };
+                self.entries.insert(uuid, e);
+                true
+            }
+        };
+        if let Some((site, alive, offset, status)) = controller {
+            let e = self.entries.get_mut(&uuid).expect("inserted above");
+            let c = e.controller.get_or_insert_with(|| {
+                Box::new(Controller {
+                    site: "".into(),
+                    alive: Duration::from_secs(1),
+                    status: Map::new(),
+                    offsets: Default::default(),
+                    was_stale: false,
+                })
+            });
+            c.site = site.unwrap_or_else(|| e.name.to_string()).into();
+            if let Some(a) = alive {
+                c.alive = Duration::from_secs_f64(a.min(3600.0));
+            }
+            if let Some(o) = offset.filter(|o| o.is_finite()) {
+                if c.offsets.len() == OFFSET_SAMPLES {
+                    c.offsets.pop_front();
+                }
+                c.offsets.push_back(o);
+            }
+            c.status = status;
+        }
+        if changed { Change::Updated } else { Change::Refreshed }
+    }
+
+    /// A manager's status lists every component it manages: forget the
+    /// entries that name it as manager but are not listed (deleted while
+    /// this site did not hear it).
+    fn prune(&mut self, manager: Uuid, listed: &[Uuid]) {
+        let ghosts: Vec<Uuid> = self
+            .entries
+            .iter()
+            .filter(|(u, e)| e.managed_by == Some(manager) && !listed.contains(u))
+            .map(|(u, _)| *u)
+            .collect();
+        for u in ghosts {
+            self.entries.remove(&u);
+            self.removed_ghosts += 1;
+        }
+    }
+
+    /// The controller at the top of `uuid`'s `managed_by` chain.
+    fn site_of(&self, uuid: Uuid) -> Option<(Uuid, &Entry)> {
+        let mut at = uuid;
+        for _ in 0..MAX_DEPTH {
+            let e = self.entries.get(&at)?;
+            if e.controller.is_some() {
+                return Some((at, e));
+            }
+            at = e.managed_by?;
+        }
+        None
+    }
+
+    fn controller_stale(c: &Entry, now: Instant) -> bool {
+        let Some(ctl) = &c.controller else { return true };
+        &*c.state == "gone" || now.saturating_duration_since(c.last_seen) > ctl.alive * MISSED_ALIVES
+    }
+
+    /// Whether `uuid` is stale at `now` (see the module docs).
+    pub fn is_stale(&self, uuid: Uuid, now: Instant) -> bool {
+        match self.site_of(uuid) {
+            Some((_, c)) => Self::controller_stale(c, now),
+            None => {
+                self.entries.get(&uuid).is_none_or(|e| now.saturating_duration_since(e.last_seen) > ORPHAN_STALE_AFTER)
+            }
+        }
+    }
+
+    /// Sites whose controller was stale and is fresh again at `now` (so the
+    /// feed asks everyone to announce themselves). Also records the
+    /// current staleness of every site.
+    pub fn sites_back(&mut self, now: Instant) -> Vec<Uuid> {
+        let mut back = Vec::new();
+        for (u, e) in self.entries.iter_mut() {
+            let stale = Self::controller_stale(e, now);
+            if let Some(c) = e.controller.as_mut() {
+                if c.was_stale && !stale {
+                    back.push(*u);
+                }
+                c.was_stale = stale;
+            }
+        }
+        back
+    }
+
+    /// One JSON object per IC that passes `filter`, sorted by site, then
+    /// category, type and name.
+    pub fn components(&self, filter: &Filter, now: Instant) -> Vec<Value> {
+        let mut rows: Vec<(String, &Uuid, &Entry, bool)> = self
+            .entries
+            .iter()
+            .filter_map(|(u, e)| {
+                let site = self.site_of(*u).and_then(|(_, c)| c.controller.as_ref()).map(|c| c.site.to_string());
+                let stale = self.is_stale(*u, now);
+                let keep = filter.site.as_ref().is_none_or(|s| site.as_ref() == Some(s))
+                    && filter.realm.as_ref().is_none_or(|r| e.realm.as_deref() == Some(r.as_str()))
+                    && filter.category.as_ref().is_none_or(|c| *e.category == **c)
+                    && filter.kind.as_ref().is_none_or(|k| *e.kind == **k)
+                    && filter.state.as_ref().is_none_or(|s| *e.state == **s)
+                    && filter.stale.is_none_or(|s| s == stale);
+                keep.then(|| (site.unwrap_or_default(), u, e, stale))
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (&a.0, &a.2.category, &a.2.kind, &a.2.name).cmp(&(&b.0, &b.2.category, &b.2.kind, &b.2.name))
+        });
+        rows.into_iter()
+            .map(|(site, u, e, stale)| {
+                let mut v = json!({
+                    "uuid": u,
+                    "name": &*e.name,
+                    "category": &*e.category,
+                    "type": &*e.kind,
+                    "realm": e.realm.as_deref(),
+                    "state": &*e.state,
+                    "site": if site.is_empty() { Value::Null } else { site.into() },
+                    "stale": stale,
+                    "last_seen": unix(e.seen_wall),
+                    "age": round3(now.saturating_duration_since(e.last_seen).as_secs_f64()),
+                });
+                if let Some(m) = e.managed_by {
+                    v["managed_by"] = m.to_string().into();
+                }
+                if let Some(err) = &e.error {
+                    v["error"] = json!({"msg": &**err});
+                }
+                v
+            })
+            .collect()
+    }
+
+    /// One JSON object per site: its controller's last status, whether it
+    /// is stale, when it was last heard, its clock offset from this daemon,
+    /// and its ICs counted by state.
+    pub fn sites(&self, now: Instant) -> Vec<Value> {
+        let mut counts: HashMap<Uuid, Map<String, Value>> = HashMap::new();
+        for u in self.entries.keys() {
+            let Some((site, _)) = self.site_of(*u) else { continue };
+            if site == *u {
+                continue;
+            }
+            let state = &*self.entries[u].state;
+            let c = counts.entry(site).or_default().entry(state).or_insert(Value::from(0));
+            *c = Value::from(c.as_u64().unwrap_or(0) + 1);
+        }
+        let mut sites: Vec<Value> = self
+            .entries
+            .iter()
+            .filter_map(|(u, e)| {
+                let c = e.controller.as_ref()?;
+                Some(json!({
+                    "site": &*c.site,
+                    "uuid": u,
+                    "name": &*e.name,
+                    "realm": e.realm.as_deref(),
+                    "state": &*e.state,
+                    "stale": Self::controller_stale(e, now),
+                    "last_seen": unix(e.seen_wall),
+                    "age": round3(now.saturating_duration_since(e.last_seen).as_secs_f64()),
+                    "alive_interval": c.alive.as_secs_f64(),
+                    "clock_offset_ms": c.offset_ms(),
+                    "components": counts.remove(u).unwrap_or_default(),
+                    "status": &c.status,
+                }))
+            })
+            .collect();
+        sites.sort_by(|a, b| a["site"].as_str().cmp(&b["site"].as_str()));
+        sites
+    }
+
+    /// The peers of the controller `me`, as its status shows them: each
+    /// other site's name, whether it is heard, when last, and its clock
+    /// offset.
+    pub fn links(&self, me: Uuid, now: Instant) -> Vec<Value> {
+        let mut links: Vec<Value> = self
+            .entries
+            .iter()
+            .filter(|(u, _)| **u != me)
+            .filter_map(|(u, e)| {
+                let c = e.controller.as_ref()?;
+                Some(json!({
+                    "site": &*c.site,
+                    "uuid": u,
+                    "state": if Self::controller_stale(e, now) { "stale" } else { "up" },
+                    "age": round3(now.saturating_duration_since(e.last_seen).as_secs_f64()),
+                    "clock_offset_ms": c.offset_ms(),
+                }))
+            })
+            .collect();
+        links.sort_by(|a, b| a["site"].as_str().cmp(&b["site"].as_str()));
+        links
+    }
+
+    /// Heap bytes held, approximately (for the memory benchmark's check).
+    pub fn approx_bytes(&self) -> usize {
+        let per = std::mem::size_of::<(Uuid, Entry)>() + 16;
+        self.entries
+            .values()
+            .map(|e| {
+                per + e.name.len()
+                    + e.category.len()
+                    + e.kind.len()
+                    + e.state.len()
+                    + e.realm.as_ref().map_or(0, |r| r.len())
+            })
+            .sum()
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    round3(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests;
