@@ -204,7 +204,7 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
     let me = env.settings.controller;
     env.add_component(&controller, kind, me, None, false).await;
     let kind = env.kinds.check(&root).map_err(|e| Error::spec("the root manager", e))?;
-    env.add_component(&root, kind, root_uuid, Some(me), false).await;
+    env.add_component(&root, kind, root_uuid, None, false).await;
 
     for spec in specs {
         let at = || format!("component {:?} ({}/{})", spec.name, spec.category, spec.kind);

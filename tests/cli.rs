@@ -46,10 +46,11 @@ async fn action_wait_exits_0_on_the_target_state_1_on_error_and_2_on_timeout() {
         busbar(&env, &["action", "start", "-u", &u, "-p", "{runtime: 0}", "--when", &when, "--wait", "running"]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     // Client queues are exclusive and auto-delete: only the daemon's remain.
-    // Its routed queue (shared topology): `uuid` present, categories manager
-    // and simulator, types generic and dummy, the realm.
+    // Its routed queue (shared topology): `uuid` present, categories manager,
+    // simulator and controller, types generic, dummy and busbar, the realm;
+    // and the federation directory's queue (`uuid` present).
     if common::broker::admin_or_skip("the bindings count of action_wait") {
-        assert_eq!(bindings_on(&env.exchange), 6);
+        assert_eq!(bindings_on(&env.exchange), 9);
     }
     d.stop().await.expect("clean shutdown");
 }

@@ -13,7 +13,9 @@ async fn the_api_lists_reports_and_acts_on_components_with_json_errors() {
     let http = reqwest::Client::new();
 
     let index: Value = http.get(format!("{base}/api/v1")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(index["components"], json!([env.manager.to_string(), env.dummy.to_string()]));
+    // The daemon's own controller IC first, then the configured components.
+    let controller = d.shared.env.settings.controller.to_string();
+    assert_eq!(index["components"], json!([controller, env.manager.to_string(), env.dummy.to_string()]));
     assert!(index["status"]["uptime"].is_number());
 
     let r = http.get(format!("{base}/api/v1/health")).send().await.unwrap();

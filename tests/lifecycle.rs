@@ -183,7 +183,7 @@ async fn create_errors_are_clear_and_leave_the_daemon_running() {
         let st = status_of(&mut l, env.manager, has_error(msg)).await;
         assert_eq!(st["status"]["state"], "idle", "{st}");
     }
-    assert_eq!(d.shared.env.components.len(), 2);
+    assert_eq!(d.shared.env.components.len(), 3, "the controller, the manager and the dummy: nothing created");
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }

@@ -73,7 +73,7 @@ async fn villascontrollers_example_config_runs_as_it_is() {
     let manager: Uuid = "f4751894-205e-11eb-aefb-0741ff98abca".parse().unwrap();
     // The disabled generic simulators are not run; the dummy is, managed by
     // the configured manager, with its descriptive keys echoed.
-    assert_eq!(d.shared.env.components.len(), 2);
+    assert_eq!(d.shared.env.components.len(), 3, "the daemon's controller, the manager and the dummy");
     c.publish(to_uuid(dummy), &action("ping", json!({})), None).await.unwrap();
     let st = state_of(&mut l, dummy, "idle").await;
     assert_eq!(st["properties"]["owner"], "svg");

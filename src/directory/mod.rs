@@ -11,7 +11,9 @@
 //!   heard again), and the decoding.
 //!
 //! Sites: an IC belongs to the site whose controller (category
-//! `controller`) is at the top of its `managed_by` chain. A site is stale
+//! `controller`) is at the top of its `managed_by` chain; a controller's
+//! status lists its `roots` (the root manager, which names no manager on
+//! the wire, as VILLAScontroller's does not). A site is stale
 //! once its controller missed three alive intervals (the interval the
 //! controller itself advertises), and so is everything under it: a dark
 //! site shows within about three seconds with the default interval.
@@ -144,6 +146,8 @@ struct Properties {
 #[derive(Debug)]
 pub struct Directory {
     entries: HashMap<Uuid, Entry>,
+    /// Root component → the controller that lists it in `roots`.
+    roots: HashMap<Uuid, Uuid>,
     cap: usize,
     dropped: u64,
     removed_ghosts: u64,
@@ -152,7 +156,7 @@ pub struct Directory {
 impl Directory {
     /// An empty directory keeping at most `cap` ICs.
     pub fn new(cap: usize) -> Self {
-        Directory { entries: HashMap::new(), cap, dropped: 0, removed_ghosts: 0 }
+        Directory { entries: HashMap::new(), roots: HashMap::new(), cap, dropped: 0, removed_ghosts: 0 }
     }
 
     /// Number of ICs known.
@@ -231,6 +235,14 @@ impl Directory {
             }
         };
         if let Some((site, alive, offset, status)) = controller {
+            // A status without `roots` (its `gone`) keeps the last list,
+            // so the site's components stay attached to it.
+            if let Some(listed) = status.get("roots").and_then(Value::as_array) {
+                self.roots.retain(|_, c| *c != uuid);
+                for root in listed.iter().filter_map(Value::as_str).filter_map(|r| r.parse().ok()).take(64) {
+                    self.roots.insert(root, uuid);
+                }
+            }
             let e = self.entries.get_mut(&uuid).expect("inserted above");
             let c = e.controller.get_or_insert_with(|| {
                 Box::new(Controller {
@@ -238,7 +250,9 @@ impl Directory {
                     alive: Duration::from_secs(1),
                     status: Map::new(),
                     offsets: Default::default(),
-                    was_stale: false,
+                    // A site heard for the first time counts as one that
+                    // came back: its components are asked to announce.
+                    was_stale: true,
                 })
             });
             c.site = site.unwrap_or_else(|| e.name.to_string()).into();
@@ -280,7 +294,10 @@ impl Directory {
             if e.controller.is_some() {
                 return Some((at, e));
             }
-            at = e.managed_by?;
+            at = match e.managed_by {
+                Some(m) => m,
+                None => *self.roots.get(&at)?,
+            };
         }
         None
     }
@@ -300,8 +317,8 @@ impl Directory {
         }
     }
 
-    /// Sites whose controller was stale and is fresh again at `now` (so the
-    /// feed asks everyone to announce themselves). Also records the
+    /// Sites whose controller was stale (or unknown) and is fresh at `now`
+    /// (so the feed asks everyone to announce themselves). Also records the
     /// current staleness of every site.
     pub fn sites_back(&mut self, now: Instant) -> Vec<Uuid> {
         let mut back = Vec::new();

@@ -16,8 +16,12 @@ fn status(uuid: Uuid, category: &str, state: &str, managed_by: Option<Uuid>) -> 
 }
 
 fn alive(uuid: Uuid, site: &str, alive: f64, sent: f64) -> Vec<u8> {
+    alive_with_roots(uuid, site, alive, sent, &[])
+}
+
+fn alive_with_roots(uuid: Uuid, site: &str, alive: f64, sent: f64, roots: &[Uuid]) -> Vec<u8> {
     serde_json::to_vec(&json!({
-        "status": {"state": "running", "alive_interval": alive, "time": sent},
+        "status": {"state": "running", "alive_interval": alive, "time": sent, "roots": roots},
         "properties": {"uuid": uuid, "name": site, "category": "controller", "type": "busbar", "site": site},
     }))
     .unwrap()
@@ -27,7 +31,8 @@ fn secs(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
-/// A site: controller → manager → two simulators.
+/// A site: controller → root manager (listed in the controller's `roots`,
+/// naming no manager itself) → two simulators.
 struct Site {
     controller: Uuid,
     manager: Uuid,
@@ -36,8 +41,9 @@ struct Site {
 
 fn site(dir: &mut Directory, name: &str, now: Instant, wall: SystemTime) -> Site {
     let s = Site { controller: Uuid::new_v4(), manager: Uuid::new_v4(), sims: [Uuid::new_v4(), Uuid::new_v4()] };
-    assert_eq!(dir.observe(&alive(s.controller, name, 1.0, secs(wall)), now, wall), Change::Updated);
-    dir.observe(&status(s.manager, "manager", "idle", Some(s.controller)), now, wall);
+    let first = alive_with_roots(s.controller, name, 1.0, secs(wall), &[s.manager]);
+    assert_eq!(dir.observe(&first, now, wall), Change::Updated);
+    dir.observe(&status(s.manager, "manager", "idle", None), now, wall);
     for sim in s.sims {
         dir.observe(&status(sim, "simulator", "idle", Some(s.manager)), now, wall);
     }
@@ -100,7 +106,8 @@ fn a_site_goes_stale_after_three_missed_alives_and_everything_under_it_with_it()
     let at = |s: f64| t0 + Duration::from_secs_f64(s);
     // Alpha keeps sending; beta falls silent.
     for i in 1..=4 {
-        dir.observe(&alive(a.controller, "alpha", 1.0, secs(wall) + f64::from(i)), at(f64::from(i)), wall);
+        let body = alive_with_roots(a.controller, "alpha", 1.0, secs(wall) + f64::from(i), &[a.manager]);
+        dir.observe(&body, at(f64::from(i)), wall);
     }
     assert!(!dir.is_stale(b.sims[0], at(2.9)), "two missed alives are not yet stale");
     assert!(dir.is_stale(b.sims[0], at(3.1)), "three missed alives are");
@@ -111,8 +118,8 @@ fn a_site_goes_stale_after_three_missed_alives_and_everything_under_it_with_it()
     assert_eq!(stale.len(), 4);
     assert!(stale.iter().all(|r| r["site"] == "beta"));
     // Beta comes back: sites_back says so once.
-    assert!(dir.sites_back(at(4.0)).is_empty(), "first look records the staleness");
-    dir.observe(&alive(b.controller, "beta", 1.0, secs(wall) + 5.0), at(5.0), wall);
+    assert_eq!(dir.sites_back(at(4.0)), vec![a.controller], "a new live site counts as one that came back");
+    dir.observe(&alive_with_roots(b.controller, "beta", 1.0, secs(wall) + 5.0, &[b.manager]), at(5.0), wall);
     assert_eq!(dir.sites_back(at(5.0)), vec![b.controller]);
     assert!(dir.sites_back(at(5.1)).is_empty());
     assert!(!dir.is_stale(b.sims[0], at(5.1)));
@@ -162,7 +169,7 @@ fn a_managers_list_removes_ghosts_deleted_while_unheard() {
     // deleted while this directory did not hear its `gone`.
     let body = serde_json::to_vec(&json!({
         "components": [a.sims[0]],
-        "status": {"state": "idle", "managed_by": a.controller},
+        "status": {"state": "idle"},
         "properties": {"uuid": a.manager, "name": "m", "category": "manager", "type": "generic"},
     }))
     .unwrap();

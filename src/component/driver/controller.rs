@@ -119,6 +119,18 @@ impl Driver for Controller {
             by_state.insert(state.into(), (n + 1).into());
         }
         m.insert("components".into(), by_state.into());
+        // The components at the top of this daemon's `managed_by` trees
+        // (its root manager): they and everything under them are this
+        // site's. (The root manager itself names no manager on the wire,
+        // as VILLAScontroller's does not.)
+        let roots: Vec<Value> = env
+            .components
+            .handles()
+            .iter()
+            .filter(|h| h.managed_by.is_none() && h.uuid() != me)
+            .map(|h| h.uuid().to_string().into())
+            .collect();
+        m.insert("roots".into(), roots.into());
         m.insert("system".into(), Value::Object(self.figures.last.clone()));
         let dir = env.directory.lock().unwrap_or_else(|p| p.into_inner());
         m.insert("links".into(), dir.links(me, Instant::now()).into());
