@@ -518,6 +518,17 @@ mod tests {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains("status_interval"), "{bad}: {e}");
         }
+        for (bad, key) in [
+            ("alive_interval: 0", "alive_interval"),
+            ("alive_interval: 3600", "alive_interval"),
+            ("alive_interval: -1", "alive_interval"),
+            ("directory_cap: 0", "directory_cap"),
+            ("site: ' '", "site"),
+            ("sight: alpha", "sight"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("lab.yaml: {key}")), "{bad}: {e}");
+        }
         let e = parse("a: [unclosed").unwrap_err().to_string();
         assert!(e.starts_with("lab.yaml:"), "{e}");
     }

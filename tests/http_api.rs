@@ -136,3 +136,35 @@ async fn the_log_level_changes_live_and_only_for_busbar_targets() {
     busbar::telemetry::set_target(target, tracing::Level::WARN).unwrap();
     d.stop().await.expect("clean shutdown");
 }
+
+/// The federation view of a lone daemon: its own site, its components,
+/// filters, and a JSON 400 for a filter that does not parse.
+#[tokio::test]
+async fn the_federation_api_answers_and_refuses_bad_filters() {
+    let env = TestEnv::new();
+    let mut cfg = env.config_value();
+    cfg["site"] = json!(format!("solo-{}", env.id));
+    let d = env.start_with(env.config_of(&cfg)).await;
+    let base = format!("http://{}", d.api_addr.expect("api enabled"));
+    let http = reqwest::Client::new();
+    let site = format!("solo-{}", env.id);
+    // The directory hears this daemon's own statuses (warmed by its ping).
+    let rows = eventually(WAIT, "the directory lists the dummy", async || {
+        let url = format!("{base}/api/v1/federation/components?site={site}&category=simulator&stale=false");
+        let v: Value = http.get(url).send().await.ok()?.json().await.ok()?;
+        (v["components"].as_array()?.len() == 1).then_some(v)
+    })
+    .await;
+    assert_eq!(rows["components"][0]["uuid"], env.dummy.to_string());
+    assert_eq!(rows["components"][0]["managed_by"], env.manager.to_string());
+    let fed: Value = http.get(format!("{base}/api/v1/federation")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(fed["site"], site.as_str());
+    assert_eq!(fed["uuid"], d.shared.env.settings.controller.to_string());
+    assert_eq!(fed["sites"][0]["site"], site.as_str());
+    assert_eq!(fed["sites"][0]["stale"], false);
+    let r = http.get(format!("{base}/api/v1/federation/components?stale=maybe")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert!(e["error"]["msg"].as_str().unwrap().contains("stale"), "{e}");
+    d.stop().await.expect("clean shutdown");
+}

@@ -296,3 +296,39 @@ async fn a_spec_error_at_start_names_the_component_and_key_and_leaves_nothing_ru
     let d = env.start().await;
     d.stop().await.expect("clean shutdown");
 }
+
+/// Every daemon is an IC: `controller/busbar`, `running`, announcing itself
+/// every `alive_interval` with host, broker and component figures; an
+/// action it does not take is answered with the error and leaves it
+/// running; it says `gone` when the daemon stops.
+#[tokio::test]
+async fn the_daemon_is_a_controller_ic_that_stays_running_and_says_gone() {
+    let env = TestEnv::new();
+    let mut cfg = env.config_value();
+    cfg["site"] = json!(format!("site-{}", env.id));
+    cfg["alive_interval"] = json!(0.2);
+    let (d, c, mut l) = env.up_with(env.config_of(&cfg)).await;
+    let me = d.shared.env.settings.controller;
+    let alive = |v: &Value| v["status"]["state"] == "running" && v["status"]["system"]["rss"].as_u64().is_some();
+    let st = status_within(&mut l, me, Duration::from_secs(2), alive).await.expect("an alive status within 2 s");
+    assert_eq!(st["properties"]["category"], "controller");
+    assert_eq!(st["properties"]["type"], "busbar");
+    assert_eq!(st["properties"]["site"], format!("site-{}", env.id));
+    assert_eq!(st["status"]["broker"]["connected"], true);
+    assert_eq!(st["status"]["alive_interval"], 0.2);
+    assert_eq!(st["status"]["components"]["idle"], 2, "the manager and the dummy: {st}");
+    assert_eq!(st["status"]["roots"], json!([env.manager.to_string()]));
+    assert!(st["status"]["time"].as_f64().is_some());
+    // Alive messages keep coming, about five a second.
+    let seen = collect_for(&mut l, Duration::from_millis(1100)).await;
+    let alives = seen.iter().filter(|s| s.payload["properties"]["uuid"] == me.to_string()).count();
+    assert!((3..=8).contains(&alives), "{alives} alive messages in 1.1 s at 0.2 s");
+    // A stray `stop` is refused with a message; the controller stays running.
+    c.publish(to_uuid(me), &action("stop", json!({})), None).await.unwrap();
+    let st = status_of(&mut l, me, |v| v["status"]["error"]["msg"].is_string()).await;
+    assert_eq!(st["status"]["state"], "running", "{st}");
+    // Stopping the daemon: the controller says gone first.
+    d.stop().await.expect("clean shutdown");
+    state_of(&mut l, me, "gone").await;
+    c.close().await;
+}

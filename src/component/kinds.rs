@@ -547,6 +547,16 @@ mod tests {
     }
 
     #[test]
+    fn the_controller_type_is_never_configured_or_created() {
+        let kinds = Kinds::builtin();
+        let spec = ComponentSpec::from_map(params(json!({"category": "controller", "type": "busbar"}))).unwrap();
+        let e = kinds.check(&spec).unwrap_err();
+        assert_eq!(e.key, "type");
+        assert!(e.msg.contains("the daemon itself"), "{e}");
+        assert!(kinds.lookup("controller", "busbar").is_some(), "the daemon starts it by lookup");
+    }
+
+    #[test]
     fn a_near_miss_of_a_declared_property_is_an_error_that_suggests_it() {
         let kinds = Kinds::builtin();
         let spec = |v: Value| ComponentSpec::from_map(v.as_object().unwrap().clone()).unwrap();

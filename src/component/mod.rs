@@ -514,7 +514,14 @@ impl Component {
             }
             // A refused create or delete is the requester's mistake, not
             // the manager's: answer with the error, stay usable.
-            Err(info) if matches!(action, Action::Create | Action::Delete) => self.refuse_request(info, reply).await,
+            // The same for an action the controller does not take: a stray
+            // `stop` must not make a site look broken.
+            Err(info)
+                if matches!(action, Action::Create | Action::Delete)
+                    || self.kind.driver == kinds::Driver::Controller =>
+            {
+                self.refuse_request(info, reply).await
+            }
             Err(info) => self.fail(info, reply).await,
         }
     }
