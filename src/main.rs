@@ -195,9 +195,10 @@ enum Cmd {
         conn: Conn,
         /// start, stop, pause, resume, reset, shutdown, ping, …
         action: String,
-        /// Target component.
-        #[arg(short = 'u', long)]
-        uuid: String,
+        /// Target component; repeat for several (one message each, the same
+        /// `--when`: a coordinated start).
+        #[arg(short = 'u', long, required = true)]
+        uuid: Vec<String>,
         /// Parameters: JSON or YAML text, or @file.
         #[arg(short = 'p', long)]
         parameters: Option<String>,
@@ -207,9 +208,14 @@ enum Cmd {
         /// Results description (JSON/YAML or @file).
         #[arg(long)]
         results: Option<String>,
-        /// When to run it: Unix seconds or ISO-8601.
-        #[arg(long)]
-        when: Option<String>,
+        /// When to run it: Unix seconds, ISO-8601, or `+2s` / `+500ms` from now.
+        #[arg(long, value_parser = when_arg)]
+        when: Option<Value>,
+        /// Report when each target entered the action's transient state
+        /// (`starting` for a start, from its `status.since`) and the skew
+        /// between the first and the last.
+        #[arg(long, conflicts_with = "wait")]
+        report: bool,
         /// Wait until the component reaches this state (exit 0), or error (exit 1).
         #[arg(long, value_parser = state_name)]
         wait: Option<String>,
@@ -357,6 +363,41 @@ fn object(text: &str) -> anyhow::Result<Map<String, Value>> {
         Value::Object(m) => Ok(m),
         other => Err(Usage(format!("expected an object, got {other}")).into()),
     }
+}
+
+/// `--when`: Unix seconds, ISO-8601 (as given), or `+N`, `+Ns`, `+Nms`
+/// from now (made absolute here, once, so that every target gets the same).
+fn when_arg(text: &str) -> Result<Value, String> {
+    if let Some(rel) = text.strip_prefix('+') {
+        let (num, scale) = match rel.strip_suffix("ms") {
+            Some(n) => (n, 1e-3),
+            None => (rel.strip_suffix('s').unwrap_or(rel), 1.0),
+        };
+        let secs = num.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(|s| s * scale);
+        let secs = secs.ok_or_else(|| format!("{text:?}: expected +SECONDS, +Ns or +Nms"))?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        return Ok(Value::from(((now + secs) * 1e6).round() / 1e6));
+    }
+    Ok(text.parse::<f64>().map(Value::from).unwrap_or_else(|_| Value::String(text.to_owned())))
+}
+
+/// Print when each target entered `entry` and the skew; exit 0 if every
+/// target was seen there, 2 otherwise.
+fn print_report(seen: &[(String, Option<f64>)], entry: &str) -> ExitCode {
+    let times: Vec<f64> = seen.iter().filter_map(|(_, t)| *t).collect();
+    let first = times.iter().copied().reduce(f64::min).unwrap_or_default();
+    for (uuid, t) in seen {
+        match t {
+            Some(t) => {
+                let at = jiff::Timestamp::from_microsecond((t * 1e6) as i64).map(|t| t.to_string()).unwrap_or_default();
+                println!("{uuid}  {entry} at {at}  +{:.3} ms", (t - first) * 1000.0);
+            }
+            None => println!("{uuid}  not seen {entry}"),
+        }
+    }
+    let last = times.iter().copied().reduce(f64::max).unwrap_or_default();
+    println!("skew {:.3} ms over {} of {} targets", (last - first) * 1000.0, times.len(), seen.len());
+    if times.len() == seen.len() { ExitCode::SUCCESS } else { ExitCode::from(exit::TIMEOUT) }
 }
 
 /// Listen to the bus for `listen` after a broadcast ping, into a directory.
@@ -679,9 +720,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             .await;
             client.close().await;
         }
-        Cmd::Action { conn, action, uuid, parameters, model, results, when, wait, timeout } => {
+        Cmd::Action { conn, action, uuid: uuids, parameters, model, results, when, wait, timeout, report } => {
             let mut body = Map::new();
-            body.insert("action".into(), action.into());
+            body.insert("action".into(), action.clone().into());
             if let Some(p) = parameters {
                 body.insert("parameters".into(), Value::Object(object(&p)?));
             }
@@ -691,20 +732,36 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             if let Some(r) = results {
                 body.insert("results".into(), document(&r)?);
             }
+            let entry = busbar::state::Action::ALL.iter().find(|a| a.as_str() == action).and_then(|a| a.entry_state());
             if let Some(w) = when {
-                let v = w.parse::<f64>().map(Value::from).unwrap_or(Value::String(w));
-                body.insert("when".into(), v);
+                body.insert("when".into(), w);
             }
             let body = Value::Object(body);
             let client = conn.connect().await?;
-            let code = match wait {
-                Some(target) => wait_outcome(&client, &uuid, &body, Goal::State(target), timeout, false).await?,
-                None => {
-                    let filter = Filter { uuid: Some(uuid), ..Default::default() };
-                    client.publish(filter.action_headers(), &body, None).await?;
-                    ExitCode::SUCCESS
+            if report {
+                let Some(entry) = entry else {
+                    return Err(Usage(format!("--report: {action:?} has no transient state to time")).into());
+                };
+                let seen = client.act_on_all(&uuids, &body, entry.as_str(), timeout).await?;
+                client.close().await;
+                return Ok(print_report(&seen, entry.as_str()));
+            }
+            let mut code = ExitCode::SUCCESS;
+            for uuid in uuids {
+                let one = match &wait {
+                    Some(target) => {
+                        wait_outcome(&client, &uuid, &body, Goal::State(target.clone()), timeout, false).await?
+                    }
+                    None => {
+                        let filter = Filter { uuid: Some(uuid), ..Default::default() };
+                        client.publish(filter.action_headers(), &body, None).await?;
+                        ExitCode::SUCCESS
+                    }
+                };
+                if one != ExitCode::SUCCESS {
+                    code = one;
                 }
-            };
+            }
             client.close().await;
             return Ok(code);
         }

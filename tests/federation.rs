@@ -214,6 +214,39 @@ async fn two_federated_sites_see_act_cut_and_heal() {
     }
     eprintln!("20 cut/heal cycles: stale within {worst_stale:?}, equal to the truth within {worst_heal:?}");
 
+    // The CLI sees both sites, from site 1's broker.
+    let o = cli(&env, &["sites"]).await;
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains(&site1) && text.contains(&site2), "{text}");
+    let o = cli(&env, &["components", "--site", &site2, "--json"]).await;
+    let rows: Vec<Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let uuids: Vec<&str> = rows.iter().filter_map(|r| r["uuid"].as_str()).collect();
+    assert!(uuids.contains(&dummy2.to_string().as_str()), "{rows:?}");
+
+    // A coordinated start of one component per site: the same `when`, and
+    // the skew read back from each one's `status.since`.
+    for (client, uuid) in [(&client1, dummy1), (&client2, dummy2)] {
+        client.publish(to_uuid(uuid), &action("reset", json!({})), None).await.unwrap();
+    }
+    eventually(WAIT, "both dummies idle", async || {
+        let idle =
+            |r: &busbar::daemon::Running, u| r.shared.env.components.lookup(u).unwrap().state().as_str() == "idle";
+        (idle(&a, dummy1) && idle(&b, dummy2)).then_some(())
+    })
+    .await;
+    let (u1, u2) = (dummy1.to_string(), dummy2.to_string());
+    let args = ["action", "start", "-u", &u1, "-u", &u2, "-p", "{runtime: 0.05}", "--when", "+2s", "--report"];
+    let o = cli(&env, &args).await;
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    let skew: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("skew ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("a skew line: {text}"));
+    eprintln!("coordinated start across two sites: skew {skew:.3} ms");
+    assert!(skew < 50.0, "skew {skew} ms: {text}");
+
     client2.close().await;
     client1.close().await;
     // Site 2's controller says `gone` on the way out, and site 1 shows the

@@ -173,6 +173,42 @@ impl Client {
         Ok(listener)
     }
 
+    /// Send one action body (with one `when`) to several components and
+    /// read back when each entered `entry` (the action's transient state,
+    /// `starting` for a start), from the `since` of its status: the skew a
+    /// coordinated start achieved. Ends when every target was seen there,
+    /// or at `timeout` (those not seen are `None`).
+    pub async fn act_on_all(
+        &self,
+        uuids: &[String],
+        body: &Value,
+        entry: &str,
+        timeout: Duration,
+    ) -> Result<Vec<(String, Option<f64>)>> {
+        let mut any_uuid = FieldTable::default();
+        any_uuid.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+        any_uuid.insert("uuid".into(), AMQPValue::Void);
+        let mut listener = self.listen(any_uuid).await?;
+        for uuid in uuids {
+            let to = Filter { uuid: Some(uuid.clone()), ..Default::default() };
+            self.publish(to.action_headers(), body, None).await?;
+        }
+        let mut seen: Vec<(String, Option<f64>)> = uuids.iter().map(|u| (u.clone(), None)).collect();
+        let end = Instant::now() + timeout;
+        while seen.iter().any(|(_, t)| t.is_none()) {
+            let Some(msg) = listener.next_until(end).await else { break };
+            if !msg.is_status() || msg.state() != Some(entry) {
+                continue;
+            }
+            let from = msg.payload.pointer("/properties/uuid").and_then(Value::as_str);
+            let since = msg.payload.pointer("/status/since").and_then(Value::as_f64);
+            if let Some(slot) = seen.iter_mut().find(|(u, t)| Some(u.as_str()) == from && t.is_none()) {
+                slot.1 = since.or(Some(msg.time));
+            }
+        }
+        Ok(seen)
+    }
+
     /// Publish an action body with `headers`, optionally asking for a reply
     /// (`(reply_to, correlation_id)`).
     pub async fn publish(&self, headers: FieldTable, body: &Value, reply: Option<(&str, &str)>) -> Result<()> {

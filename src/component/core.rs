@@ -37,7 +37,9 @@ pub(crate) struct Core {
     /// Driver-specific `status` fields.
     pub extra: Map<String, Value>,
     /// States entered since the last publish, in order.
-    trail: Vec<State>,
+    trail: Vec<(State, f64)>,
+    /// When the current state was entered (Unix seconds).
+    pub(super) since: f64,
     /// The current state, readable without asking the task (the handle
     /// holds a clone: the controller counts states, the API lists them).
     pub(super) mirror: Arc<std::sync::atomic::AtomicU8>,
@@ -80,6 +82,7 @@ impl Core {
             results: Value::Null,
             extra: Map::new(),
             trail: Vec::new(),
+            since: unix_now(),
             mirror: Arc::new(std::sync::atomic::AtomicU8::new(State::Idle.index())),
             requests: Vec::new(),
         }
@@ -101,7 +104,7 @@ impl Core {
     }
 
     /// The states entered since the last call, in order.
-    pub(super) fn take_trail(&mut self) -> Vec<State> {
+    pub(super) fn take_trail(&mut self) -> Vec<(State, f64)> {
         std::mem::take(&mut self.trail)
     }
 
@@ -179,7 +182,8 @@ impl Cx<'_> {
 
     fn entered(&mut self, from: State, to: State) {
         self.env.metrics.state_change(Some(from.as_str()), Some(to.as_str()));
-        self.core.trail.push(to);
+        self.core.since = unix_now();
+        self.core.trail.push((to, self.core.since));
         self.core.mirror.store(to.index(), std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -228,6 +232,13 @@ fn split_secrets(p: &mut Map<String, Value>) -> Map<String, Value> {
         }
     }
     secrets
+}
+
+/// Now, in Unix seconds with microseconds (the wall clock: `since` is
+/// compared across daemons, whose clocks the controllers' offsets relate).
+fn unix_now() -> f64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    (t * 1e6).round() / 1e6
 }
 
 #[cfg(test)]

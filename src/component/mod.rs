@@ -566,10 +566,10 @@ impl Component {
     }
 
     fn view<'a>(&'a self, extra: &'a Map<String, Value>) -> StatusView<'a> {
-        self.view_in(self.core.state(), extra)
+        self.view_in(self.core.state(), self.core.since, extra)
     }
 
-    fn view_in<'a>(&'a self, state: State, extra: &'a Map<String, Value>) -> StatusView<'a> {
+    fn view_in<'a>(&'a self, state: State, since: f64, extra: &'a Map<String, Value>) -> StatusView<'a> {
         let core = &self.core;
         let prefix = match core.keys.category.as_str() {
             "simulator" => Prefix::Simulator { model: &core.model, results: &core.results },
@@ -581,6 +581,7 @@ impl Component {
             state,
             managed_by: core.managed_by,
             error: core.error.as_ref(),
+            since: Some(since),
             extra,
             properties: &core.properties,
             schema: &self.kind.schema,
@@ -611,8 +612,8 @@ impl Component {
         let live = self.live_extra();
         let extra = live.as_ref().unwrap_or(&self.core.extra);
         if let Some((_, passed)) = trail.split_last() {
-            for &state in passed {
-                let body = self.view_in(state, extra).to_vec(&self.env.info);
+            for &(state, since) in passed {
+                let body = self.view_in(state, since, extra).to_vec(&self.env.info);
                 Box::pin(self.env.bus.publish_status(&self.core.keys, &body, None)).await;
             }
         }

@@ -146,6 +146,9 @@ pub struct StatusView<'a> {
     pub managed_by: Option<Uuid>,
     /// The current error, if any.
     pub error: Option<&'a ErrorInfo>,
+    /// When the state was entered, Unix seconds on the daemon's clock
+    /// (`status.since`: what a coordinated start's skew is read from).
+    pub since: Option<f64>,
     /// Extra `status` fields of the type (e.g. `return_code`).
     pub extra: &'a Map<String, Value>,
     /// `properties`.
@@ -182,6 +185,9 @@ impl Serialize for StatusPart<'_> {
         m.serialize_entry("kernel", &d.kernel)?;
         if let Some(u) = v.managed_by {
             m.serialize_entry("managed_by", &u)?;
+        }
+        if let Some(t) = v.since {
+            m.serialize_entry("since", &t)?;
         }
         if let Some(e) = v.error {
             m.serialize_entry("error", &e.0)?;
