@@ -41,6 +41,7 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/api/v1/component/{uuid}", get(component_status).post(component_action))
         .route("/api/v1/federation", get(federation))
         .route("/api/v1/federation/components", get(federation_components))
+        .route("/api/v1/distributed/{how}/{query}", get(distributed))
         .route("/api/v1/log-level", get(get_log_level).put(put_log_level))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "Not found".into()) })
@@ -74,6 +75,38 @@ async fn federation_components(
     let now = tokio::time::Instant::now();
     let dir = s.env.directory.lock().unwrap_or_else(|p| p.into_inner());
     Ok(Json(json!({"components": dir.components(&filter, now)})))
+}
+
+/// `?deadline=` of a distributed request (seconds).
+#[derive(Debug, serde::Deserialize)]
+struct Deadline {
+    deadline: Option<f64>,
+}
+
+/// `GET /api/v1/distributed/{split|merge}/{health|components}?deadline=1`:
+/// ask every controller of the federation; answers by the deadline, with
+/// the sites that missed it named.
+async fn distributed(
+    State(s): State<Arc<Shared>>,
+    Path((how, query)): Path<(String, String)>,
+    deadline: Result<axum::extract::Query<Deadline>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let axum::extract::Query(d) = deadline.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let q = crate::directory::gather::Query::parse(&query).ok_or_else(|| {
+        ApiError(StatusCode::NOT_FOUND, format!("Unknown query {query:?}; expected health or components"))
+    })?;
+    let max = crate::directory::gather::MAX_DEADLINE.as_secs_f64();
+    let secs = d.deadline.unwrap_or(1.0);
+    if !(secs.is_finite() && secs > 0.0 && secs <= max) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("deadline must be seconds between 0 and {max}")));
+    }
+    let merge = match how.as_str() {
+        "split" => false,
+        "merge" => true,
+        _ => return Err(ApiError(StatusCode::NOT_FOUND, format!("Unknown form {how:?}; expected split or merge"))),
+    };
+    let done = s.asker.ask(q, std::time::Duration::from_secs_f64(secs)).await;
+    Ok(Json(if merge { done.merge() } else { done.split() }))
 }
 
 /// Bind the configured address and serve until shutdown; returns the bound

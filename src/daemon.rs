@@ -28,6 +28,8 @@ pub struct Shared {
     pub config: Config,
     /// What components and IoT agents use (they see nothing else).
     pub env: Arc<component::Env>,
+    /// Distributed requests to every controller of the federation.
+    pub asker: crate::directory::Asker,
 }
 
 /// A running daemon, as returned by [`start`].
@@ -118,14 +120,15 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         components,
         directory: directory.clone(),
     });
+    let (asker, asks) = crate::directory::Asker::new(directory.clone());
     let feed = crate::directory::Feed {
         url: config.broker.url.clone(),
         exchange: config.exchange.clone(),
         directory,
         heard: env.metrics.directory_statuses.clone(),
     };
-    env.tracker.spawn(crate::directory::feed(feed, env.shutdown.clone()));
-    let shared = Arc::new(Shared { config, env });
+    env.tracker.spawn(crate::directory::feed(feed, asks, env.shutdown.clone()));
+    let shared = Arc::new(Shared { config, env, asker });
     runner.spawn(wiring);
     // A start that fails half-way stops what it started (the bus, the
     // components so far) before it reports why: nothing is left running.

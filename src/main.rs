@@ -248,7 +248,14 @@ enum Cmd {
         /// Listen this many seconds (at least one alive interval).
         #[arg(long, default_value = "1.5", value_parser = seconds)]
         listen: Duration,
-        /// Print JSON lines.
+        /// Ask every controller for fresh figures (a distributed request)
+        /// and name the sites that do not answer within --deadline.
+        #[arg(long)]
+        fresh: bool,
+        /// With --fresh: how long to wait for the answers.
+        #[arg(long, default_value = "1", value_parser = seconds)]
+        deadline: Duration,
+        /// Print JSON lines (with --fresh: the split answer, one object).
         #[arg(long)]
         json: bool,
     },
@@ -400,15 +407,21 @@ fn print_report(seen: &[(String, Option<f64>)], entry: &str) -> ExitCode {
     if times.len() == seen.len() { ExitCode::SUCCESS } else { ExitCode::from(exit::TIMEOUT) }
 }
 
-/// Listen to the bus for `listen` after a broadcast ping, into a directory.
-async fn survey(client: &Client, listen: Duration) -> anyhow::Result<busbar::directory::Directory> {
-    let mut listener = client.survey().await?;
-    let mut dir = busbar::directory::Directory::new(1_000_000);
-    let until = tokio::time::Instant::now() + listen;
-    while let Some(seen) = listener.next_until(until).await {
-        observe(&mut dir, &seen);
-    }
-    Ok(dir)
+/// One site's fresh answer to a health request.
+fn print_fresh(site: &str, status: &Value) {
+    let sys = &status["system"];
+    let counts: Vec<String> = status["components"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, n)| format!("{k}={n}")).collect())
+        .unwrap_or_default();
+    println!(
+        "{site:<16} {:<8} {:<32} cpu {:>5.1}%  rss {:>6.1} MiB  broker {}",
+        status["state"].as_str().unwrap_or("-"),
+        if counts.is_empty() { "-".to_owned() } else { counts.join(",") },
+        sys["cpu_percent"].as_f64().unwrap_or_default(),
+        sys["rss"].as_f64().unwrap_or_default() / 1048576.0,
+        if status["broker"]["connected"] == true { "up" } else { "down" },
+    );
 }
 
 fn observe(dir: &mut busbar::directory::Directory, seen: &busbar::client::Seen) -> busbar::directory::Change {
@@ -585,9 +598,57 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Cmd::Sites { conn, listen, json } => {
+        Cmd::Sites { conn, listen, fresh, deadline, json } => {
             let client = conn.connect().await?;
-            let dir = survey(&client, listen).await?;
+            let mut listener = client.survey().await?;
+            let mut dir = busbar::directory::Directory::new(1_000_000);
+            let until = tokio::time::Instant::now() + listen;
+            while let Some(seen) = listener.next_until(until).await {
+                observe(&mut dir, &seen);
+            }
+            if fresh {
+                use busbar::directory::gather::{Gather, Query};
+                let now = tokio::time::Instant::now();
+                // Expected: every site heard, and every peer those sites
+                // know of (a site cut off from here is in its peers' links).
+                let mut expected = dir.expected_sites();
+                for site in dir.sites(now) {
+                    for link in site["status"]["links"].as_array().into_iter().flatten() {
+                        if let (Some(u), Some(name)) =
+                            (link["uuid"].as_str().and_then(|u| u.parse().ok()), link["site"].as_str())
+                        {
+                            expected.entry(u).or_insert_with(|| name.to_owned());
+                        }
+                    }
+                }
+                let anyone = expected.is_empty();
+                let mut g = Gather::new(Query::Health, expected, deadline, now);
+                let mut to = lapin::types::FieldTable::default();
+                to.insert("category".into(), lapin::types::AMQPValue::LongString("controller".into()));
+                client.publish_correlated(to, &Query::Health.body(), &g.correlation).await?;
+                // With no site heard yet, collect whoever answers by the deadline.
+                while anyone || !g.complete() {
+                    let Some(seen) = listener.next_until(g.deadline).await else { break };
+                    g.offer(seen.correlation_id.as_deref(), &seen.payload);
+                }
+                client.close().await;
+                let done = g.finish(tokio::time::Instant::now());
+                if json {
+                    println!("{}", done.split());
+                } else {
+                    for (site, answer) in &done.answers {
+                        print_fresh(site, answer);
+                    }
+                    for site in &done.missing {
+                        println!("{site:<16} MISSING  no answer within {deadline:?}");
+                    }
+                }
+                return Ok(if done.missing.is_empty() && !done.answers.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(exit::NO_ANSWER)
+                });
+            }
             client.close().await;
             let sites = dir.sites(tokio::time::Instant::now());
             if sites.is_empty() {

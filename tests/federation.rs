@@ -153,6 +153,16 @@ async fn two_federated_sites_see_act_cut_and_heal() {
     assert_eq!(rows["components"].as_array().unwrap().len(), 1, "{rows}");
     assert_eq!(rows["components"][0]["uuid"], dummy2.to_string());
 
+    // A distributed request: both sites answer, well before the deadline,
+    // with their components fresh from each daemon.
+    let t = Instant::now();
+    let url = format!("http://{api}/api/v1/distributed/merge/components?deadline=2");
+    let merged: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "every site answered, so it did not wait out the deadline");
+    assert_eq!(merged["missing"], json!([]), "{merged}");
+    let listed: Vec<&str> = merged["answers"].as_array().unwrap().iter().filter_map(|c| c["uuid"].as_str()).collect();
+    assert!(listed.contains(&dummy1.to_string().as_str()) && listed.contains(&dummy2.to_string().as_str()), "{merged}");
+
     // Cut and heal, 20 times; while cut, site 2 changes (a component is
     // created or deleted, the dummy starts or stops), and after healing
     // site 1's directory equals site 2's truth: no ghost, nothing missing.
@@ -171,6 +181,21 @@ async fn two_federated_sites_see_act_cut_and_heal() {
         worst_stale = worst_stale.max(cut_at.elapsed());
         // Site 1 keeps working on its own.
         assert!(seen_at(&a, &site1).values().all(|(_, stale)| !*stale), "cycle {cycle}: site 1 stays fresh");
+        if cycle == 0 {
+            // A distributed request with site 2 out of reach: back by its
+            // deadline (+100 ms), site 1's answer in, site 2 named missing.
+            let t = Instant::now();
+            let url = format!("http://{api}/api/v1/distributed/split/health?deadline=1");
+            let split: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+            let took = t.elapsed();
+            assert!(took <= Duration::from_millis(1100), "took {took:?}");
+            assert_eq!(split["missing"], json!([site2.clone()]), "{split}");
+            assert_eq!(split["answers"][&site1]["broker"]["connected"], true, "{split}");
+            let o = cli(&env, &["sites", "--fresh", "--deadline", "1"]).await;
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert_eq!(o.status.code(), Some(4), "a site missing: exit 4; {text}");
+            assert!(text.contains(&format!("{site2:<16} MISSING")), "{text}");
+        }
         // Site 2 changes while nobody at site 1 can hear it.
         match cycle % 3 {
             0 => {

@@ -166,5 +166,30 @@ async fn the_federation_api_answers_and_refuses_bad_filters() {
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
     assert!(e["error"]["msg"].as_str().unwrap().contains("stale"), "{e}");
+    // A distributed request: this site's own controller answers, at once.
+    let t = std::time::Instant::now();
+    let split: Value = http
+        .get(format!("{base}/api/v1/distributed/split/health?deadline=5"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(t.elapsed() < std::time::Duration::from_secs(4), "every expected site answered: no wait for the deadline");
+    assert_eq!(split["missing"], json!([]), "{split}");
+    assert_eq!(split["answers"][&site]["state"], "running", "{split}");
+    for (path, code) in [
+        ("distributed/split/health?deadline=0", 400),
+        ("distributed/split/health?deadline=soon", 400),
+        ("distributed/split/health?deadline=31", 400),
+        ("distributed/split/everything", 404),
+        ("distributed/sideways/health", 404),
+    ] {
+        let r = http.get(format!("{base}/api/v1/{path}")).send().await.unwrap();
+        assert_eq!(r.status(), code, "{path}");
+        let e: Value = r.json().await.unwrap();
+        assert!(e["error"]["msg"].is_string(), "{path}: {e}");
+    }
     d.stop().await.expect("clean shutdown");
 }

@@ -216,6 +216,22 @@ impl Client {
         self.publish_raw(headers, Some(protocol::CONTENT_TYPE), &bytes, reply).await
     }
 
+    /// Publish an action body with a `correlation_id` and no `reply_to`:
+    /// the answers come as statuses on the (federated) exchange, from any
+    /// site (a distributed request).
+    pub async fn publish_correlated(&self, headers: FieldTable, body: &Value, correlation: &str) -> Result<()> {
+        let bytes = serde_json::to_vec(body).map_err(|e| Error::Internal(e.to_string()))?;
+        let props = BasicProperties::default()
+            .with_content_type(protocol::CONTENT_TYPE.into())
+            .with_content_encoding(protocol::CONTENT_ENCODING.into())
+            .with_correlation_id(correlation.into())
+            .with_headers(headers);
+        self.ch
+            .basic_publish(self.exchange.as_str().into(), "".into(), BasicPublishOptions::default(), &bytes, props)
+            .await?;
+        Ok(())
+    }
+
     /// Publish arbitrary bytes with an arbitrary content type (or none).
     pub async fn publish_raw(
         &self,

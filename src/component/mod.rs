@@ -475,6 +475,9 @@ impl Component {
             Err(e) => return self.refuse(e, reply).await,
         };
         if action == Action::Ping {
+            if let Some(more) = self.driver.ping_extra(&req.parameters) {
+                return self.publish_with(reply, Some(more)).await;
+            }
             return self.publish(reply).await;
         }
         let manages = self.kind.driver.is_manager();
@@ -608,8 +611,16 @@ impl Component {
     /// first, in order (without the reply): observers see `pausing` before
     /// `paused` even when the driver got there at once.
     async fn publish(&mut self, cause: Option<&ActionRequest>) {
+        self.publish_with(cause, None).await
+    }
+
+    /// [`Self::publish`], with `more` status fields in this one message.
+    async fn publish_with(&mut self, cause: Option<&ActionRequest>, more: Option<Map<String, Value>>) {
         let trail = self.core.take_trail();
-        let live = self.live_extra();
+        let mut live = self.live_extra();
+        if let Some(more) = more {
+            live.get_or_insert_with(|| self.core.extra.clone()).extend(more);
+        }
         let extra = live.as_ref().unwrap_or(&self.core.extra);
         if let Some((_, passed)) = trail.split_last() {
             for &(state, since) in passed {

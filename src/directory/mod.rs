@@ -29,8 +29,9 @@
 //! what it drops.
 
 mod feed;
+pub mod gather;
 
-pub use feed::{Feed, feed};
+pub use feed::{Ask, Asker, Feed, feed};
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -440,6 +441,17 @@ impl Directory {
             .collect();
         links.sort_by(|a, b| a["site"].as_str().cmp(&b["site"].as_str()));
         links
+    }
+
+    /// The sites a distributed request expects to answer: every controller
+    /// heard that did not say `gone` (stale ones included: they are the
+    /// ones likely to miss the deadline, and are named when they do).
+    pub fn expected_sites(&self) -> std::collections::BTreeMap<Uuid, String> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| &*e.state != "gone")
+            .filter_map(|(u, e)| Some((*u, e.controller.as_ref()?.site.to_string())))
+            .collect()
     }
 
     /// Heap bytes held, approximately (for the memory benchmark's check).

@@ -104,6 +104,36 @@ impl Driver for Controller {
         true
     }
 
+    /// A distributed request (`ping` with `include: ["components"]`): this
+    /// site's components, fresh, in the answer.
+    fn ping_extra(&self, parameters: &Map<String, Value>) -> Option<Map<String, Value>> {
+        let include = parameters.get("include")?.as_array()?;
+        if !include.iter().any(|i| i == "components") {
+            return None;
+        }
+        let me = self.env.settings.controller;
+        let local: Vec<Value> = self
+            .env
+            .components
+            .handles()
+            .iter()
+            .filter(|h| h.uuid() != me)
+            .map(|h| {
+                json!({
+                    "uuid": h.uuid(),
+                    "category": h.keys.category,
+                    "type": h.keys.kind,
+                    "realm": h.keys.realm,
+                    "state": h.state().as_str(),
+                    "managed_by": h.managed_by,
+                })
+            })
+            .collect();
+        let mut m = Map::new();
+        m.insert("local".into(), local.into());
+        Some(m)
+    }
+
     fn live_status(&self) -> Option<Map<String, Value>> {
         let env = &self.env;
         let mut m = Map::new();

@@ -89,6 +89,13 @@ pub(crate) trait Driver: Send {
         None
     }
 
+    /// Status fields to add to the answer of a ping with these
+    /// `parameters` (a controller answering a distributed request with
+    /// `include: ["components"]`); `None`: the usual status.
+    fn ping_extra(&self, _parameters: &Map<String, Value>) -> Option<Map<String, Value>> {
+        None
+    }
+
     /// The status envelope of `uuid`, a component this one speaks for
     /// without a task of its own (a gateway's devices).
     fn member_status(&self, _uuid: uuid::Uuid, _info: &crate::protocol::DaemonInfo) -> Option<Value> {
