@@ -193,3 +193,23 @@ async fn the_federation_api_answers_and_refuses_bad_filters() {
     }
     d.stop().await.expect("clean shutdown");
 }
+
+/// With its broker unreachable, a daemon's distributed request still
+/// returns at its deadline (every known site missing), never waiting on
+/// the link.
+#[tokio::test]
+async fn a_distributed_request_returns_by_its_deadline_without_a_broker() {
+    let env = TestEnv::new();
+    let mut cfg = env.config_value();
+    cfg["broker"]["url"] = json!("amqp://guest:guest@127.0.0.1:1/%2f");
+    let d = busbar::daemon::start(env.config_of(&cfg)).await.expect("the daemon starts without its broker");
+    let base = format!("http://{}", d.api_addr.expect("api enabled"));
+    let t = std::time::Instant::now();
+    let r = reqwest::get(format!("{base}/api/v1/distributed/merge/health?deadline=0.3")).await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(took < std::time::Duration::from_millis(400), "took {took:?}");
+    assert_eq!(v["answers"], json!([]), "{v}");
+    d.stop().await.expect("clean shutdown");
+}
