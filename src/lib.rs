@@ -50,5 +50,6 @@ pub mod state;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;
+pub mod villas;
 
 pub use error::{Error, Result};

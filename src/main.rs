@@ -188,6 +188,10 @@ enum Cmd {
         /// Routing key pattern (with --data): `realm.service.entity_type.device_id`, `#` for all.
         #[arg(long, default_value = "#")]
         key: String,
+        /// Print the `managed_by` tree of every IC of every site instead,
+        /// again after each change.
+        #[arg(long, conflicts_with_all = ["json", "data"])]
+        tree: bool,
     },
     /// Send an action to a component, optionally waiting for a state.
     Action {
@@ -461,18 +465,18 @@ fn print_component(v: &Value, json: bool) {
     );
 }
 
-/// The rows as a tree by `managed_by` (roots: ICs whose manager is not
-/// among the rows).
+/// The rows as a tree by `parent` (the manager, or for a root manager its
+/// controller); roots: ICs whose parent is not among the rows.
 fn print_tree(rows: &[Value]) {
     let uuid = |v: &Value| v["uuid"].as_str().unwrap_or_default().to_owned();
     let known: std::collections::HashSet<String> = rows.iter().map(uuid).collect();
     fn walk(rows: &[Value], parent: &str, depth: usize) {
-        for r in rows.iter().filter(|r| r["managed_by"].as_str() == Some(parent)) {
+        for r in rows.iter().filter(|r| r["parent"].as_str() == Some(parent)) {
             print_tree_line(r, depth);
             walk(rows, r["uuid"].as_str().unwrap_or_default(), depth + 1);
         }
     }
-    for r in rows.iter().filter(|r| r["managed_by"].as_str().is_none_or(|m| !known.contains(m))) {
+    for r in rows.iter().filter(|r| r["parent"].as_str().is_none_or(|m| !known.contains(m))) {
         print_tree_line(r, 0);
         walk(rows, r["uuid"].as_str().unwrap_or_default(), 1);
     }
@@ -739,6 +743,29 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 eprintln!("no component answered");
                 return Ok(ExitCode::from(exit::NO_ANSWER));
             }
+        }
+        Cmd::Monitor { conn, tree: true, .. } => {
+            let client = conn.connect().await?;
+            let mut listener = client.survey().await?;
+            let mut dir = busbar::directory::Directory::new(1_000_000);
+            let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+            while let Some(seen) = listener.next_until(until).await {
+                observe(&mut dir, &seen);
+            }
+            let all = busbar::directory::Filter::default();
+            print_tree(&dir.components(&all, tokio::time::Instant::now()));
+            until_interrupted(
+                async |until| listener.next_until(until).await,
+                |seen| {
+                    use busbar::directory::Change;
+                    if matches!(observe(&mut dir, &seen), Change::Updated | Change::Removed) {
+                        println!();
+                        print_tree(&dir.components(&all, tokio::time::Instant::now()));
+                    }
+                },
+            )
+            .await;
+            client.close().await;
         }
         Cmd::Monitor { conn, data: true, data_exchange, key, json, .. } => {
             let client = conn.connect().await?;

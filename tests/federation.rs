@@ -248,6 +248,11 @@ async fn two_federated_sites_see_act_cut_and_heal() {
         String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let uuids: Vec<&str> = rows.iter().filter_map(|r| r["uuid"].as_str()).collect();
     assert!(uuids.contains(&dummy2.to_string().as_str()), "{rows:?}");
+    let o = cli(&env, &["components", "--tree"]).await;
+    let tree = String::from_utf8_lossy(&o.stdout);
+    // controller, root manager one level in, the dummy two levels in
+    let dummy_line = format!("    {site2} dummy simulator/dummy");
+    assert!(tree.contains(&format!("{site2} controller/busbar")) && tree.contains(&dummy_line), "{tree}");
 
     // A coordinated start of one component per site: the same `when`, and
     // the skew read back from each one's `status.since`.

@@ -335,65 +335,85 @@ impl Directory {
         back
     }
 
-    /// One JSON object per IC that passes `filter`, sorted by site, then
-    /// category, type and name.
-    pub fn components(&self, filter: &Filter, now: Instant) -> Vec<Value> {
-        let mut rows: Vec<(String, &Uuid, &Entry, bool)> = self
+    /// The controller at the top of `uuid`'s chain, with the parents
+    /// already resolved in `memo` (a query resolves each manager once, not
+    /// once per component under it).
+    fn controller_of(&self, uuid: Uuid, memo: &mut HashMap<Uuid, Option<Uuid>>) -> Option<Uuid> {
+        let e = self.entries.get(&uuid)?;
+        if e.controller.is_some() {
+            return Some(uuid);
+        }
+        let parent = e.managed_by.or_else(|| self.roots.get(&uuid).copied())?;
+        if let Some(known) = memo.get(&parent) {
+            return *known;
+        }
+        let found = self.site_of(parent).map(|(c, _)| c);
+        memo.insert(parent, found);
+        found
+    }
+
+    /// Every IC that passes `filter`, sorted by site, then category, type
+    /// and name, ready to serialise (the HTTP API writes them straight out).
+    pub fn rows(&self, filter: &Filter, now: Instant) -> Vec<Row<'_>> {
+        let mut memo = HashMap::new();
+        let mut rows: Vec<Row<'_>> = self
             .entries
             .iter()
-            .filter_map(|(u, e)| {
-                let site = self.site_of(*u).and_then(|(_, c)| c.controller.as_ref()).map(|c| c.site.to_string());
-                let stale = self.is_stale(*u, now);
-                let keep = filter.site.as_ref().is_none_or(|s| site.as_ref() == Some(s))
-                    && filter.realm.as_ref().is_none_or(|r| e.realm.as_deref() == Some(r.as_str()))
+            .filter(|(_, e)| {
+                filter.realm.as_ref().is_none_or(|r| e.realm.as_deref() == Some(r.as_str()))
                     && filter.category.as_ref().is_none_or(|c| *e.category == **c)
                     && filter.kind.as_ref().is_none_or(|k| *e.kind == **k)
                     && filter.state.as_ref().is_none_or(|s| *e.state == **s)
-                    && filter.stale.is_none_or(|s| s == stale);
-                keep.then(|| (site.unwrap_or_default(), u, e, stale))
+            })
+            .filter_map(|(u, e)| {
+                let controller = self.controller_of(*u, &mut memo).and_then(|c| self.entries.get(&c));
+                let site = controller.and_then(|c| c.controller.as_ref()).map(|c| &*c.site);
+                let stale = match controller {
+                    Some(c) => Self::controller_stale(c, now),
+                    None => now.saturating_duration_since(e.last_seen) > ORPHAN_STALE_AFTER,
+                };
+                let keep =
+                    filter.site.as_deref().is_none_or(|s| site == Some(s)) && filter.stale.is_none_or(|s| s == stale);
+                keep.then(|| Row {
+                    uuid: *u,
+                    name: &e.name,
+                    category: &e.category,
+                    kind: &e.kind,
+                    realm: e.realm.as_deref(),
+                    state: &e.state,
+                    site,
+                    stale,
+                    last_seen: unix(e.seen_wall),
+                    age: round3(now.saturating_duration_since(e.last_seen).as_secs_f64()),
+                    managed_by: e.managed_by,
+                    parent: e.managed_by.or_else(|| self.roots.get(u).copied()),
+                    error: e.error.as_deref().map(|msg| ErrorMsg { msg }),
+                })
             })
             .collect();
-        rows.sort_by(|a, b| {
-            (&a.0, &a.2.category, &a.2.kind, &a.2.name).cmp(&(&b.0, &b.2.category, &b.2.kind, &b.2.name))
+        rows.sort_unstable_by(|a, b| {
+            (a.site, a.category, a.kind, a.name, a.uuid).cmp(&(b.site, b.category, b.kind, b.name, b.uuid))
         });
-        rows.into_iter()
-            .map(|(site, u, e, stale)| {
-                let mut v = json!({
-                    "uuid": u,
-                    "name": &*e.name,
-                    "category": &*e.category,
-                    "type": &*e.kind,
-                    "realm": e.realm.as_deref(),
-                    "state": &*e.state,
-                    "site": if site.is_empty() { Value::Null } else { site.into() },
-                    "stale": stale,
-                    "last_seen": unix(e.seen_wall),
-                    "age": round3(now.saturating_duration_since(e.last_seen).as_secs_f64()),
-                });
-                if let Some(m) = e.managed_by {
-                    v["managed_by"] = m.to_string().into();
-                }
-                if let Some(err) = &e.error {
-                    v["error"] = json!({"msg": &**err});
-                }
-                v
-            })
-            .collect()
+        rows
+    }
+
+    /// [`Directory::rows`] as JSON values.
+    pub fn components(&self, filter: &Filter, now: Instant) -> Vec<Value> {
+        self.rows(filter, now).iter().map(|r| serde_json::to_value(r).unwrap_or(Value::Null)).collect()
     }
 
     /// One JSON object per site: its controller's last status, whether it
     /// is stale, when it was last heard, its clock offset from this daemon,
     /// and its ICs counted by state.
     pub fn sites(&self, now: Instant) -> Vec<Value> {
-        let mut counts: HashMap<Uuid, Map<String, Value>> = HashMap::new();
-        for u in self.entries.keys() {
-            let Some((site, _)) = self.site_of(*u) else { continue };
+        let mut counts: HashMap<Uuid, std::collections::BTreeMap<&str, u64>> = HashMap::new();
+        let mut memo = HashMap::new();
+        for (u, e) in &self.entries {
+            let Some(site) = self.controller_of(*u, &mut memo) else { continue };
             if site == *u {
                 continue;
             }
-            let state = &*self.entries[u].state;
-            let c = counts.entry(site).or_default().entry(state).or_insert(Value::from(0));
-            *c = Value::from(c.as_u64().unwrap_or(0) + 1);
+            *counts.entry(site).or_default().entry(&e.state).or_insert(0) += 1;
         }
         let mut sites: Vec<Value> = self
             .entries
@@ -470,8 +490,51 @@ impl Directory {
     }
 }
 
+/// One IC of the merged view (`GET /api/v1/federation/components`).
+#[derive(Debug, serde::Serialize)]
+pub struct Row<'a> {
+    /// Its uuid.
+    pub uuid: Uuid,
+    /// `properties.name`.
+    pub name: &'a str,
+    /// `properties.category`.
+    pub category: &'a str,
+    /// `properties.type`.
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    /// `properties.realm`.
+    pub realm: Option<&'a str>,
+    /// `status.state`.
+    pub state: &'a str,
+    /// Its site (the controller at the top of its chain), if known.
+    pub site: Option<&'a str>,
+    /// Whether its site (or it, without one) is stale.
+    pub stale: bool,
+    /// When it was last heard (Unix seconds, µs).
+    pub last_seen: f64,
+    /// Seconds since.
+    pub age: f64,
+    /// `status.managed_by`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<Uuid>,
+    /// The IC above it: its manager, or for a root manager its controller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Uuid>,
+    /// `status.error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorMsg<'a>>,
+}
+
+/// `{"msg": …}`.
+#[derive(Debug, serde::Serialize)]
+pub struct ErrorMsg<'a> {
+    /// The message.
+    pub msg: &'a str,
+}
+
 fn unix(t: SystemTime) -> f64 {
-    round3(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default())
+    let s = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
+    (s * 1e6).round() / 1e6
 }
 
 fn round3(x: f64) -> f64 {

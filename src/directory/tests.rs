@@ -89,6 +89,10 @@ fn every_ic_belongs_to_the_site_at_the_top_of_its_managed_by_chain() {
     assert_eq!(site_of(a.manager), "alpha");
     assert_eq!(site_of(b.sims[1]), "beta");
     assert_eq!(site_of(orphan), Value::Null, "no controller: no site");
+    let parent_of = |u: Uuid| rows.iter().find(|r| r["uuid"] == u.to_string()).unwrap()["parent"].clone();
+    assert_eq!(parent_of(a.manager), a.controller.to_string(), "a root manager hangs under its controller");
+    assert_eq!(parent_of(a.sims[0]), a.manager.to_string());
+    assert_eq!(parent_of(a.controller), Value::Null);
     let only_beta = dir.components(&Filter { site: Some("beta".into()), ..Default::default() }, now);
     assert_eq!(only_beta.len(), 4, "controller, manager, two simulators");
     let sites = dir.sites(now);
