@@ -168,6 +168,23 @@ fn spec_map(pairs: &[(&str, Value)]) -> Map<String, Value> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
 }
 
+/// A VILLASnode or VILLASrelay manager without a configured uuid takes
+/// its instance's, as VILLAScontroller's does.
+async fn adopted_uuid(kind: &component::kinds::Kind, spec: &ComponentSpec) -> Option<uuid::Uuid> {
+    use component::kinds::Driver;
+    let relay = match kind.driver {
+        Driver::VillasNodeManager => false,
+        Driver::VillasRelayManager => true,
+        _ => return None,
+    };
+    let url = spec.properties.get("api_url")?.as_str()?;
+    let found = crate::villas::instance_uuid(relay, url).await;
+    if found.is_none() {
+        warn!(component = %spec.name, api_url = %url, "cannot read the instance's uuid; using a generated one");
+    }
+    found
+}
+
 async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
     let cfg = &shared.config;
     let env = &shared.env;
@@ -214,7 +231,10 @@ async fn start_components(shared: &Arc<Shared>) -> Result<(), Error> {
         let kind = env.kinds.check(&spec).map_err(|e| Error::spec(at(), e))?;
         let uuid = match spec.uuid {
             Some(u) => u,
-            None => env.store.identity(&format!("config:{}/{}/{}", spec.category, spec.kind, spec.name))?,
+            None => match adopted_uuid(&kind, &spec).await {
+                Some(u) => u,
+                None => env.store.identity(&format!("config:{}/{}/{}", spec.category, spec.kind, spec.name))?,
+            },
         };
         if env.components.lookup(uuid).is_some() {
             return Err(Error::spec(at(), crate::config::SpecError::new("uuid", format!("duplicate uuid {uuid}"))));

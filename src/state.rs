@@ -248,6 +248,10 @@ pub enum Observed {
     Failed,
     /// The component was deleted: any state → `gone`.
     Deleted,
+    /// The component mirrors a system that keeps its own state (a
+    /// VILLASnode instance, node or relay session): any state but `gone`
+    /// → `idle`, `running` or `paused`, as that system reports.
+    Mirrored,
 }
 
 impl Observed {
@@ -257,6 +261,7 @@ impl Observed {
             Observed::Adopted => from == State::Idle && matches!(to, State::Running | State::Paused),
             Observed::Failed => from != State::Gone && to == State::Error,
             Observed::Deleted => to == State::Gone,
+            Observed::Mirrored => from != State::Gone && matches!(to, State::Idle | State::Running | State::Paused),
         }
     }
 }
@@ -481,6 +486,7 @@ mod tests {
                 assert_eq!(Observed::Adopted.allows(from, to), from == Idle && matches!(to, Running | Paused));
                 assert_eq!(Observed::Failed.allows(from, to), from != Gone && to == Error);
                 assert_eq!(Observed::Deleted.allows(from, to), to == Gone);
+                assert_eq!(Observed::Mirrored.allows(from, to), from != Gone && matches!(to, Idle | Running | Paused));
             }
         }
         // Not an edge of the table: only an observation may take it.

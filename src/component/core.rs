@@ -64,6 +64,9 @@ pub(crate) struct Spawn {
     pub spec: crate::config::ComponentSpec,
     pub kind: Arc<crate::component::kinds::Kind>,
     pub uuid: Uuid,
+    /// An event the new component gets first (a gateway's node listing,
+    /// so it shows the node's state from its first status).
+    pub first: Option<super::driver::Event>,
 }
 
 impl Core {

@@ -26,6 +26,10 @@ const BUILTIN: &[(&str, &str)] = &[
     ("components/simulator/dpsim.yaml", include_str!("../../components/simulator/dpsim.yaml")),
     ("components/simulator/kubernetes.yaml", include_str!("../../components/simulator/kubernetes.yaml")),
     ("components/gateway/iot-agent.yaml", include_str!("../../components/gateway/iot-agent.yaml")),
+    ("components/manager/villas-node.yaml", include_str!("../../components/manager/villas-node.yaml")),
+    ("components/manager/villas-relay.yaml", include_str!("../../components/manager/villas-relay.yaml")),
+    ("components/gateway/villas-node.yaml", include_str!("../../components/gateway/villas-node.yaml")),
+    ("components/gateway/villas-relay.yaml", include_str!("../../components/gateway/villas-relay.yaml")),
     ("components/controller/busbar.yaml", include_str!("../../components/controller/busbar.yaml")),
     ("components/manager/generic.yaml", include_str!("../../components/manager/generic.yaml")),
     ("components/manager/kubernetes.yaml", include_str!("../../components/manager/kubernetes.yaml")),
@@ -119,9 +123,26 @@ pub enum Driver {
     /// alive messages, host and broker figures, its peers. Started by the
     /// daemon; never configured or created.
     Controller,
+    /// Mirrors a VILLASnode instance: polls its API, one
+    /// `gateway/villas-node` per node.
+    VillasNodeManager,
+    /// One VILLASnode node; actions reach VILLASnode.
+    VillasNodeGateway,
+    /// Mirrors a VILLASrelay: one `gateway/villas-relay` per session.
+    VillasRelayManager,
+    /// One VILLASrelay session.
+    VillasRelayGateway,
 }
 
 impl Driver {
+    /// Whether a refused action leaves the component's state as it was
+    /// (answered with `status.error`), rather than putting it in `error`:
+    /// for components whose state is another system's (the daemon itself,
+    /// a relay session), which a stray action must not make look broken.
+    pub fn keeps_state_on_refusal(&self) -> bool {
+        matches!(self, Driver::Controller | Driver::VillasRelayManager | Driver::VillasRelayGateway)
+    }
+
     /// Whether the driver creates and deletes components.
     pub fn is_manager(&self) -> bool {
         matches!(self, Driver::GenericManager | Driver::KubernetesManager | Driver::KubernetesSimpleManager)
@@ -218,6 +239,10 @@ impl Kind {
             "kubernetes-simple-manager" => Driver::KubernetesSimpleManager,
             "iot-agent" => Driver::IotAgent,
             "controller" => Driver::Controller,
+            "villas-node-manager" => Driver::VillasNodeManager,
+            "villas-node-gateway" => Driver::VillasNodeGateway,
+            "villas-relay-manager" => Driver::VillasRelayManager,
+            "villas-relay-gateway" => Driver::VillasRelayGateway,
             other => return Err(err("driver", format!("unknown driver {other:?}"))),
         };
         let compile = |key: &str, schema: &Value| {

@@ -55,7 +55,7 @@ const MAILBOX: usize = 512;
 /// is 16 bytes: the mailbox allocates in blocks of 32 slots, and every
 /// component has one (a unit test keeps it so).
 #[derive(Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// A message routed from the bus: an action, or why it was refused.
     Message(Box<Result<ActionRequest, Rejection>>),
     /// Publish the current status (discovery, announce after (re)connect).
@@ -72,6 +72,9 @@ pub enum Command {
     Member(Box<(Uuid, oneshot::Sender<Option<Value>>)>),
     /// Publish `gone` once, then stop.
     Remove(oneshot::Sender<()>),
+    /// An event for the driver from elsewhere in the daemon (a manager
+    /// telling its gateway what the upstream lists).
+    Driver(Box<driver::Event>),
 }
 
 /// What woke a component task (small: payloads are boxed).
@@ -149,6 +152,14 @@ impl ComponentHandle {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::Member(Box::new((uuid, tx)))).await.ok()?;
         rx.await.ok()?
+    }
+
+    /// Hand the component's driver an event without waiting (a full
+    /// mailbox drops it: the sender repeats its news every poll).
+    pub(crate) fn notify(&self, event: driver::Event) {
+        if self.tx.try_send(Command::Driver(Box::new(event))).is_err() {
+            debug!(component = %self.uuid(), "mailbox full or closed; driver event dropped");
+        }
     }
 
     /// Publish `gone` and stop the task; returns when it has.
@@ -324,6 +335,11 @@ impl Component {
     async fn on_driver_event(&mut self, ev: driver::Event) {
         let (driver, cx) = self.parts();
         driver.on_event(cx, ev);
+        // What the driver asked of the daemon (a manager's new and
+        // vanished gateways), done before the status goes out.
+        for request in self.core.take_requests() {
+            self.carry_out(request).await;
+        }
         self.publish(None).await;
     }
 
@@ -393,6 +409,7 @@ impl Component {
                 let (uuid, reply) = *ask;
                 let _ = reply.send(self.driver.member_status(uuid, &self.env.info));
             }
+            Command::Driver(ev) => self.on_driver_event(*ev).await,
             Command::Remove(_) => unreachable!("handled in run"),
         }
     }
@@ -517,11 +534,11 @@ impl Component {
             }
             // A refused create or delete is the requester's mistake, not
             // the manager's: answer with the error, stay usable.
-            // The same for an action the controller does not take: a stray
-            // `stop` must not make a site look broken.
+            // The same for an action a component mirroring another system
+            // does not take (the daemon itself, a relay session): a stray
+            // `stop` must not make it look broken.
             Err(info)
-                if matches!(action, Action::Create | Action::Delete)
-                    || self.kind.driver == kinds::Driver::Controller =>
+                if matches!(action, Action::Create | Action::Delete) || self.kind.driver.keeps_state_on_refusal() =>
             {
                 self.refuse_request(info, reply).await
             }
@@ -533,9 +550,12 @@ impl Component {
     async fn carry_out(&mut self, request: Request) {
         match request {
             Request::Spawn(s) => {
-                let Spawn { spec, kind, uuid } = *s;
+                let Spawn { spec, kind, uuid, first } = *s;
                 let managed_by = Some(self.uuid());
-                Box::pin(self.env.add_component(&spec, kind, uuid, managed_by, true)).await;
+                let handle = Box::pin(self.env.add_component(&spec, kind, uuid, managed_by, true)).await;
+                if let Some(ev) = first {
+                    handle.notify(ev);
+                }
             }
             Request::Remove(uuid) => Box::pin(self.env.remove_component(uuid)).await,
         }

@@ -13,3 +13,13 @@
 
 pub mod api;
 pub mod reconcile;
+
+/// The uuid a VILLASnode or VILLASrelay manager adopts when its config sets
+/// none: the instance's own (`status.uuid`, the relay's `uuid`), as
+/// VILLAScontroller does. `None` when the API does not answer within a
+/// second (the daemon then uses a generated uuid it keeps).
+pub async fn instance_uuid(relay: bool, api_url: &str) -> Option<uuid::Uuid> {
+    let api = api::Api::new(api_url, std::time::Duration::from_secs(1)).ok()?;
+    let v = if relay { api.relay().await.ok()? } else { api.status().await.ok()? };
+    reconcile::uuid_of(&v)
+}

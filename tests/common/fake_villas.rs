@@ -272,7 +272,13 @@ async fn node(State(f): St, Path(id): Path<String>, method: Method, uri: Uri, he
     }
 }
 
-async fn action_by_get(State(f): St, Path((_, action)): Path<(String, String)>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+async fn action_by_get(
+    State(f): St,
+    Path((_, action)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     record(&f, &method, &uri, &headers, &[]);
     bad(&format!("The 'node/{action}' API endpoint does not support GET requests"), json!({}))
 }

@@ -8,6 +8,7 @@
 
 pub mod broker;
 pub mod fake_kube;
+pub mod fake_villas;
 pub mod iot;
 
 use busbar::client::{Client, Listener, Seen};

@@ -129,7 +129,7 @@ impl Manager {
             }
         }
         info!(created = %uuid, category = %spec.category, r#type = %spec.kind, "component created");
-        Ok(Spawn { spec, kind, uuid })
+        Ok(Spawn { spec, kind, uuid, first: None })
     }
 }
 

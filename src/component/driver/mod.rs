@@ -21,6 +21,7 @@ mod gateway;
 mod kubernetes;
 mod manager;
 mod process;
+mod villas;
 
 pub(crate) use kubernetes::sweep_orphans;
 
@@ -46,6 +47,9 @@ pub(crate) enum Event {
     Process(process::RunEvent),
     /// From the job task of a Kubernetes simulator.
     Kubernetes(crate::k8s::job::JobEvent),
+    /// From a VILLASnode or VILLASrelay manager's poll task, or from the
+    /// manager to one of its gateways.
+    Villas(villas::VillasEvent),
 }
 
 /// The behaviour of one component type.
@@ -121,5 +125,9 @@ pub(super) fn build(kind: &Kind, core: &Core, env: &std::sync::Arc<crate::compon
         D::KubernetesJob => Box::new(kubernetes::Kubernetes::default()),
         D::IotAgent => Box::new(gateway::Gateway::default()),
         D::Controller => Box::new(controller::Controller::new(env)),
+        D::VillasNodeManager => Box::new(villas::Manager::new(villas::Flavour::Node)),
+        D::VillasRelayManager => Box::new(villas::Manager::new(villas::Flavour::Relay)),
+        D::VillasNodeGateway => Box::new(villas::Gateway::new(villas::Flavour::Node, &core.properties)),
+        D::VillasRelayGateway => Box::new(villas::Gateway::new(villas::Flavour::Relay, &core.properties)),
     }
 }
