@@ -141,7 +141,7 @@ async fn validate_config_names_the_file_and_the_key() {
         ),
         "{err}"
     );
-    for example in ["lab.yaml", "villas-k8s-lab.yaml", "device-lab.yaml"] {
+    for example in ["lab.yaml", "villas-k8s-lab.yaml", "device-lab.yaml", "villas-node-lab.yaml"] {
         let path = format!("{}/examples/{example}", env!("CARGO_MANIFEST_DIR"));
         let o = busbar(&env, &["validate-config", &path]).await;
         assert_eq!(o.status.code(), Some(0), "the shipped {example} is valid: {}", text(&o.stderr));
