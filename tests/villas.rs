@@ -20,6 +20,16 @@ fn posts(fake: &FakeVillas, path: &str) -> Vec<common::fake_villas::Logged> {
     fake.log().into_iter().filter(|l| l.method == "POST" && l.path == path).collect()
 }
 
+/// What VILLASweb's backend needs to create an IC from a status
+/// (`ProcessMessage`, villas-controller.md §4.6): no `action`, the
+/// identity properties, a state, and a `managed_by` it can parse.
+fn villasweb_accepts(st: &Value) -> bool {
+    st.get("action").is_none()
+        && ["uuid", "name", "category", "type"].iter().all(|k| st["properties"][k].is_string())
+        && st["status"]["state"].is_string()
+        && st["status"]["managed_by"].as_str().is_some_and(|m| m.parse::<Uuid>().is_ok())
+}
+
 fn gateway_seen(st: &Value) -> bool {
     st["properties"]["category"] == "gateway"
 }
@@ -56,6 +66,7 @@ async fn villas_node_nodes_become_gateways_whose_actions_reach_villasnode() {
     assert_eq!(p["location"], "Lab 2");
     assert_eq!(g["status"]["managed_by"], manager.to_string());
     assert_eq!(g["status"]["node_state"], "running");
+    assert!(villasweb_accepts(&g), "{g}");
     let udp = fake.uuid_of("udp_node1");
     let u = status_of(&mut l, udp, gateway_seen).await;
     assert!(u["properties"].get("ws_url").is_none(), "only websocket nodes have a ws_url");
@@ -161,6 +172,7 @@ async fn villas_relay_sessions_are_gateways_that_go_when_the_session_ends() {
     assert_eq!(st["properties"]["ws_url"], "wss://lab.example/relay/node_1");
     assert_eq!(st["status"]["managed_by"], manager.to_string());
     assert_eq!(st["status"]["connections"].as_array().unwrap().len(), 2);
+    assert!(villasweb_accepts(&st), "{st}");
     // A relay action is refused with a message; the session stays running
     // (the Python controller's consumer died of it).
     c.publish(to_uuid(session), &action_body("start"), None).await.unwrap();
