@@ -190,3 +190,55 @@ async fn villas_relay_sessions_are_gateways_that_go_when_the_session_ends() {
 fn action_body(name: &str) -> Value {
     json!({"action": name, "parameters": {}})
 }
+
+/// The same lifecycle against a real VILLASnode, when `VILLAS_NODE` names
+/// a `villas-node` binary (skipped otherwise; this machine has none). It
+/// runs one websocket and one loopback node with the API on a free port;
+/// the process must still be alive at the end (the hazards kill it).
+#[tokio::test]
+async fn against_a_real_villas_node_when_one_is_installed() {
+    let Ok(binary) = std::env::var("VILLAS_NODE") else {
+        eprintln!("skipped: set VILLAS_NODE to a villas-node binary to run this test");
+        return;
+    };
+    let env = TestEnv::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = json!({
+        "http": {"port": port},
+        "nodes": {
+            "web_node1": {"type": "websocket"},
+            "loop1": {"type": "loopback"},
+        },
+        "paths": [{"in": "loop1", "out": "web_node1"}],
+    });
+    let path = env.dir.path().join("villas-node.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut child =
+        tokio::process::Command::new(&binary).arg(&path).kill_on_drop(true).spawn().expect("villas-node runs");
+    let api = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(10), "VILLASnode's API answers", async || {
+        reqwest::get(format!("{api}/api/v2/status")).await.ok().filter(|r| r.status().is_success())
+    })
+    .await;
+    let cfg = env.config_with(vec![json!({
+        "category": "manager", "type": "villas-node", "name": "real", "api_url": api, "poll_interval": 0.5,
+    })]);
+    let (d, c, mut l) = env.up_with(cfg).await;
+    let nodes: Value = reqwest::get(format!("{api}/api/v2/nodes")).await.unwrap().json().await.unwrap();
+    let web: Uuid = nodes.as_array().unwrap().iter().find(|n| n["name"] == "web_node1").unwrap()["uuid"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    status_of(&mut l, web, |v| v["status"]["state"] == "running").await;
+    for (action, settled) in
+        [("pause", "paused"), ("resume", "running"), ("stop", "idle"), ("stop", "idle"), ("start", "running")]
+    {
+        c.publish(to_uuid(web), &action_body(action), None).await.unwrap();
+        status_of(&mut l, web, |v| v["status"]["state"] == settled).await;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "VILLASnode is still running");
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+    let _ = child.kill().await;
+}
