@@ -113,7 +113,15 @@ impl Store {
                 pgid INTEGER NOT NULL,
                 dir TEXT NOT NULL,
                 started_at INTEGER NOT NULL DEFAULT (unixepoch())
-             );",
+             );
+             -- Each IoT gateway's Context Broker requests not yet
+             -- accepted, in order: a CB that is down loses nothing.
+             CREATE TABLE IF NOT EXISTS ngsi_queue (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                gateway TEXT NOT NULL,
+                request TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS ngsi_queue_gateway ON ngsi_queue (gateway, id);",
         )?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
@@ -258,6 +266,56 @@ impl Store {
             }
             Ok(out)
         })
+    }
+
+    /// Append Context Broker requests (JSON) to `gateway`'s queue, in one
+    /// transaction.
+    pub async fn ngsi_push(&self, gateway: Uuid, requests: Vec<String>) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            {
+                let mut insert = tx.prepare_cached("INSERT INTO ngsi_queue (gateway, request) VALUES (?1, ?2)")?;
+                let gateway = gateway.to_string();
+                for r in requests {
+                    insert.execute(params![gateway, r])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The oldest `limit` queued requests of `gateway`, with their ids.
+    pub async fn ngsi_peek(&self, gateway: Uuid, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        self.run(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT id, request FROM ngsi_queue WHERE gateway = ?1 ORDER BY id LIMIT ?2")?;
+            let rows = stmt.query_map(params![gateway.to_string(), limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
+        })
+        .await
+    }
+
+    /// Remove a sent request.
+    pub async fn ngsi_pop(&self, id: i64) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            conn.execute("DELETE FROM ngsi_queue WHERE id = ?1", [id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// How many requests `gateway` has queued.
+    pub async fn ngsi_len(&self, gateway: Uuid) -> Result<u64, StoreError> {
+        self.run(move |conn| {
+            let n: i64 =
+                conn.query_row("SELECT COUNT(*) FROM ngsi_queue WHERE gateway = ?1", [gateway.to_string()], |r| {
+                    r.get(0)
+                })?;
+            Ok(n as u64)
+        })
+        .await
     }
 
     /// The uuid stored under `key`, generating and storing a v4 on first use.

@@ -95,6 +95,9 @@ pub struct Mapped {
     pub attrs: IndexMap<String, (String, Value)>,
     /// Milliseconds since the epoch.
     pub timestamp_ms: i64,
+    /// The measure's own time as sent (`TimeInstant`, or HTTP's `t=`), for
+    /// the Context Broker's `TimeInstant` attribute.
+    pub time_instant: Option<String>,
 }
 
 /// Why a measure body cannot be mapped.
@@ -166,8 +169,8 @@ pub fn map_measures(
         other => return Err(MeasureError::payload(format!("a measure is a JSON object, not {other}"))),
     };
     let default_time = match t {
-        Some(t) => parse_time(t)?,
-        None => now_ms,
+        Some(t) => (parse_time(t)?, Some(t)),
+        None => (now_ms, None),
     };
     let explicit = explicit_names(device, group);
     let mapped: Vec<Option<Mapped>> = items
@@ -181,11 +184,12 @@ fn map_one(
     o: &Map<String, Value>,
     device: &Device,
     group: Option<&Group>,
-    default_time: i64,
+    default_time: (i64, Option<&str>),
     explicit: Option<&[String]>,
 ) -> Result<Option<Mapped>, MeasureError> {
     let mut attrs = IndexMap::new();
-    let mut time = default_time;
+    let mut time = default_time.0;
+    let mut time_instant = default_time.1.map(str::to_owned);
     // Whether the measure had any attribute at all (before explicitAttrs).
     let mut any = false;
     for (key, value) in o {
@@ -197,7 +201,9 @@ fn map_one(
             return Err(MeasureError::payload(format!("invalid attribute name \"{shown}\"")));
         }
         if key == "TimeInstant" {
-            time = parse_time(value.as_str().ok_or_else(|| MeasureError::payload("TimeInstant must be a string"))?)?;
+            let given = value.as_str().ok_or_else(|| MeasureError::payload("TimeInstant must be a string"))?;
+            time = parse_time(given)?;
+            time_instant = Some(given.to_owned());
             continue;
         }
         let (name, kind) = match lookup(key, device, group) {
@@ -233,7 +239,7 @@ fn map_one(
             attrs.insert(s.name.clone(), (s.kind.clone(), v.clone()));
         }
     }
-    Ok(Some(Mapped { attrs, timestamp_ms: time }))
+    Ok(Some(Mapped { attrs, timestamp_ms: time, time_instant }))
 }
 
 /// Who sends a measure into the federation, for its `device-data` message.

@@ -11,10 +11,12 @@
 //!
 //! One [`Agent`] per gateway owns these tasks; dropping it stops them.
 
+pub mod cb;
 pub mod devices;
 pub mod federation;
 pub mod mapping;
 pub mod model;
+pub mod ngsi;
 pub mod north;
 pub mod registry;
 pub mod south;
@@ -81,6 +83,14 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Limits of the north and south listeners.
     pub limits: crate::serve::Limits,
+    /// The Context Broker every accepted measure also goes to (NGSI-v2),
+    /// unless a group or device names its own; `None`: none.
+    pub cbroker: Option<String>,
+    /// Whether measures get `TimeInstant` at the Context Broker (groups and
+    /// devices may say otherwise).
+    pub timestamp: bool,
+    /// Most Context Broker requests kept while it is unreachable.
+    pub cbroker_queue: usize,
 }
 
 fn prop_str(p: &Map<String, Value>, k: &str) -> Option<String> {
@@ -178,6 +188,9 @@ impl Settings {
             federation_exchange: prop_str(p, "federation_exchange").unwrap_or_else(|| "villas.data".into()),
             device_exchange: prop_str(p, "device_exchange").filter(|s| !s.is_empty()),
             buffer: p.get("buffer").and_then(Value::as_u64).unwrap_or(100_000) as usize,
+            cbroker: prop_str(p, "cbroker").filter(|s| !s.is_empty()).map(|s| s.trim_end_matches('/').to_owned()),
+            timestamp: p.get("timestamp").and_then(Value::as_bool).unwrap_or(false),
+            cbroker_queue: p.get("cbroker_queue").and_then(Value::as_u64).unwrap_or(100_000) as usize,
             dojot: p.get("dojot").and_then(Value::as_bool).unwrap_or(false),
             services: p
                 .get("services")
@@ -298,7 +311,11 @@ pub struct Core {
     pub log_level: Mutex<String>,
     /// Which refusals were logged lately (see [`Quiet`]).
     pub quiet: Quiet,
+    /// The Context Broker sender's counters.
+    pub cb_counters: Arc<cb::CbCounters>,
     outbox: mpsc::Sender<federation::Envelope>,
+    /// Towards the Context Broker sender (set when the agent starts it).
+    ngsi: std::sync::OnceLock<mpsc::Sender<ngsi::Request>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -433,7 +450,9 @@ impl Core {
             running: watch::Sender::new(running),
             log_level: Mutex::new("INFO".into()),
             quiet: Quiet::default(),
+            cb_counters: Arc::default(),
             outbox,
+            ngsi: std::sync::OnceLock::new(),
         }
     }
 
@@ -498,6 +517,17 @@ impl Core {
             realm: &self.realm,
         };
         let routing_key = origin.routing_key();
+        // The Context Broker, when one applies: queued, never waited on.
+        if let (Some(to), Some(tx)) =
+            (ngsi::cbroker_of(device, group, self.settings.cbroker.as_deref()), self.ngsi.get())
+        {
+            let timestamp = ngsi::timestamp_of(device, group, self.settings.timestamp);
+            if let Some(req) = ngsi::request(&measures, device, group, &resolved.record.tenant, to, timestamp)
+                && tx.try_send(req).is_err()
+            {
+                self.cb_counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         for m in &measures {
             let envelope = federation::Envelope::new(&routing_key, origin.device_data(m))?;
             if self.outbox.send(envelope).await.is_err() {
@@ -628,6 +658,21 @@ impl Agent {
                 }
             })
             .map_err(|e| ErrorInfo::new(format!("Cannot start the gateway's thread: {e}")))?;
+        // The Context Broker sender: its queue is in the store, so what a
+        // Context Broker that is down did not take survives a restart.
+        let (ngsi_tx, ngsi_rx) = mpsc::channel(4096);
+        let _ = core.ngsi.set(ngsi_tx);
+        t.spawn(
+            cb::run(
+                env.store.clone(),
+                gateway,
+                ngsi_rx,
+                settings.cbroker_queue,
+                core.cb_counters.clone(),
+                token.clone(),
+            )
+            .instrument(span.clone()),
+        );
         let (announce, announce_rx) = mpsc::unbounded_channel();
         t.spawn(devices::run(env.clone(), core.clone(), changes_rx, announce_rx, token.clone()).instrument(span));
         let unknown = || "0.0.0.0:0".parse().expect("a literal address");
@@ -667,6 +712,9 @@ impl Agent {
         m.insert("mqtt_connected".into(), mqtt.map_or(Value::Null, Value::Bool));
         m.insert("federation_connected".into(), c.federation_up.load(Ordering::Relaxed).into());
         m.insert("io_running".into(), c.io_running.load(Ordering::Relaxed).into());
+        if self.core.settings.cbroker.is_some() || self.core.cb_counters.sent.load(Ordering::Relaxed) > 0 {
+            m.insert("cbroker".into(), self.core.cb_counters.snapshot());
+        }
         m
     }
 
