@@ -29,6 +29,7 @@ struct Seen {
 struct Cb {
     seen: Mutex<Vec<Seen>>,
     down: std::sync::atomic::AtomicBool,
+    refuse: std::sync::atomic::AtomicBool,
 }
 
 async fn orion(cb: Arc<Cb>) -> String {
@@ -38,6 +39,9 @@ async fn orion(cb: Arc<Cb>) -> String {
             async move {
                 if cb.down.load(std::sync::atomic::Ordering::SeqCst) {
                     return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                if cb.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                    return StatusCode::BAD_REQUEST;
                 }
                 let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
                 cb.seen.lock().unwrap().push(Seen {
@@ -130,5 +134,54 @@ async fn measures_reach_the_context_broker_as_iotagent_json_sends_them_and_none_
         .map(|s| serde_json::from_str::<Value>(&s.body).unwrap()["temperature"]["value"].as_i64().unwrap())
         .collect();
     assert_eq!(values, (0..50).collect::<Vec<_>>(), "in order, none lost, none twice, across a restart");
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_the_newest_and_a_refused_request_does_not_block_the_rest() {
+    let cb = Arc::new(Cb::default());
+    let url = orion(cb.clone()).await;
+    let gw = Gw::with(json!({"cbroker": url, "cbroker_queue": 5}));
+    let (d, g, c, mut l, _data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Sensor"}),
+        json!([{"device_id": "d1"}]),
+    )
+    .await;
+    // Down: 12 measures, room for 5 (and the one being retried).
+    cb.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    for i in 0..12 {
+        assert_eq!(g.measure(&k, "d1", json!({"v": i})).await.0, 200);
+    }
+    let mut st = Value::Null;
+    for _ in 0..50 {
+        st = ping_status(&c, &mut l, gw.uuid, |_| true).await;
+        if st["status"]["cbroker"]["dropped"].as_u64().is_some_and(|n| n >= 7) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(st["status"]["cbroker"]["dropped"], 7, "{st}");
+    // Refusing: each queued request is refused once, counted, and the
+    // queue empties instead of blocking on the first.
+    cb.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    cb.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..100 {
+        st = ping_status(&c, &mut l, gw.uuid, |_| true).await;
+        if st["status"]["cbroker"]["rejected"] == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(st["status"]["cbroker"]["rejected"], 5, "{st}");
+    assert_eq!(st["status"]["cbroker"]["queued"], 0, "{st}");
+    // And the next one goes through.
+    cb.refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(g.measure(&k, "d1", json!({"v": 99})).await.0, 200);
+    let last = eventually(WAIT, "the next request arrives", async || cb.seen.lock().unwrap().last().cloned()).await;
+    assert!(last.body.contains("99"), "{}", last.body);
+    c.close().await;
     d.stop().await.expect("clean shutdown");
 }
