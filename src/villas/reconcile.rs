@@ -52,6 +52,13 @@ pub fn node_gateway(node: &Value, api_url: &str, external: Option<&str>, realm: 
     {
         p.insert("ws_url".into(), format!("{}/{name}", ext.trim_end_matches('/')).into());
     }
+    // The seed protocol's `signals` (VILLASnode's signal list format): what
+    // the node sends out (what a dashboard on its ws_url receives), else
+    // what it takes in.
+    let list = |dir: &str| node.get(dir).and_then(|d| d.get("signals")).filter(|s| s.is_array()).cloned();
+    if let Some(signals) = list("out").or_else(|| list("in")) {
+        p.insert("signals".into(), signals);
+    }
     p.insert("api_url".into(), api_url.into());
     let node_realm = node.get("realm").and_then(Value::as_str).or(realm);
     if let Some(r) = node_realm {
@@ -205,6 +212,11 @@ mod tests {
         assert_eq!(web["ws_url"], "ws://lab:8080/web_node1");
         assert_eq!(web["realm"], "lab");
         assert_eq!(web["api_url"], api);
+        assert!(web.get("signals").is_none(), "the trimmed fixture lists no signals");
+        let mut with = nodes[3].clone();
+        with["out"] = json!({"vectorize": 2, "signals": [{"type": "float", "name": "sine"}]});
+        let g = node_gateway(&with, api, None, None);
+        assert_eq!(g["signals"], json!([{"type": "float", "name": "sine"}]));
         let health = link_health(&nodes[0]).unwrap();
         assert_eq!(health["samples"], 16);
         assert_eq!(health["owd_mean"], 0.0998);
