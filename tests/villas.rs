@@ -68,9 +68,15 @@ async fn villas_node_nodes_become_gateways_whose_actions_reach_villasnode() {
     assert_eq!(g["status"]["node_state"], "running");
     assert!(villasweb_accepts(&g), "{g}");
     let udp = fake.uuid_of("udp_node1");
+    // (An unchanged gateway is not republished every poll: ask it.)
+    c.publish(to_uuid(udp), &action_body("ping"), None).await.unwrap();
     let u = status_of(&mut l, udp, gateway_seen).await;
     assert!(u["properties"].get("ws_url").is_none(), "only websocket nodes have a ws_url");
     assert_eq!(u["properties"]["layer"].as_str().map(|_| ()), None, "the fake's node has no layer key");
+    // Nothing changes: five polls pass and no gateway republishes.
+    let quiet = collect_for(&mut l, Duration::from_millis(1000)).await;
+    let repeats = quiet.iter().filter(|s| s.is_status() && s.payload["properties"]["category"] == "gateway").count();
+    assert_eq!(repeats, 0, "an unchanged gateway is not republished every poll");
 
     // Actions reach VILLASnode: a GET guard, then a POST without a body
     // and without Content-Length; the gateway shows the transitional state,

@@ -334,13 +334,15 @@ impl Component {
     /// The driver's own task reported: apply it, publish.
     async fn on_driver_event(&mut self, ev: driver::Event) {
         let (driver, cx) = self.parts();
-        driver.on_event(cx, ev);
+        let changed = driver.on_event(cx, ev);
         // What the driver asked of the daemon (a manager's new and
         // vanished gateways), done before the status goes out.
         for request in self.core.take_requests() {
             self.carry_out(request).await;
         }
-        self.publish(None).await;
+        if changed {
+            self.publish(None).await;
+        }
     }
 
     /// The driver's deadline passed.

@@ -208,7 +208,26 @@ impl Driver for Kubernetes {
 
     /// Apply what the job task reported: the state change is the pure rule
     /// of `react::kubernetes`; this keeps the status fields in step.
-    fn on_event(&mut self, mut cx: Cx<'_>, event: Event) {
+    fn on_event(&mut self, cx: Cx<'_>, event: Event) -> bool {
+        self.apply(cx, event);
+        true
+    }
+    /// Delete the component's Job before the component goes away.
+    fn remove<'a>(&'a mut self, cx: Cx<'a>) -> Fut<'a, ()> {
+        self.spawn_job(&cx, Mode::Cleanup);
+        let uuid = cx.core.keys.uuid;
+        Box::pin(async move {
+            let outcome = tokio::time::timeout(DELETE_TIMEOUT, JobRun::next(&mut self.job)).await;
+            if !matches!(outcome, Ok(Some(JobEvent::Deleted))) {
+                warn!(component = %uuid, ?outcome, "could not delete the component's Job");
+            }
+            self.job = None;
+        })
+    }
+}
+
+impl Kubernetes {
+    fn apply(&mut self, mut cx: Cx<'_>, event: Event) {
         let Event::Kubernetes(ev) = event else { return };
         let adopting = self.job.as_ref().is_some_and(|j| j.adopting);
         let mut failure = ErrorInfo::new("The Kubernetes API failed");
@@ -268,19 +287,6 @@ impl Driver for Kubernetes {
             }
             cx.react(reaction, || failure);
         }
-    }
-
-    /// Delete the component's Job before the component goes away.
-    fn remove<'a>(&'a mut self, cx: Cx<'a>) -> Fut<'a, ()> {
-        self.spawn_job(&cx, Mode::Cleanup);
-        let uuid = cx.core.keys.uuid;
-        Box::pin(async move {
-            let outcome = tokio::time::timeout(DELETE_TIMEOUT, JobRun::next(&mut self.job)).await;
-            if !matches!(outcome, Ok(Some(JobEvent::Deleted))) {
-                warn!(component = %uuid, ?outcome, "could not delete the component's Job");
-            }
-            self.job = None;
-        })
     }
 }
 

@@ -70,8 +70,13 @@ pub(crate) trait Driver: Send {
         Box::pin(std::future::pending())
     }
 
-    /// Apply an event from [`Driver::next_event`]; the caller publishes.
-    fn on_event(&mut self, _cx: Cx<'_>, _event: Event) {}
+    /// Apply an event from [`Driver::next_event`] (or one handed to the
+    /// component by `ComponentHandle::notify`). Returns whether the status
+    /// changed, so the caller publishes it: a manager tells each gateway
+    /// its listing every poll, and an unchanged one is not republished.
+    fn on_event(&mut self, _cx: Cx<'_>, _event: Event) -> bool {
+        false
+    }
 
     /// When the driver wants [`Driver::on_deadline`] called (a transient
     /// state settles, a grace period ends).

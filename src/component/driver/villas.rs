@@ -197,14 +197,18 @@ impl Driver for Manager {
         })
     }
 
-    fn on_event(&mut self, mut cx: Cx<'_>, event: Event) {
-        let Event::Villas(VillasEvent::Polled(result)) = event else { return };
+    /// A poll: publish only when something a reader cares about changed
+    /// (the state, the nodes); VILLASnode's own figures (its clock) ride
+    /// along with the next status.
+    fn on_event(&mut self, mut cx: Cx<'_>, event: Event) -> bool {
+        let Event::Villas(VillasEvent::Polled(result)) = event else { return false };
         match result {
             Ok((status, items)) => {
+                let mut changed = false;
                 if cx.core.state() != State::Running {
-                    cx.observe(Observed::Mirrored, State::Running);
+                    changed |= cx.observe(Observed::Mirrored, State::Running);
                 }
-                cx.core.error = None;
+                changed |= cx.core.error.take().is_some();
                 let (key, count) = match self.flavour {
                     Flavour::Node => ("villas_node", "nodes"),
                     Flavour::Relay => ("villas_relay", "sessions"),
@@ -214,8 +218,9 @@ impl Driver for Manager {
                     Flavour::Relay => status,
                 };
                 cx.core.extra.insert(key.into(), shown);
-                cx.core.extra.insert(count.into(), items.len().into());
+                changed |= cx.core.extra.insert(count.into(), items.len().into()) != Some(items.len().into());
                 let diff = reconcile::diff(&mut self.known, &items);
+                changed |= !diff.added.is_empty() || !diff.vanished.is_empty();
                 let api_url = self.api.as_ref().map(|a| a.base().to_owned()).unwrap_or_default();
                 let realm = cx.core.keys.realm.clone();
                 // VILLASweb shows a gateway's location: the manager's.
@@ -259,9 +264,11 @@ impl Driver for Manager {
                         h.notify(Event::Villas(VillasEvent::Listed(item.clone())));
                     }
                 }
+                changed
             }
             Err(msg) => {
-                if cx.core.state() != State::Error {
+                let changed = cx.core.state() != State::Error;
+                if changed {
                     cx.enter_error(ErrorInfo::new(format!("Failed to reconcile: {msg}")));
                 }
                 for uuid in self.known.keys() {
@@ -269,6 +276,7 @@ impl Driver for Manager {
                         h.notify(Event::Villas(VillasEvent::Unreachable(msg.clone())));
                     }
                 }
+                changed
             }
         }
     }
@@ -383,26 +391,30 @@ impl Driver for Gateway {
         })
     }
 
-    fn on_event(&mut self, mut cx: Cx<'_>, event: Event) {
+    fn on_event(&mut self, mut cx: Cx<'_>, event: Event) -> bool {
         match event {
             Event::Villas(VillasEvent::Listed(item)) => {
+                let mut changed = false;
                 // Properties refresh when the node's config changes.
                 if self.flavour == Flavour::Node
                     && let Some(obj) = item.as_object()
                 {
                     for (k, v) in obj {
                         if !matches!(k.as_str(), "type" | "state" | "stats" | "uuid" | "name" | "category" | "enabled")
+                            && cx.core.properties.get(k) != Some(v)
                         {
                             cx.core.properties.insert(k.clone(), v.clone());
+                            changed = true;
                         }
                     }
                 }
-                self.mirror(&mut cx, &item);
+                self.mirror(&mut cx, &item) || changed
             }
             Event::Villas(VillasEvent::Unreachable(msg)) if cx.core.state() != State::Error => {
                 cx.enter_error(ErrorInfo::new(format!("VILLASnode unreachable: {msg}")));
+                true
             }
-            _ => {}
+            _ => false,
         }
     }
 }

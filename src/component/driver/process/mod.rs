@@ -228,7 +228,30 @@ impl Driver for Process {
 
     /// Apply what the run reported. The state change is the pure rule of
     /// `react::process`; this keeps the run and the status fields in step.
-    fn on_event(&mut self, mut cx: Cx<'_>, event: Event) {
+    fn on_event(&mut self, cx: Cx<'_>, event: Event) -> bool {
+        self.apply(cx, event);
+        true
+    }
+    /// The SIGKILL deadline after a SIGTERM.
+    fn deadline(&self) -> Option<Instant> {
+        self.run.as_ref().and_then(|r| r.kill_at)
+    }
+
+    /// The grace period after SIGTERM ran out: kill the group.
+    fn on_deadline(&mut self, cx: Cx<'_>, now: Instant) -> bool {
+        if let Some(run) = &mut self.run
+            && run.kill_at.is_some_and(|at| at <= now)
+        {
+            run.kill_at = None;
+            warn!(component = %cx.core.keys.uuid, "process ignored SIGTERM; killing its group");
+            run.signal(Signal::SIGKILL);
+        }
+        false
+    }
+}
+
+impl Process {
+    fn apply(&mut self, mut cx: Cx<'_>, event: Event) {
         let Event::Process(ev) = event else { return };
         match ev {
             RunEvent::Spawned(pid) => {
@@ -267,22 +290,5 @@ impl Driver for Process {
                 }
             }
         }
-    }
-
-    /// The SIGKILL deadline after a SIGTERM.
-    fn deadline(&self) -> Option<Instant> {
-        self.run.as_ref().and_then(|r| r.kill_at)
-    }
-
-    /// The grace period after SIGTERM ran out: kill the group.
-    fn on_deadline(&mut self, cx: Cx<'_>, now: Instant) -> bool {
-        if let Some(run) = &mut self.run
-            && run.kill_at.is_some_and(|at| at <= now)
-        {
-            run.kill_at = None;
-            warn!(component = %cx.core.keys.uuid, "process ignored SIGTERM; killing its group");
-            run.signal(Signal::SIGKILL);
-        }
-        false
     }
 }
