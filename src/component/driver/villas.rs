@@ -71,6 +71,8 @@ pub(super) struct Manager {
     known: HashMap<Uuid, Value>,
     rx: Option<mpsc::Receiver<VillasEvent>>,
     token: CancellationToken,
+    /// The last poll failed: the next good one tells every gateway.
+    recovering: bool,
 }
 
 impl Manager {
@@ -83,6 +85,7 @@ impl Manager {
             known: HashMap::new(),
             rx: None,
             token: CancellationToken::new(),
+            recovering: false,
         }
     }
 
@@ -257,9 +260,13 @@ impl Driver for Manager {
                     debug!(component = %cx.core.keys.uuid, gateway = %uuid, "gateway vanished");
                     cx.request(Request::Remove(uuid));
                 }
-                // Every gateway hears its listing, changed or not: one that
-                // was in `error` while the API was down takes its state back.
-                for item in self.known.values() {
+                // A gateway hears its listing when it changed; after the API
+                // was unreachable every gateway does (each is in `error`
+                // and takes its node's state back).
+                let everyone = std::mem::take(&mut self.recovering);
+                let tell: Vec<&Value> =
+                    if everyone { self.known.values().collect() } else { diff.changed.iter().collect() };
+                for item in tell {
                     if let Some(h) = reconcile::uuid_of(item).and_then(|u| cx.env.components.lookup(u)) {
                         h.notify(Event::Villas(VillasEvent::Listed(item.clone())));
                     }
@@ -267,6 +274,7 @@ impl Driver for Manager {
                 changed
             }
             Err(msg) => {
+                self.recovering = true;
                 let changed = cx.core.state() != State::Error;
                 if changed {
                     cx.enter_error(ErrorInfo::new(format!("Failed to reconcile: {msg}")));
