@@ -115,3 +115,37 @@ async fn an_http_measure_reaches_the_outbox_and_refusals_are_typed_without_a_bro
     assert_eq!((s, b["name"].as_str()), (503, Some("GATEWAY_STOPPED")), "{b}");
     assert!(a.outbox.try_recv().is_err(), "nothing else was sent");
 }
+
+/// The small things an iotagent-json client notices: `GET /ready`,
+/// `/metrics` content negotiation (406 for a type it cannot serve), and
+/// `X-Processing-Time` on south answers.
+#[tokio::test]
+async fn ready_metrics_negotiation_and_processing_time_answer_as_iotagent_json() {
+    let a = Agent::new();
+    assert_eq!(a.north("GET", "/ready", None, None).await, (200, json!({})));
+    a.core.running.send_replace(false);
+    assert_eq!(a.north("GET", "/ready", None, None).await, (503, json!({})), "a stopped gateway is not ready");
+    a.core.running.send_replace(true);
+    let metrics = |accept: &'static str| {
+        let req = Request::get("/metrics").header("accept", accept).body(Body::empty()).unwrap();
+        let router = north::router(a.core.clone());
+        async move {
+            let r = router.oneshot(req).await.unwrap();
+            let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+            (r.status().as_u16(), ct)
+        }
+    };
+    let (s, ct) = metrics("application/openmetrics-text; version=1.0.0").await;
+    assert_eq!((s, ct.starts_with("application/openmetrics-text")), (200, true), "{ct}");
+    let (s, ct) = metrics("text/plain").await;
+    assert_eq!((s, ct.starts_with("text/plain; version=0.0.4")), (200, true), "{ct}");
+    assert_eq!(metrics("*/*").await.0, 200);
+    assert_eq!(metrics("application/xml").await.0, 406);
+    // Every south answer, success or refusal, says how long it took.
+    for (path, body) in [("/iot/json?i=d&k=nokey", "{\"t\":1}"), ("/nowhere", "{}")] {
+        let req = Request::post(path).header("content-type", "application/json").body(Body::from(body)).unwrap();
+        let r = south::http_router(a.core.clone()).oneshot(req).await.unwrap();
+        let ms = r.headers().get("x-processing-time").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        assert!(ms.is_some(), "{path}: X-Processing-Time in milliseconds");
+    }
+}

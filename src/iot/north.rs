@@ -41,6 +41,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/version", get(about))
         .route("/admin/log", get(get_log).put(put_log))
         .route("/metrics", get(metrics))
+        .route("/ready", get(ready))
         .fallback(|| async { ApiError::new(404, "NOT_FOUND", "No such resource") })
         .method_not_allowed_fallback(|| async { ApiError::new(405, "METHOD_NOT_ALLOWED", "Method not allowed here") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -276,7 +277,26 @@ async fn put_log(State(core): Shared, q: Params) -> Response {
     StatusCode::OK.into_response()
 }
 
-async fn metrics(State(core): Shared) -> Response {
+/// `GET /metrics`, negotiated as iotagent-node-lib does: OpenMetrics when
+/// asked for, Prometheus text (0.0.4) by default, 406 for anything else.
+async fn metrics(State(core): Shared, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get("accept").and_then(|v| v.to_str().ok()).unwrap_or("*/*");
+    let wants = |t: &str| accept.split(',').any(|a| a.trim().starts_with(t));
+    let content_type = if wants("application/openmetrics-text") {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else if wants("text/plain") || wants("*/*") || wants("text/*") {
+        "text/plain; version=0.0.4; charset=utf-8"
+    } else {
+        return (axum::http::StatusCode::NOT_ACCEPTABLE, "Not Acceptable").into_response();
+    };
     let text = crate::metrics::render_gateway(crate::metrics::GatewaySource::snapshot(&*core));
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+    ([("content-type", content_type)], text).into_response()
+}
+
+/// `GET /ready`: 200 `{}` while the gateway takes measures, 503 `{}` while
+/// it is stopped (iotagent-node-lib answers 503 when it is not ready).
+async fn ready(State(core): Shared) -> Response {
+    let code =
+        if *core.running.borrow() { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    (code, axum::Json(json!({}))).into_response()
 }

@@ -44,7 +44,20 @@ pub fn http_router(core: Arc<Core>) -> Router {
         .fallback(|| async { ApiError::new(404, "NOT_FOUND", "No such resource") })
         .method_not_allowed_fallback(|| async { ApiError::new(405, "METHOD_NOT_ALLOWED", "Method not allowed here") })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(processing_time))
         .with_state(core)
+}
+
+/// iotagent-json's `X-Processing-Time` header on every south answer: the
+/// milliseconds the request took in the agent.
+async fn processing_time(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let start = std::time::Instant::now();
+    let mut r = next.run(req).await;
+    let ms = start.elapsed().as_millis().to_string();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&ms) {
+        r.headers_mut().insert("x-processing-time", v);
+    }
+    r
 }
 
 /// The body, or a JSON error: 413 when it is over the limit (north and
