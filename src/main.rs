@@ -94,6 +94,18 @@ struct FilterArgs {
     /// Select by uuid.
     #[arg(short = 'u', long)]
     uuid: Option<String>,
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// Show only components matching every given key. The VILLAS protocol
+    /// ORs them (`-C simulator -t dummy` reaches every simulator and every
+    /// dummy); this narrows what is printed, client-side.
+    #[arg(long)]
+    all: bool,
+}
+
+/// Realm, category and type: the routing keys every selecting command takes.
+#[derive(Args, Clone, Default)]
+struct KeyArgs {
     /// Select by realm.
     #[arg(short = 'r', long)]
     realm: Option<String>,
@@ -103,11 +115,6 @@ struct FilterArgs {
     /// Select by type.
     #[arg(short = 't', long = "type")]
     kind: Option<String>,
-    /// Show only components matching every given key. The VILLAS protocol
-    /// ORs them (`-C simulator -t dummy` reaches every simulator and every
-    /// dummy); this narrows what is printed, client-side.
-    #[arg(long)]
-    all: bool,
 }
 
 impl FilterArgs {
@@ -119,15 +126,15 @@ impl FilterArgs {
         };
         !self.all
             || (is("uuid", &self.uuid)
-                && is("realm", &self.realm)
-                && is("category", &self.category)
-                && is("type", &self.kind))
+                && is("realm", &self.keys.realm)
+                && is("category", &self.keys.category)
+                && is("type", &self.keys.kind))
     }
 }
 
 impl From<FilterArgs> for Filter {
     fn from(a: FilterArgs) -> Filter {
-        Filter { uuid: a.uuid, realm: a.realm, category: a.category, kind: a.kind }
+        Filter { uuid: a.uuid, realm: a.keys.realm, category: a.keys.category, kind: a.keys.kind }
     }
 }
 
@@ -271,15 +278,8 @@ enum Cmd {
         /// Only this site.
         #[arg(long)]
         site: Option<String>,
-        /// Only this realm.
-        #[arg(short = 'r', long)]
-        realm: Option<String>,
-        /// Only this category.
-        #[arg(short = 'C', long)]
-        category: Option<String>,
-        /// Only this type.
-        #[arg(short = 't', long = "type")]
-        kind: Option<String>,
+        #[command(flatten)]
+        keys: KeyArgs,
         /// Only this state.
         #[arg(long, value_parser = state_name)]
         state: Option<String>,
@@ -667,7 +667,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Cmd::Components { conn, site, realm, category, kind, state, stale, listen, watch, tree, json } => {
+        Cmd::Components { conn, site, keys, state, stale, listen, watch, tree, json } => {
+            let KeyArgs { realm, category, kind } = keys;
             let filter = busbar::directory::Filter { site, realm, category, kind, state, stale: stale.then_some(true) };
             let client = conn.connect().await?;
             let mut listener = client.survey().await?;
