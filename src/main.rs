@@ -428,6 +428,21 @@ fn print_fresh(site: &str, status: &Value) {
     );
 }
 
+/// Listen to the bus for `listen` after a broadcast ping (`Client::survey`),
+/// into a directory; the listener goes on (for `--watch`, `--fresh`).
+async fn surveyed(
+    client: &Client,
+    listen: Duration,
+) -> anyhow::Result<(busbar::client::Listener, busbar::directory::Directory)> {
+    let mut listener = client.survey().await?;
+    let mut dir = busbar::directory::Directory::new(1_000_000);
+    let until = tokio::time::Instant::now() + listen;
+    while let Some(seen) = listener.next_until(until).await {
+        observe(&mut dir, &seen);
+    }
+    Ok((listener, dir))
+}
+
 fn observe(dir: &mut busbar::directory::Directory, seen: &busbar::client::Seen) -> busbar::directory::Change {
     let body = serde_json::to_vec(&seen.payload).unwrap_or_default();
     dir.observe(&body, tokio::time::Instant::now(), std::time::SystemTime::now())
@@ -604,12 +619,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Sites { conn, listen, fresh, deadline, json } => {
             let client = conn.connect().await?;
-            let mut listener = client.survey().await?;
-            let mut dir = busbar::directory::Directory::new(1_000_000);
-            let until = tokio::time::Instant::now() + listen;
-            while let Some(seen) = listener.next_until(until).await {
-                observe(&mut dir, &seen);
-            }
+            let (mut listener, dir) = surveyed(&client, listen).await?;
             if fresh {
                 use busbar::directory::gather::{Gather, Query};
                 let now = tokio::time::Instant::now();
@@ -671,12 +681,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let KeyArgs { realm, category, kind } = keys;
             let filter = busbar::directory::Filter { site, realm, category, kind, state, stale: stale.then_some(true) };
             let client = conn.connect().await?;
-            let mut listener = client.survey().await?;
-            let mut dir = busbar::directory::Directory::new(1_000_000);
-            let until = tokio::time::Instant::now() + listen;
-            while let Some(seen) = listener.next_until(until).await {
-                observe(&mut dir, &seen);
-            }
+            let (mut listener, mut dir) = surveyed(&client, listen).await?;
             let rows = dir.components(&filter, tokio::time::Instant::now());
             if tree {
                 print_tree(&rows);
@@ -747,12 +752,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Monitor { conn, tree: true, .. } => {
             let client = conn.connect().await?;
-            let mut listener = client.survey().await?;
-            let mut dir = busbar::directory::Directory::new(1_000_000);
-            let until = tokio::time::Instant::now() + Duration::from_millis(1500);
-            while let Some(seen) = listener.next_until(until).await {
-                observe(&mut dir, &seen);
-            }
+            let (mut listener, mut dir) = surveyed(&client, Duration::from_millis(1500)).await?;
             let all = busbar::directory::Filter::default();
             print_tree(&dir.components(&all, tokio::time::Instant::now()));
             until_interrupted(
