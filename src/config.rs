@@ -344,13 +344,15 @@ impl Config {
             return Err(ConfigError::new(path, "site", "must be a name of 1 to 128 characters"));
         }
         for (i, key) in self.sandbox.create_may_set.iter().enumerate() {
-            if !crate::sandbox::PRIVILEGED_PROPERTIES.contains(&key.as_str()) {
+            let known =
+                crate::sandbox::PRIVILEGED_PROPERTIES.iter().chain(crate::sandbox::DRIVER_PRIVILEGED_PROPERTIES);
+            if !known.clone().any(|k| *k == key.as_str()) {
                 return Err(ConfigError::new(
                     path,
                     format!("sandbox.create_may_set[{i}]"),
                     format!(
                         "{key:?} is not a privileged property; expected one of {}",
-                        crate::sandbox::PRIVILEGED_PROPERTIES.join(", ")
+                        known.copied().collect::<Vec<_>>().join(", ")
                     ),
                 ));
             }

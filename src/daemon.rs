@@ -126,6 +126,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         exchange: config.exchange.clone(),
         directory,
         heard: env.metrics.directory_statuses.clone(),
+        max_body: config.max_body_bytes,
     };
     env.tracker.spawn(crate::directory::feed(feed, asks, env.shutdown.clone()));
     let shared = Arc::new(Shared { config, env, asker });

@@ -165,7 +165,34 @@ pub fn check_executable(executable: &str) -> Result<(), ErrorInfo> {
 /// Refuse a runtime create that sets a privileged property the config does
 /// not allow (`sandbox.create_may_set`).
 pub fn check_create(params: &Map<String, Value>, may_set: &[String]) -> Result<(), ErrorInfo> {
-    for key in PRIVILEGED_PROPERTIES {
+    check_keys(PRIVILEGED_PROPERTIES, params, may_set)
+}
+
+/// Properties privileged only for some drivers: where the daemon itself
+/// sends requests. A VILLASnode or VILLASrelay manager or gateway polls
+/// and posts to its `api_url`, and an IoT gateway posts every measure to
+/// its `cbroker`; elsewhere `api_url` is a descriptive property VILLASweb
+/// reads, and stays free.
+pub const DRIVER_PRIVILEGED_PROPERTIES: &[&str] = &["api_url", "cbroker"];
+
+/// Refuse a create of a `driver` component that sets a property the
+/// daemon would send requests to, unless `may_set` allows it.
+pub fn check_create_for(
+    driver: &crate::component::kinds::Driver,
+    params: &Map<String, Value>,
+    may_set: &[String],
+) -> Result<(), ErrorInfo> {
+    use crate::component::kinds::Driver as D;
+    let keys: &[&str] = match driver {
+        D::VillasNodeManager | D::VillasRelayManager | D::VillasNodeGateway | D::VillasRelayGateway => &["api_url"],
+        D::IotAgent => &["cbroker"],
+        _ => &[],
+    };
+    check_keys(keys, params, may_set)
+}
+
+fn check_keys(keys: &[&str], params: &Map<String, Value>, may_set: &[String]) -> Result<(), ErrorInfo> {
+    for key in keys {
         if params.contains_key(*key) && !may_set.iter().any(|k| k == key) {
             return Err(ErrorInfo::new(format!(
                 "A create may not set {key}: only the daemon's configuration can (sandbox.create_may_set)"
@@ -273,6 +300,21 @@ mod tests {
         for bad in ["/opt/sims/../../bin/sh", "../sh", "./sh", "/bin/./sh", "", "/bin//sh", "a\0"] {
             assert!(check_executable(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn where_the_daemon_sends_requests_is_privileged_only_for_the_drivers_that_send_them() {
+        use crate::component::kinds::Driver;
+        let p = props(json!({"api_url": "http://169.254.169.254", "cbroker": "http://elsewhere"}));
+        let e = check_create_for(&Driver::VillasNodeManager, &p, &[]).unwrap_err();
+        assert!(e.msg().starts_with("A create may not set api_url"), "{}", e.msg());
+        assert!(check_create_for(&Driver::VillasRelayGateway, &p, &[]).is_err());
+        assert!(check_create_for(&Driver::VillasNodeManager, &p, &["api_url".into()]).is_ok());
+        let e = check_create_for(&Driver::IotAgent, &p, &[]).unwrap_err();
+        assert!(e.msg().contains("cbroker"), "{}", e.msg());
+        // Elsewhere api_url is what VILLASweb reads, and stays free.
+        assert!(check_create_for(&Driver::Dummy, &p, &[]).is_ok());
+        assert!(check_create(&p, &[]).is_ok());
     }
 
     #[test]

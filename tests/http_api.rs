@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 #[tokio::test]
 async fn the_api_lists_reports_and_acts_on_components_with_json_errors() {
@@ -162,6 +163,18 @@ async fn the_federation_api_answers_and_refuses_bad_filters() {
     assert_eq!(fed["uuid"], d.shared.env.settings.controller.to_string());
     assert_eq!(fed["sites"][0]["site"], site.as_str());
     assert_eq!(fed["sites"][0]["stale"], false);
+    // A controller status larger than max_body_bytes is not read: the
+    // directory never holds it, and the daemon keeps answering.
+    let huge = Uuid::new_v4();
+    let body = json!({"status": {"state": "running", "pad": "x".repeat(2 << 20)},
+        "properties": {"uuid": huge, "category": "controller", "type": "busbar", "name": "huge"}});
+    let c = env.client().await;
+    c.publish(to_uuid(huge), &body, None).await.unwrap();
+    c.publish(to_uuid(env.dummy), &action("ping", json!({})), None).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let fed: Value = http.get(format!("{base}/api/v1/federation")).send().await.unwrap().json().await.unwrap();
+    assert!(!fed.to_string().contains(&huge.to_string()), "an oversized status is not kept");
+    c.close().await;
     let r = http.get(format!("{base}/api/v1/federation/components?stale=maybe")).send().await.unwrap();
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();

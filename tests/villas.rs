@@ -248,3 +248,22 @@ async fn against_a_real_villas_node_when_one_is_installed() {
     d.stop().await.expect("clean shutdown");
     let _ = child.kill().await;
 }
+
+/// Where the daemon sends requests is the config's decision: a bus
+/// `create` of a VILLASnode manager naming an `api_url` is refused (it
+/// would make the daemon poll and post to any address), and the manager
+/// that refused stays usable.
+#[tokio::test]
+async fn a_bus_create_may_not_point_the_daemon_at_an_api() {
+    let env = TestEnv::new();
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
+    let create = json!({"action": "create", "parameters": {"category": "manager", "type": "villas-node",
+        "name": "sneaky", "api_url": "http://169.254.169.254"}});
+    c.publish(to_uuid(env.manager), &create, None).await.unwrap();
+    let st = status_of(&mut l, env.manager, |v| v["status"]["error"]["msg"].is_string()).await;
+    assert!(st["status"]["error"]["msg"].as_str().unwrap().starts_with("A create may not set api_url"), "{st}");
+    assert_eq!(st["status"]["state"], "idle");
+    assert_eq!(d.shared.env.components.len(), 3, "nothing was created");
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}

@@ -31,6 +31,9 @@ pub struct Feed {
     pub directory: Arc<Mutex<Directory>>,
     /// Counts statuses heard (and decoded), for `/metrics`.
     pub heard: prometheus_client::metrics::counter::Counter,
+    /// Larger bodies are not read (the daemon's `max_body_bytes`): a
+    /// controller's status is kept whole, so its size must be bounded.
+    pub max_body: usize,
 }
 
 /// A distributed request handed to the feed.
@@ -162,6 +165,9 @@ async fn session(
             }
             d = amqp::next_delivery(&mut consumer) => {
                 let Some(d) = d else { return Err(LinkError::Lost("the directory's consumer ended".into())) };
+                if d.data.len() > feed.max_body {
+                    continue;
+                }
                 if let Some(id) = d.properties.correlation_id().as_ref().map(|c| c.as_str())
                     && pending.iter().any(|(g, _)| g.correlation == id)
                     && let Ok(body) = serde_json::from_slice::<serde_json::Value>(&d.data)

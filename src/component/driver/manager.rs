@@ -96,6 +96,8 @@ impl Manager {
             env.metrics.error(Fault::UnknownType);
             ErrorInfo::new(format!("Cannot create component: {}", e.msg)).with("path", format!("$.{}", e.key))
         })?;
+        crate::sandbox::check_create_for(&kind.driver, &spec.properties, may_set)
+            .inspect_err(|_| env.metrics.error(Fault::RefusedCreate))?;
         // A Kubernetes simulator that could never reach a cluster (no
         // kubeconfig, a path that does not exist) is refused here, in the
         // create's answer, not left to fail on its own a moment later.
