@@ -21,6 +21,9 @@ use uuid::Uuid;
 use super::ngsi::Request;
 use crate::store::Store;
 
+/// Longest a request to the Context Broker may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -60,10 +63,10 @@ pub async fn run(
     counters: Arc<CbCounters>,
     token: CancellationToken,
 ) {
-    let client = match reqwest::Client::builder().timeout(Duration::from_secs(5)).build() {
-        Ok(c) => c,
+    let client = match crate::http::client() {
+        Ok(c) => c.clone(),
         Err(e) => {
-            warn!(error = %e, "cannot build the Context Broker client; the NGSI northbound is off");
+            warn!(error = %e, "no HTTP client; the NGSI northbound is off");
             return;
         }
     };
@@ -159,6 +162,7 @@ async fn send(client: &reqwest::Client, r: &Request) -> Outcome {
         .header("fiware-service", &r.service)
         .header("fiware-servicepath", &r.servicepath)
         .json(&r.body)
+        .timeout(REQUEST_TIMEOUT)
         .send()
         .await;
     match sent {

@@ -54,7 +54,13 @@ impl Api {
 
     async fn get(&self, path: &str) -> Result<Value, ApiError> {
         let url = format!("{}{path}", self.base);
-        let r = self.client.get(&url).send().await.map_err(|e| unreachable(&url, &e, self.timeout))?;
+        let r = self
+            .client
+            .get(&url)
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| unreachable(&url, &e, self.timeout))?;
         let code = r.status();
         let text = r.text().await.map_err(|e| unreachable(&url, &e, self.timeout))?;
         if code.as_u16() == 400 {
@@ -107,7 +113,13 @@ impl Api {
 
     async fn post(&self, path: &str) -> Result<String, ApiError> {
         let url = format!("{}{path}", self.base);
-        let r = self.client.post(&url).send().await.map_err(|e| unreachable(&url, &e, self.timeout))?;
+        let r = self
+            .client
+            .post(&url)
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| unreachable(&url, &e, self.timeout))?;
         let code = r.status();
         let text = r.text().await.unwrap_or_default();
         if code.as_u16() == 400 {
