@@ -200,16 +200,31 @@ pub enum GatewayEvent {
     Applied,
     /// The agent could not start.
     StartFailed,
+    /// The MQTT broker has been unreachable for the gateway's grace
+    /// period.
+    MqttLost,
+    /// The MQTT broker is reachable again after a [`GatewayEvent::MqttLost`]
+    /// that put the gateway in `error` (the driver sends it only then).
+    MqttBack,
 }
 
 impl GatewayEvent {
     /// Every event, for exhaustive tests.
-    pub const ALL: [GatewayEvent; 3] = [GatewayEvent::Started, GatewayEvent::Applied, GatewayEvent::StartFailed];
+    pub const ALL: [GatewayEvent; 5] = [
+        GatewayEvent::Started,
+        GatewayEvent::Applied,
+        GatewayEvent::StartFailed,
+        GatewayEvent::MqttLost,
+        GatewayEvent::MqttBack,
+    ];
 }
 
 /// The IoT gateway's rules: the agent acts at once, so every transient
 /// state settles as soon as the agent has applied it. At start-up the
-/// gateway walks `idle → starting → running`, as if started.
+/// gateway walks `idle → starting → running`, as if started. A running
+/// gateway whose MQTT broker stays unreachable is in `error` (HTTP and
+/// AMQP measures still go in), and returns to `running` by itself when
+/// the broker is back; a stopped or paused one does not need MQTT.
 pub fn gateway(state: State, event: GatewayEvent) -> Reaction {
     use GatewayEvent as E;
     use State::*;
@@ -223,6 +238,10 @@ pub fn gateway(state: State, event: GatewayEvent) -> Reaction {
         (E::Applied, ShuttingDown) => Reaction::Path(&[Shutdown]),
         (E::Applied, _) => Reaction::Stay,
         (E::StartFailed, _) => Reaction::Fail,
+        (E::MqttLost, Running) => Reaction::Fail,
+        (E::MqttLost, _) => Reaction::Stay,
+        (E::MqttBack, Error) => Reaction::Observe(Observed::Recovered, Running),
+        (E::MqttBack, _) => Reaction::Stay,
     }
 }
 
@@ -438,6 +457,8 @@ mod tests {
                     (Shutdown, Error),
                 ],
             ),
+            (E::MqttLost, &[(Running, Error)]),
+            (E::MqttBack, &[(Error, Running)]),
         ];
         for e in E::ALL {
             for s in State::ALL {

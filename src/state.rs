@@ -252,6 +252,10 @@ pub enum Observed {
     /// VILLASnode instance, node or relay session): any state but `gone`
     /// → `idle`, `running` or `paused`, as that system reports.
     Mirrored,
+    /// A fault the driver itself observed and reported has cleared (the
+    /// IoT gateway's MQTT broker is reachable again): `error → running`.
+    /// Only the driver that entered `error` for that fault takes it.
+    Recovered,
 }
 
 impl Observed {
@@ -262,6 +266,7 @@ impl Observed {
             Observed::Failed => from != State::Gone && to == State::Error,
             Observed::Deleted => to == State::Gone,
             Observed::Mirrored => from != State::Gone && matches!(to, State::Idle | State::Running | State::Paused),
+            Observed::Recovered => from == State::Error && to == State::Running,
         }
     }
 }
@@ -487,6 +492,7 @@ mod tests {
                 assert_eq!(Observed::Failed.allows(from, to), from != Gone && to == Error);
                 assert_eq!(Observed::Deleted.allows(from, to), to == Gone);
                 assert_eq!(Observed::Mirrored.allows(from, to), from != Gone && matches!(to, Idle | Running | Paused));
+                assert_eq!(Observed::Recovered.allows(from, to), from == Error && to == Running);
             }
         }
         // Not an edge of the table: only an observation may take it.

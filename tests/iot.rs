@@ -946,3 +946,93 @@ async fn a_gateway_whose_mqtt_tls_cannot_work_is_an_error_that_says_why() {
     data.close().await;
     d.stop().await.unwrap();
 }
+
+/// A TCP relay in front of the real Mosquitto, so the test can make the
+/// gateway's broker unreachable and reachable again.
+struct Relay {
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Relay {
+    /// A port nobody listens on yet.
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// Relay `port` to Mosquitto until dropped (which cuts every link).
+    async fn open(port: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        let (conns_tx, mut conns_rx) = tokio::sync::mpsc::unbounded_channel::<tokio::net::TcpStream>();
+        tasks.spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let _ = conns_tx.send(s);
+            }
+        });
+        let mut relay = Relay { tasks };
+        let mut links = tokio::task::JoinSet::new();
+        relay.tasks.spawn(async move {
+            while let Some(mut inbound) = conns_rx.recv().await {
+                links.spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", 1883)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        relay
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// A running gateway whose MQTT broker cannot be reached says so in its
+/// state (`error`, with the URL and the reason), comes back to `running`
+/// by itself when the broker answers, and falls again when it goes. A
+/// stopped gateway does not need MQTT and stays `idle`.
+#[tokio::test]
+async fn a_gateway_whose_mqtt_broker_is_unreachable_is_in_error_until_it_answers() {
+    let port = Relay::free_port();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let gw = Gw::with(json!({"mqtt_url": url, "mqtt_grace": 0.5}));
+    let data = Data::bind(&gw.data).await;
+    let (d, c, mut l) = gw.env.up_with(gw.config()).await;
+    let st = ping_status(&c, &mut l, gw.uuid, |v| v["status"]["state"] == "error").await;
+    let msg = st["status"]["error"]["msg"].as_str().unwrap();
+    assert!(msg.starts_with(&format!("Cannot reach the MQTT broker {url} (")), "{st}");
+    assert!(msg.contains("returns to running by itself"), "the message says what to expect: {msg}");
+    assert_eq!(st["status"]["mqtt_connected"], false, "{st}");
+
+    // The broker becomes reachable: running again, with no error.
+    let relay = Relay::open(port).await;
+    let st = status_of(&mut l, gw.uuid, |v| v["status"]["state"] == "running").await;
+    assert!(st["status"]["error"].is_null(), "the error is cleared: {st}");
+    eventually(WAIT, "the status says MQTT is connected", async || {
+        let st = d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+        (st["status"]["mqtt_connected"] == true).then_some(())
+    })
+    .await;
+
+    // It goes away again: error again, after the grace.
+    drop(relay);
+    let st = state_of(&mut l, gw.uuid, "error").await;
+    assert!(st["status"]["error"]["msg"].as_str().unwrap().contains(&url), "{st}");
+
+    // `reset` leaves error as for any other; the stopped gateway does not
+    // need MQTT, so it stays idle while the broker is still away.
+    c.publish(to_uuid(gw.uuid), &action("reset", json!({})), None).await.unwrap();
+    state_of(&mut l, gw.uuid, "idle").await;
+    let later = status_within(&mut l, gw.uuid, Duration::from_millis(1500), |v| v["status"]["state"] != "idle").await;
+    assert!(later.is_none(), "a stopped gateway does not fail for MQTT: {later:?}");
+
+    // Started while the broker is away: running, then error after the grace.
+    c.publish(to_uuid(gw.uuid), &action("start", json!({})), None).await.unwrap();
+    state_of(&mut l, gw.uuid, "running").await;
+    state_of(&mut l, gw.uuid, "error").await;
+    data.close().await;
+    d.stop().await.unwrap();
+}

@@ -46,6 +46,9 @@ pub struct Settings {
     pub mqtt_tls: Option<MqttTls>,
     /// QoS of the MQTT subscriptions (0 or 1).
     pub mqtt_qos: u8,
+    /// How long the MQTT broker may stay unreachable before a running
+    /// gateway enters `error` (short outages and reconnects stay quiet).
+    pub mqtt_grace: std::time::Duration,
     /// Shared-subscription group (`$share/{group}/…`); empty (the
     /// default): plain subscriptions. Mosquitto queues nothing for an
     /// offline member of a shared subscription, so only plain ones keep
@@ -178,6 +181,11 @@ impl Settings {
             mqtt_tls,
             mqtt_url,
             mqtt_qos: p.get("mqtt_qos").and_then(Value::as_u64).unwrap_or(1).min(1) as u8,
+            mqtt_grace: p
+                .get("mqtt_grace")
+                .and_then(Value::as_f64)
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map_or(std::time::Duration::from_secs(5), |s| std::time::Duration::from_secs_f64(s.min(86_400.0))),
             mqtt_shared_group: prop_str(p, "mqtt_shared_group").unwrap_or_default(),
             mqtt_prefix: prop_str(p, "mqtt_prefix").unwrap_or_default().trim_matches('/').to_owned(),
             north_bind: bind(p, "north_bind", "127.0.0.1:4041")?,
@@ -224,6 +232,19 @@ pub enum Transport {
     Http,
     /// AMQP.
     Amqp,
+}
+
+/// Where a gateway's MQTT client is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MqttLink {
+    /// Connecting for the first time.
+    Connecting,
+    /// Connected (and subscribed, while the gateway takes measures).
+    Up,
+    /// The last connection attempt failed, or the connection was lost:
+    /// why (rumqttc's error, which names no credentials). The client
+    /// keeps trying.
+    Down(String),
 }
 
 /// The counters a gateway reports in its status.
@@ -307,6 +328,9 @@ pub struct Core {
     pub counters: Arc<Counters>,
     /// Whether south traffic is accepted (the gateway is running).
     pub running: watch::Sender<bool>,
+    /// The MQTT client's link, watched by the gateway's driver so that a
+    /// broker it cannot reach shows in the gateway's state.
+    pub mqtt_link: watch::Sender<MqttLink>,
     /// The level `/admin/log` reports.
     pub log_level: Mutex<String>,
     /// Which refusals were logged lately (see [`Quiet`]).
@@ -448,6 +472,7 @@ impl Core {
             registry,
             counters: Arc::new(Counters::default()),
             running: watch::Sender::new(running),
+            mqtt_link: watch::Sender::new(MqttLink::Connecting),
             log_level: Mutex::new("INFO".into()),
             quiet: Quiet::default(),
             cb_counters: Arc::default(),
@@ -724,6 +749,11 @@ impl Agent {
         let r = self.core.registry.device_by_uuid(uuid)?;
         let d = devices::describe(&self.core, &r);
         Some(d.view(&self.core, None).render(info))
+    }
+
+    /// The MQTT client's link; `None` when MQTT is off for this gateway.
+    pub fn mqtt_link(&self) -> Option<watch::Receiver<MqttLink>> {
+        self.core.settings.mqtt_url.as_ref().map(|_| self.core.mqtt_link.subscribe())
     }
 
     /// Whether the I/O thread has ended (a bug); `reset` starts a new agent.

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::MqttLink;
 use super::mapping::MeasureError;
 use super::mapping::{Address, parse_routing_key, parse_topic, single_value};
 use super::model::ApiError;
@@ -356,6 +357,7 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
     let Some((host, port, creds)) = parse_mqtt_url(&url) else {
         core.counters.error("bad_mqtt_url");
         warn!(url = %crate::config::redact_url(&url), "invalid MQTT URL; MQTT is off for this gateway");
+        core.mqtt_link.send_replace(MqttLink::Down("invalid MQTT URL".into()));
         return;
     };
     let mut opts = MqttOptions::new(format!("busbar-{}", core.gateway.simple()), host, port);
@@ -378,6 +380,7 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
             Err(e) => {
                 core.counters.error("mqtt_tls");
                 warn!(error = %e, "invalid MQTT TLS settings; MQTT is off for this gateway");
+                core.mqtt_link.send_replace(MqttLink::Down(format!("invalid TLS settings: {e}")));
                 return;
             }
         }
@@ -412,12 +415,14 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
                         pending = filters.len();
                     } else {
                         core.counters.mqtt_up.store(true, Ordering::Relaxed);
+                        core.mqtt_link.send_replace(MqttLink::Up);
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     pending = pending.saturating_sub(1);
                     if pending == 0 {
                         core.counters.mqtt_up.store(true, Ordering::Relaxed);
+                        core.mqtt_link.send_replace(MqttLink::Up);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -452,6 +457,12 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
                     }
                     connected = false;
                     core.counters.mqtt_up.store(false, Ordering::Relaxed);
+                    let why = e.to_string();
+                    core.mqtt_link.send_if_modified(|l| {
+                        let changed = !matches!(l, MqttLink::Down(w) if *w == why);
+                        *l = MqttLink::Down(why);
+                        changed
+                    });
                     if !backoff.wait(&token).await {
                         break;
                     }

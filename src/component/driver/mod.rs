@@ -50,6 +50,8 @@ pub(crate) enum Event {
     /// From a VILLASnode or VILLASrelay manager's poll task, or from the
     /// manager to one of its gateways.
     Villas(villas::VillasEvent),
+    /// The IoT gateway's MQTT link changed.
+    Mqtt(crate::iot::MqttLink),
 }
 
 /// The behaviour of one component type.
