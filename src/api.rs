@@ -5,7 +5,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -32,22 +32,64 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// The router, without a socket (tests drive it with `oneshot`).
+/// The router, without a socket (tests drive it with `oneshot`). The
+/// page is open; reading (and the event stream) needs the viewer role,
+/// acting the operator role; with `auth: none` everyone is an operator.
 pub fn app(shared: Arc<Shared>) -> Router {
-    Router::new()
+    use crate::auth::{Role, require};
+    use axum::middleware::from_fn_with_state;
+    let gate = shared.gate.clone();
+    let viewer = Router::new()
         .route("/api/v1", get(index))
         .route("/api/v1/", get(index))
         .route("/api/v1/health", get(health))
-        .route("/api/v1/component/{uuid}", get(component_status).post(component_action))
+        .route("/api/v1/component/{uuid}", get(component_status))
         .route("/api/v1/federation", get(federation))
         .route("/api/v1/federation/components", get(federation_components))
         .route("/api/v1/distributed/{how}/{query}", get(distributed))
-        .route("/api/v1/log-level", get(get_log_level).put(put_log_level))
+        .route("/api/v1/log-level", get(get_log_level))
+        .route("/api/v1/auth", get(whoami))
+        .route("/api/v1/events", get(crate::web::events))
+        .route("/api/v1/events/ticket", post(ticket))
         .route("/metrics", get(metrics))
+        .route_layer(from_fn_with_state((gate.clone(), Role::Viewer), require));
+    let operator = Router::new()
+        .route("/api/v1/component/{uuid}", post(component_action))
+        .route("/api/v1/log-level", put(put_log_level))
+        .route_layer(from_fn_with_state((gate, Role::Operator), require));
+    Router::new()
+        .route("/", get(crate::web::page))
+        .route("/index.html", get(crate::web::page))
+        .merge(viewer)
+        .merge(operator)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "Not found".into()) })
         .method_not_allowed_fallback(|| async { ApiError(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(shared)
+}
+
+/// `GET /api/v1/auth`: how this API authenticates and the caller's role
+/// (the page hides actions from viewers).
+async fn whoami(
+    State(s): State<Arc<Shared>>,
+    axum::Extension(granted): axum::Extension<crate::auth::Granted>,
+) -> Json<Value> {
+    Json(json!({"auth": if s.gate.is_open() { "none" } else { "jwt" }, "role": granted.0}))
+}
+
+/// `POST /api/v1/events/ticket`: a single-use ticket for the WebSocket
+/// (`/api/v1/events?ticket=…`), for browsers, which cannot send headers
+/// there. With the caller's role; good for 30 s.
+async fn ticket(
+    State(s): State<Arc<Shared>>,
+    axum::Extension(granted): axum::Extension<crate::auth::Granted>,
+) -> Result<Json<Value>, ApiError> {
+    let t = s
+        .gate
+        .tickets
+        .issue(granted.0)
+        .ok_or_else(|| ApiError(StatusCode::SERVICE_UNAVAILABLE, "Too many tickets outstanding".into()))?;
+    Ok(Json(json!({"ticket": t, "expires_in": crate::auth::Tickets::TTL.as_secs()})))
 }
 
 /// `GET /api/v1/federation`: this daemon's site and every site it hears,

@@ -128,6 +128,11 @@ pub struct ApiConfig {
     /// next request on a kept-alive connection).
     #[serde(default = "default_header_timeout")]
     pub header_timeout: f64,
+    /// Who may use the API, its event stream and the web page: `none`, or
+    /// `{jwt: …}` (see `crate::auth`). Required when `bind` is not a
+    /// loopback address.
+    #[serde(default)]
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 impl Default for ApiConfig {
@@ -138,6 +143,39 @@ impl Default for ApiConfig {
             port: None,
             max_connections: default_max_connections(),
             header_timeout: default_header_timeout(),
+            auth: None,
+        }
+    }
+}
+
+impl Config {
+    /// The instance name: `site`, or else the host name. JWTs for this
+    /// daemon carry it as their `aud`.
+    pub fn instance_name(&self) -> String {
+        self.site.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "busbar".into())
+        })
+    }
+
+    /// The gate of the HTTP API (its keys loaded). A listener on a
+    /// non-loopback address without `auth` is an error: an open API must
+    /// be asked for (`auth: none`).
+    pub fn api_gate(&self, path: &Path) -> Result<crate::auth::Gate, ConfigError> {
+        use crate::auth::{AuthConfig, Gate, Verifier};
+        match &self.api.auth {
+            Some(AuthConfig::Jwt(jwt)) => Verifier::load(jwt, "api.auth.jwt", &self.instance_name())
+                .map(Gate::jwt)
+                .map_err(|e| ConfigError::new(path, e.key, e.msg)),
+            Some(AuthConfig::None) => Ok(Gate::open()),
+            None if !self.api.enabled || self.api.bind.ip().is_loopback() => Ok(Gate::open()),
+            None => Err(ConfigError::new(
+                path,
+                "api.auth",
+                format!(
+                    "required because api.bind {} is not a loopback address: configure auth: {{jwt: {{keys: [...]}}}}, or say auth: none",
+                    self.api.bind
+                ),
+            )),
         }
     }
 }
@@ -364,6 +402,7 @@ impl Config {
         if self.api.max_connections == 0 {
             return Err(ConfigError::new(path, "api.max_connections", "must be positive"));
         }
+        self.api_gate(path)?;
         if self.max_body_bytes == 0 {
             return Err(ConfigError::new(path, "max_body_bytes", "must be positive"));
         }

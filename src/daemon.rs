@@ -30,6 +30,8 @@ pub struct Shared {
     pub env: Arc<component::Env>,
     /// Distributed requests to every controller of the federation.
     pub asker: crate::directory::Asker,
+    /// Who may use the HTTP API (its keys loaded at start).
+    pub gate: crate::auth::Gate,
 }
 
 /// A running daemon, as returned by [`start`].
@@ -119,6 +121,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         kube: Arc::new(options.kube_client.map(crate::k8s::Clients::fixed).unwrap_or_default()),
         components,
         directory: directory.clone(),
+        events: crate::events::Hub::default(),
     });
     let (asker, asks) = crate::directory::Asker::new(directory.clone());
     let feed = crate::directory::Feed {
@@ -127,9 +130,11 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         directory,
         heard: env.metrics.directory_statuses.clone(),
         max_body: config.max_body_bytes,
+        events: env.events.clone(),
     };
     env.tracker.spawn(crate::directory::feed(feed, asks, env.shutdown.clone()));
-    let shared = Arc::new(Shared { config, env, asker });
+    let gate = config.api_gate(std::path::Path::new("config"))?;
+    let shared = Arc::new(Shared { config, env, asker, gate });
     runner.spawn(wiring);
     // A start that fails half-way stops what it started (the bus, the
     // components so far) before it reports why: nothing is left running.

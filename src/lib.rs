@@ -31,6 +31,7 @@
 
 pub mod amqp;
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod client;
 pub mod component;
@@ -38,6 +39,7 @@ pub mod config;
 pub mod daemon;
 pub mod directory;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod iot;
 pub mod k8s;
@@ -50,6 +52,7 @@ pub mod state;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;
+pub mod web;
 pub mod villas;
 
 pub use error::{Error, Result};

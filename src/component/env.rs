@@ -63,6 +63,8 @@ pub struct Env {
     pub components: Arc<Registry>,
     /// The federation directory (fed by `directory::feed`).
     pub directory: Arc<std::sync::Mutex<crate::directory::Directory>>,
+    /// Statuses and device measures for live viewers (`/api/v1/events`).
+    pub events: crate::events::Hub,
 }
 
 impl Env {

@@ -34,6 +34,8 @@ pub struct Feed {
     /// Larger bodies are not read (the daemon's `max_body_bytes`): a
     /// controller's status is kept whole, so its size must be bounded.
     pub max_body: usize,
+    /// Every status heard also goes to live viewers.
+    pub events: crate::events::Hub,
 }
 
 /// A distributed request handed to the feed.
@@ -188,6 +190,11 @@ async fn session(
                 };
                 if change != Change::Ignored {
                     feed.heard.inc();
+                    if feed.events.watched()
+                        && let Some(topic) = super::status_topic_of(&d.data)
+                    {
+                        feed.events.publish(topic, &d.data);
+                    }
                 }
             }
             _ = check.tick() => {

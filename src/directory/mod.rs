@@ -132,6 +132,18 @@ struct Envelope {
     components: Option<Vec<Uuid>>,
 }
 
+/// The event topic of a status message (`/status/{realm}/{category}/{type}/{uuid}`),
+/// from its `properties`; `None` when it names no uuid.
+pub fn status_topic_of(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Only {
+        properties: Properties,
+    }
+    let p = serde_json::from_slice::<Only>(body).ok()?.properties;
+    let field = |f: Option<String>| f.filter(|s| !s.is_empty() && !s.contains('/')).unwrap_or_else(|| "-".into());
+    Some(crate::events::status_topic(&field(p.realm), &field(p.category), &field(p.kind), &p.uuid?))
+}
+
 #[derive(Deserialize)]
 struct Properties {
     uuid: Option<Uuid>,

@@ -337,6 +337,9 @@ pub struct Core {
     pub quiet: Quiet,
     /// The Context Broker sender's counters.
     pub cb_counters: Arc<cb::CbCounters>,
+    /// Live viewers of measures (`/api/v1/events`); the daemon's hub once
+    /// the agent runs.
+    pub events: crate::events::Hub,
     outbox: mpsc::Sender<federation::Envelope>,
     /// Towards the Context Broker sender (set when the agent starts it).
     ngsi: std::sync::OnceLock<mpsc::Sender<ngsi::Request>>,
@@ -476,6 +479,7 @@ impl Core {
             log_level: Mutex::new("INFO".into()),
             quiet: Quiet::default(),
             cb_counters: Arc::default(),
+            events: crate::events::Hub::default(),
             outbox,
             ngsi: std::sync::OnceLock::new(),
         }
@@ -553,8 +557,16 @@ impl Core {
                 self.cb_counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+        let topic = self.events.watched().then(|| {
+            let t = &resolved.record.tenant;
+            crate::events::data_topic(&self.realm, &t.service, entity_type, &device.device_id)
+        });
         for m in &measures {
-            let envelope = federation::Envelope::new(&routing_key, origin.device_data(m))?;
+            let body = origin.device_data(m);
+            if let Some(topic) = &topic {
+                self.events.publish(topic.clone(), &body);
+            }
+            let envelope = federation::Envelope::new(&routing_key, body)?;
             if self.outbox.send(envelope).await.is_err() {
                 return Err(IngestError::ShuttingDown);
             }
@@ -608,7 +620,9 @@ impl Agent {
             .map_err(|e| ErrorInfo::new(format!("Cannot load the device registry: {}", e.message)))?;
         let (outbox, outbox_rx) = mpsc::channel(4096);
         let autostart = props.get("autostart").and_then(Value::as_bool).unwrap_or(true);
-        let core = Arc::new(Core::new(gateway, realm, settings.clone(), registry, outbox, autostart));
+        let mut core = Core::new(gateway, realm, settings.clone(), registry, outbox, autostart);
+        core.events = env.events.clone();
+        let core = Arc::new(core);
         let counters = core.counters.clone();
         let source: Arc<dyn crate::metrics::GatewaySource> = core.clone();
         env.metrics.add_gateway(Arc::downgrade(&source));
