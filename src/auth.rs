@@ -231,7 +231,10 @@ fn jwks_keys(text: &str, at: &str) -> Result<Vec<Key>, AuthConfigError> {
         if let Some(declared) = jwk.common.key_algorithm
             && declared.to_string() != alg_name(alg)
         {
-            return Err(bad(format!("{at}: keys[{i}]"), format!("declares {declared}, but its key is for {}", alg_name(alg))));
+            return Err(bad(
+                format!("{at}: keys[{i}]"),
+                format!("declares {declared}, but its key is for {}", alg_name(alg)),
+            ));
         }
         let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(format!("{at}: keys[{i}]"), e.to_string()))?;
         out.push(Key { kid: jwk.common.key_id.clone(), alg, key });
@@ -328,7 +331,11 @@ impl Verifier {
             })
             .collect();
         if candidates.is_empty() {
-            return Err(AuthError::Invalid(if header.kid.is_some() { "unknown kid" } else { "no key for the algorithm" }));
+            return Err(AuthError::Invalid(if header.kid.is_some() {
+                "unknown kid"
+            } else {
+                "no key for the algorithm"
+            }));
         }
         let mut validation = Validation::new(header.alg);
         validation.algorithms = vec![header.alg];
@@ -494,9 +501,7 @@ impl Gate {
 /// header.
 pub async fn require(State((gate, need)): State<(Gate, Role)>, mut req: Request, next: Next) -> Response {
     let ticket = if req.headers().contains_key(header::UPGRADE) {
-        req.uri().query().and_then(|q| {
-            q.split('&').find_map(|kv| kv.strip_prefix("ticket=")).map(str::to_owned)
-        })
+        req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ticket=")).map(str::to_owned))
     } else {
         None
     };

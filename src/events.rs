@@ -109,8 +109,9 @@ impl Subscriptions {
     /// Add the subscription of message `text`; the error is the message
     /// the viewer gets back.
     pub fn add(&mut self, text: &str) -> Result<(), String> {
-        let req: Request = serde_json::from_str(text)
-            .map_err(|e| format!("expected {{\"topic\": \"/…\"}} or {{\"topic\": \"…\", \"matching\": \"regex\"}}: {e}"))?;
+        let req: Request = serde_json::from_str(text).map_err(|e| {
+            format!("expected {{\"topic\": \"/…\"}} or {{\"topic\": \"…\", \"matching\": \"regex\"}}: {e}")
+        })?;
         if !req.topic.starts_with('/') || req.topic.len() > MAX_TOPIC {
             return Err(format!("a topic starts with / and has at most {MAX_TOPIC} bytes"));
         }

@@ -52,7 +52,7 @@ pub mod state;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;
-pub mod web;
 pub mod villas;
+pub mod web;
 
 pub use error::{Error, Result};

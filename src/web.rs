@@ -53,18 +53,19 @@ pub async fn page() -> Response {
 pub async fn events(State(s): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
     let hub = s.env.events.clone();
     let token = s.env.shutdown.clone();
-    ws.max_message_size(64 * 1024)
-        .max_frame_size(64 * 1024)
-        .max_write_buffer_size(1 << 20)
-        .on_upgrade(move |socket| {
-            let rx = hub.subscribe();
-            session(socket, rx, token)
-        })
+    ws.max_message_size(64 * 1024).max_frame_size(64 * 1024).max_write_buffer_size(1 << 20).on_upgrade(move |socket| {
+        let rx = hub.subscribe();
+        session(socket, rx, token)
+    })
 }
 
 /// One viewer: subscriptions in, matching events out, until it closes,
 /// falls behind or the daemon stops.
-async fn session(socket: WebSocket, mut events: tokio::sync::broadcast::Receiver<Arc<Event>>, token: CancellationToken) {
+async fn session(
+    socket: WebSocket,
+    mut events: tokio::sync::broadcast::Receiver<Arc<Event>>,
+    token: CancellationToken,
+) {
     let (mut tx, mut rx) = socket.split();
     let mut subs = Subscriptions::default();
     let send = async |tx: &mut futures_util::stream::SplitSink<WebSocket, Message>, text: String| -> bool {

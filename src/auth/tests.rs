@@ -15,7 +15,8 @@ fn now() -> u64 {
 }
 
 fn verifier(extra: impl FnOnce(&mut JwtConfig)) -> Verifier {
-    let mut cfg: JwtConfig = serde_json::from_value(json!({"keys": [fixture("rsa.pub"), fixture("ec.pub"), fixture("ed.pub")]})).unwrap();
+    let mut cfg: JwtConfig =
+        serde_json::from_value(json!({"keys": [fixture("rsa.pub"), fixture("ec.pub"), fixture("ed.pub")]})).unwrap();
     extra(&mut cfg);
     Verifier::load(&cfg, "api.auth.jwt", "lab1").unwrap()
 }
@@ -59,7 +60,8 @@ fn hs256_signed_with_the_public_key_finds_no_key() {
     // The classic confusion: the RSA public key's bytes as an HMAC secret.
     let v = verifier(|_| {});
     let public = std::fs::read(fixture("rsa.pub")).unwrap();
-    let forged = encode(&Header::new(Algorithm::HS256), &good("operator"), &EncodingKey::from_secret(&public).unwrap()).unwrap();
+    let forged =
+        encode(&Header::new(Algorithm::HS256), &good("operator"), &EncodingKey::from_secret(&public).unwrap()).unwrap();
     assert_eq!(v.verify(&forged), Err(AuthError::Invalid("algorithm not allowed")));
     // Even with HS256 configured, the RSA key is not an HMAC key.
     let secret = std::env::temp_dir().join(format!("busbar-hs-{}", std::process::id()));
@@ -93,10 +95,13 @@ fn a_jwks_is_matched_by_kid_and_may_not_carry_a_secret() {
 
 #[test]
 fn configuration_mistakes_name_the_key() {
-    let load = |v: Value| Verifier::load(&serde_json::from_value(v).unwrap(), "api.auth.jwt", "lab1").unwrap_err().to_string();
+    let load =
+        |v: Value| Verifier::load(&serde_json::from_value(v).unwrap(), "api.auth.jwt", "lab1").unwrap_err().to_string();
     assert!(load(json!({})).starts_with("api.auth.jwt.keys: no key configured"));
     assert!(load(json!({"keys": [fixture("rsa.key")]})).contains("holds a private key"));
-    assert!(load(json!({"keys": ["/nonexistent.pem"]})).starts_with("api.auth.jwt.keys[0] (/nonexistent.pem): cannot read"));
+    assert!(
+        load(json!({"keys": ["/nonexistent.pem"]})).starts_with("api.auth.jwt.keys[0] (/nonexistent.pem): cannot read")
+    );
     let e = load(json!({"keys": [fixture("rsa.pub")], "algorithms": ["HS256"]}));
     assert_eq!(e, "api.auth.jwt.algorithms[0]: HS256 needs hs256_secret_file");
     let e = load(json!({"keys": [fixture("rsa.pub")], "algorithms": ["none"]}));
