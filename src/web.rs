@@ -73,7 +73,7 @@ async fn session(
     };
     let close = async |tx: &mut futures_util::stream::SplitSink<WebSocket, Message>, code: u16, why: String| {
         let frame = CloseFrame { code, reason: why.into() };
-        let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Message::Close(Some(frame)))).await;
+        let _ = tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Close(Some(frame)))).await;
     };
     loop {
         tokio::select! {
