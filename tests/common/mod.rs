@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod browser;
 pub mod fake_kube;
 pub mod fake_villas;
 pub mod iot;
