@@ -515,5 +515,20 @@ pub async fn require(State((gate, need)): State<(Gate, Role)>, mut req: Request,
     }
 }
 
+/// Middleware for APIs whose reads and writes differ by method (the IoT
+/// north API): `GET` and `HEAD` need the viewer role, anything else the
+/// operator role; `/ready` stays open for health probes.
+pub async fn require_by_method(State(gate): State<Gate>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/ready" {
+        return next.run(req).await;
+    }
+    let need = if matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) {
+        Role::Viewer
+    } else {
+        Role::Operator
+    };
+    require(State((gate, need)), req, next).await
+}
+
 #[cfg(test)]
 mod tests;

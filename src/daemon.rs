@@ -108,6 +108,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         create_may_set: config.sandbox.create_may_set.clone(),
         broker_url: config.broker.url.clone(),
         data_dir: config.data_dir.clone(),
+        instance: config.instance_name(),
     };
     let env = Arc::new(component::Env {
         settings,

@@ -332,3 +332,50 @@ async fn a_non_loopback_api_without_auth_is_a_config_error() {
     let e = busbar::config::Config::parse(&text_of(&cfg), std::path::Path::new("lab.yaml")).unwrap_err().to_string();
     assert!(e.starts_with("lab.yaml: api.auth.jwt.keys[0] (/nonexistent.pem): cannot read"), "{e}");
 }
+
+/// The IoT north API with `north_auth`: reads need a viewer, changes an
+/// operator, `/ready` stays open for probes; a north API beyond loopback
+/// without `north_auth` is the gateway's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_north_api_takes_the_same_tokens() {
+    use common::iot::*;
+    let gw = Gw::with(json!({"north_auth": {"jwt": {"keys": [fixture("rsa.pub")], "audience": "lab1"}}}));
+    let data = Data::bind(&gw.data).await;
+    let d = gw.env.start_with(gw.config()).await;
+    let g = Gateway::of(&d, gw.uuid).await;
+    let http = reqwest::Client::new();
+    let call = async |method: &str, path: &str, token: Option<&str>| {
+        let mut rb = http
+            .request(method.parse().unwrap(), format!("{}{path}", g.north))
+            .header("fiware-service", "lab")
+            .header("fiware-servicepath", "/rig1");
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if method == "POST" {
+            rb = rb.json(&json!({"groups": [{"resource": "/iot/json", "apikey": "k1", "entity_type": "T"}]}));
+        }
+        rb.send().await.unwrap().status().as_u16()
+    };
+    let (viewer, operator) = (rs(&claims("viewer")), rs(&claims("operator")));
+    assert_eq!(call("GET", "/iot/groups", None).await, 401);
+    assert_eq!(call("GET", "/iot/groups", Some(&viewer)).await, 200);
+    assert_eq!(call("POST", "/iot/groups", Some(&viewer)).await, 403);
+    assert_eq!(call("POST", "/iot/groups", Some(&operator)).await, 201);
+    assert_eq!(call("GET", "/ready", None).await, 200, "probes need no token");
+    data.close().await;
+    d.stop().await.unwrap();
+
+    let gw = Gw::with(json!({"north_bind": "0.0.0.0:0"}));
+    let (d, _c, _l) = gw.env.up_with(gw.config()).await;
+    let st = eventually(WAIT, "the gateway's error", async || {
+        let st = d.shared.env.components.lookup(gw.uuid).unwrap().status().await.unwrap();
+        (st["status"]["state"] == "error").then_some(st)
+    })
+    .await;
+    assert!(
+        st["status"]["error"]["msg"].as_str().unwrap().starts_with("north_auth is required because north_bind"),
+        "{st}"
+    );
+    d.stop().await.unwrap();
+}

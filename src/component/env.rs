@@ -36,6 +36,9 @@ pub struct Settings {
     pub controller: Uuid,
     /// Between the controller's alive messages.
     pub alive_interval: Duration,
+    /// The instance name (`site`, else the host name): the `aud` of JWTs
+    /// for this daemon's listeners.
+    pub instance: String,
 }
 
 /// Everything a component task may use; one per daemon, shared.

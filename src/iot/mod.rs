@@ -59,6 +59,9 @@ pub struct Settings {
     pub mqtt_prefix: String,
     /// Provisioning API listener.
     pub north_bind: SocketAddr,
+    /// Who may use the provisioning API (`north_auth`); required when
+    /// `north_bind` is not loopback.
+    pub north_auth: Option<crate::auth::AuthConfig>,
     /// HTTP southbound listener.
     pub south_bind: SocketAddr,
     /// HTTP southbound resource.
@@ -177,6 +180,13 @@ impl Settings {
         if let Some(t) = &mqtt_tls {
             south::tls_config(t).map_err(|e| ErrorInfo::new(format!("MQTT TLS: {e}")).with("property", "mqtt_ca"))?;
         }
+        let north: SocketAddr = bind(p, "north_bind", "127.0.0.1:4041")?;
+        if !north.ip().is_loopback() && !p.contains_key("north_auth") {
+            return Err(ErrorInfo::new(format!(
+                "north_auth is required because north_bind {north} is not a loopback address: set north_auth: {{jwt: {{keys: [...]}}}}, or north_auth: none"
+            ))
+            .with("property", "north_auth"));
+        }
         Ok(Settings {
             mqtt_tls,
             mqtt_url,
@@ -189,6 +199,14 @@ impl Settings {
             mqtt_shared_group: prop_str(p, "mqtt_shared_group").unwrap_or_default(),
             mqtt_prefix: prop_str(p, "mqtt_prefix").unwrap_or_default().trim_matches('/').to_owned(),
             north_bind: bind(p, "north_bind", "127.0.0.1:4041")?,
+            north_auth: match p.get("north_auth") {
+                None | Some(Value::Null) => None,
+                Some(v) => {
+                    Some(serde_json::from_value(v.clone()).map_err(|e| {
+                        ErrorInfo::new(format!("Invalid north_auth: {e}")).with("property", "north_auth")
+                    })?)
+                }
+            },
             south_bind: bind(p, "south_bind", "127.0.0.1:7896")?,
             resource: prop_str(p, "resource").unwrap_or_else(|| "/iot/json".into()),
             amqp_south_exchange: prop_str(p, "amqp_south_exchange").filter(|s| !s.is_empty()),
@@ -632,6 +650,14 @@ impl Agent {
                 .await
                 .map_err(|e| ErrorInfo::new(format!("Cannot listen on {}: {}", e.addr, e.source)))
         };
+        let gate = match &settings.north_auth {
+            Some(crate::auth::AuthConfig::Jwt(jwt)) => {
+                crate::auth::Verifier::load(jwt, "north_auth.jwt", &env.settings.instance)
+                    .map(crate::auth::Gate::jwt)
+                    .map_err(|e| ErrorInfo::new(e.to_string()).with("property", "north_auth"))?
+            }
+            _ => crate::auth::Gate::open(),
+        };
         let north = listen(settings.north_bind).await?;
         let south = listen(settings.south_bind).await?;
         let (north_addr, south_addr) = (north.local_addr().ok(), south.local_addr().ok());
@@ -642,7 +668,8 @@ impl Agent {
             crate::serve::spawn(
                 t,
                 north,
-                north::router(core.clone()),
+                north::router(core.clone())
+                    .layer(axum::middleware::from_fn_with_state(gate, crate::auth::require_by_method)),
                 token.clone(),
                 settings.limits,
                 observe("north"),
