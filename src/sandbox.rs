@@ -171,10 +171,8 @@ pub fn check_create(params: &Map<String, Value>, may_set: &[String]) -> Result<(
 /// Properties privileged only for some drivers: where the daemon itself
 /// sends requests, who may use a listener, and files it reads. A
 /// VILLASnode or VILLASrelay manager or gateway polls and posts to its
-/// `api_url`; an IoT gateway posts every measure to its `cbroker`, its
-/// `north_auth` decides who provisions (and whether it may listen beyond
-/// loopback), and it reads its MQTT TLS files as the daemon's user.
-/// Elsewhere `api_url` is a descriptive property VILLASweb reads, and
+/// `api_url`; an IoT gateway posts every measure to its `cbroker`, and its
+/// `north_auth` decides who provisions. Elsewhere `api_url` is a descriptive property VILLASweb reads, and
 /// stays free.
 pub const DRIVER_PRIVILEGED_PROPERTIES: &[&str] =
     &["api_url", "cbroker", "north_auth", "mqtt_ca", "mqtt_cert", "mqtt_key"];
@@ -189,9 +187,8 @@ pub fn check_create_for(
     use crate::component::kinds::Driver as D;
     let keys: &[&str] = match driver {
         D::VillasNodeManager | D::VillasRelayManager | D::VillasNodeGateway | D::VillasRelayGateway => &["api_url"],
-        // Where it posts, who may provision (an open north API could then
-        // listen beyond loopback), and files the daemon would read.
-        D::IotAgent => &["cbroker", "north_auth", "mqtt_ca", "mqtt_cert", "mqtt_key"],
+        // Where it posts, and who may provision.
+        D::IotAgent => &["cbroker", "north_auth"],
         _ => &[],
     };
     check_keys(keys, params, may_set)
