@@ -50,7 +50,18 @@ pub async fn page() -> Response {
 
 /// `GET /api/v1/events`: upgrade to the event stream (the gate has let
 /// the request in, with a bearer token or a ticket).
-pub async fn events(State(s): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+pub async fn events(
+    State(s): State<Arc<Shared>>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    // A plain GET gets a JSON error like every other refusal.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(r) => {
+            return crate::api::ApiError(r.status(), format!("{}: connect with a WebSocket client", r.body_text()))
+                .into_response();
+        }
+    };
     let hub = s.env.events.clone();
     let token = s.env.shutdown.clone();
     ws.max_message_size(64 * 1024).max_frame_size(64 * 1024).max_write_buffer_size(1 << 20).on_upgrade(move |socket| {
