@@ -198,7 +198,11 @@ async fn session(
                 }
             }
             _ = check.tick() => {
-                let back = feed.directory.lock().unwrap_or_else(|p| p.into_inner()).sites_back(Instant::now());
+                let back = {
+                    let mut dir = feed.directory.lock().unwrap_or_else(|p| p.into_inner());
+                    dir.refresh_snapshot(Instant::now());
+                    dir.sites_back(Instant::now())
+                };
                 if !back.is_empty() {
                     info!(sites = back.len(), "sites came back; asking everyone to announce");
                     ping_due = true;

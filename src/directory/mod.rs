@@ -70,6 +70,14 @@ pub struct Filter {
     pub stale: Option<bool>,
 }
 
+impl Filter {
+    /// Whether it matches everything (the whole view).
+    pub fn is_everything(&self) -> bool {
+        let Filter { site, realm, category, kind, state, stale } = self;
+        site.is_none() && realm.is_none() && category.is_none() && kind.is_none() && state.is_none() && stale.is_none()
+    }
+}
+
 /// One IC as last heard.
 #[derive(Debug)]
 struct Entry {
@@ -164,12 +172,47 @@ pub struct Directory {
     cap: usize,
     dropped: u64,
     removed_ghosts: u64,
+    /// Bumped by every message that was not ignored.
+    generation: u64,
+    /// The whole view as JSON (see [`Directory::every_ic`]).
+    snapshot: Option<Snapshot>,
+    /// When the whole view was last asked for.
+    wanted: Option<Instant>,
 }
+
+/// The whole merged view as the API sends it, built once for every reader
+/// until it is [`SNAPSHOT_MAX_AGE`] old.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// `{"components": [rows…]}`.
+    pub body: std::sync::Arc<[u8]>,
+    /// When it was built.
+    pub built: Instant,
+    generation: u64,
+}
+
+/// How old a snapshot of the whole view may be when it is served. With
+/// 10,000 ICs the view is ≈2.5 MB of JSON and ≈10 ms to build; readers
+/// share one build instead of each paying for it.
+pub const SNAPSHOT_MAX_AGE: Duration = Duration::from_millis(500);
+
+/// How long after the last request for the whole view the feed keeps its
+/// snapshot fresh (nobody asking costs nothing).
+pub const SNAPSHOT_KEEP_WARM: Duration = Duration::from_secs(10);
 
 impl Directory {
     /// An empty directory keeping at most `cap` ICs.
     pub fn new(cap: usize) -> Self {
-        Directory { entries: HashMap::new(), roots: HashMap::new(), cap, dropped: 0, removed_ghosts: 0 }
+        Directory {
+            entries: HashMap::new(),
+            roots: HashMap::new(),
+            cap,
+            dropped: 0,
+            removed_ghosts: 0,
+            generation: 0,
+            snapshot: None,
+            wanted: None,
+        }
     }
 
     /// Number of ICs known.
@@ -190,6 +233,58 @@ impl Directory {
     /// Take one message body heard at `now` (`wall`: the same instant on the
     /// wall clock, for clock offsets and `last_seen`).
     pub fn observe(&mut self, body: &[u8], now: Instant, wall: SystemTime) -> Change {
+        let change = self.take(body, now, wall);
+        if change != Change::Ignored {
+            self.generation += 1;
+        }
+        change
+    }
+
+    /// The whole merged view (every IC, unfiltered) as JSON: the snapshot
+    /// if it is at most [`SNAPSHOT_MAX_AGE`] old, else a new one. Its rows'
+    /// `age` and `stale` are as of `built`.
+    pub fn every_ic(&mut self, now: Instant) -> Snapshot {
+        self.wanted = Some(now);
+        match &self.snapshot {
+            Some(s) if now.saturating_duration_since(s.built) <= SNAPSHOT_MAX_AGE => s.clone(),
+            _ => self.rebuild(now),
+        }
+    }
+
+    /// Keep the snapshot of the whole view fresh while somebody reads it
+    /// (the feed calls this every tick): rebuilt when the directory changed
+    /// or it is half its allowed age, so a reader never waits for a build.
+    /// Returns whether it rebuilt.
+    pub fn refresh_snapshot(&mut self, now: Instant) -> bool {
+        let warm = self.wanted.is_some_and(|w| now.saturating_duration_since(w) <= SNAPSHOT_KEEP_WARM);
+        if !warm {
+            self.snapshot = None;
+            return false;
+        }
+        let due = match &self.snapshot {
+            None => true,
+            Some(s) => {
+                s.generation != self.generation || now.saturating_duration_since(s.built) >= SNAPSHOT_MAX_AGE / 2
+            }
+        };
+        if due {
+            self.rebuild(now);
+        }
+        due
+    }
+
+    fn rebuild(&mut self, now: Instant) -> Snapshot {
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            components: Vec<Row<'a>>,
+        }
+        let body = serde_json::to_vec(&Body { components: self.rows(&Filter::default(), now) }).unwrap_or_default();
+        let s = Snapshot { body: body.into(), built: now, generation: self.generation };
+        self.snapshot = Some(s.clone());
+        s
+    }
+
+    fn take(&mut self, body: &[u8], now: Instant, wall: SystemTime) -> Change {
         let Ok(env) = serde_json::from_slice::<Envelope>(body) else { return Change::Ignored };
         let (Some(status), Some(props)) = (env.status, env.properties) else { return Change::Ignored };
         let (Some(uuid), Some(state)) = (props.uuid, status.get("state").and_then(Value::as_str)) else {
