@@ -28,8 +28,9 @@ pub const RING: usize = 4096;
 pub struct Event {
     /// Its topic.
     pub topic: Box<str>,
-    /// `{"topic": …, "payload": …}`.
-    pub frame: Box<str>,
+    /// `{"topic": …, "payload": …}`, shared by every viewer's send (a
+    /// reference count, not a copy).
+    pub frame: axum::extract::ws::Utf8Bytes,
 }
 
 /// Where events are published (the directory feed, IoT agents) and
@@ -200,7 +201,7 @@ mod tests {
         hub.publish("/z".into(), br#"{"b": [1, 2]}"#);
         let ev = rx.recv().await.unwrap();
         assert_eq!(&*ev.topic, "/z");
-        assert_eq!(serde_json::from_str::<Value>(&ev.frame).unwrap(), json!({"topic": "/z", "payload": {"b": [1, 2]}}));
+        assert_eq!(serde_json::from_str::<Value>(ev.frame.as_str()).unwrap(), json!({"topic": "/z", "payload": {"b": [1, 2]}}));
         assert!(rx.try_recv().is_err(), "nothing before the subscription, nothing that is not JSON");
     }
 }

@@ -10,7 +10,6 @@ use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,29 +70,21 @@ pub async fn events(
 }
 
 /// One viewer: subscriptions in, matching events out, until it closes,
-/// falls behind or the daemon stops.
-async fn session(
-    socket: WebSocket,
-    mut events: tokio::sync::broadcast::Receiver<Arc<Event>>,
-    token: CancellationToken,
-) {
-    let (mut tx, mut rx) = socket.split();
+/// falls behind or the daemon stops. One task, one socket (not split: a
+/// split socket takes a lock on every poll); each frame is the hub's
+/// shared bytes.
+async fn session(mut socket: WebSocket, mut events: tokio::sync::broadcast::Receiver<Arc<Event>>, token: CancellationToken) {
     let mut subs = Subscriptions::default();
-    let send = async |tx: &mut futures_util::stream::SplitSink<WebSocket, Message>, text: String| -> bool {
-        matches!(tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Text(text.into()))).await, Ok(Ok(())))
-    };
-    let close = async |tx: &mut futures_util::stream::SplitSink<WebSocket, Message>, code: u16, why: String| {
-        let frame = CloseFrame { code, reason: why.into() };
-        let _ = tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Close(Some(frame)))).await;
-    };
     loop {
+        // The branch futures are dropped before a handler runs, so the
+        // handlers may use the socket.
         tokio::select! {
             biased;
             _ = token.cancelled() => {
-                close(&mut tx, 1001, "the daemon is stopping".into()).await;
+                close(&mut socket, 1001, "the daemon is stopping".into()).await;
                 return;
             }
-            msg = rx.next() => {
+            msg = socket.recv() => {
                 let reply = match msg {
                     Some(Ok(Message::Text(t))) => match subs.add(t.as_str()) {
                         Ok(()) => subs.confirmation(),
@@ -103,24 +94,35 @@ async fn session(
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 };
-                if !send(&mut tx, reply.to_string()).await {
+                if !send(&mut socket, reply.to_string().into()).await {
                     return;
                 }
             }
             ev = events.recv() => match ev {
                 Ok(ev) => {
-                    if subs.matches(&ev.topic) && !send(&mut tx, ev.frame.to_string()).await {
+                    if subs.matches(&ev.topic) && !send(&mut socket, ev.frame.clone()).await {
                         debug!("a viewer did not take a frame in time; disconnected");
                         return;
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
                     debug!(missed = n, "a viewer fell behind; disconnected");
-                    close(&mut tx, CLOSE_TOO_SLOW, format!("too slow: {n} events missed")).await;
+                    close(&mut socket, CLOSE_TOO_SLOW, format!("too slow: {n} events missed")).await;
                     return;
                 }
                 Err(RecvError::Closed) => return,
             }
         }
     }
+}
+
+/// Send one text frame within [`SEND_TIMEOUT`].
+async fn send(socket: &mut WebSocket, text: axum::extract::ws::Utf8Bytes) -> bool {
+    matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text))).await, Ok(Ok(())))
+}
+
+/// Close with `code` and `why` (best effort, bounded).
+async fn close(socket: &mut WebSocket, code: u16, why: String) {
+    let frame = CloseFrame { code, reason: why.into() };
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
 }
