@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,44 +71,61 @@ pub async fn events(
 }
 
 /// One viewer: subscriptions in, matching events out, until it closes,
-/// falls behind or the daemon stops. One task, one socket (not split: a
-/// split socket takes a lock on every poll); each frame is the hub's
-/// shared bytes.
-async fn session(mut socket: WebSocket, mut events: tokio::sync::broadcast::Receiver<Arc<Event>>, token: CancellationToken) {
+/// falls behind or the daemon stops.
+///
+/// The socket is split: a reader task hands the (rare) subscription
+/// messages over, so the loop that sends events never polls the socket's
+/// read side. Polling it after every event cost a read attempt, and
+/// tungstenite zeroes its read buffer on each: a third of the CPU of 100
+/// viewers (BENCHMARKS.md). Each frame is the hub's shared bytes.
+async fn session(
+    socket: WebSocket,
+    mut events: tokio::sync::broadcast::Receiver<Arc<Event>>,
+    token: CancellationToken,
+) {
+    let (mut tx, mut rx) = socket.split();
+    let (msgs_tx, mut msgs) = tokio::sync::mpsc::channel::<Message>(8);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = rx.next().await {
+            let end = matches!(m, Message::Close(_));
+            if msgs_tx.send(m).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
     let mut subs = Subscriptions::default();
     loop {
-        // The branch futures are dropped before a handler runs, so the
-        // handlers may use the socket.
         tokio::select! {
             biased;
             _ = token.cancelled() => {
-                close(&mut socket, 1001, "the daemon is stopping".into()).await;
+                close(&mut tx, 1001, "the daemon is stopping".into()).await;
                 return;
             }
-            msg = socket.recv() => {
+            msg = msgs.recv() => {
                 let reply = match msg {
-                    Some(Ok(Message::Text(t))) => match subs.add(t.as_str()) {
+                    Some(Message::Text(t)) => match subs.add(t.as_str()) {
                         Ok(()) => subs.confirmation(),
                         Err(e) => json!({"error": {"msg": e}}),
                     },
-                    Some(Ok(Message::Binary(_))) => json!({"error": {"msg": "send subscriptions as text frames"}}),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Message::Binary(_)) => json!({"error": {"msg": "send subscriptions as text frames"}}),
+                    Some(Message::Ping(_) | Message::Pong(_)) => continue,
+                    Some(Message::Close(_)) | None => return,
                 };
-                if !send(&mut socket, reply.to_string().into()).await {
+                if !send(&mut tx, reply.to_string().into()).await {
                     return;
                 }
             }
             ev = events.recv() => match ev {
                 Ok(ev) => {
-                    if subs.matches(&ev.topic) && !send(&mut socket, ev.frame.clone()).await {
+                    if subs.matches(&ev.topic) && !send(&mut tx, ev.frame.clone()).await {
                         debug!("a viewer did not take a frame in time; disconnected");
                         return;
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
                     debug!(missed = n, "a viewer fell behind; disconnected");
-                    close(&mut socket, CLOSE_TOO_SLOW, format!("too slow: {n} events missed")).await;
+                    close(&mut tx, CLOSE_TOO_SLOW, format!("too slow: {n} events missed")).await;
                     return;
                 }
                 Err(RecvError::Closed) => return,
@@ -116,13 +134,24 @@ async fn session(mut socket: WebSocket, mut events: tokio::sync::broadcast::Rece
     }
 }
 
+/// Aborts the task when the session ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+
 /// Send one text frame within [`SEND_TIMEOUT`].
-async fn send(socket: &mut WebSocket, text: axum::extract::ws::Utf8Bytes) -> bool {
+async fn send(socket: &mut Sink, text: axum::extract::ws::Utf8Bytes) -> bool {
     matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text))).await, Ok(Ok(())))
 }
 
 /// Close with `code` and `why` (best effort, bounded).
-async fn close(socket: &mut WebSocket, code: u16, why: String) {
+async fn close(socket: &mut Sink, code: u16, why: String) {
     let frame = CloseFrame { code, reason: why.into() };
     let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
 }
