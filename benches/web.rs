@@ -374,6 +374,25 @@ async fn render(d: &Daemon, b: &browser::Browser) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The whole merged view over HTTP, as the page and `busbar components`
+    // read it (the body read in full, not parsed).
+    let mut gets = Vec::new();
+    let mut size = 0;
+    for _ in 0..100 {
+        let t = Instant::now();
+        let body =
+            http.get(format!("{}/api/v1/federation/components", d.api)).send().await.unwrap().bytes().await.unwrap();
+        gets.push(t.elapsed());
+        size = body.len();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gets.sort();
+    println!(
+        "render: GET /api/v1/federation/components with 10,000+ ICs ({:.1} MB), 100 requests: p50 {}, p99 {}",
+        size as f64 / 1e6,
+        ms(pct(&gets, 0.5)),
+        ms(pct(&gets, 0.99))
+    );
     let mut times = Vec::new();
     for _ in 0..5 {
         b.client.goto("about:blank").await.unwrap();

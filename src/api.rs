@@ -115,26 +115,30 @@ async fn federation_components(
 ) -> Result<Response, ApiError> {
     let axum::extract::Query(filter) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let now = tokio::time::Instant::now();
-    let mut dir = s.env.directory.lock().unwrap_or_else(|p| p.into_inner());
-    let body: Vec<u8> = if filter.is_everything() {
+    let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+    if filter.is_everything() {
         // The whole view: one shared snapshot, kept fresh by the feed while
-        // somebody reads it (at most SNAPSHOT_MAX_AGE old).
-        let snap = dir.every_ic(now);
-        drop(dir);
-        return Ok((
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            axum::body::Bytes::from_owner(snap.body),
-        )
-            .into_response());
-    } else {
-        // Rows are written straight out (10,000 of them as values cost 50 ms).
-        #[derive(serde::Serialize)]
-        struct Body<'a> {
-            components: Vec<crate::directory::Row<'a>>,
-        }
-        serde_json::to_vec(&Body { components: dir.rows(&filter, now) }).unwrap_or_default()
-    };
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
+        // somebody reads it (at most SNAPSHOT_MAX_AGE old), under a lock of
+        // its own.
+        let fresh = s.env.whole_view.lock().unwrap_or_else(|p| p.into_inner()).fresh(now);
+        let snap = match fresh {
+            Some(snap) => snap,
+            None => {
+                let snap = s.env.directory.lock().unwrap_or_else(|p| p.into_inner()).whole_view(now);
+                s.env.whole_view.lock().unwrap_or_else(|p| p.into_inner()).store(snap.clone());
+                snap
+            }
+        };
+        return Ok((json, axum::body::Bytes::from_owner(snap.body)).into_response());
+    }
+    // Rows are written straight out (10,000 of them as values cost 50 ms).
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        components: Vec<crate::directory::Row<'a>>,
+    }
+    let dir = s.env.directory.lock().unwrap_or_else(|p| p.into_inner());
+    let body = serde_json::to_vec(&Body { components: dir.rows(&filter, now) }).unwrap_or_default();
+    Ok((json, body).into_response())
 }
 
 /// `?deadline=` of a distributed request (seconds).

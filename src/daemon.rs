@@ -123,6 +123,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         components,
         directory: directory.clone(),
         events: crate::events::Hub::default(),
+        whole_view: Arc::default(),
     });
     let (asker, asks) = crate::directory::Asker::new(directory.clone());
     let feed = crate::directory::Feed {
@@ -132,6 +133,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Err
         heard: env.metrics.directory_statuses.clone(),
         max_body: config.max_body_bytes,
         events: env.events.clone(),
+        whole_view: env.whole_view.clone(),
     };
     env.tracker.spawn(crate::directory::feed(feed, asks, env.shutdown.clone()));
     let gate = config.api_gate(std::path::Path::new("config"))?;

@@ -66,6 +66,8 @@ pub struct Env {
     pub components: Arc<Registry>,
     /// The federation directory (fed by `directory::feed`).
     pub directory: Arc<std::sync::Mutex<crate::directory::Directory>>,
+    /// The shared snapshot of the whole directory (its own lock).
+    pub whole_view: Arc<std::sync::Mutex<crate::directory::WholeView>>,
     /// Statuses and device measures for live viewers (`/api/v1/events`).
     pub events: crate::events::Hub,
 }

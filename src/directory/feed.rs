@@ -36,6 +36,8 @@ pub struct Feed {
     pub max_body: usize,
     /// Every status heard also goes to live viewers.
     pub events: crate::events::Hub,
+    /// The snapshot of the whole view, refreshed on the tick while read.
+    pub whole_view: Arc<Mutex<super::WholeView>>,
 }
 
 /// A distributed request handed to the feed.
@@ -198,11 +200,17 @@ async fn session(
                 }
             }
             _ = check.tick() => {
-                let back = {
+                let (back, generation) = {
                     let mut dir = feed.directory.lock().unwrap_or_else(|p| p.into_inner());
-                    dir.refresh_snapshot(Instant::now());
-                    dir.sites_back(Instant::now())
+                    (dir.sites_back(Instant::now()), dir.generation())
                 };
+                // Rebuilt here, not by a reader: readers take the snapshot
+                // under its own lock and never wait for the build.
+                let now = Instant::now();
+                if feed.whole_view.lock().unwrap_or_else(|p| p.into_inner()).due(now, generation) {
+                    let snap = feed.directory.lock().unwrap_or_else(|p| p.into_inner()).whole_view(now);
+                    feed.whole_view.lock().unwrap_or_else(|p| p.into_inner()).store(snap);
+                }
                 if !back.is_empty() {
                     info!(sites = back.len(), "sites came back; asking everyone to announce");
                     ping_due = true;

@@ -174,10 +174,6 @@ pub struct Directory {
     removed_ghosts: u64,
     /// Bumped by every message that was not ignored.
     generation: u64,
-    /// The whole view as JSON (see [`Directory::every_ic`]).
-    snapshot: Option<Snapshot>,
-    /// When the whole view was last asked for.
-    wanted: Option<Instant>,
 }
 
 /// The whole merged view as the API sends it, built once for every reader
@@ -188,7 +184,49 @@ pub struct Snapshot {
     pub body: std::sync::Arc<[u8]>,
     /// When it was built.
     pub built: Instant,
-    generation: u64,
+    /// The directory's generation it was built from.
+    pub generation: u64,
+}
+
+/// The snapshot of the whole view and who reads it; pure. It has a lock of
+/// its own (`component::Env::whole_view`), so a reader never waits on the
+/// directory's lock while the feed rebuilds it.
+#[derive(Debug, Default)]
+pub struct WholeView {
+    snapshot: Option<Snapshot>,
+    wanted: Option<Instant>,
+}
+
+impl WholeView {
+    /// A reader at `now`: the snapshot if it is at most
+    /// [`SNAPSHOT_MAX_AGE`] old (else the reader builds one and
+    /// [`WholeView::store`]s it).
+    pub fn fresh(&mut self, now: Instant) -> Option<Snapshot> {
+        self.wanted = Some(now);
+        self.snapshot.clone().filter(|s| now.saturating_duration_since(s.built) <= SNAPSHOT_MAX_AGE)
+    }
+
+    /// Whether the feed's tick should rebuild it: somebody read it within
+    /// [`SNAPSHOT_KEEP_WARM`], and the directory changed since or it is
+    /// half its allowed age (so no reader waits for a build). With no
+    /// reader, the snapshot is dropped.
+    pub fn due(&mut self, now: Instant, generation: u64) -> bool {
+        if self.wanted.is_none_or(|w| now.saturating_duration_since(w) > SNAPSHOT_KEEP_WARM) {
+            self.snapshot = None;
+            return false;
+        }
+        match &self.snapshot {
+            None => true,
+            Some(s) => s.generation != generation || now.saturating_duration_since(s.built) >= SNAPSHOT_MAX_AGE / 2,
+        }
+    }
+
+    /// Keep `s` (unless a newer one is kept already).
+    pub fn store(&mut self, s: Snapshot) {
+        if self.snapshot.as_ref().is_none_or(|old| old.built <= s.built) {
+            self.snapshot = Some(s);
+        }
+    }
 }
 
 /// How old a snapshot of the whole view may be when it is served. With
@@ -203,16 +241,7 @@ pub const SNAPSHOT_KEEP_WARM: Duration = Duration::from_secs(10);
 impl Directory {
     /// An empty directory keeping at most `cap` ICs.
     pub fn new(cap: usize) -> Self {
-        Directory {
-            entries: HashMap::new(),
-            roots: HashMap::new(),
-            cap,
-            dropped: 0,
-            removed_ghosts: 0,
-            generation: 0,
-            snapshot: None,
-            wanted: None,
-        }
+        Directory { entries: HashMap::new(), roots: HashMap::new(), cap, dropped: 0, removed_ghosts: 0, generation: 0 }
     }
 
     /// Number of ICs known.
@@ -240,48 +269,19 @@ impl Directory {
         change
     }
 
-    /// The whole merged view (every IC, unfiltered) as JSON: the snapshot
-    /// if it is at most [`SNAPSHOT_MAX_AGE`] old, else a new one. Its rows'
-    /// `age` and `stale` are as of `built`.
-    pub fn every_ic(&mut self, now: Instant) -> Snapshot {
-        self.wanted = Some(now);
-        match &self.snapshot {
-            Some(s) if now.saturating_duration_since(s.built) <= SNAPSHOT_MAX_AGE => s.clone(),
-            _ => self.rebuild(now),
-        }
+    /// Bumped by every message that changed or refreshed something.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
-    /// Keep the snapshot of the whole view fresh while somebody reads it
-    /// (the feed calls this every tick): rebuilt when the directory changed
-    /// or it is half its allowed age, so a reader never waits for a build.
-    /// Returns whether it rebuilt.
-    pub fn refresh_snapshot(&mut self, now: Instant) -> bool {
-        let warm = self.wanted.is_some_and(|w| now.saturating_duration_since(w) <= SNAPSHOT_KEEP_WARM);
-        if !warm {
-            self.snapshot = None;
-            return false;
-        }
-        let due = match &self.snapshot {
-            None => true,
-            Some(s) => {
-                s.generation != self.generation || now.saturating_duration_since(s.built) >= SNAPSHOT_MAX_AGE / 2
-            }
-        };
-        if due {
-            self.rebuild(now);
-        }
-        due
-    }
-
-    fn rebuild(&mut self, now: Instant) -> Snapshot {
+    /// The whole merged view (every IC, unfiltered) as JSON, as of `now`.
+    pub fn whole_view(&self, now: Instant) -> Snapshot {
         #[derive(serde::Serialize)]
         struct Body<'a> {
             components: Vec<Row<'a>>,
         }
         let body = serde_json::to_vec(&Body { components: self.rows(&Filter::default(), now) }).unwrap_or_default();
-        let s = Snapshot { body: body.into(), built: now, generation: self.generation };
-        self.snapshot = Some(s.clone());
-        s
+        Snapshot { body: body.into(), built: now, generation: self.generation }
     }
 
     fn take(&mut self, body: &[u8], now: Instant, wall: SystemTime) -> Change {

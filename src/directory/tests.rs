@@ -230,27 +230,36 @@ fn clock_offset_is_the_smallest_delay_seen_with_the_sign_of_the_peer_clock() {
 #[test]
 fn the_whole_view_is_one_shared_snapshot_kept_fresh_while_read() {
     let mut dir = Directory::new(100);
+    let mut view = WholeView::default();
     let (t0, wall) = (Instant::now(), SystemTime::now());
     let a = Uuid::new_v4();
     dir.observe(&status(a, "simulator", "idle", None), t0, wall);
     let rows = |s: &Snapshot| serde_json::from_slice::<Value>(&s.body).unwrap()["components"].clone();
-    let first = dir.every_ic(t0);
+    // A first reader builds it.
+    assert!(view.fresh(t0).is_none());
+    view.store(dir.whole_view(t0));
+    let first = view.fresh(t0).unwrap();
     assert_eq!(rows(&first)[0]["state"], "idle");
     // Within the age, readers share it, even after a change…
     dir.observe(&status(a, "simulator", "running", None), t0, wall);
-    let again = dir.every_ic(t0 + Duration::from_millis(100));
+    let again = view.fresh(t0 + Duration::from_millis(100)).unwrap();
     assert!(std::sync::Arc::ptr_eq(&first.body, &again.body), "one build for every reader");
     // …which the feed's next tick builds in, so no reader waits for it.
-    assert!(dir.refresh_snapshot(t0 + Duration::from_millis(150)));
-    assert_eq!(rows(&dir.every_ic(t0 + Duration::from_millis(200)))[0]["state"], "running");
-    assert!(!dir.refresh_snapshot(t0 + Duration::from_millis(210)), "nothing changed, still young");
-    assert!(dir.refresh_snapshot(t0 + Duration::from_millis(200) + SNAPSHOT_MAX_AGE / 2), "refreshed at half its age");
-    // Past its age, a reader gets a new one.
-    let late = t0 + Duration::from_secs(2);
-    assert_eq!(dir.every_ic(late).built, late);
+    let tick = t0 + Duration::from_millis(150);
+    assert!(view.due(tick, dir.generation()));
+    view.store(dir.whole_view(tick));
+    assert_eq!(rows(&view.fresh(t0 + Duration::from_millis(200)).unwrap())[0]["state"], "running");
+    assert!(!view.due(t0 + Duration::from_millis(210), dir.generation()), "nothing changed, still young");
+    assert!(view.due(tick + SNAPSHOT_MAX_AGE / 2, dir.generation()), "refreshed at half its age");
+    // Past its age, a reader gets none and builds.
+    assert!(view.fresh(t0 + Duration::from_secs(2)).is_none());
+    // An older build does not replace a newer one.
+    view.store(dir.whole_view(t0 + Duration::from_secs(2)));
+    view.store(dir.whole_view(t0));
+    assert_eq!(view.fresh(t0 + Duration::from_secs(2)).unwrap().built, t0 + Duration::from_secs(2));
     // Nobody reading: nothing is kept or built.
-    assert!(!dir.refresh_snapshot(late + SNAPSHOT_KEEP_WARM + Duration::from_secs(1)));
-    assert!(dir.snapshot.is_none());
+    assert!(!view.due(t0 + Duration::from_secs(2) + SNAPSHOT_KEEP_WARM + Duration::from_secs(1), dir.generation()));
+    assert!(view.snapshot.is_none());
     assert!(Filter::default().is_everything());
     assert!(!Filter { stale: Some(true), ..Default::default() }.is_everything());
 }
