@@ -443,6 +443,9 @@ async fn cycles(s: &Sites) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // The allocator as the daemon's `main` tunes it (the directory part
+    // measures resident memory in this process).
+    busbar::daemon::tune_allocator();
     busbar::telemetry::init("warn,lapin=off", false);
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wants = |name: &str| args.is_empty() || args.iter().any(|a| a == name);

@@ -129,7 +129,7 @@ async fn federation_components(
                 snap
             }
         };
-        return Ok((json, axum::body::Bytes::from_owner(snap.body)).into_response());
+        return Ok((json, snap.body).into_response());
     }
     // Rows are written straight out (10,000 of them as values cost 50 ms).
     #[derive(serde::Serialize)]

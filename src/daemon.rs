@@ -62,6 +62,27 @@ impl Running {
     }
 }
 
+/// Tune glibc's allocator for a long-running daemon; call first thing in
+/// `main`, before other threads exist.
+///
+/// - glibc gives every thread its own malloc arena; a daemon this size
+///   needs two, and each spare arena costs resident memory for nothing.
+/// - Buffers of 1 MiB and more (the directory's whole-view snapshot is
+///   ≈2.5 MB with 10,000 ICs, rebuilt up to 4 times a second while read)
+///   are mapped and unmapped, so their memory goes back to the system.
+///   glibc would otherwise raise its mapping threshold after the first
+///   free and keep such buffers in the heap, where they stayed resident
+///   (≈15 MiB in the directory benchmark instead of ≈2.5).
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; it is called before
+    // other threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// What a daemon can be given besides its configuration (embedding, tests).
 #[derive(Default)]
 pub struct Options {

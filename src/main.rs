@@ -911,12 +911,7 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    // glibc gives every thread its own malloc arena; a daemon this size needs
-    // two, and each spare arena costs resident memory for nothing.
-    // SAFETY: called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
+    busbar::daemon::tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

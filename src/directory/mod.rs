@@ -180,8 +180,8 @@ pub struct Directory {
 /// until it is [`SNAPSHOT_MAX_AGE`] old.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// `{"components": [rows…]}`.
-    pub body: std::sync::Arc<[u8]>,
+    /// `{"components": [rows…]}` (shared, never copied).
+    pub body: bytes::Bytes,
     /// When it was built.
     pub built: Instant,
     /// The directory's generation it was built from.
@@ -280,7 +280,10 @@ impl Directory {
         struct Body<'a> {
             components: Vec<Row<'a>>,
         }
-        let body = serde_json::to_vec(&Body { components: self.rows(&Filter::default(), now) }).unwrap_or_default();
+        // Sized up front (≈250 bytes a row), so writing 2.5 MB does not
+        // grow the buffer by doubling and copying.
+        let mut body = Vec::with_capacity(64 + self.entries.len() * 256);
+        let _ = serde_json::to_writer(&mut body, &Body { components: self.rows(&Filter::default(), now) });
         Snapshot { body: body.into(), built: now, generation: self.generation }
     }
 

@@ -243,7 +243,7 @@ fn the_whole_view_is_one_shared_snapshot_kept_fresh_while_read() {
     // Within the age, readers share it, even after a change…
     dir.observe(&status(a, "simulator", "running", None), t0, wall);
     let again = view.fresh(t0 + Duration::from_millis(100)).unwrap();
-    assert!(std::sync::Arc::ptr_eq(&first.body, &again.body), "one build for every reader");
+    assert_eq!(first.body.as_ptr(), again.body.as_ptr(), "one build for every reader");
     // …which the feed's next tick builds in, so no reader waits for it.
     let tick = t0 + Duration::from_millis(150);
     assert!(view.due(tick, dir.generation()));
