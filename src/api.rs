@@ -42,7 +42,6 @@ pub fn app(shared: Arc<Shared>) -> Router {
     let viewer = Router::new()
         .route("/api/v1", get(index))
         .route("/api/v1/", get(index))
-        .route("/api/v1/health", get(health))
         .route("/api/v1/component/{uuid}", get(component_status))
         .route("/api/v1/federation", get(federation))
         .route("/api/v1/federation/components", get(federation_components))
@@ -60,6 +59,7 @@ pub fn app(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(crate::web::page))
         .route("/index.html", get(crate::web::page))
+        .route("/api/v1/health", get(health))
         .merge(viewer)
         .merge(operator)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "Not found".into()) })
@@ -233,9 +233,19 @@ async fn problems(s: &Shared) -> Vec<Value> {
     out
 }
 
-async fn health(State(s): State<Arc<Shared>>, query: axum::extract::RawQuery) -> Response {
+/// `GET /api/v1/health`: open, so a kubelet's probe needs no token; it
+/// says only ok or the first problem. `?verbose` (which names components)
+/// needs the viewer role like the rest of the API.
+async fn health(
+    State(s): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    query: axum::extract::RawQuery,
+) -> Response {
     // `?verbose` (any value, repeated or not) lists every problem.
     let verbose = query.0.is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("verbose")));
+    if verbose && let Err(e) = s.gate.check(&headers, None) {
+        return s.gate.refuse(&e);
+    }
     let problems = problems(&s).await;
     let code = if problems.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let mut body = match problems.first() {

@@ -100,7 +100,7 @@ impl Daemon {
 
 /// A request of one case.
 enum Req {
-    /// `GET /api/v1/health` with this Authorization header value.
+    /// `GET /api/v1` with this Authorization header value.
     Get(Option<String>),
     /// `POST` a start to the dummy with this bearer token.
     Act(String),
@@ -223,13 +223,14 @@ async fn every_bad_token_is_refused_without_detail_and_never_logged() {
         ),
         ("Basic scheme", Req::Get(Some("Basic dXNlcjpwYXNz".into())), 401),
         ("empty bearer", Req::Get(Some("Bearer ".into())), 401),
-        ("token in the query string", Req::Query(format!("access_token={operator}")), 401),
+        ("token in the query string", Req::Query(format!("verbose&access_token={operator}")), 401),
+        ("verbose health without a token", Req::Query("verbose".into()), 401),
         ("valid token, no role", Req::Get(b(&rs(&json!({"aud": "lab1", "exp": now() + 600})))), 403),
         ("valid token, unknown role", Req::Get(b(&rs(&claims("admin")))), 403),
         ("viewer acting", Req::Act(viewer.clone()), 403),
         ("used ticket", Req::Ws(format!("ticket={used}")), 401),
         ("unknown ticket", Req::Ws(format!("ticket={}", "0".repeat(64))), 401),
-        ("ticket on a plain request", Req::Query(format!("ticket={plain_ticket}")), 401),
+        ("ticket on a plain request", Req::Query(format!("verbose&ticket={plain_ticket}")), 401),
         ("WebSocket without credentials", Req::Ws(String::new()), 401),
     ];
     assert!(cases.len() >= 25, "at least 25 named cases");
@@ -237,7 +238,7 @@ async fn every_bad_token_is_refused_without_detail_and_never_logged() {
     for (name, req, want) in &cases {
         let (status, body) = match req {
             Req::Get(h) => {
-                let mut rb = http.get(format!("{}/api/v1/health", d.api));
+                let mut rb = http.get(format!("{}/api/v1", d.api));
                 if let Some(h) = h {
                     rb = rb.header("Authorization", h);
                     secrets.push(h.trim_start_matches("Bearer ").to_owned());
@@ -303,6 +304,11 @@ async fn every_bad_token_is_refused_without_detail_and_never_logged() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "an operator acts");
+    let r = http.get(format!("{}/api/v1/health", d.api)).send().await.unwrap();
+    assert_eq!(r.status(), 200, "probes need no token");
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "ok"}), "and learn nothing but ok");
+    let r = http.get(format!("{}/api/v1/health?verbose", d.api)).bearer_auth(&viewer).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a viewer reads the details");
     let r = http.get(format!("{}/", d.api)).send().await.unwrap();
     assert_eq!(r.status(), 200, "the page itself holds no data and needs no token");
     assert!(r.text().await.unwrap().contains("<title>busbar</title>"));
