@@ -64,10 +64,16 @@ pub async fn events(
     };
     let hub = s.env.events.clone();
     let token = s.env.shutdown.clone();
-    ws.max_message_size(64 * 1024).max_frame_size(64 * 1024).max_write_buffer_size(1 << 20).on_upgrade(move |socket| {
-        let rx = hub.subscribe();
-        session(socket, rx, token)
-    })
+    // Subscriptions are small; tungstenite zeroes its read buffer on each
+    // read, and 4 KiB still grows for a larger message.
+    ws.read_buffer_size(4 * 1024)
+        .max_message_size(64 * 1024)
+        .max_frame_size(64 * 1024)
+        .max_write_buffer_size(1 << 20)
+        .on_upgrade(move |socket| {
+            let rx = hub.subscribe();
+            session(socket, rx, token)
+        })
 }
 
 /// One viewer: subscriptions in, matching events out, until it closes,
