@@ -22,30 +22,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 mod common;
-use common::{free_port, ms, pct};
+use common::{cpu_of, free_port, ms, pct, pid_of};
 
 #[path = "../tests/common/browser.rs"]
 #[allow(dead_code)]
 mod browser;
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-/// User + system CPU seconds of process `pid`.
-fn cpu_of(pid: &str) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    let Some((_, rest)) = s.rsplit_once(')') else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11..13].iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum();
-    ticks as f64 / 100.0
-}
-
-fn pid_of(comm: &str) -> Option<String> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let name = e.file_name().into_string().ok()?;
-        name.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
-        (std::fs::read_to_string(e.path().join("comm")).ok()?.trim() == comm).then_some(name)
-    })
-}
 
 fn now_ms() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64() * 1e3

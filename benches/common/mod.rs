@@ -32,6 +32,26 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// User + system CPU seconds of process `pid`; for "self", this process
+/// and its waited-for children (`wrk`).
+pub fn cpu_of(pid: &str) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some((_, rest)) = s.rsplit_once(')') else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let fields = if pid == "self" { 11..15 } else { 11..13 };
+    let ticks: u64 = f[fields].iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum();
+    ticks as f64 / 100.0
+}
+
+/// The pid of the first process whose command name is `comm`.
+pub fn pid_of(comm: &str) -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        name.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+        (std::fs::read_to_string(e.path().join("comm")).ok()?.trim() == comm).then_some(name)
+    })
+}
+
 /// Start the release daemon on config `cfg`, its log (at `level`) to
 /// `log` or nowhere.
 pub fn spawn_daemon(cfg: &Path, level: &str, log: Option<&Path>) -> Child {

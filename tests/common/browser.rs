@@ -1,7 +1,7 @@
 //! Headless Chromium driven over WebDriver (Debian's `chromium` and
 //! `chromium-driver`, installed by `scripts/chromium`) with fantoccini.
 
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, ClientBuilder};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -66,9 +66,15 @@ impl Browser {
         }
     }
 
-    /// Click the element `css`.
+    /// Click the element `css`, in the page in one step: the page
+    /// re-renders its rows on every event, so an element found by WebDriver
+    /// may be replaced before a WebDriver click reaches it (stale).
     pub async fn click(&self, css: &str) {
-        self.client.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}")).click().await.unwrap();
+        let js = format!(
+            "const e = document.querySelector({}); if (!e) return false; e.click(); return true;",
+            serde_json::to_string(css).unwrap()
+        );
+        self.until(&format!("{css} to click"), Duration::from_secs(10), &js).await;
     }
 
     /// Save a screenshot as `path`.
