@@ -286,12 +286,27 @@ async fn device_status(s: &Shared, uuid: &str) -> Option<Value> {
     None
 }
 
+/// `POST /api/v1/component/{uuid}`: act on a component of this daemon and
+/// answer with its status; a component of another site (known to the
+/// directory) gets the action over the federated exchange, answered 202:
+/// its status arrives on the event stream and in the directory.
 async fn component_action(
     State(s): State<Arc<Shared>>,
     Path(uuid): Path<String>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let h = find(&s, &uuid)?;
+) -> Result<Response, ApiError> {
+    let local = find(&s, &uuid);
+    let remote = match &local {
+        Ok(_) => None,
+        Err(_) => {
+            Uuid::parse_str(&uuid).ok().filter(|u| s.env.directory.lock().unwrap_or_else(|p| p.into_inner()).knows(u))
+        }
+    };
+    let h = match (local, remote) {
+        (Ok(h), _) => Some(h),
+        (Err(_), Some(_)) => None,
+        (Err(e), None) => return Err(e),
+    };
     let body = body.map_err(|r| ApiError(r.status(), r.body_text()))?;
     let decoded = protocol::decode(
         Some(protocol::CONTENT_TYPE),
@@ -310,7 +325,20 @@ async fn component_action(
             return Err(ApiError(StatusCode::BAD_REQUEST, r.to_string()));
         }
     };
-    h.act(req).await.map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
+    let Some(h) = h else {
+        // Checked above, sent as it came: the remote daemon decodes it again.
+        let target = remote.unwrap_or_default();
+        let headers = protocol::Filter { uuid: Some(target.to_string()), ..Default::default() }.action_headers();
+        if !s.env.bus.publish_status_with(headers, &body, None).await {
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "The broker is not connected; try again".into()));
+        }
+        let _ = req;
+        return Ok((StatusCode::ACCEPTED, Json(json!({"sent": true, "uuid": target}))).into_response());
+    };
+    h.act(req)
+        .await
+        .map(|v| Json(v).into_response())
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {

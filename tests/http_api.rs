@@ -226,3 +226,41 @@ async fn a_distributed_request_returns_by_its_deadline_without_a_broker() {
     assert_eq!(v["answers"], json!([]), "{v}");
     d.stop().await.expect("clean shutdown");
 }
+
+/// An action to a component of another site (known to the directory, not
+/// run here) goes out on the exchange to its uuid, answered 202; one to a
+/// uuid nobody knows is 404, and a malformed one 400 before anything is
+/// sent.
+#[tokio::test]
+async fn an_action_to_a_remote_component_goes_out_on_the_exchange() {
+    let env = TestEnv::new();
+    let (d, c, mut l) = env.up(&env.config_yaml()).await;
+    let base = format!("http://{}", d.api_addr.unwrap());
+    let http = reqwest::Client::new();
+    // A component of "another site": its status on the exchange.
+    let remote = Uuid::new_v4();
+    let status = json!({"status": {"state": "idle"},
+        "properties": {"uuid": remote, "name": "far", "category": "simulator", "type": "dummy", "realm": env.realm}});
+    c.publish(to_uuid(remote), &status, None).await.unwrap();
+    eventually(WAIT, "the directory knows it", async || {
+        let v: Value =
+            http.get(format!("{base}/api/v1/federation/components?type=dummy")).send().await.ok()?.json().await.ok()?;
+        v["components"].as_array()?.iter().any(|r| r["uuid"] == json!(remote)).then_some(())
+    })
+    .await;
+    let post = async |u: Uuid, body: &str| {
+        let r = http.post(format!("{base}/api/v1/component/{u}")).body(body.to_owned()).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(post(remote, "not json").await.0, 400, "checked before it is sent");
+    let (code, body) = post(remote, "{\"action\": \"start\", \"parameters\": {\"runtime\": 0.1}}").await;
+    assert_eq!((code, body), (202, json!({"sent": true, "uuid": remote})));
+    let seen = eventually(WAIT, "the action on the exchange", async || {
+        let s = l.next_until(tokio::time::Instant::now() + std::time::Duration::from_millis(200)).await?;
+        (s.headers["uuid"] == json!(remote.to_string()) && s.payload["action"] == "start").then_some(s)
+    })
+    .await;
+    assert_eq!(seen.payload["parameters"]["runtime"], 0.1);
+    assert_eq!(post(Uuid::new_v4(), "{\"action\": \"start\"}").await.0, 404, "nobody knows it");
+    d.stop().await.unwrap();
+}

@@ -269,6 +269,11 @@ impl Directory {
         change
     }
 
+    /// Whether `uuid` is an IC this directory knows (of any site).
+    pub fn knows(&self, uuid: &Uuid) -> bool {
+        self.entries.contains_key(uuid)
+    }
+
     /// Bumped by every message that changed or refreshed something.
     pub fn generation(&self) -> u64 {
         self.generation
