@@ -135,6 +135,12 @@ async fn the_status_page_is_live_and_honours_roles() {
     b.client.execute("sessionStorage.clear(); return 1;", vec![]).await.unwrap();
     sign_in(&b, &base, "viewer").await;
     b.until("the dummy", WAIT, &row_state(dummy)).await;
+    b.until(
+        "the device's last value right after loading",
+        WAIT,
+        &format!("const r = document.querySelector('tr.ic[data-uuid=\"{device}\"] td.values'); return r && r.textContent.includes('42.5');"),
+    )
+    .await;
     b.click(&format!("tr.ic[data-uuid=\"{dummy}\"]")).await;
     b.until("the detail", WAIT, &format!("return document.querySelector('#detail').textContent.includes('{dummy}');"))
         .await;
