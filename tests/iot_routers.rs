@@ -149,3 +149,41 @@ async fn ready_metrics_negotiation_and_processing_time_answer_as_iotagent_json()
         assert!(ms.is_some(), "{path}: X-Processing-Time in milliseconds");
     }
 }
+
+/// `POST /v2/op/query` (the Context Broker asking for lazy attributes)
+/// gets iotagent-node-lib's default answer: each asked attribute with an
+/// empty value of its declared type; an unknown entity is 404, a malformed
+/// query 400.
+#[tokio::test]
+async fn op_query_answers_as_the_default_query_handler() {
+    let a = Agent::new();
+    let group = json!({"groups": [{"resource": "/iot/json", "apikey": "k", "entity_type": "Meter",
+        "lazy": [{"name": "serial", "type": "Text"}]}]});
+    assert_eq!(a.north("POST", "/iot/groups", Some(LAB), Some(group)).await.0, 201);
+    let dev = json!({"devices": [{"device_id": "m1", "entity_name": "urn:m1", "apikey": "k",
+        "lazy": [{"name": "load", "type": "Number"}],
+        "attributes": [{"object_id": "p", "name": "power", "type": "Number"}]}]});
+    assert_eq!(a.north("POST", "/iot/devices", Some(LAB), Some(dev)).await.0, 201);
+    let q = json!({"entities": [{"id": "urn:m1", "type": "Meter"}], "attrs": ["load", "power", "other"]});
+    let (code, body) = a.north("POST", "/v2/op/query", Some(LAB), Some(q)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body,
+        json!([{"id": "urn:m1", "type": "Meter", "load": {"type": "Number", "value": ""},
+            "power": {"type": "Number", "value": ""}, "other": {"type": "Text", "value": ""}}])
+    );
+    let (_, body) = a.north("POST", "/v2/op/query", Some(LAB), Some(json!({"entities": [{"id": "urn:m1"}]}))).await;
+    assert_eq!(
+        body,
+        json!([{"id": "urn:m1", "type": "Meter", "load": {"type": "Number", "value": ""}, "serial": {"type": "Text", "value": ""}}]),
+        "no attrs: every lazy one, the device's and its group's"
+    );
+    let (code, body) =
+        a.north("POST", "/v2/op/query", Some(LAB), Some(json!({"entities": [{"id": "urn:nope"}]}))).await;
+    assert_eq!((code, body["name"].as_str()), (404, Some("DEVICE_NOT_FOUND")));
+    let (code, body) =
+        a.north("POST", "/v2/op/query", Some(("other", "/")), Some(json!({"entities": [{"id": "urn:m1"}]}))).await;
+    assert_eq!((code, body["name"].as_str()), (404, Some("DEVICE_NOT_FOUND")), "another tenant's device is not found");
+    let (code, body) = a.north("POST", "/v2/op/query", Some(LAB), Some(json!({"attrs": 3}))).await;
+    assert_eq!((code, body["name"].as_str()), (400, Some("WRONG_SYNTAX")));
+}

@@ -124,6 +124,50 @@ pub fn request(
     })
 }
 
+/// The answer to the Context Broker's `POST /v2/op/query` for one entity
+/// (`id`, `type`) of `device`: each asked attribute (none asked: every lazy
+/// one) with an empty value of its declared type, as iotagent-node-lib's
+/// default query handler answers (iotagent-json implements no lazy
+/// attributes). A type is the one the device's or group's `lazy` list
+/// declares, else the one its `attributes` declare, else `Text`.
+pub fn query_answer(id: &str, entity_type: &str, device: &Device, group: Option<&Group>, asked: &[String]) -> Value {
+    let declared = |list: &str| -> Vec<(String, String)> {
+        let from = |extra: &Map<String, Value>| -> Vec<(String, String)> {
+            extra
+                .get(list)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| {
+                            let name = v.get("name").and_then(Value::as_str)?;
+                            let kind = v.get("type").and_then(Value::as_str).unwrap_or("Text");
+                            Some((name.to_owned(), kind.to_owned()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut out = from(&device.extra);
+        if let Some(g) = group {
+            out.extend(from(&g.extra));
+        }
+        out
+    };
+    let lazy = declared("lazy");
+    let active: Vec<(String, String)> =
+        device.mapping.attributes.iter().map(|a| (a.name.clone(), a.kind.clone())).collect();
+    let names: Vec<String> =
+        if asked.is_empty() { lazy.iter().map(|(n, _)| n.clone()).collect() } else { asked.to_vec() };
+    let mut entity = Map::new();
+    entity.insert("id".into(), id.into());
+    entity.insert("type".into(), entity_type.into());
+    for n in names {
+        let kind = lazy.iter().chain(active.iter()).find(|(name, _)| *name == n).map_or("Text", |(_, k)| k.as_str());
+        entity.insert(n, json!({"type": kind, "value": ""}));
+    }
+    Value::Object(entity)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::mapping::map_measures;

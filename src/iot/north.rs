@@ -37,6 +37,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/iot/devices", get(list_devices).post(create_devices))
         .route("/iot/devices/{id}", get(get_device).put(update_device).delete(delete_device))
         .route("/iot/op/delete", post(op_delete))
+        .route("/v2/op/query", post(op_query))
         .route("/iot/about", get(about))
         .route("/version", get(about))
         .route("/admin/log", get(get_log).put(put_log))
@@ -188,6 +189,45 @@ async fn create_devices(State(core): Shared, h: HeaderMap, body: Body) -> Result
 
 async fn list_devices(State(core): Shared, h: HeaderMap, q: Params) -> Result<Response, ApiError> {
     page(core.registry.list_devices(&tenant(&core, &h)?), &q, "devices")
+}
+
+/// `POST /v2/op/query`, the Context Broker asking its Context Provider for
+/// lazy attributes: `{"entities": [{"id", "type"?}], "attrs": [...]}`. Each
+/// entity must be a device of the tenant (by entity name, and type if
+/// given); the answer is iotagent-node-lib's default, an array of entities
+/// whose asked attributes have an empty value (`super::ngsi::query_answer`).
+async fn op_query(State(core): Shared, h: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct EntityRef {
+        id: String,
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Query {
+        entities: Vec<EntityRef>,
+        #[serde(default)]
+        attrs: Vec<String>,
+    }
+    let tenant = exact(tenant(&core, &h)?)?;
+    let q: Query = serde_json::from_value(json_body(&h, body)?)
+        .map_err(|e| ApiError::syntax(format!("expected {{\"entities\": [{{\"id\": …}}], \"attrs\": […]}}: {e}")))?;
+    let devices = core.registry.resolved();
+    let mut out = Vec::with_capacity(q.entities.len());
+    for e in &q.entities {
+        let found = devices.iter().find(|r| {
+            let group = r.group.as_deref();
+            let d = &r.record.device;
+            r.record.tenant == tenant
+                && d.entity_name(group) == e.id
+                && e.kind.as_deref().is_none_or(|k| k == d.entity_type(group))
+        });
+        let Some(r) = found else { return Err(ApiError::device_not_found(&e.id)) };
+        let group = r.group.as_deref();
+        let d = &r.record.device;
+        out.push(super::ngsi::query_answer(&e.id, d.entity_type(group), d, group, &q.attrs));
+    }
+    Ok(axum::Json(out).into_response())
 }
 
 async fn get_device(State(core): Shared, h: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
