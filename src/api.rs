@@ -302,12 +302,15 @@ async fn component_action(
             Uuid::parse_str(&uuid).ok().filter(|u| s.env.directory.lock().unwrap_or_else(|p| p.into_inner()).knows(u))
         }
     };
+    let body = body.map_err(|r| ApiError(r.status(), r.body_text()))?;
     let h = match (local, remote) {
         (Ok(h), _) => Some(h),
-        (Err(_), Some(_)) => None,
-        (Err(e), None) => return Err(e),
+        (Err(e), remote) => match device_action(&s, &uuid, &body).await {
+            Some(answer) => return answer,
+            None if remote.is_some() => None,
+            None => return Err(e),
+        },
     };
-    let body = body.map_err(|r| ApiError(r.status(), r.body_text()))?;
     let decoded = protocol::decode(
         Some(protocol::CONTENT_TYPE),
         &body,
@@ -339,6 +342,35 @@ async fn component_action(
         .await
         .map(|v| Json(v).into_response())
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
+}
+
+/// An action for a device of one of this daemon's gateways (`ping`,
+/// `command`); `None`: no gateway here has that device.
+async fn device_action(s: &Shared, uuid: &str, body: &[u8]) -> Option<Result<Response, ApiError>> {
+    let uuid = Uuid::parse_str(uuid).ok()?;
+    for gateway in s.env.components.handles().into_iter().filter(|h| h.keys.category == "gateway") {
+        let Some(core) = gateway.devices().await else { continue };
+        if core.registry.device_by_uuid(uuid).is_none() {
+            continue;
+        }
+        let decoded = protocol::decode(
+            Some(protocol::CONTENT_TYPE),
+            body,
+            s.config.max_body_bytes,
+            ReplyTo::default(),
+            SystemTime::now(),
+        );
+        let req = match decoded {
+            Ok(Some(req)) => req,
+            Ok(None) => return Some(Err(ApiError(StatusCode::BAD_REQUEST, "Missing action".into()))),
+            Err(r) => return Some(Err(ApiError(StatusCode::BAD_REQUEST, r.to_string()))),
+        };
+        return Some(match crate::iot::devices::act(&core, uuid, &req, &s.env.info).await? {
+            Ok(status) => Ok(Json(status).into_response()),
+            Err(msg) => Err(ApiError(StatusCode::BAD_REQUEST, msg)),
+        });
+    }
+    None
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {

@@ -306,6 +306,33 @@ enum Cmd {
     },
     /// Print the manual page (roff; `busbar man | man -l -`).
     Man,
+    /// Send a command to a device (an `equipment` IC of an IoT gateway),
+    /// as the Context Broker would: `busbar command -u UUID switch on`.
+    Command {
+        #[command(flatten)]
+        conn: Conn,
+        /// The device's uuid.
+        #[arg(short = 'u', long)]
+        uuid: String,
+        /// The command's name (one the device declares).
+        name: String,
+        /// Its value: JSON if it parses (`42`, `{"p": 5}`), else text.
+        value: Option<String>,
+        /// Seconds the command may wait for the device (default: the
+        /// device's, its group's, or the gateway's).
+        #[arg(long, value_parser = seconds)]
+        expiration: Option<Duration>,
+        /// Wait for the device's result (exit 0 for OK, 1 for ERROR or
+        /// EXPIRED).
+        #[arg(long)]
+        wait: bool,
+        /// Print the command as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Give up waiting after this many seconds (exit 2).
+        #[arg(long, default_value = "30", value_parser = seconds)]
+        timeout: Duration,
+    },
     /// Delete a component through its manager.
     Delete {
         #[command(flatten)]
@@ -878,6 +905,48 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             client.close().await;
             return Ok(code);
+        }
+        Cmd::Command { conn, uuid, name, value, expiration, wait, json, timeout } => {
+            let value = value.map_or(Value::Null, |v| serde_json::from_str(&v).unwrap_or(Value::String(v)));
+            let mut p = serde_json::json!({"name": name, "value": value});
+            if let Some(e) = expiration {
+                p["expiration"] = e.as_secs_f64().into();
+            }
+            let client = conn.connect().await?;
+            let answer = client.command(&uuid, p, wait, timeout).await;
+            client.close().await;
+            return Ok(match answer {
+                Ok(status) => match status.pointer("/status/command") {
+                    Some(cmd) => {
+                        let state = cmd["state"].as_str().unwrap_or("?");
+                        if json {
+                            println!("{cmd}");
+                        } else {
+                            let info =
+                                cmd.get("info").filter(|i| !i.is_null()).map(|i| format!(" {i}")).unwrap_or_default();
+                            println!("{state}{info}  {}", cmd["id"].as_str().unwrap_or_default());
+                        }
+                        if matches!(state, "ERROR" | "EXPIRED") {
+                            ExitCode::from(exit::TARGET_ERROR)
+                        } else {
+                            ExitCode::SUCCESS
+                        }
+                    }
+                    None => {
+                        eprintln!("error: {}", error_msg(&status));
+                        ExitCode::from(exit::TARGET_ERROR)
+                    }
+                },
+                Err(busbar::Error::Timeout(t)) => {
+                    eprintln!("timed out after {t:?} (the command was taken; see GET /iot/commands)");
+                    ExitCode::from(exit::TIMEOUT)
+                }
+                Err(e @ busbar::Error::NoAnswer(_)) => {
+                    eprintln!("{e}");
+                    ExitCode::from(exit::NO_ANSWER)
+                }
+                Err(e) => return Err(e.into()),
+            });
         }
         Cmd::Delete { conn, manager, uuid, timeout } => {
             let follow = uuid::Uuid::try_parse(&uuid).unwrap_or_default();

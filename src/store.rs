@@ -121,7 +121,15 @@ impl Store {
                 gateway TEXT NOT NULL,
                 request TEXT NOT NULL
              );
-             CREATE INDEX IF NOT EXISTS ngsi_queue_gateway ON ngsi_queue (gateway, id);",
+             CREATE INDEX IF NOT EXISTS ngsi_queue_gateway ON ngsi_queue (gateway, id);
+             -- Each IoT gateway's command ledger: a command is stored
+             -- before it is acknowledged, and each change before it is told.
+             CREATE TABLE IF NOT EXISTS iot_commands (
+                id TEXT PRIMARY KEY,
+                gateway TEXT NOT NULL,
+                body TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS iot_commands_gateway ON iot_commands (gateway);",
         )?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
@@ -316,6 +324,41 @@ impl Store {
             Ok(n as u64)
         })
         .await
+    }
+
+    /// Store command `id` of `gateway` (its JSON), replacing what was.
+    pub async fn command_put(&self, gateway: Uuid, id: Uuid, body: String) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            conn.prepare_cached("INSERT OR REPLACE INTO iot_commands (id, gateway, body) VALUES (?1, ?2, ?3)")?
+                .execute(params![id.to_string(), gateway.to_string(), body])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Forget commands.
+    pub async fn commands_delete(&self, ids: Vec<Uuid>) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            {
+                let mut del = tx.prepare_cached("DELETE FROM iot_commands WHERE id = ?1")?;
+                for id in ids {
+                    del.execute([id.to_string()])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every stored command of `gateway` (JSON).
+    pub fn commands_load(&self, gateway: Uuid) -> Result<Vec<String>, StoreError> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare("SELECT body FROM iot_commands WHERE gateway = ?1")?;
+            let rows = stmt.query_map([gateway.to_string()], |r| r.get(0))?;
+            rows.collect::<Result<Vec<String>, _>>().map_err(Into::into)
+        })
     }
 
     /// The uuid stored under `key`, generating and storing a v4 on first use.

@@ -376,6 +376,44 @@ impl Client {
         }
     }
 
+    /// Send a `command` action to device `uuid` (`{"name", "value",
+    /// "expiration"?}`) and return the device's answer: the status with
+    /// `status.command` (`PENDING`), or with `wait` the one that finished
+    /// it (`OK`, `ERROR`, `EXPIRED`). A refused command comes back as a
+    /// status with `status.error` and no `command`.
+    pub async fn command(&self, uuid: &str, parameters: Value, wait: bool, timeout: Duration) -> Result<Value> {
+        let target = uuid::Uuid::try_parse(uuid).map_err(|e| Error::Usage(format!("invalid uuid {uuid:?}: {e}")))?;
+        let mut only = FieldTable::default();
+        only.insert("x-match".into(), AMQPValue::LongString(LongString::from("all")));
+        only.insert("uuid".into(), AMQPValue::LongString(LongString::from(uuid)));
+        let mut l = self.listen(only).await?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let filter = Filter { uuid: Some(uuid.to_owned()), ..Default::default() };
+        let body = json!({"action": "command", "parameters": parameters});
+        self.publish(filter.action_headers(), &body, Some((&l.queue, &id))).await?;
+        let end = Instant::now() + timeout;
+        let mut ours: Option<String> = None;
+        while let Some(seen) = l.next_until(end).await {
+            if !seen.is_status() || seen.correlation_id.as_deref() != Some(id.as_str()) {
+                continue;
+            }
+            let cmd = seen.payload.pointer("/status/command");
+            let Some(cmd) = cmd else {
+                // Refused: the status says why.
+                return Ok(seen.payload);
+            };
+            let cmd_id = cmd["id"].as_str().map(str::to_owned);
+            if ours.is_none() {
+                ours = cmd_id.clone();
+            }
+            let finished = matches!(cmd["state"].as_str(), Some("OK" | "ERROR" | "EXPIRED"));
+            if cmd_id == ours && (!wait || finished) {
+                return Ok(seen.payload);
+            }
+        }
+        Err(if ours.is_some() { Error::Timeout(timeout) } else { Error::NoAnswer(target) })
+    }
+
     /// Close the connection (the private queues go with it).
     pub async fn close(self) {
         let _ = self.conn.close(200, "bye".into()).await;

@@ -70,6 +70,8 @@ pub(crate) enum Command {
     Status(oneshot::Sender<Value>),
     /// Return the status of a component it speaks for (a device).
     Member(Box<(Uuid, oneshot::Sender<Option<Value>>)>),
+    /// Return the IoT agent it runs, if it is a gateway that does.
+    Devices(oneshot::Sender<Option<std::sync::Arc<crate::iot::Core>>>),
     /// Publish `gone` once, then stop.
     Remove(oneshot::Sender<()>),
     /// An event for the driver from elsewhere in the daemon (a manager
@@ -151,6 +153,14 @@ impl ComponentHandle {
     pub async fn member_status(&self, uuid: Uuid) -> Option<Value> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::Member(Box::new((uuid, tx)))).await.ok()?;
+        rx.await.ok()?
+    }
+
+    /// The IoT agent of a gateway (its devices, their commands); `None`
+    /// for other components, or a gateway whose agent is not running.
+    pub async fn devices(&self) -> Option<std::sync::Arc<crate::iot::Core>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Devices(tx)).await.ok()?;
         rx.await.ok()?
     }
 
@@ -410,6 +420,9 @@ impl Component {
             Command::Member(ask) => {
                 let (uuid, reply) = *ask;
                 let _ = reply.send(self.driver.member_status(uuid, &self.env.info));
+            }
+            Command::Devices(reply) => {
+                let _ = reply.send(self.driver.devices());
             }
             Command::Driver(ev) => self.on_driver_event(*ev).await,
             Command::Remove(_) => unreachable!("handled in run"),

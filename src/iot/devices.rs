@@ -69,6 +69,8 @@ pub(super) struct Described {
     keys: RoutingKeys,
     properties: Map<String, Value>,
     extra: Map<String, Value>,
+    /// `{"command": <schema>}` when the device declares commands.
+    schema: Map<String, Value>,
 }
 
 pub(super) fn describe(core: &Core, r: &Resolved) -> Described {
@@ -103,7 +105,13 @@ pub(super) fn describe(core: &Core, r: &Resolved) -> Described {
         .collect();
     let mut extra = Map::new();
     extra.insert("attributes".into(), Value::Object(attributes));
-    Described { keys, properties, extra }
+    let declared = super::commands::declared(d, group);
+    let mut schema = Map::new();
+    if !declared.is_empty() {
+        schema.insert("command".into(), super::commands::action_schema(&declared));
+        extra.insert("commands".into(), Value::Object(core.commands.last_by_name(r.record.uuid)));
+    }
+    Described { keys, properties, extra, schema }
 }
 
 impl Described {
@@ -122,13 +130,45 @@ impl Described {
             since: None,
             extra: &self.extra,
             properties: &self.properties,
-            schema: &NO_SCHEMA,
+            schema: &self.schema,
         }
     }
 }
 
-/// Devices advertise no action schema.
-static NO_SCHEMA: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+/// An action for device `uuid` of this gateway from the HTTP API: `ping`
+/// answers its status, `command` takes a command and answers the status
+/// with `command` (`PENDING`; the end shows in the device's `commands` and
+/// on the bus). `None`: no such device here; `Err`: why the action was
+/// refused.
+pub async fn act(
+    core: &Arc<Core>,
+    uuid: Uuid,
+    req: &ActionRequest,
+    info: &crate::protocol::DaemonInfo,
+) -> Option<Result<Value, String>> {
+    let r = core.registry.device_by_uuid(uuid)?;
+    if req.action.is(crate::state::Action::Ping) {
+        return Some(Ok(describe(core, &r).view(core, None).render(info)));
+    }
+    if req.action.as_str() != "command" {
+        return Some(Err(format!("Unsupported action {} for equipment", req.action)));
+    }
+    let p = &req.parameters;
+    let Some(name) = p.get("name").and_then(Value::as_str) else {
+        return Some(Err("A command needs parameters.name (and usually parameters.value)".into()));
+    };
+    let value = p.get("value").cloned().unwrap_or(Value::Null);
+    let origin = super::commands::Origin { from: "http".into(), ..Default::default() };
+    let expiration = p.get("expiration").and_then(Value::as_f64);
+    Some(match super::commands::submit(core, uuid, name, value, expiration, origin).await {
+        Ok(cmd) => {
+            let mut d = describe(core, &r);
+            d.extra.insert("command".into(), cmd.view());
+            Ok(d.view(core, None).render(info))
+        }
+        Err(e) => Err(e.to_string()),
+    })
+}
 
 struct Devices {
     env: Arc<Env>,
@@ -155,6 +195,72 @@ impl Devices {
         let d = describe(&self.core, r);
         let body = d.view(&self.core, error).to_vec(&self.env.info);
         self.send(d.keys.device_status_headers(), &body, reply).await;
+    }
+
+    /// The device's status with `command` (where that command is), to
+    /// `reply`; a command that failed or expired also shows as the status's
+    /// error.
+    async fn publish_command(&self, r: &Resolved, cmd: &super::commands::Command, reply: Option<&ReplyTo>) {
+        let mut d = describe(&self.core, r);
+        d.extra.insert("command".into(), cmd.view());
+        let error = match cmd.state {
+            super::commands::CmdState::Error | super::commands::CmdState::Expired => Some(
+                ErrorInfo::new(format!(
+                    "command {} {}: {}",
+                    cmd.name,
+                    if cmd.state == super::commands::CmdState::Expired { "expired" } else { "failed" },
+                    cmd.info.as_ref().map(|i| i.to_string()).unwrap_or_default()
+                ))
+                .with("command", cmd.id.to_string()),
+            ),
+            _ => None,
+        };
+        let body = d.view(&self.core, error.as_ref()).to_vec(&self.env.info);
+        self.send(d.keys.device_status_headers(), &body, reply).await;
+    }
+
+    /// A `command` action (`{"name", "value", "expiration"?}`) for one
+    /// device, addressed by its uuid: taken into the ledger, answered with
+    /// the command (`PENDING`), and again when it finishes
+    /// ([`Devices::finished`]).
+    async fn command(&self, targets: &[Resolved], req: &ActionRequest, reply: Option<&ReplyTo>) {
+        let [r] = targets else {
+            for r in targets {
+                let e = ErrorInfo::new("A command goes to one device, addressed by its uuid").with("action", "command");
+                self.publish(r, reply, Some(&e)).await;
+            }
+            return;
+        };
+        let p = &req.parameters;
+        let Some(name) = p.get("name").and_then(Value::as_str) else {
+            let e = ErrorInfo::new("A command needs parameters.name (and usually parameters.value)")
+                .with("action", "command");
+            return self.publish(r, reply, Some(&e)).await;
+        };
+        let origin = super::commands::Origin {
+            from: "villas".into(),
+            reply_queue: reply.and_then(|r| r.queue.clone()),
+            correlation_id: reply.and_then(|r| r.correlation_id.clone()),
+        };
+        let value = p.get("value").cloned().unwrap_or(Value::Null);
+        let expiration = p.get("expiration").and_then(Value::as_f64);
+        match super::commands::submit(&self.core, r.record.uuid, name, value, expiration, origin).await {
+            Ok(cmd) => self.publish_command(r, &cmd, reply).await,
+            Err(e) => {
+                let e = ErrorInfo::new(e.to_string()).with("action", "command");
+                self.publish(r, reply, Some(&e)).await;
+            }
+        }
+    }
+
+    /// A command finished: its device's status goes to whoever asked on
+    /// the VILLAS side, and to everyone watching.
+    async fn finished(&self, cmd: &super::commands::Command) {
+        let Some(r) = self.core.registry.device_by_uuid(cmd.device) else { return };
+        let reply =
+            ReplyTo { queue: cmd.origin.reply_queue.clone(), correlation_id: cmd.origin.correlation_id.clone() };
+        let reply = Some(&reply).filter(|r| r.wanted());
+        self.publish_command(&r, cmd, reply).await;
     }
 
     /// Publish a device status on the confirm channel (see `statuses`),
@@ -341,7 +447,8 @@ impl Devices {
         };
         let headers = d.properties.headers().clone().unwrap_or_default();
         let reply = Some(&req.reply).filter(|r| r.wanted());
-        let unsupported = (!req.action.is(crate::state::Action::Ping)).then(|| {
+        let is_command = req.action.as_str() == "command";
+        let unsupported = (!req.action.is(crate::state::Action::Ping) && !is_command).then(|| {
             ErrorInfo::new(format!("Unsupported action {} for equipment", req.action))
                 .with("action", req.action.as_str())
         });
@@ -358,6 +465,9 @@ impl Devices {
             }
             _ => self.core.registry.resolved().into_iter().filter(|r| self.keys(r).matches(&headers)).collect(),
         };
+        if is_command {
+            return self.command(&targets, &req, reply).await;
+        }
         for r in &targets {
             self.publish(r, reply, unsupported.as_ref()).await;
         }
@@ -373,6 +483,7 @@ pub async fn run(
     token: CancellationToken,
 ) {
     let mut channel = env.bus.channel_watch();
+    let mut commands = core.commands.subscribe();
     let mut devices = Devices { env, core, queue: None, statuses: None, types: Default::default(), empty: Map::new() };
     let mut consumer: Option<Box<Consumer>> = None;
     let mut attach = true;
@@ -406,6 +517,14 @@ pub async fn run(
                 attach = true;
             }
             Some(d) = crate::amqp::next_delivery(&mut consumer) => devices.delivery(d).await,
+            c = commands.recv() => match c {
+                Ok(c) if c.state.terminal() => devices.finished(&c).await,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(missed = n, "the device task fell behind the command ledger; some command answers are not sent");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+            },
             Some(c) = changes.recv() => {
                 // Take what else is already waiting (a bulk provisioning),
                 // so that its bindings go out in batches, in order.

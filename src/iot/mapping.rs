@@ -60,6 +60,23 @@ pub fn parse_topic(topic: &str, dojot: bool) -> Option<Address> {
     .filter(|a| matches!(a, Address::Apikey { apikey, device_id, .. } if !apikey.is_empty() && !device_id.is_empty()))
 }
 
+/// Parse an MQTT command result topic (after the prefix is removed):
+/// `/{apikey}/{id}/cmdexe`, with the same grammar as measures (`/json/…`,
+/// `json/…`). Returns the apikey and the device id.
+pub fn parse_cmdexe(topic: &str) -> Option<(String, String)> {
+    let had_slash = topic.starts_with('/');
+    let mut parts: Vec<&str> = topic.trim_start_matches('/').split('/').collect();
+    if parts.first().is_some_and(|p| p.eq_ignore_ascii_case("json")) && parts.len() == 4 {
+        parts.remove(0);
+    } else if !had_slash {
+        return None;
+    }
+    match parts.as_slice() {
+        [apikey, id, "cmdexe"] if !apikey.is_empty() && !id.is_empty() => Some(((*apikey).into(), (*id).into())),
+        _ => None,
+    }
+}
+
 fn apikey_address(apikey: &str, id: &str, attr: Option<&str>) -> Address {
     Address::Apikey { apikey: apikey.into(), device_id: id.into(), attr: attr.map(Into::into) }
 }
@@ -354,6 +371,17 @@ mod tests {
 
     fn key(apikey: &str, id: &str, attr: Option<&str>) -> Option<Address> {
         Some(apikey_address(apikey, id, attr))
+    }
+
+    #[test]
+    fn command_results_use_the_measure_grammar() {
+        let kd = Some(("k1".to_owned(), "dev1".to_owned()));
+        for t in ["/json/k1/dev1/cmdexe", "json/k1/dev1/cmdexe", "/k1/dev1/cmdexe", "/JSON/k1/dev1/cmdexe"] {
+            assert_eq!(parse_cmdexe(t), kd, "{t}");
+        }
+        for t in ["k1/dev1/cmdexe", "/k1/dev1/cmd", "/k1//cmdexe", "/json/k1/dev1/cmdexe/x", "/k1/dev1/attrs"] {
+            assert_eq!(parse_cmdexe(t), None, "{t}");
+        }
     }
 
     #[test]

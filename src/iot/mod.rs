@@ -12,6 +12,7 @@
 //! One [`Agent`] per gateway owns these tasks; dropping it stops them.
 
 pub mod cb;
+pub mod commands;
 pub mod devices;
 pub mod federation;
 pub mod mapping;
@@ -97,6 +98,12 @@ pub struct Settings {
     pub timestamp: bool,
     /// Most Context Broker requests kept while it is unreachable.
     pub cbroker_queue: usize,
+    /// How long a command waits for its result when neither it, its device
+    /// nor its group says (`command_expiration`, seconds).
+    pub command_expiration: std::time::Duration,
+    /// The URL the Context Broker uses to reach the north API (command
+    /// registrations); `None`: `http://` and the north listener's address.
+    pub provider_url: Option<String>,
 }
 
 fn prop_str(p: &Map<String, Value>, k: &str) -> Option<String> {
@@ -217,6 +224,14 @@ impl Settings {
             cbroker: prop_str(p, "cbroker").filter(|s| !s.is_empty()).map(|s| s.trim_end_matches('/').to_owned()),
             timestamp: p.get("timestamp").and_then(Value::as_bool).unwrap_or(false),
             cbroker_queue: p.get("cbroker_queue").and_then(Value::as_u64).unwrap_or(100_000) as usize,
+            command_expiration: p
+                .get("command_expiration")
+                .and_then(Value::as_f64)
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map_or(std::time::Duration::from_secs(300), |s| {
+                    std::time::Duration::from_secs_f64(s.min(30.0 * 86_400.0))
+                }),
+            provider_url: prop_str(p, "provider_url").filter(|s| !s.is_empty()),
             dojot: p.get("dojot").and_then(Value::as_bool).unwrap_or(false),
             services: p
                 .get("services")
@@ -358,9 +373,16 @@ pub struct Core {
     /// Live viewers of measures (`/api/v1/events`); the daemon's hub once
     /// the agent runs.
     pub events: crate::events::Hub,
+    /// The command ledger.
+    pub commands: commands::Ledger,
     outbox: mpsc::Sender<federation::Envelope>,
     /// Towards the Context Broker sender (set when the agent starts it).
     ngsi: std::sync::OnceLock<mpsc::Sender<ngsi::Request>>,
+    /// Towards the MQTT client: ids of commands to publish (set when the
+    /// agent starts it).
+    pub(crate) mqtt_out: std::sync::OnceLock<mpsc::UnboundedSender<Uuid>>,
+    /// The north API's URL, once it listens.
+    north_url: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for Core {
@@ -486,6 +508,12 @@ impl Core {
         outbox: mpsc::Sender<federation::Envelope>,
         running: bool,
     ) -> Core {
+        let commands = commands::Ledger::load(gateway, registry.store().clone()).unwrap_or_else(|e| {
+            // Not fatal for measures; the commands it could not read stay in
+            // the store untouched (changes are written by id).
+            tracing::error!(error = %e, "cannot load the command ledger; starting with an empty one");
+            commands::Ledger::empty(gateway, registry.store().clone())
+        });
         Core {
             gateway,
             realm,
@@ -498,9 +526,32 @@ impl Core {
             quiet: Quiet::default(),
             cb_counters: Arc::default(),
             events: crate::events::Hub::default(),
+            commands,
             outbox,
             ngsi: std::sync::OnceLock::new(),
+            mqtt_out: std::sync::OnceLock::new(),
+            north_url: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Queue a request for the Context Broker sender (dropped and counted
+    /// when its channel is full; before the sender runs, dropped).
+    pub fn send_ngsi(&self, req: ngsi::Request) {
+        if let Some(tx) = self.ngsi.get()
+            && tx.try_send(req).is_err()
+        {
+            self.cb_counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The URL the Context Broker forwards commands to: `provider_url`, or
+    /// the north listener's.
+    pub fn provider_url(&self) -> String {
+        self.settings
+            .provider_url
+            .clone()
+            .or_else(|| self.north_url.get().cloned())
+            .unwrap_or_else(|| format!("http://{}", self.settings.north_bind))
     }
 
     /// Whether the north API may serve `service`.
@@ -565,14 +616,10 @@ impl Core {
         };
         let routing_key = origin.routing_key();
         // The Context Broker, when one applies: queued, never waited on.
-        if let (Some(to), Some(tx)) =
-            (ngsi::cbroker_of(device, group, self.settings.cbroker.as_deref()), self.ngsi.get())
-        {
+        if let Some(to) = ngsi::cbroker_of(device, group, self.settings.cbroker.as_deref()) {
             let timestamp = ngsi::timestamp_of(device, group, self.settings.timestamp);
-            if let Some(req) = ngsi::request(&measures, device, group, &resolved.record.tenant, to, timestamp)
-                && tx.try_send(req).is_err()
-            {
-                self.cb_counters.dropped.fetch_add(1, Ordering::Relaxed);
+            if let Some(req) = ngsi::request(&measures, device, group, &resolved.record.tenant, to, timestamp) {
+                self.send_ngsi(req);
             }
         }
         let topic = self.events.watched().then(|| {
@@ -661,6 +708,11 @@ impl Agent {
         let north = listen(settings.north_bind).await?;
         let south = listen(settings.south_bind).await?;
         let (north_addr, south_addr) = (north.local_addr().ok(), south.local_addr().ok());
+        if let Some(a) = north_addr {
+            let _ = core.north_url.set(format!("http://{a}"));
+        }
+        let (mqtt_out, mqtt_out_rx) = mpsc::unbounded_channel();
+        let _ = core.mqtt_out.set(mqtt_out);
         let t = &env.tracker;
         {
             let _span = span.enter();
@@ -691,7 +743,9 @@ impl Agent {
         let mut hot: Vec<Task> =
             vec![Box::pin(federation::run(fed, outbox_rx, counters.clone(), token.clone()).instrument(span.clone()))];
         if let Some(url) = &settings.mqtt_url {
-            hot.push(Box::pin(south::mqtt(core.clone(), url.clone(), token.clone()).instrument(span.clone())));
+            hot.push(Box::pin(
+                south::mqtt(core.clone(), url.clone(), mqtt_out_rx, token.clone()).instrument(span.clone()),
+            ));
         }
         if let Some(exchange) = &settings.amqp_south_exchange {
             let url = env.settings.broker_url.clone();
@@ -739,6 +793,7 @@ impl Agent {
             )
             .instrument(span.clone()),
         );
+        t.spawn(commands::run(core.clone(), token.clone()).instrument(span.clone()));
         let (announce, announce_rx) = mpsc::unbounded_channel();
         t.spawn(devices::run(env.clone(), core.clone(), changes_rx, announce_rx, token.clone()).instrument(span));
         let unknown = || "0.0.0.0:0".parse().expect("a literal address");
@@ -781,6 +836,7 @@ impl Agent {
         if self.core.settings.cbroker.is_some() || self.core.cb_counters.sent.load(Ordering::Relaxed) > 0 {
             m.insert("cbroker".into(), self.core.cb_counters.snapshot());
         }
+        m.insert("commands".into(), self.core.commands.counters.snapshot(self.core.commands.open_count()));
         m
     }
 

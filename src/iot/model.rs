@@ -280,6 +280,27 @@ fn check_names(attrs: &[Attribute], field: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Check a `commands` list: objects with a valid `name` (it becomes an MQTT
+/// payload key and the Context Broker's `<name>_status`).
+fn check_commands(extra: &Map<String, Value>) -> Result<(), ApiError> {
+    let Some(list) = extra.get("commands") else { return Ok(()) };
+    let Some(list) = list.as_array() else {
+        return Err(ApiError::syntax("commands must be a list of {name, type}"));
+    };
+    for c in list {
+        match c.get("name").and_then(Value::as_str) {
+            Some(n) if attr_name_ok(n) && n.len() <= MAX_ID_BYTES => {}
+            _ => return Err(ApiError::syntax(format!("invalid command {c}: it needs a valid name"))),
+        }
+        if let Some(e) = c.get("expiration")
+            && !e.as_f64().is_some_and(|s| s.is_finite() && s > 0.0)
+        {
+            return Err(ApiError::syntax(format!("invalid command expiration {e}: seconds, more than 0")));
+        }
+    }
+    Ok(())
+}
+
 impl Mapping {
     fn check(&self) -> Result<(), ApiError> {
         check_names(&self.attributes, "attributes")?;
@@ -322,6 +343,7 @@ impl Group {
         for key in ["service", "subservice"] {
             self.extra.shift_remove(key);
         }
+        check_commands(&self.extra)?;
         self.mapping.check()?;
         Ok(self)
     }
@@ -362,6 +384,7 @@ impl Device {
         if self.device_id.is_empty() || self.device_id.contains(['/', '#', '+']) || self.device_id.contains(FORBIDDEN) {
             return Err(ApiError::syntax(format!("invalid device_id {:?}", self.device_id)));
         }
+        check_commands(&self.extra)?;
         self.mapping.check()?;
         Ok(self)
     }
@@ -405,6 +428,23 @@ mod tests {
         assert_eq!(parse_device(&json!({"device_id": "a/b"})).unwrap_err().name, "WRONG_SYNTAX");
         let d = parse_device(&json!({"device_id": "d", "service": "other"})).unwrap();
         assert!(!d.extra.contains_key("service"), "tenancy comes from the headers");
+    }
+
+    #[test]
+    fn commands_need_valid_names_and_expirations() {
+        let ok = json!({"device_id": "d", "commands": [{"name": "ping", "type": "command", "expiration": 5}]});
+        assert!(parse_device(&ok).is_ok());
+        for bad in [
+            json!({"device_id": "d", "commands": {"name": "ping"}}),
+            json!({"device_id": "d", "commands": [3]}),
+            json!({"device_id": "d", "commands": [{"type": "command"}]}),
+            json!({"device_id": "d", "commands": [{"name": "pi\"ng"}]}),
+            json!({"device_id": "d", "commands": [{"name": "ping", "expiration": -1}]}),
+        ] {
+            assert_eq!(parse_device(&bad).unwrap_err().name, "WRONG_SYNTAX", "{bad}");
+        }
+        let g = json!({"resource": "/iot/json", "apikey": "k", "commands": [{"name": ""}]});
+        assert_eq!(parse_group(&g).unwrap_err().name, "WRONG_SYNTAX");
     }
 
     #[test]

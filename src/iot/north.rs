@@ -38,6 +38,8 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/iot/devices/{id}", get(get_device).put(update_device).delete(delete_device))
         .route("/iot/op/delete", post(op_delete))
         .route("/v2/op/query", post(op_query))
+        .route("/v2/op/update", post(op_update))
+        .route("/iot/commands", get(list_commands))
         .route("/iot/about", get(about))
         .route("/version", get(about))
         .route("/admin/log", get(get_log).put(put_log))
@@ -180,11 +182,94 @@ async fn create_devices(State(core): Shared, h: HeaderMap, body: Body) -> Result
     let devices = items(&v, "devices")?.iter().map(parse_device).collect::<Result<Vec<_>, _>>()?;
     let bulk = devices.len() > 100;
     drop(v);
+    let ids: Vec<String> = devices.iter().map(|d| d.device_id.clone()).collect();
     core.registry.create_devices(&tenant, devices).await?;
     if bulk {
         super::trim_heap();
     }
+    // Devices with commands are registered at their Context Broker, so
+    // that it forwards updates of those attributes here.
+    for id in ids {
+        if let Some(r) = core.registry.device_by_uuid(super::registry::device_uuid(&tenant, &id)) {
+            super::commands::register(&core, &r);
+        }
+    }
     Ok(created())
+}
+
+/// The device of `tenant` whose entity is `id` (and `kind`, if given).
+fn entity_device(core: &Core, tenant: &Tenant, id: &str, kind: Option<&str>) -> Option<super::registry::Resolved> {
+    core.registry.resolved().into_iter().find(|r| {
+        let group = r.group.as_deref();
+        let d = &r.record.device;
+        r.record.tenant == *tenant && d.entity_name(group) == id && kind.is_none_or(|k| k == d.entity_type(group))
+    })
+}
+
+/// `POST /v2/op/update` from the Context Broker (`actionType: update`):
+/// the commands it forwards, `{"id", "type", "<cmd>": {"type": "command",
+/// "value": …}}` per entity. Each is taken into the ledger (stored) before
+/// the 204; a device that declares no such command is a 400, an unknown
+/// entity a 404, and nothing of that request is taken.
+async fn op_update(State(core): Shared, h: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    let v = json_body(&h, body)?;
+    let action = v.get("actionType").and_then(Value::as_str).unwrap_or_default();
+    if !action.eq_ignore_ascii_case("update") && !action.eq_ignore_ascii_case("replace") {
+        return Err(ApiError::new(
+            400,
+            "BAD_REQUEST",
+            format!("actionType {action:?}: the agent takes commands with actionType update"),
+        ));
+    }
+    let entities = items(&v, "entities")?;
+    let mut todo = Vec::new();
+    for e in entities {
+        let id = e.get("id").and_then(Value::as_str).ok_or_else(|| ApiError::syntax("an entity needs an id"))?;
+        let r = entity_device(&core, &tenant, id, e.get("type").and_then(Value::as_str))
+            .ok_or_else(|| ApiError::device_not_found(id))?;
+        let declared = super::commands::declared(&r.record.device, r.group.as_deref());
+        for (name, attr) in e.as_object().into_iter().flatten().filter(|(k, _)| *k != "id" && *k != "type") {
+            if !declared.iter().any(|c| c["name"] == name.as_str()) {
+                return Err(ApiError::new(
+                    400,
+                    "COMMAND_NOT_FOUND",
+                    format!("{name} is not a command of {}", r.record.device.device_id),
+                ));
+            }
+            let value = attr.get("value").cloned().unwrap_or(Value::Null);
+            todo.push((r.record.uuid, name.clone(), value));
+        }
+    }
+    for (device, name, value) in todo {
+        let origin = super::commands::Origin { from: "cb".into(), ..Default::default() };
+        super::commands::submit(&core, device, &name, value, None, origin)
+            .await
+            .map_err(|e| ApiError::new(400, "BAD_REQUEST", e.to_string()))?;
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /iot/commands[?device=ID]`: the ledger of the tenant (or of one of
+/// its devices), oldest first: `{"count", "commands": […]}`.
+async fn list_commands(State(core): Shared, h: HeaderMap, q: Params) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    let device = match q.get("device") {
+        Some(id) => {
+            let u = super::registry::device_uuid(&tenant, id);
+            core.registry.device_by_uuid(u).ok_or_else(|| ApiError::device_not_found(id))?;
+            Some(u)
+        }
+        None => None,
+    };
+    let all: Vec<Value> = core
+        .commands
+        .list(device)
+        .iter()
+        .filter(|c| c.service == tenant.service && c.servicepath == tenant.servicepath)
+        .map(super::commands::Command::view)
+        .collect();
+    page(all, &q, "commands")
 }
 
 async fn list_devices(State(core): Shared, h: HeaderMap, q: Params) -> Result<Response, ApiError> {

@@ -258,6 +258,26 @@ impl Registry {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The store the registry persists to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The device `device_id` presenting `apikey`, without autoprovisioning
+    /// (command results and polls come from devices that exist).
+    pub fn find(&self, apikey: &str, device_id: &str) -> Option<Resolved> {
+        let inner = self.read();
+        let record = match inner.apikeys.get(apikey) {
+            Some(tenant) => inner.devices.get(&(tenant.clone(), device_id.to_owned())).cloned(),
+            None => inner.by_key.get(&(apikey.to_owned(), device_id.to_owned())).cloned(),
+        }?;
+        if record.device.apikey.as_deref().is_some_and(|k| k != apikey) {
+            return None;
+        }
+        let group = inner.group_of(&record);
+        Some(Resolved { record, group })
+    }
+
     /// How many devices are provisioned.
     pub fn device_count(&self) -> usize {
         self.read().devices.len()

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::MqttLink;
 use super::mapping::MeasureError;
-use super::mapping::{Address, parse_routing_key, parse_topic, single_value};
+use super::mapping::{Address, parse_cmdexe, parse_routing_key, parse_topic, single_value};
 use super::model::ApiError;
 use super::{Core, IngestError, Payload, Transport};
 use crate::amqp::{self, Backoff, LinkError};
@@ -42,6 +42,7 @@ pub fn http_router(core: Arc<Core>) -> Router {
     Router::new()
         .route(&resource, axum::routing::post(post_measure).get(get_measure))
         .route(&format!("{resource}/attrs/{{attr}}"), axum::routing::post(post_attr))
+        .route(&format!("{resource}/commands"), axum::routing::post(post_results))
         .fallback(|| async { ApiError::new(404, "NOT_FOUND", "No such resource") })
         .method_not_allowed_fallback(|| async { ApiError::new(405, "METHOD_NOT_ALLOWED", "Method not allowed here") })
         .layer(DefaultBodyLimit::max(limit))
@@ -119,11 +120,39 @@ async fn post_measure(
     let v: Value =
         serde_json::from_slice(&b).map_err(|e| count(&core, ApiError::payload(format!("invalid JSON: {e}"))))?;
     core.ingest(Transport::Http, &addr, Payload::Json(v), q.get("t").map(String::as_str)).await?;
+    polled(&core, &q).await
+}
+
+/// The answer to a south request: `{}`, or with `getCmd=1` the device's
+/// waiting commands `{"<name>": value, …}`, each now `DELIVERED`.
+async fn polled(core: &Core, q: &HashMap<String, String>) -> Result<Response, ApiError> {
+    if q.get("getCmd").map(String::as_str) != Some("1") {
+        return Ok(ok());
+    }
+    let (Some(k), Some(i)) = (q.get("k"), q.get("i")) else { return Ok(ok()) };
+    let r = core.registry.find(k, i).ok_or_else(|| ApiError::device_not_found(i))?;
+    Ok(axum::Json(super::commands::take_polled(core, &r).await).into_response())
+}
+
+/// `POST {resource}/commands?i=&k=` with `{"<command>": result, …}`: a
+/// polling device's results.
+async fn post_results(State(core): Shared, q: Params, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let b = body(b)?;
+    let Address::Apikey { apikey, device_id, .. } = address(&q, None)? else {
+        return Err(ApiError::payload("i and k are required"));
+    };
+    let r = core.registry.find(&apikey, &device_id).ok_or_else(|| ApiError::device_not_found(&device_id))?;
+    let v: Value =
+        serde_json::from_slice(&b).map_err(|e| count(&core, ApiError::payload(format!("invalid JSON: {e}"))))?;
+    super::commands::results(&core, &r, &v).await.map_err(|e| count(&core, ApiError::payload(e)))?;
     Ok(ok())
 }
 
 async fn get_measure(State(core): Shared, q: Params) -> Result<Response, ApiError> {
     let addr = address(&q, None)?;
+    if q.get("getCmd").map(String::as_str) == Some("1") && !q.contains_key("d") {
+        return polled(&core, &q).await;
+    }
     let d = q.get("d").ok_or_else(|| {
         ApiError::new(
             400,
@@ -134,7 +163,7 @@ async fn get_measure(State(core): Shared, q: Params) -> Result<Response, ApiErro
     let v: Value =
         serde_json::from_str(d).map_err(|e| count(&core, ApiError::payload(format!("invalid JSON in d: {e}"))))?;
     core.ingest(Transport::Http, &addr, Payload::Json(v), q.get("t").map(String::as_str)).await?;
-    Ok(ok())
+    polled(&core, &q).await
 }
 
 async fn post_attr(
@@ -254,13 +283,17 @@ pub fn mqtt_filters(prefix: &str, shared_group: &str, dojot: bool) -> Vec<String
             "json/+/+/attrs/+",
             "/+/+/attrs",
             "/+/+/attrs/+",
+            "/json/+/+/cmdexe",
+            "json/+/+/cmdexe",
+            "/+/+/cmdexe",
         ];
         if dojot {
             b.push("+/attrs");
         }
         b.into_iter().map(str::to_owned).collect()
     } else {
-        let mut b = vec!["json/+/+/attrs", "json/+/+/attrs/+", "+/+/attrs", "+/+/attrs/+"];
+        let mut b =
+            vec!["json/+/+/attrs", "json/+/+/attrs/+", "+/+/attrs", "+/+/attrs/+", "json/+/+/cmdexe", "+/+/cmdexe"];
         if dojot {
             b.push("+/attrs");
         }
@@ -303,8 +336,109 @@ fn oversized(e: &rumqttc::ConnectionError) -> Option<usize> {
 }
 
 async fn on_publish(core: &Core, topic: &str, payload: &[u8]) {
-    let addr = strip_prefix(topic, &core.settings.mqtt_prefix).and_then(|t| parse_topic(&t, core.settings.dojot));
+    let local = strip_prefix(topic, &core.settings.mqtt_prefix);
+    if let Some((apikey, device_id)) = local.as_deref().and_then(parse_cmdexe) {
+        return on_cmdexe(core, topic, &apikey, &device_id, payload).await;
+    }
+    let addr = local.and_then(|t| parse_topic(&t, core.settings.dojot));
     ingest_bytes(core, Transport::Mqtt, topic, addr, payload).await
+}
+
+/// A device's command results on `…/cmdexe`: `{"<command>": result}`.
+async fn on_cmdexe(core: &Core, topic: &str, apikey: &str, device_id: &str, payload: &[u8]) {
+    let Some(r) = core.registry.find(apikey, device_id) else {
+        core.counters.error("device_not_found");
+        if core.quiet.first("cmdexe_unknown", apikey) {
+            warn!(%topic, "a command result from an unknown device; dropped");
+        }
+        return;
+    };
+    let body: Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(e) => {
+            core.counters.error("bad_payload");
+            warn!(%topic, error = %e, "a command result that is not JSON; dropped");
+            return;
+        }
+    };
+    if let Err(e) = super::commands::results(core, &r, &body).await {
+        core.counters.error("bad_payload");
+        warn!(%topic, error = %e, "dropped a command result");
+    }
+}
+
+/// The commands the MQTT client has handed to rumqttc and not yet seen
+/// acknowledged by the broker: requested (waiting for a packet id), then
+/// by packet id. rumqttc reports `Outgoing::Publish(pkid)` in the order the
+/// publishes were requested; a retransmission keeps its packet id.
+#[derive(Default)]
+struct InFlight {
+    requested: std::collections::VecDeque<uuid::Uuid>,
+    by_pkid: HashMap<u16, uuid::Uuid>,
+    /// A publish rumqttc holds back until its packet id is free again.
+    collided: Option<(u16, uuid::Uuid)>,
+}
+
+impl InFlight {
+    fn contains(&self, id: uuid::Uuid) -> bool {
+        self.requested.contains(&id)
+            || self.by_pkid.values().any(|v| *v == id)
+            || self.collided.is_some_and(|c| c.1 == id)
+    }
+
+    fn clear(&mut self) {
+        *self = InFlight::default();
+    }
+
+    fn on_outgoing(&mut self, pkid: u16) {
+        if pkid == 0 || self.by_pkid.contains_key(&pkid) {
+            return;
+        }
+        if let Some((p, id)) = self.collided
+            && p == pkid
+        {
+            self.collided = None;
+            self.by_pkid.insert(pkid, id);
+            return;
+        }
+        if let Some(id) = self.requested.pop_front() {
+            self.by_pkid.insert(pkid, id);
+        }
+    }
+}
+
+/// Publish command `id` (QoS 1) if it is an open MQTT command.
+fn publish_command(core: &Core, client: &AsyncClient, flight: &mut InFlight, id: uuid::Uuid) {
+    let Some(cmd) = core.commands.get(id) else { return };
+    if cmd.state.terminal() || cmd.via != super::commands::Via::Mqtt || flight.contains(id) {
+        return;
+    }
+    let (topic, payload) = super::commands::mqtt_message(&cmd, &core.settings.mqtt_prefix);
+    match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
+        Ok(()) => {
+            flight.requested.push_back(id);
+            core.commands.counters.sent.fetch_add(1, Ordering::Relaxed);
+            debug!(command = %id, "command published");
+        }
+        Err(e) => warn!(command = %id, error = %e, "cannot publish a command; it is sent again after the next connect"),
+    }
+}
+
+/// After a connect: publish every open MQTT command the broker does not
+/// hold. It holds those it acknowledged, as long as it kept the session
+/// (`session_present`); without it (a broker restarted without
+/// persistence) those are gone with the devices' queues, and go again.
+/// What rumqttc still holds it retransmits itself, unless the session is
+/// new, when it drops them.
+fn republish(core: &Core, client: &AsyncClient, flight: &mut InFlight, session_present: bool) {
+    if !session_present {
+        flight.clear();
+    }
+    for cmd in core.commands.open() {
+        if cmd.via == super::commands::Via::Mqtt && (cmd.broker_ms.is_none() || !session_present) {
+            publish_command(core, client, flight, cmd.id);
+        }
+    }
 }
 
 /// One MQTT or AMQP measure as it came off the wire (`addr` is `None` when
@@ -353,7 +487,12 @@ async fn ingest_bytes(core: &Core, transport: Transport, source: &str, addr: Opt
 /// re-subscribes after every connect, unsubscribes while the gateway is
 /// stopped, and acknowledges a QoS 1 measure only once the federation has
 /// taken it.
-pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
+pub async fn mqtt(
+    core: Arc<Core>,
+    url: String,
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<uuid::Uuid>,
+    token: CancellationToken,
+) {
     let Some((host, port, creds)) = parse_mqtt_url(&url) else {
         core.counters.error("bad_mqtt_url");
         warn!(url = %crate::config::redact_url(&url), "invalid MQTT URL; MQTT is off for this gateway");
@@ -394,6 +533,7 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
     // SUBACKs still expected; the client counts as up once they are in.
     let mut pending = 0usize;
     let mut backoff = Backoff::new();
+    let mut flight = InFlight::default();
     let set = |client: &AsyncClient, on: bool| {
         for f in &filters {
             let r = if on { client.try_subscribe(f.clone(), qos) } else { client.try_unsubscribe(f.clone()) };
@@ -405,9 +545,10 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
     loop {
         tokio::select! {
             ev = events.poll() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    info!(filters = filters.len(), "MQTT connected");
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    info!(filters = filters.len(), session_present = ack.session_present, "MQTT connected");
                     connected = true;
+                    republish(&core, &client, &mut flight, ack.session_present);
                     backoff.reset();
                     subscribed = *running.borrow();
                     if subscribed {
@@ -416,6 +557,17 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
                     } else {
                         core.counters.mqtt_up.store(true, Ordering::Relaxed);
                         core.mqtt_link.send_replace(MqttLink::Up);
+                    }
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => flight.on_outgoing(pkid),
+                Ok(Event::Outgoing(rumqttc::Outgoing::AwaitAck(pkid))) => {
+                    if let Some(id) = flight.requested.pop_front() {
+                        flight.collided = Some((pkid, id));
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some(id) = flight.by_pkid.remove(&ack.pkid) {
+                        core.commands.broker_acked(id).await;
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -468,6 +620,12 @@ pub async fn mqtt(core: Arc<Core>, url: String, token: CancellationToken) {
                     }
                 }
             },
+            Some(id) = commands.recv() => {
+                // Not connected: the next connect publishes it (`republish`).
+                if connected {
+                    publish_command(&core, &client, &mut flight, id);
+                }
+            }
             changed = running.changed() => {
                 if changed.is_err() {
                     break;
@@ -596,8 +754,17 @@ mod tests {
         let p = mqtt_filters("site1", "", true);
         assert_eq!(
             p,
-            ["site1/json/+/+/attrs", "site1/json/+/+/attrs/+", "site1/+/+/attrs", "site1/+/+/attrs/+", "site1/+/attrs"]
+            [
+                "site1/json/+/+/attrs",
+                "site1/json/+/+/attrs/+",
+                "site1/+/+/attrs",
+                "site1/+/+/attrs/+",
+                "site1/json/+/+/cmdexe",
+                "site1/+/+/cmdexe",
+                "site1/+/attrs"
+            ]
         );
+        assert!(f.contains(&"$share/busbar//+/+/cmdexe".to_owned()), "command results too");
     }
 
     #[test]

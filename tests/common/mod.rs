@@ -256,10 +256,9 @@ pub async fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"));
     cmd.args(args).env("AMQP_URL", amqp_url()).env_remove("RUST_LOG").kill_on_drop(true);
     // Client commands talk to this test's exchange.
-    if args
-        .first()
-        .is_some_and(|a| ["ping", "monitor", "action", "create", "delete", "sites", "components"].contains(a))
-    {
+    if args.first().is_some_and(|a| {
+        ["ping", "monitor", "action", "create", "delete", "sites", "components", "command"].contains(a)
+    }) {
         cmd.args(["--exchange", &env.exchange]);
     }
     tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())

@@ -214,6 +214,11 @@ impl Driver for Gateway {
         self.agent.as_ref()?.device_status(uuid, info)
     }
 
+    /// The agent's shared state.
+    fn devices(&self) -> Option<std::sync::Arc<crate::iot::Core>> {
+        self.agent.as_ref().map(|a| a.core.clone())
+    }
+
     /// The gateway is deleted: its devices go `gone`, its tasks stop.
     fn remove<'a>(&'a mut self, _cx: Cx<'a>) -> Fut<'a, ()> {
         Box::pin(async move {

@@ -113,6 +113,12 @@ pub(crate) trait Driver: Send {
         None
     }
 
+    /// The IoT agent this component runs (a gateway's devices and their
+    /// commands), for the HTTP API.
+    fn devices(&self) -> Option<std::sync::Arc<crate::iot::Core>> {
+        None
+    }
+
     /// The component is being deleted: release what the driver holds
     /// (delete the Job, stop the agent).
     fn remove<'a>(&'a mut self, _cx: Cx<'a>) -> Fut<'a, ()> {

@@ -1,0 +1,465 @@
+//! Commands to devices, end to end with the real Mosquitto and RabbitMQ:
+//! from the Context Broker (an in-test axum router that records every
+//! request and answers like Orion), from a VILLAS `command` action, from
+//! `busbar command` and from the HTTP API; over MQTT push, HTTP push and
+//! HTTP poll; each with the status sequence the Context Broker sees, a
+//! ledger that survives a restart, and expiry that fires on time.
+
+mod common;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::routing::post;
+use busbar::iot::model::Tenant;
+use busbar::iot::registry::device_uuid;
+use common::iot::{Gw, LAB, ping_status};
+use common::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    service: String,
+    servicepath: String,
+    body: String,
+}
+
+/// A Context Broker that records every request and answers 204 (201 for
+/// registrations), as Orion does.
+#[derive(Default)]
+struct Cb {
+    seen: Mutex<Vec<Seen>>,
+}
+
+impl Cb {
+    async fn start() -> (Arc<Cb>, String) {
+        let cb = Arc::new(Cb::default());
+        let record = |cb: Arc<Cb>, code: StatusCode| {
+            move |uri: Uri, headers: HeaderMap, body: Bytes| {
+                let cb = cb.clone();
+                async move {
+                    let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                    cb.seen.lock().unwrap().push(Seen {
+                        path: uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+                        service: h("fiware-service"),
+                        servicepath: h("fiware-servicepath"),
+                        body: String::from_utf8_lossy(&body).into_owned(),
+                    });
+                    code
+                }
+            }
+        };
+        let app = Router::new()
+            .route("/v2/entities", post(record(cb.clone(), StatusCode::NO_CONTENT)))
+            .route("/v2/op/update", post(record(cb.clone(), StatusCode::NO_CONTENT)))
+            .route("/v2/registrations", post(record(cb.clone(), StatusCode::CREATED)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (cb, url)
+    }
+
+    /// The bodies sent to `path` so far.
+    fn bodies(&self, path: &str) -> Vec<String> {
+        self.seen.lock().unwrap().iter().filter(|s| s.path == path).map(|s| s.body.clone()).collect()
+    }
+
+    /// Wait until a body sent to `path` contains `needle`.
+    async fn until(&self, path: &str, needle: &str) -> String {
+        eventually(WAIT, &format!("the Context Broker got {needle} on {path}"), async || {
+            self.bodies(path).into_iter().find(|b| b.contains(needle))
+        })
+        .await
+    }
+}
+
+/// A device on MQTT: a persistent session subscribed to its command
+/// topic; what it receives goes to `rx`. With `answer`, it publishes
+/// `{"<cmd>": "<answer>-<value>"}` on its `cmdexe` topic for each command.
+struct Device {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<(String, Value)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    async fn connect(client_id: &str, cmd_topic: &str, cmdexe_topic: &str, answer: Option<&str>) -> Device {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", 1883);
+        opts.set_keep_alive(Duration::from_secs(5)).set_clean_session(false);
+        let (client, mut events) = AsyncClient::new(opts, 100);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        client.subscribe(cmd_topic, QoS::AtLeastOnce).await.unwrap();
+        let (answerer, cmdexe, answer) = (client.clone(), cmdexe_topic.to_owned(), answer.map(str::to_owned));
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        if let (Some(a), Some(o)) = (&answer, v.as_object()) {
+                            for (name, value) in o {
+                                let result = json!({ name: format!("{a}-{value}") });
+                                let _ = answerer.try_publish(&cmdexe, QoS::AtLeastOnce, false, result.to_string());
+                            }
+                        }
+                        let _ = tx.send((p.topic.clone(), v));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(WAIT, ready_rx).await.expect("the device subscribes").unwrap();
+        Device { client, rx, task }
+    }
+
+    async fn next(&mut self) -> (String, Value) {
+        tokio::time::timeout(WAIT, self.rx.recv()).await.expect("the device gets a command").unwrap()
+    }
+
+    /// Nothing more arrives within `window`.
+    async fn quiet(&mut self, window: Duration) {
+        if let Ok(Some(m)) = tokio::time::timeout(window, self.rx.recv()).await {
+            panic!("the device got a command twice: {m:?}");
+        }
+    }
+
+    async fn publish(&self, topic: &str, body: Value) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, body.to_string()).await.unwrap();
+    }
+
+    /// Disconnect, keeping the session (the broker queues QoS 1 commands).
+    async fn offline(self) {
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.task.abort();
+    }
+}
+
+async fn north(g: &common::iot::Gateway, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    g.north(method, path, Some(LAB), body).await
+}
+
+fn uuid_of(id: &str) -> uuid::Uuid {
+    device_uuid(&Tenant { service: LAB.0.into(), servicepath: LAB.1.into() }, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_from_the_context_broker_reaches_an_mqtt_device_once_and_its_result_reaches_the_context_broker() {
+    let (cb, url) = Cb::start().await;
+    let gw = Gw::with(json!({"cbroker": url}));
+    let (d, g, c, mut l, _data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    let cmd_topic = gw.topic(&format!("{k}/dev1/cmd"));
+    let cmdexe = gw.topic(&format!("json/{k}/dev1/cmdexe"));
+    let mut dev = Device::connect(&format!("dev1-{}", gw.env.id), &cmd_topic, &cmdexe, None).await;
+    g.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Sensor"}),
+        json!([{"device_id": "dev1", "entity_name": "urn:lab:Sensor:push1",
+            "commands": [{"name": "ping", "type": "command"}]}]),
+    )
+    .await;
+
+    // Provisioning registered the command at the Context Broker, with the
+    // north API as provider (iotagent-node-lib's legacy cmdMode).
+    let reg = cb.until("/v2/registrations", "push1").await;
+    assert_eq!(
+        reg,
+        json!({"dataProvided": {"entities": [{"id": "urn:lab:Sensor:push1", "type": "Sensor"}], "attrs": ["ping"]},
+            "provider": {"http": {"url": g.north}, "legacyForwarding": true, "supportedForwardingMode": "all"}})
+        .to_string()
+    );
+
+    // The Context Broker forwards the update, verbatim from the reference.
+    let forwarded = json!({"actionType": "update", "entities": [{"id": "urn:lab:Sensor:push1", "type": "Sensor",
+        "ping": {"type": "command", "value": {"data": "22"}}}]});
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(forwarded)).await.0, 204);
+    let (topic, body) = dev.next().await;
+    assert_eq!((topic.as_str(), body), (cmd_topic.as_str(), json!({"ping": {"data": "22"}})));
+    let pending = cb.until("/v2/entities?options=upsert", "PENDING").await;
+    assert_eq!(
+        pending,
+        r#"{"id":"urn:lab:Sensor:push1","type":"Sensor","ping_status":{"type":"commandStatus","value":"PENDING"}}"#
+    );
+    let headers = cb.seen.lock().unwrap().iter().find(|s| s.body == pending).cloned().unwrap();
+    assert_eq!((headers.service.as_str(), headers.servicepath.as_str()), LAB);
+
+    // The device answers, twice (as a device retrying would): one OK at the
+    // Context Broker, the repeat recognised and ignored.
+    dev.publish(&cmdexe, json!({"ping": "1234567890"})).await;
+    let ok = cb.until("/v2/entities?options=upsert", "\"OK\"").await;
+    assert_eq!(
+        ok,
+        r#"{"id":"urn:lab:Sensor:push1","type":"Sensor","ping_status":{"type":"commandStatus","value":"OK"},"ping_info":{"type":"commandResult","value":"1234567890"}}"#
+    );
+    dev.publish(&cmdexe, json!({"ping": "1234567890"})).await;
+    let st = eventually(WAIT, "the repeated result is counted", async || {
+        let st = ping_status(&c, &mut l, gw.uuid, |_| true).await;
+        (st["status"]["commands"]["duplicates"] == 1).then_some(st)
+    })
+    .await;
+    assert_eq!(st["status"]["commands"]["ok"], 1, "{st}");
+    assert_eq!(st["status"]["commands"]["open"], 0, "{st}");
+    assert_eq!(cb.bodies("/v2/entities?options=upsert").len(), 2, "PENDING and OK, nothing for the repeat");
+    dev.quiet(Duration::from_millis(500)).await;
+
+    // The ledger lists it with its history; an unknown command is refused
+    // before anything is taken.
+    let (s, b) = north(&g, "GET", "/iot/commands?device=dev1", None).await;
+    assert_eq!((s, b["count"].as_u64()), (200, Some(1)), "{b}");
+    let cmd = &b["commands"][0];
+    assert_eq!(
+        (cmd["name"].as_str(), cmd["state"].as_str(), cmd["via"].as_str()),
+        (Some("ping"), Some("OK"), Some("mqtt"))
+    );
+    let states: Vec<&str> = cmd["history"].as_array().unwrap().iter().map(|h| h["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["PENDING", "OK"]);
+    let bad = json!({"actionType": "update", "entities": [{"id": "urn:lab:Sensor:push1", "type": "Sensor",
+        "reboot": {"type": "command", "value": ""}}]});
+    let (s, b) = north(&g, "POST", "/v2/op/update", Some(bad)).await;
+    assert_eq!((s, b["name"].as_str()), (400, Some("COMMAND_NOT_FOUND")), "{b}");
+    let nobody = json!({"actionType": "update", "entities": [{"id": "urn:lab:Sensor:nobody", "ping": {"value": 1}}]});
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(nobody)).await.0, 404);
+    assert_eq!(north(&g, "GET", "/iot/commands", None).await.1["count"], 1);
+    dev.quiet(Duration::from_millis(300)).await;
+
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_from_a_villas_action_busbar_command_and_the_http_api_come_back_with_the_devices_result() {
+    let gw = Gw::new();
+    let (d, g, c, mut l, _data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    let cmd_topic = gw.topic(&format!("{k}/inv1/cmd"));
+    let cmdexe = gw.topic(&format!("json/{k}/inv1/cmdexe"));
+    let mut dev = Device::connect(&format!("inv1-{}", gw.env.id), &cmd_topic, &cmdexe, Some("done")).await;
+    g.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Inverter",
+            "commands": [{"name": "set_power", "type": "command"}]}),
+        json!([{"device_id": "inv1"}]),
+    )
+    .await;
+    let inv = uuid_of("inv1");
+
+    // The device advertises its commands as the schema of its `command` action.
+    let st = ping_status(&c, &mut l, inv, |_| true).await;
+    assert_eq!(st["schema"]["command"]["properties"]["name"]["enum"], json!(["set_power"]), "{st}");
+
+    // A VILLAS action: answered PENDING at once, then with the result.
+    let answer = c.command(&inv.to_string(), json!({"name": "set_power", "value": 5}), false, WAIT).await.unwrap();
+    assert_eq!(answer["status"]["command"]["state"], "PENDING", "{answer}");
+    assert_eq!(dev.next().await.1, json!({"set_power": 5}));
+    let done = c.command(&inv.to_string(), json!({"name": "set_power", "value": 7}), true, WAIT).await.unwrap();
+    assert_eq!(done["status"]["command"]["state"], "OK", "{done}");
+    assert_eq!(done["status"]["command"]["info"], "done-7");
+    assert_eq!(dev.next().await.1, json!({"set_power": 7}));
+
+    // `busbar command --wait` from the shell.
+    let o = cli(&gw.env, &["command", "-u", &inv.to_string(), "set_power", "9", "--wait"]).await;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.starts_with("OK \"done-9\""), "{out}");
+    assert_eq!(dev.next().await.1, json!({"set_power": 9}));
+    let o = cli(&gw.env, &["command", "-u", &inv.to_string(), "reboot"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("has no command \"reboot\" (it has: set_power)"), "{err}");
+
+    // The HTTP API, and the device's status shows the last command.
+    let api = d.api_addr.expect("the API listens");
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{api}/api/v1/component/{inv}"))
+        .json(&json!({"action": "command", "parameters": {"name": "set_power", "value": 11}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["status"]["command"]["state"], "PENDING", "{b}");
+    assert_eq!(dev.next().await.1, json!({"set_power": 11}));
+    eventually(WAIT, "the device status shows the result", async || {
+        let b: Value = http.get(format!("http://{api}/api/v1/component/{inv}")).send().await.ok()?.json().await.ok()?;
+        (b["status"]["commands"]["set_power"]["state"] == "OK").then_some(())
+    })
+    .await;
+    let r = http
+        .post(format!("http://{api}/api/v1/component/{inv}"))
+        .json(&json!({"action": "command", "parameters": {"value": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    dev.quiet(Duration::from_millis(300)).await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_poll_and_http_push_commands_follow_iotagent_json() {
+    let (cb, url) = Cb::start().await;
+    // The device's own HTTP endpoint for push commands.
+    let device_app = Router::new().route(
+        "/cmd",
+        post(|headers: HeaderMap, body: Bytes| async move {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(headers.get("fiware-service").unwrap(), "lab");
+            let (name, value) = v.as_object().unwrap().iter().next().unwrap();
+            axum::Json(json!({ name: format!("pong-from-device-{value}") }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/cmd", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, device_app).await.unwrap() });
+
+    let gw = Gw::with(json!({"cbroker": url}));
+    let (d, g, c, _l, _data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Robot",
+            "commands": [{"name": "ping", "type": "command"}, {"name": "move", "type": "command"}]}),
+        json!([{"device_id": "poll1", "transport": "HTTP"}, {"device_id": "push1", "endpoint": endpoint}]),
+    )
+    .await;
+    let update = |id: &str, attrs: Value| {
+        let mut e = json!({"id": format!("Robot:{id}"), "type": "Robot"});
+        for (k, v) in attrs.as_object().unwrap() {
+            e[k] = json!({"type": "command", "value": v});
+        }
+        json!({"actionType": "update", "entities": [e]})
+    };
+
+    // Poll: two commands wait, the poll takes both (DELIVERED, info " "),
+    // the next poll gets nothing, the result finishes one.
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(update("poll1", json!({"ping": {"data": "22"}})))).await.0, 204);
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(update("poll1", json!({"move": 20})))).await.0, 204);
+    let (s, b) = g.south_get(&format!("/iot/json?i=poll1&k={k}&getCmd=1")).await;
+    assert_eq!((s, b), (200, json!({"ping": {"data": "22"}, "move": 20})));
+    let delivered = cb
+        .until("/v2/entities?options=upsert", "move_status\":{\"type\":\"commandStatus\",\"value\":\"DELIVERED")
+        .await;
+    assert!(delivered.contains(r#""move_info":{"type":"commandResult","value":" "}"#), "{delivered}");
+    assert_eq!(g.south_get(&format!("/iot/json?i=poll1&k={k}&getCmd=1")).await, (200, json!({})));
+    let (s, _) = g
+        .south_raw(&format!("/iot/json/commands?i=poll1&k={k}"), "application/json", br#"{"ping":"done-22"}"#.to_vec())
+        .await;
+    assert_eq!(s, 200);
+    let ok = cb.until("/v2/entities?options=upsert", "done-22").await;
+    assert_eq!(
+        ok,
+        r#"{"id":"Robot:poll1","type":"Robot","ping_status":{"type":"commandStatus","value":"OK"},"ping_info":{"type":"commandResult","value":"done-22"}}"#
+    );
+    // A measure with getCmd=1 answers the waiting commands too.
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(update("poll1", json!({"ping": 1})))).await.0, 204);
+    let (s, b) =
+        g.south_raw(&format!("/iot/json?i=poll1&k={k}&getCmd=1"), "application/json", br#"{"t": 1}"#.to_vec()).await;
+    assert_eq!((s, b), (200, json!({"ping": 1})));
+
+    // Push: the device's answer is the result.
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(update("push1", json!({"ping": "hello"})))).await.0, 204);
+    let ok = cb.until("/v2/entities?options=upsert", "pong-from-device").await;
+    assert_eq!(
+        ok,
+        r#"{"id":"Robot:push1","type":"Robot","ping_status":{"type":"commandStatus","value":"OK"},"ping_info":{"type":"commandResult","value":"pong-from-device-\"hello\""}}"#
+    );
+    let (_, b) = north(&g, "GET", "/iot/commands?device=push1", None).await;
+    assert_eq!(b["commands"][0]["via"], "http-push", "{b}");
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_survives_a_restart_commands_expire_on_time_and_an_offline_device_gets_its_command_once() {
+    let (cb, url) = Cb::start().await;
+    let gw = Gw::with(json!({"cbroker": url}));
+    let (d, g, c, _l, _data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    let cmd_topic = gw.topic(&format!("{k}/m1/cmd"));
+    let cmdexe = gw.topic(&format!("json/{k}/m1/cmdexe"));
+    let client_id = format!("m1-{}", gw.env.id);
+    // The MQTT device subscribes once, then goes offline (its session stays).
+    Device::connect(&client_id, &cmd_topic, &cmdexe, None).await.offline().await;
+    g.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Meter",
+            "commands": [{"name": "reset", "type": "command"}, {"name": "tare", "type": "command", "expiration": 2}]}),
+        json!([{"device_id": "m1"}, {"device_id": "p1", "transport": "HTTP"}]),
+    )
+    .await;
+    let update = |id: &str, name: &str| {
+        json!({"actionType": "update", "entities": [{"id": format!("Meter:{id}"), "type": "Meter",
+            name: {"type": "command", "value": 1}}]})
+    };
+    // For the offline device; for the polling one: one that expires in 2 s
+    // and one that does not, which the device polls (DELIVERED).
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(update("m1", "reset"))).await.0, 204);
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(update("p1", "reset"))).await.0, 204);
+    assert_eq!(g.south_get(&format!("/iot/json?i=p1&k={k}&getCmd=1")).await, (200, json!({"reset": 1})));
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(update("p1", "tare"))).await.0, 204);
+    // The broker took the MQTT command before the restart.
+    eventually(WAIT, "the broker acknowledged the command", async || {
+        let (_, b) = north(&g, "GET", "/iot/commands?device=m1", None).await;
+        b["commands"][0]["broker"].as_str().map(|_| ())
+    })
+    .await;
+
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+    let d = gw.env.start_with(gw.config()).await;
+    let g = common::iot::Gateway::of(&d, gw.uuid).await;
+    let (_, b) = north(&g, "GET", "/iot/commands", None).await;
+    let states: Vec<(String, String, String)> = b["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["device_id"].as_str().unwrap().into(),
+                c["name"].as_str().unwrap().into(),
+                c["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let has = |d: &str, n: &str, s: &str| states.iter().any(|x| x == &(d.into(), n.into(), s.into()));
+    assert!(has("m1", "reset", "PENDING") && has("p1", "reset", "DELIVERED"), "{states:?}");
+    // The one with a 2 s expiry expires on time, after the restart, and the
+    // Context Broker hears it as upstream writes it.
+    let expired = cb.until("/v2/entities?options=upsert", "tare_info").await;
+    assert_eq!(
+        expired,
+        r#"{"id":"Meter:p1","type":"Meter","tare_status":{"type":"commandStatus","value":"ERROR"},"tare_info":{"type":"commandResult","value":"EXPIRED"}}"#
+    );
+    let (_, b) = north(&g, "GET", "/iot/commands?device=p1", None).await;
+    let tare = b["commands"].as_array().unwrap().iter().find(|c| c["name"] == "tare").unwrap().clone();
+    let created = tare["created"].as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+    let ended = tare["updated"].as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+    let took = (ended - created).total(jiff::Unit::Millisecond).unwrap();
+    assert!((2000.0..3500.0).contains(&took), "expired {took} ms after it was taken: {tare}");
+    // The delivered one finishes with the device's result after the restart.
+    g.south_raw(&format!("/iot/json/commands?i=p1&k={k}"), "application/json", br#"{"reset":"ok"}"#.to_vec()).await;
+    cb.until("/v2/entities?options=upsert", "\"value\":\"ok\"").await;
+
+    // The offline device comes back: its command waited at the broker
+    // (busbar did not publish it again after its own restart), once.
+    let mut dev = Device::connect(&client_id, &cmd_topic, &cmdexe, Some("done")).await;
+    assert_eq!(dev.next().await.1, json!({"reset": 1}));
+    cb.until("/v2/entities?options=upsert", "done-1").await;
+    dev.quiet(Duration::from_millis(500)).await;
+    d.stop().await.expect("clean shutdown");
+}
