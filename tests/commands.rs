@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::post;
 use busbar::iot::model::Tenant;
 use busbar::iot::registry::device_uuid;
-use common::iot::{Gw, LAB, ping_status};
+use common::iot::{Broker, Gw, LAB, ping_status};
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -89,7 +89,17 @@ struct Device {
 
 impl Device {
     async fn connect(client_id: &str, cmd_topic: &str, cmdexe_topic: &str, answer: Option<&str>) -> Device {
-        let mut opts = MqttOptions::new(client_id, "127.0.0.1", 1883);
+        Device::connect_to(1883, client_id, cmd_topic, cmdexe_topic, answer).await
+    }
+
+    async fn connect_to(
+        port: u16,
+        client_id: &str,
+        cmd_topic: &str,
+        cmdexe_topic: &str,
+        answer: Option<&str>,
+    ) -> Device {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5)).set_clean_session(false);
         let (client, mut events) = AsyncClient::new(opts, 100);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -461,5 +471,70 @@ async fn the_ledger_survives_a_restart_commands_expire_on_time_and_an_offline_de
     assert_eq!(dev.next().await.1, json!({"reset": 1}));
     cb.until("/v2/entities?options=upsert", "done-1").await;
     dev.quiet(Duration::from_millis(500)).await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_pending_across_an_mqtt_broker_restart_reach_the_device_once_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path());
+    let gw = Gw::with(json!({"mqtt_url": format!("mqtt://127.0.0.1:{}", broker.port)}));
+    let (d, g, c, _l, _data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    let cmd_topic = gw.topic(&format!("{k}/sw1/cmd"));
+    let cmdexe = gw.topic(&format!("json/{k}/sw1/cmdexe"));
+    let client_id = format!("sw1-{}", gw.env.id);
+    Device::connect_to(broker.port, &client_id, &cmd_topic, &cmdexe, None).await.offline().await;
+    g.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Switch",
+            "commands": [{"name": "set", "type": "command"}]}),
+        json!([{"device_id": "sw1"}]),
+    )
+    .await;
+    let send = |i: u64| {
+        let g = g.clone();
+        async move {
+            let body = json!({"actionType": "update", "entities": [{"id": "Switch:sw1", "type": "Switch",
+                "set": {"type": "command", "value": i}}]});
+            assert_eq!(north(&g, "POST", "/v2/op/update", Some(body)).await.0, 204);
+        }
+    };
+    // Five while the broker runs (it holds them for the offline device)...
+    for i in 0..5 {
+        send(i).await;
+    }
+    eventually(WAIT, "the broker acknowledged the first five", async || {
+        let (_, b) = north(&g, "GET", "/iot/commands?device=sw1", None).await;
+        b["commands"].as_array()?.iter().all(|c| c["broker"].is_string()).then_some(())
+    })
+    .await;
+    // ...five while it is down, then it comes back (with its saved state).
+    broker.stop();
+    for i in 5..10 {
+        send(i).await;
+    }
+    broker.restart();
+    eventually(WAIT, "the broker acknowledged all ten", async || {
+        let (_, b) = north(&g, "GET", "/iot/commands?device=sw1", None).await;
+        let all = b["commands"].as_array()?;
+        (all.len() == 10 && all.iter().all(|c| c["broker"].is_string())).then_some(())
+    })
+    .await;
+    // The device returns: each command once, and each result finishes one.
+    let mut dev = Device::connect_to(broker.port, &client_id, &cmd_topic, &cmdexe, Some("on")).await;
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got.push(dev.next().await.1["set"].as_u64().unwrap());
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..10).collect::<Vec<_>>(), "each command once");
+    dev.quiet(Duration::from_millis(500)).await;
+    eventually(WAIT, "all ten finished OK", async || {
+        let (_, b) = north(&g, "GET", "/iot/commands?device=sw1", None).await;
+        b["commands"].as_array()?.iter().all(|c| c["state"] == "OK").then_some(())
+    })
+    .await;
+    c.close().await;
     d.stop().await.expect("clean shutdown");
 }

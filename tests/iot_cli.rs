@@ -142,3 +142,64 @@ async fn provisioning_survives_kill_9_and_devices_are_listed_and_monitored() {
     let ch = conn.create_channel().await.unwrap();
     let _ = ch.exchange_delete(data.as_str().into(), Default::default()).await;
 }
+
+/// The first command of `device` named `name` in the ledger.
+async fn command_of(base: &str, device: &str, name: &str) -> Value {
+    let (_, b) = call("GET", &format!("{base}/iot/commands?device={device}"), None).await;
+    b["commands"].as_array().and_then(|a| a.iter().find(|c| c["name"] == name).cloned()).unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_pending_and_delivered_survive_kill_9_and_expire_on_time() {
+    let env = TestEnv::new();
+    let (north, south) = (free_port(), free_port());
+    let gw = uuid::Uuid::new_v4();
+    let prefix = format!("t{}", env.id);
+    let gateway = json!({"category": "gateway", "type": "iot-agent", "name": "IoT", "uuid": gw,
+        "north_bind": format!("127.0.0.1:{north}"), "south_bind": format!("127.0.0.1:{south}"),
+        "mqtt_prefix": prefix, "federation_exchange": format!("data-{}", env.id)});
+    let config = env.dir.path().join("lab.yaml");
+    std::fs::write(&config, text_of(&env.config_value_with(vec![gateway]))).unwrap();
+    let base = format!("http://127.0.0.1:{north}");
+    let d = Daemon::spawn(&config);
+    until_up(&format!("{base}/iot/about")).await;
+    let k = format!("k{}", env.id);
+    let group = json!({"groups": [{"resource": "/iot/json", "apikey": k, "entity_type": "Meter",
+        "commands": [{"name": "reset", "type": "command"}, {"name": "tare", "type": "command", "expiration": 3},
+                     {"name": "zero", "type": "command"}]}]});
+    assert_eq!(call("POST", &format!("{base}/iot/groups"), Some(group)).await.0, 201);
+    let devices = json!({"devices": [{"device_id": "p1", "transport": "HTTP"}]});
+    assert_eq!(call("POST", &format!("{base}/iot/devices"), Some(devices)).await.0, 201);
+    let update = |name: &str| {
+        json!({"actionType": "update", "entities": [{"id": "Meter:p1", "type": "Meter",
+            name: {"type": "command", "value": 1}}]})
+    };
+    let poll = format!("http://127.0.0.1:{south}/iot/json?i=p1&k={k}&getCmd=1");
+    // DELIVERED (polled), then PENDING, and one that expires 3 s after it
+    // was taken, whatever happens to the daemon meanwhile.
+    assert_eq!(call("POST", &format!("{base}/v2/op/update"), Some(update("reset"))).await.0, 204);
+    assert_eq!(call("GET", &poll, None).await, (200, json!({"reset": 1})));
+    assert_eq!(call("POST", &format!("{base}/v2/op/update"), Some(update("zero"))).await.0, 204);
+    assert_eq!(call("POST", &format!("{base}/v2/op/update"), Some(update("tare"))).await.0, 204);
+
+    d.kill9().await;
+    let d = Daemon::spawn(&config);
+    until_up(&format!("{base}/iot/about")).await;
+    assert_eq!(command_of(&base, "p1", "reset").await["state"], "DELIVERED");
+    assert_eq!(command_of(&base, "p1", "zero").await["state"], "PENDING");
+    // The pending ones are still there for the device's next poll; the
+    // delivered one takes its result; tare, delivered now, still expires.
+    assert_eq!(call("GET", &poll, None).await, (200, json!({"zero": 1, "tare": 1})), "only what was not delivered yet");
+    let results = format!("http://127.0.0.1:{south}/iot/json/commands?i=p1&k={k}");
+    assert_eq!(call("POST", &results, Some(json!({"reset": "done"}))).await.0, 200);
+    assert_eq!(command_of(&base, "p1", "reset").await["state"], "OK");
+    let tare = eventually(Duration::from_secs(10), "tare expires", async || {
+        let c = command_of(&base, "p1", "tare").await;
+        (c["state"] == "EXPIRED").then_some(c)
+    })
+    .await;
+    let at = |k: &str| tare[k].as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+    let took = (at("updated") - at("created")).total(jiff::Unit::Millisecond).unwrap();
+    assert!((3000.0..5000.0).contains(&took), "expired {took} ms after it was taken, across a kill -9: {tare}");
+    d.stop().await;
+}

@@ -291,3 +291,57 @@ pub async fn ping_status(c: &Client, l: &mut Listener, uuid: Uuid, pred: impl Fn
     c.publish(to_uuid(uuid), &action("ping", json!({})), None).await.unwrap();
     status_of(l, uuid, pred).await
 }
+
+/// A private Mosquitto on a free port, with persistence in `dir`.
+pub struct Broker {
+    /// Its port.
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Broker {
+    /// Start one that keeps its state in `dir`.
+    pub fn start(dir: &std::path::Path) -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut b = Broker { port, dir: dir.to_owned(), child: None };
+        b.restart();
+        b
+    }
+
+    /// Start it (again).
+    pub fn restart(&mut self) {
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\nlog_dest none\n",
+                self.port,
+                self.dir.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto").arg("-c").arg(&conf).spawn().expect("mosquitto runs");
+        self.child = Some(child);
+        let end = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < end, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM (Mosquitto saves its sessions) and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
