@@ -538,3 +538,73 @@ async fn commands_pending_across_an_mqtt_broker_restart_reach_the_device_once_ea
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_retried_an_error_answer_fails_and_bad_results_are_counted() {
+    // The device endpoint is down when the command comes; it comes up later.
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let late = spare.local_addr().unwrap();
+    drop(spare);
+    let failing = Router::new().route("/cmd", post(|| async { StatusCode::INTERNAL_SERVER_ERROR }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broken = format!("http://{}/cmd", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, failing).await.unwrap() });
+
+    let gw = Gw::new();
+    let (d, g, c, mut l, _data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Load",
+            "commands": [{"name": "switch", "type": "command"}]}),
+        json!([{"device_id": "late", "endpoint": format!("http://{late}/cmd")}, {"device_id": "broken", "endpoint": broken},
+               {"device_id": "mq"}]),
+    )
+    .await;
+    let send = |id: &str| {
+        json!({"actionType": "update", "entities": [{"id": format!("Load:{id}"), "type": "Load",
+        "switch": {"type": "command", "value": "on"}}]})
+    };
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(send("late"))).await.0, 204);
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(send("broken"))).await.0, 204);
+    let state = |id: &'static str| {
+        let g = g.clone();
+        async move { north(&g, "GET", &format!("/iot/commands?device={id}"), None).await.1["commands"][0].clone() }
+    };
+    let failed = eventually(WAIT, "the error answer fails the command", async || {
+        let c = state("broken").await;
+        (c["state"] == "ERROR").then_some(c)
+    })
+    .await;
+    assert_eq!(failed["info"], "the device answered HTTP 500", "{failed}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(state("late").await["state"], "PENDING", "still trying");
+    let listener = tokio::net::TcpListener::bind(late).await.unwrap();
+    let app = Router::new().route("/cmd", post(|| async { axum::Json(json!({"switch": "is on"})) }));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let ok = eventually(WAIT, "the endpoint that came up took it", async || {
+        let c = state("late").await;
+        (c["state"] == "OK").then_some(c)
+    })
+    .await;
+    assert_eq!(ok["info"], "is on");
+
+    // Junk on the MQTT result topics is counted, and the loop goes on.
+    let mqtt = common::iot::Mqtt::connect(1883).await;
+    let cmdexe = gw.topic(&format!("json/{k}/mq/cmdexe"));
+    mqtt.publish(&cmdexe, "not json", 1).await;
+    mqtt.publish(&cmdexe, "[1, 2]", 1).await;
+    mqtt.publish(&gw.topic(&format!("json/{k}/nobody/cmdexe")), r#"{"switch": 1}"#, 1).await;
+    let st = eventually(WAIT, "the bad results are counted", async || {
+        let st = ping_status(&c, &mut l, gw.uuid, |_| true).await;
+        let e = &st["status"]["counters"]["errors"];
+        (e["bad_payload"] == 2 && e["device_not_found"] == 1).then_some(st)
+    })
+    .await;
+    assert_eq!(st["status"]["state"], "running", "{st}");
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(send("mq"))).await.0, 204);
+    mqtt.publish(&cmdexe, r#"{"switch": "done"}"#, 1).await;
+    eventually(WAIT, "a good result after the junk", async || (state("mq").await["state"] == "OK").then_some(())).await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}

@@ -343,6 +343,8 @@ pub struct Ledger {
     pub(super) wake: tokio::sync::Notify,
     /// Counters.
     pub counters: CmdCounters,
+    /// Most unfinished commands ([`MAX_OPEN`]).
+    max_open: usize,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -379,6 +381,7 @@ impl Ledger {
             changes: broadcast::channel(1024).0,
             wake: tokio::sync::Notify::new(),
             counters: CmdCounters::default(),
+            max_open: MAX_OPEN,
         }
     }
 
@@ -428,9 +431,10 @@ impl Ledger {
     /// Store a new command (refused if it cannot be stored), then tell.
     pub async fn insert(&self, cmd: Command) -> Result<Arc<Command>, CommandError> {
         let _w = self.write.lock().await;
-        if self.open_count() >= MAX_OPEN {
+        if self.open_count() >= self.max_open {
             return Err(CommandError::Invalid(format!(
-                "the gateway holds {MAX_OPEN} unfinished commands; wait for them to finish or expire"
+                "the gateway holds {} unfinished commands; wait for them to finish or expire",
+                self.max_open
             )));
         }
         self.persist(&cmd).await.map_err(|e| CommandError::Store(e.to_string()))?;
@@ -1015,5 +1019,49 @@ mod tests {
         assert_eq!(again.get(c.id).unwrap().state, CmdState::Delivered);
         assert_eq!(again.get(c.id).unwrap().history.len(), 2);
         assert_eq!(again.next_expiry(), Some(1), "the open one still expires");
+    }
+
+    #[tokio::test]
+    async fn a_device_that_never_answers_cannot_grow_the_ledger_without_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::load(Uuid::new_v4(), Store::open(dir.path()).unwrap()).unwrap();
+        ledger.max_open = 2;
+        let mk = || Command {
+            id: Uuid::now_v7(),
+            device: Uuid::nil(),
+            device_id: "d".into(),
+            apikey: "k".into(),
+            service: "s".into(),
+            servicepath: "/".into(),
+            name: "n".into(),
+            value: Value::Null,
+            state: CmdState::Pending,
+            info: None,
+            via: Via::HttpPoll,
+            origin: Origin::default(),
+            created_ms: 0,
+            updated_ms: 0,
+            expires_ms: i64::MAX,
+            broker_ms: None,
+            history: vec![],
+        };
+        let first = ledger.insert(mk()).await.unwrap();
+        ledger.insert(mk()).await.unwrap();
+        let refused = ledger.insert(mk()).await.unwrap_err();
+        assert!(refused.to_string().contains("holds 2 unfinished commands"), "{refused}");
+        ledger.apply(first.id, CmdEvent::Expire).await.unwrap();
+        ledger.insert(mk()).await.expect("room again once one finished");
+        // Finished ones beyond KEEP_FINISHED are forgotten, oldest first.
+        ledger.max_open = usize::MAX;
+        let mut ids = Vec::new();
+        for _ in 0..KEEP_FINISHED + 5 {
+            let c = ledger.insert(mk()).await.unwrap();
+            ledger.apply(c.id, CmdEvent::Expire).await.unwrap();
+            ids.push(c.id);
+        }
+        let finished = ledger.list(None).into_iter().filter(|c| c.state.terminal()).count();
+        assert_eq!(finished, KEEP_FINISHED);
+        assert!(ledger.get(first.id).is_none() && ledger.get(ids[4]).is_none(), "the oldest went first");
+        assert!(ledger.get(ids[5]).is_some());
     }
 }
