@@ -608,3 +608,77 @@ async fn an_unreachable_endpoint_is_retried_an_error_answer_fails_and_bad_result
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp_command_waits_for_its_device_queue_and_its_result_comes_back_on_cmdexe() {
+    use futures_util::StreamExt;
+    let id = TestEnv::new().id.clone();
+    let south = format!("south-{id}");
+    let gw = Gw::with(json!({"amqp_south_exchange": south, "amqp_south_queue": format!("q-{id}")}));
+    let (d, g, c, _l, _data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    g.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Battery",
+            "commands": [{"name": "test", "type": "command"}]}),
+        json!([{"device_id": "bat1", "transport": "AMQP"}]),
+    )
+    .await;
+    // Sent before the device has a queue: no queue takes it, it waits.
+    let body = json!({"actionType": "update", "entities": [{"id": "Battery:bat1", "type": "Battery",
+        "test": {"type": "command", "value": {"cycles": 3}}}]});
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(body)).await.0, 204);
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    eventually(WAIT, "the gateway declares its south exchange", async || {
+        let ch = conn.create_channel().await.unwrap();
+        let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
+        ch.exchange_declare(south.as_str().into(), lapin::ExchangeKind::Topic, passive, Default::default()).await.ok()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, b) = north(&g, "GET", "/iot/commands?device=bat1", None).await;
+    assert!(b["commands"][0]["broker"].is_null(), "no queue took it yet: {b}");
+    // The device's queue appears: the command arrives (within a retry tick), once.
+    let q = format!("dev-{id}");
+    ch.queue_declare(q.as_str().into(), Default::default(), Default::default()).await.unwrap();
+    let key = format!(".{k}.bat1.cmd");
+    ch.queue_bind(
+        q.as_str().into(),
+        south.as_str().into(),
+        key.as_str().into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer =
+        ch.basic_consume(q.as_str().into(), "".into(), Default::default(), Default::default()).await.unwrap();
+    let got = tokio::time::timeout(WAIT, consumer.next()).await.expect("the device gets its command").unwrap().unwrap();
+    assert_eq!(got.routing_key.as_str(), key);
+    assert_eq!(serde_json::from_slice::<Value>(&got.data).unwrap(), json!({"test": {"cycles": 3}}));
+    got.ack(Default::default()).await.unwrap();
+    let result = json!({"test": "passed"}).to_string();
+    let rkey = format!(".{k}.bat1.cmdexe");
+    ch.basic_publish(
+        south.as_str().into(),
+        rkey.as_str().into(),
+        Default::default(),
+        result.as_bytes(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let done = eventually(WAIT, "the result finishes the command", async || {
+        let c = north(&g, "GET", "/iot/commands?device=bat1", None).await.1["commands"][0].clone();
+        (c["state"] == "OK").then_some(c)
+    })
+    .await;
+    assert_eq!(done["info"], "passed");
+    assert!(tokio::time::timeout(Duration::from_millis(2500), consumer.next()).await.is_err(), "sent once");
+    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    let _ = ch.exchange_delete(south.as_str().into(), Default::default()).await;
+    let _ = ch.queue_delete(format!("q-{id}").as_str().into(), Default::default()).await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}

@@ -120,6 +120,9 @@ pub enum Via {
     HttpPush,
     /// Waits for the device's `GET …&getCmd=1`.
     HttpPoll,
+    /// Published on the gateway's AMQP south exchange, routing key
+    /// `.{apikey}.{device_id}.cmd`.
+    Amqp,
 }
 
 /// Who asked, so the answer finds its way back.
@@ -257,10 +260,11 @@ pub fn via_of(device: &Device, group: Option<&Group>) -> Result<Via, CommandErro
         Some("HTTP") if endpoint => Ok(Via::HttpPush),
         Some("HTTP") => Ok(Via::HttpPoll),
         Some("MQTT") => Ok(Via::Mqtt),
+        Some("AMQP") => Ok(Via::Amqp),
         None if endpoint => Ok(Via::HttpPush),
         None => Ok(Via::Mqtt),
         Some(other) => Err(CommandError::Transport(format!(
-            "commands over {other} are not supported (MQTT, HTTP push with an endpoint, HTTP poll without one)"
+            "commands over {other} are not supported (MQTT, AMQP, HTTP push with an endpoint, HTTP poll without one)"
         ))),
     }
 }
@@ -617,6 +621,13 @@ pub fn mqtt_message(cmd: &Command, prefix: &str) -> (String, Vec<u8>) {
     (topic, payload)
 }
 
+/// The AMQP publish of a command (iotagent-json's AMQP binding): routing
+/// key `.{apikey}.{device_id}.cmd`, body `{"<name>": value}`.
+pub fn amqp_message(cmd: &Command) -> (String, Vec<u8>) {
+    let key = format!(".{}.{}.cmd", cmd.apikey, cmd.device_id);
+    (key, serde_json::to_vec(&json!({ cmd.name.as_str(): cmd.value })).unwrap_or_default())
+}
+
 /// The Context Broker's view of a command's state, as iotagent-node-lib
 /// writes it: an upsert of `<cmd>_status` (`commandStatus`) and, once there
 /// is one, `<cmd>_info` (`commandResult`). Expiry is `ERROR` with info
@@ -700,6 +711,12 @@ pub async fn submit(
             cmd.device_id
         )));
     }
+    if cmd.via == Via::Amqp && core.settings.amqp_south_exchange.is_none() {
+        return Err(CommandError::Transport(format!(
+            "{} takes commands over AMQP, and this gateway has no amqp_south_exchange",
+            cmd.device_id
+        )));
+    }
     let cmd = core.commands.insert(cmd).await?;
     tracing::info!(command = %cmd.id, device = %cmd.device_id, name = %cmd.name, via = ?cmd.via, "command accepted");
     dispatch(core, &cmd);
@@ -719,6 +736,11 @@ fn dispatch(core: &Arc<Core>, cmd: &Command) {
         Via::HttpPush => {
             let (core, id) = (core.clone(), cmd.id);
             tokio::spawn(async move { push_until_done(core, id).await });
+        }
+        Via::Amqp => {
+            if let Some(tx) = core.amqp_out.get() {
+                let _ = tx.send(cmd.id);
+            }
         }
         Via::HttpPoll => {}
     }
@@ -914,6 +936,7 @@ mod tests {
             Ok(Via::HttpPush)
         );
         assert_eq!(via_of(&d(json!({"device_id": "a", "transport": "MQTT", "endpoint": "x"})), None), Ok(Via::Mqtt));
+        assert_eq!(via_of(&d(json!({"device_id": "a", "transport": "AMQP"})), None), Ok(Via::Amqp));
         assert!(via_of(&d(json!({"device_id": "a", "transport": "COAP"})), None).is_err());
     }
 

@@ -93,6 +93,14 @@ pub fn parse_routing_key(key: &str) -> Option<Address> {
     }
 }
 
+/// Parse an AMQP command result routing key `.{apikey}.{id}.cmdexe`.
+pub fn parse_routing_cmdexe(key: &str) -> Option<(String, String)> {
+    match key.strip_prefix('.')?.split('.').collect::<Vec<_>>().as_slice() {
+        [apikey, id, "cmdexe"] if !apikey.is_empty() && !id.is_empty() => Some(((*apikey).into(), (*id).into())),
+        _ => None,
+    }
+}
+
 /// A single-attribute body: JSON if it parses, else text (UTF-8) or, for
 /// binary, lowercase hex as iotagent-json does.
 pub fn single_value(body: &[u8], binary: bool) -> Value {
@@ -379,6 +387,9 @@ mod tests {
         for t in ["/json/k1/dev1/cmdexe", "json/k1/dev1/cmdexe", "/k1/dev1/cmdexe", "/JSON/k1/dev1/cmdexe"] {
             assert_eq!(parse_cmdexe(t), kd, "{t}");
         }
+        assert_eq!(parse_routing_cmdexe(".k1.dev1.cmdexe"), kd);
+        assert_eq!(parse_routing_cmdexe(".k1.dev1.cmd"), None);
+        assert_eq!(parse_routing_cmdexe("k1.dev1.cmdexe"), None);
         for t in ["k1/dev1/cmdexe", "/k1/dev1/cmd", "/k1//cmdexe", "/json/k1/dev1/cmdexe/x", "/k1/dev1/attrs"] {
             assert_eq!(parse_cmdexe(t), None, "{t}");
         }

@@ -381,6 +381,8 @@ pub struct Core {
     /// Towards the MQTT client: ids of commands to publish (set when the
     /// agent starts it).
     pub(crate) mqtt_out: std::sync::OnceLock<mpsc::UnboundedSender<Uuid>>,
+    /// Towards the AMQP south session: ids of commands to publish.
+    pub(crate) amqp_out: std::sync::OnceLock<mpsc::UnboundedSender<Uuid>>,
     /// The north API's URL, once it listens.
     north_url: std::sync::OnceLock<String>,
 }
@@ -530,6 +532,7 @@ impl Core {
             outbox,
             ngsi: std::sync::OnceLock::new(),
             mqtt_out: std::sync::OnceLock::new(),
+            amqp_out: std::sync::OnceLock::new(),
             north_url: std::sync::OnceLock::new(),
         }
     }
@@ -713,6 +716,8 @@ impl Agent {
         }
         let (mqtt_out, mqtt_out_rx) = mpsc::unbounded_channel();
         let _ = core.mqtt_out.set(mqtt_out);
+        let (amqp_out, amqp_out_rx) = mpsc::unbounded_channel();
+        let _ = core.amqp_out.set(amqp_out);
         let t = &env.tracker;
         {
             let _span = span.enter();
@@ -750,7 +755,7 @@ impl Agent {
         if let Some(exchange) = &settings.amqp_south_exchange {
             let url = env.settings.broker_url.clone();
             hot.push(Box::pin(
-                south::amqp(core.clone(), url, exchange.clone(), token.clone()).instrument(span.clone()),
+                south::amqp(core.clone(), url, exchange.clone(), amqp_out_rx, token.clone()).instrument(span.clone()),
             ));
         }
         let hot = t.track_future(futures_util::future::join_all(hot));

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::MqttLink;
 use super::mapping::MeasureError;
-use super::mapping::{Address, parse_cmdexe, parse_routing_key, parse_topic, single_value};
+use super::mapping::{Address, parse_cmdexe, parse_routing_cmdexe, parse_routing_key, parse_topic, single_value};
 use super::model::ApiError;
 use super::{Core, IngestError, Payload, Transport};
 use crate::amqp::{self, Backoff, LinkError};
@@ -344,7 +344,8 @@ async fn on_publish(core: &Core, topic: &str, payload: &[u8]) {
     ingest_bytes(core, Transport::Mqtt, topic, addr, payload).await
 }
 
-/// A device's command results on `…/cmdexe`: `{"<command>": result}`.
+/// A device's command results on `…/cmdexe` (MQTT) or `.….cmdexe` (AMQP):
+/// `{"<command>": result}`.
 async fn on_cmdexe(core: &Core, topic: &str, apikey: &str, device_id: &str, payload: &[u8]) {
     let Some(r) = core.registry.find(apikey, device_id) else {
         core.counters.error("device_not_found");
@@ -650,10 +651,16 @@ pub async fn mqtt(
 /// The AMQP southbound consumer: queue `amqp_south_queue` on topic
 /// exchange `exchange`, bound `.*.*.attrs` and `.*.*.attrs.*`; a delivery
 /// is acknowledged once the federation has taken its measure.
-pub async fn amqp(core: Arc<Core>, url: String, exchange: String, token: CancellationToken) {
+pub async fn amqp(
+    core: Arc<Core>,
+    url: String,
+    exchange: String,
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<uuid::Uuid>,
+    token: CancellationToken,
+) {
     let mut backoff = Backoff::new();
     loop {
-        let session = amqp_session(&core, &url, &exchange, &token);
+        let session = amqp_session(&core, &url, &exchange, &mut commands, &token);
         match session.await {
             Ok(Ended::Shutdown) => return,
             // Stopped, then started again: reconnect and consume at once.
@@ -681,15 +688,53 @@ enum Ended {
     Resumed,
 }
 
-async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &CancellationToken) -> Result<Ended, LinkError> {
+/// Publish AMQP command `id` (persistent, mandatory) and wait for the
+/// broker's confirm: taken by a device's queue, it is the broker's to hold
+/// (`broker_acked`); unroutable (no device queue bound yet), it stays
+/// pending and goes again at the next retry tick.
+async fn publish_amqp_command(
+    core: &Core,
+    ch: &lapin::Channel,
+    exchange: &str,
+    id: uuid::Uuid,
+) -> Result<(), LinkError> {
+    let Some(cmd) = core.commands.get(id) else { return Ok(()) };
+    if cmd.state.terminal() || cmd.via != super::commands::Via::Amqp || cmd.broker_ms.is_some() {
+        return Ok(());
+    }
+    let (key, body) = super::commands::amqp_message(&cmd);
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(id.to_string().into());
+    let opts = lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() };
+    let confirm = ch.basic_publish(exchange.into(), key.as_str().into(), opts, &body, props).await?.await?;
+    core.commands.counters.sent.fetch_add(1, Ordering::Relaxed);
+    if confirm.is_ack() && confirm.take_message().is_none() {
+        core.commands.broker_acked(id).await;
+    } else {
+        debug!(command = %id, "no device queue took the command yet; trying again");
+    }
+    Ok(())
+}
+
+async fn amqp_session(
+    core: &Core,
+    url: &str,
+    exchange: &str,
+    commands: &mut tokio::sync::mpsc::UnboundedReceiver<uuid::Uuid>,
+    token: &CancellationToken,
+) -> Result<Ended, LinkError> {
     let conn = amqp::connect(url, &format!("busbar amqp-south gateway={}", core.gateway)).await?;
     let ch = conn.create_channel().await?;
+    let out = conn.create_channel().await?;
+    out.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
     ch.basic_qos(1000, BasicQosOptions::default()).await?;
     amqp::declare_topic_exchange(&ch, exchange).await?;
     let queue = core.settings.amqp_south_queue.as_str();
     ch.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
         .await?;
-    for key in [".*.*.attrs", ".*.*.attrs.*"] {
+    for key in [".*.*.attrs", ".*.*.attrs.*", ".*.*.cmdexe"] {
         ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
             .await?;
     }
@@ -697,11 +742,26 @@ async fn amqp_session(core: &Core, url: &str, exchange: &str, token: &Cancellati
         ch.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
     info!(%exchange, %queue, "AMQP southbound consuming");
     let mut running = core.running.subscribe();
+    // Commands not yet taken by a device queue: now, then every few seconds.
+    let mut retry = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
+            _ = retry.tick() => {
+                for c in core.commands.open() {
+                    if c.via == super::commands::Via::Amqp && c.broker_ms.is_none() {
+                        publish_amqp_command(core, &out, exchange, c.id).await?;
+                    }
+                }
+            }
+            Some(id) = commands.recv() => publish_amqp_command(core, &out, exchange, id).await?,
             d = consumer.next() => match d {
                 Some(Ok(d)) => {
                     let key = d.routing_key.as_str();
+                    if let Some((apikey, device_id)) = parse_routing_cmdexe(key) {
+                        on_cmdexe(core, key, &apikey, &device_id, &d.data).await;
+                        d.ack(BasicAckOptions::default()).await?;
+                        continue;
+                    }
                     let measure = ingest_bytes(core, Transport::Amqp, key, parse_routing_key(key), &d.data);
                     if let Err(panic) = crate::supervise::catch(measure).await {
                         core.counters.error("panic");
