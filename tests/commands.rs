@@ -57,7 +57,29 @@ impl Cb {
         let app = Router::new()
             .route("/v2/entities", post(record(cb.clone(), StatusCode::NO_CONTENT)))
             .route("/v2/op/update", post(record(cb.clone(), StatusCode::NO_CONTENT)))
-            .route("/v2/registrations", post(record(cb.clone(), StatusCode::CREATED)));
+            .route("/v2/registrations", post(record(cb.clone(), StatusCode::CREATED)))
+            .route("/v2/subscriptions", post(record(cb.clone(), StatusCode::CREATED)))
+            .route(
+                "/v2/entities/{id}/attrs",
+                axum::routing::get({
+                    let cb = cb.clone();
+                    move |uri: Uri, headers: HeaderMap| {
+                        let cb = cb.clone();
+                        async move {
+                            let h =
+                                |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                            cb.seen.lock().unwrap().push(Seen {
+                                path: uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+                                service: h("fiware-service"),
+                                servicepath: h("fiware-servicepath"),
+                                body: String::new(),
+                            });
+                            axum::Json(json!({"sleepTime": {"type": "Text", "value": "200"},
+                                "warningLevel": {"type": "Text", "value": "80"}}))
+                        }
+                    }
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -679,6 +701,91 @@ async fn an_amqp_command_waits_for_its_device_queue_and_its_result_comes_back_on
     let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
     let _ = ch.exchange_delete(south.as_str().into(), Default::default()).await;
     let _ = ch.queue_delete(format!("q-{id}").as_str().into(), Default::default()).await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_retrieve_their_configuration_once_or_by_subscription_over_mqtt_and_http() {
+    let (cb, url) = Cb::start().await;
+    // An HTTP device's endpoint, which receives /configuration/values.
+    let (tx, mut got) = mpsc::unbounded_channel::<(String, Value)>();
+    let device_app = Router::new().route(
+        "/dev/configuration/values",
+        post(move |uri: Uri, body: Bytes| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((uri.path().to_owned(), serde_json::from_slice(&body).unwrap_or(Value::Null)));
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/dev", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, device_app).await.unwrap() });
+
+    let gw = Gw::with(json!({"cbroker": url}));
+    let (d, g, c, _l, _data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    let values = gw.topic(&format!("{k}/th1/configuration/values"));
+    let mut dev = Device::connect(&format!("th1-{}", gw.env.id), &values, "unused", None).await;
+    g.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Thermostat"}),
+        json!([{"device_id": "th1", "transport": "MQTT"}, {"device_id": "th2", "transport": "HTTP", "endpoint": endpoint}]),
+    )
+    .await;
+
+    // MQTT, `configuration`: the agent reads the entity, the device gets
+    // the values and `dt`.
+    let ask = json!({"type": "configuration", "fields": ["sleepTime", "warningLevel"]});
+    dev.publish(&gw.topic(&format!("json/{k}/th1/configuration/commands")), ask.clone()).await;
+    let (topic, v) = dev.next().await;
+    assert_eq!(topic, values);
+    assert_eq!((v["sleepTime"].as_str(), v["warningLevel"].as_str()), (Some("200"), Some("80")), "{v}");
+    assert_eq!(v["dt"].as_str().map(str::len), Some(16), "{v}");
+    let read =
+        cb.seen.lock().unwrap().iter().find(|s| s.path.starts_with("/v2/entities/Thermostat:th1")).cloned().unwrap();
+    assert_eq!(read.path, "/v2/entities/Thermostat:th1/attrs?attrs=sleepTime,warningLevel&type=Thermostat");
+    assert_eq!((read.service.as_str(), read.servicepath.as_str()), LAB);
+
+    // HTTP, `configuration`: to the device's endpoint.
+    let (s, _) = g
+        .south_raw(
+            &format!("/iot/json/configuration/commands?i=th2&k={k}"),
+            "application/json",
+            ask.to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (path, v) = tokio::time::timeout(WAIT, got.recv()).await.expect("the endpoint gets the values").unwrap();
+    assert_eq!((path.as_str(), v["sleepTime"].as_str()), ("/dev/configuration/values", Some("200")));
+    let (s, b) = g
+        .south_raw(
+            &format!("/iot/json/configuration/commands?i=th2&k={k}"),
+            "application/json",
+            br#"{"type":"x"}"#.to_vec(),
+        )
+        .await;
+    assert_eq!((s, b["name"].as_str()), (400, Some("BAD_PAYLOAD")), "{b}");
+
+    // MQTT, `subscription`: the agent subscribes at the Context Broker,
+    // and each notification reaches the device.
+    let sub = json!({"type": "subscription", "fields": ["sleepTime"]});
+    dev.publish(&gw.topic(&format!("json/{k}/th1/configuration/commands")), sub).await;
+    let body = cb.until("/v2/subscriptions", "Thermostat:th1").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"description": "busbar configuration retrieval",
+            "subject": {"entities": [{"id": "Thermostat:th1", "type": "Thermostat"}], "condition": {"attrs": ["sleepTime"]}},
+            "notification": {"http": {"url": format!("{}/notify", g.north)}, "attrs": ["sleepTime"]}})
+    );
+    let note = json!({"subscriptionId": "s1", "data": [{"id": "Thermostat:th1", "type": "Thermostat",
+        "sleepTime": {"type": "Text", "value": "300", "metadata": {}}}]});
+    assert_eq!(north(&g, "POST", "/notify", Some(note)).await.0, 200);
+    let (_, v) = dev.next().await;
+    assert_eq!(v["sleepTime"], "300", "{v}");
+    assert_eq!(north(&g, "POST", "/notify", Some(json!({"nodata": 1}))).await.0, 400);
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }

@@ -730,7 +730,7 @@ fn dispatch(core: &Arc<Core>, cmd: &Command) {
     match cmd.via {
         Via::Mqtt => {
             if let Some(tx) = core.mqtt_out.get() {
-                let _ = tx.send(cmd.id);
+                let _ = tx.send(super::MqttOut::Command(cmd.id));
             }
         }
         Via::HttpPush => {

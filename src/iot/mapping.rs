@@ -64,15 +64,29 @@ pub fn parse_topic(topic: &str, dojot: bool) -> Option<Address> {
 /// `/{apikey}/{id}/cmdexe`, with the same grammar as measures (`/json/…`,
 /// `json/…`). Returns the apikey and the device id.
 pub fn parse_cmdexe(topic: &str) -> Option<(String, String)> {
+    parse_device_topic(topic, &["cmdexe"])
+}
+
+/// Parse a configuration request topic (after the prefix is removed):
+/// `/{apikey}/{id}/configuration/commands`, same grammar.
+pub fn parse_configuration(topic: &str) -> Option<(String, String)> {
+    parse_device_topic(topic, &["configuration", "commands"])
+}
+
+/// `/{apikey}/{id}/{suffix…}` with an optional `json` first level (a
+/// topic without a leading slash needs it).
+fn parse_device_topic(topic: &str, suffix: &[&str]) -> Option<(String, String)> {
     let had_slash = topic.starts_with('/');
     let mut parts: Vec<&str> = topic.trim_start_matches('/').split('/').collect();
-    if parts.first().is_some_and(|p| p.eq_ignore_ascii_case("json")) && parts.len() == 4 {
+    if parts.first().is_some_and(|p| p.eq_ignore_ascii_case("json")) && parts.len() == 3 + suffix.len() {
         parts.remove(0);
     } else if !had_slash {
         return None;
     }
     match parts.as_slice() {
-        [apikey, id, "cmdexe"] if !apikey.is_empty() && !id.is_empty() => Some(((*apikey).into(), (*id).into())),
+        [apikey, id, rest @ ..] if rest == suffix && !apikey.is_empty() && !id.is_empty() => {
+            Some(((*apikey).into(), (*id).into()))
+        }
         _ => None,
     }
 }
@@ -387,6 +401,10 @@ mod tests {
         for t in ["/json/k1/dev1/cmdexe", "json/k1/dev1/cmdexe", "/k1/dev1/cmdexe", "/JSON/k1/dev1/cmdexe"] {
             assert_eq!(parse_cmdexe(t), kd, "{t}");
         }
+        assert_eq!(parse_configuration("/json/k1/dev1/configuration/commands"), kd);
+        assert_eq!(parse_configuration("/k1/dev1/configuration/commands"), kd);
+        assert_eq!(parse_configuration("/k1/dev1/configuration/values"), None);
+        assert_eq!(parse_configuration("/k1/dev1/cmdexe"), None);
         assert_eq!(parse_routing_cmdexe(".k1.dev1.cmdexe"), kd);
         assert_eq!(parse_routing_cmdexe(".k1.dev1.cmd"), None);
         assert_eq!(parse_routing_cmdexe("k1.dev1.cmdexe"), None);

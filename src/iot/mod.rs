@@ -13,6 +13,7 @@
 
 pub mod cb;
 pub mod commands;
+pub mod configuration;
 pub mod devices;
 pub mod federation;
 pub mod mapping;
@@ -280,6 +281,15 @@ pub enum MqttLink {
     Down(String),
 }
 
+/// What the gateway's MQTT client is asked to publish.
+#[derive(Debug)]
+pub enum MqttOut {
+    /// A command of the ledger, by id (tracked until the broker has it).
+    Command(Uuid),
+    /// A message to a device (configuration values), QoS 1, not tracked.
+    Publish(String, Vec<u8>),
+}
+
 /// The counters a gateway reports in its status.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -380,7 +390,7 @@ pub struct Core {
     ngsi: std::sync::OnceLock<mpsc::Sender<ngsi::Request>>,
     /// Towards the MQTT client: ids of commands to publish (set when the
     /// agent starts it).
-    pub(crate) mqtt_out: std::sync::OnceLock<mpsc::UnboundedSender<Uuid>>,
+    pub(crate) mqtt_out: std::sync::OnceLock<mpsc::UnboundedSender<MqttOut>>,
     /// Towards the AMQP south session: ids of commands to publish.
     pub(crate) amqp_out: std::sync::OnceLock<mpsc::UnboundedSender<Uuid>>,
     /// The north API's URL, once it listens.

@@ -40,6 +40,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v2/op/query", post(op_query))
         .route("/v2/op/update", post(op_update))
         .route("/iot/commands", get(list_commands))
+        .route("/notify", post(notify))
         .route("/iot/about", get(about))
         .route("/version", get(about))
         .route("/admin/log", get(get_log).put(put_log))
@@ -248,6 +249,20 @@ async fn op_update(State(core): Shared, h: HeaderMap, body: Body) -> Result<Resp
             .map_err(|e| ApiError::new(400, "BAD_REQUEST", e.to_string()))?;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /notify`: a Context Broker notification for a configuration
+/// subscription (`super::configuration`): the notified attributes go to
+/// their devices. 200 `{}` whatever it held (Orion does not retry on an
+/// error answer, and an entity that is no device here is not its fault).
+async fn notify(State(core): Shared, h: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let tenant = exact(tenant(&core, &h)?)?;
+    let v = json_body(&h, body)?;
+    if !v.get("data").is_some_and(Value::is_array) {
+        return Err(ApiError::syntax("a notification needs data: [entities]"));
+    }
+    super::configuration::notified(&core, &tenant, &v).await;
+    Ok(axum::Json(json!({})).into_response())
 }
 
 /// `GET /iot/commands[?device=ID]`: the ledger of the tenant (or of one of

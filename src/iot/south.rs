@@ -25,7 +25,9 @@ use tracing::{debug, info, warn};
 
 use super::MqttLink;
 use super::mapping::MeasureError;
-use super::mapping::{Address, parse_cmdexe, parse_routing_cmdexe, parse_routing_key, parse_topic, single_value};
+use super::mapping::{
+    Address, parse_cmdexe, parse_configuration, parse_routing_cmdexe, parse_routing_key, parse_topic, single_value,
+};
 use super::model::ApiError;
 use super::{Core, IngestError, Payload, Transport};
 use crate::amqp::{self, Backoff, LinkError};
@@ -43,6 +45,7 @@ pub fn http_router(core: Arc<Core>) -> Router {
         .route(&resource, axum::routing::post(post_measure).get(get_measure))
         .route(&format!("{resource}/attrs/{{attr}}"), axum::routing::post(post_attr))
         .route(&format!("{resource}/commands"), axum::routing::post(post_results))
+        .route(&format!("{resource}/configuration/commands"), axum::routing::post(post_configuration))
         .fallback(|| async { ApiError::new(404, "NOT_FOUND", "No such resource") })
         .method_not_allowed_fallback(|| async { ApiError::new(405, "METHOD_NOT_ALLOWED", "Method not allowed here") })
         .layer(DefaultBodyLimit::max(limit))
@@ -145,6 +148,29 @@ async fn post_results(State(core): Shared, q: Params, b: Result<Bytes, BytesReje
     let v: Value =
         serde_json::from_slice(&b).map_err(|e| count(&core, ApiError::payload(format!("invalid JSON: {e}"))))?;
     super::commands::results(&core, &r, &v).await.map_err(|e| count(&core, ApiError::payload(e)))?;
+    Ok(ok())
+}
+
+/// `POST {resource}/configuration/commands?i=&k=` with `{"type",
+/// "fields"}`: an HTTP device's configuration request (the values go to
+/// its endpoint, or over MQTT if it uses MQTT).
+async fn post_configuration(
+    State(core): Shared,
+    q: Params,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b = body(b)?;
+    let Address::Apikey { apikey, device_id, .. } = address(&q, None)? else {
+        return Err(ApiError::payload("i and k are required"));
+    };
+    let r = core.registry.find(&apikey, &device_id).ok_or_else(|| ApiError::device_not_found(&device_id))?;
+    let v: Value =
+        serde_json::from_slice(&b).map_err(|e| count(&core, ApiError::payload(format!("invalid JSON: {e}"))))?;
+    super::configuration::parse(&v).map_err(|e| count(&core, ApiError::payload(e)))?;
+    super::configuration::request(&core, &r, &v).await.map_err(|e| match e {
+        super::configuration::ConfigError::Invalid(m) => ApiError::payload(m),
+        other => ApiError::new(502, "CONFIGURATION_ERROR", other.to_string()),
+    })?;
     Ok(ok())
 }
 
@@ -286,14 +312,25 @@ pub fn mqtt_filters(prefix: &str, shared_group: &str, dojot: bool) -> Vec<String
             "/json/+/+/cmdexe",
             "json/+/+/cmdexe",
             "/+/+/cmdexe",
+            "/json/+/+/configuration/commands",
+            "json/+/+/configuration/commands",
+            "/+/+/configuration/commands",
         ];
         if dojot {
             b.push("+/attrs");
         }
         b.into_iter().map(str::to_owned).collect()
     } else {
-        let mut b =
-            vec!["json/+/+/attrs", "json/+/+/attrs/+", "+/+/attrs", "+/+/attrs/+", "json/+/+/cmdexe", "+/+/cmdexe"];
+        let mut b = vec![
+            "json/+/+/attrs",
+            "json/+/+/attrs/+",
+            "+/+/attrs",
+            "+/+/attrs/+",
+            "json/+/+/cmdexe",
+            "+/+/cmdexe",
+            "json/+/+/configuration/commands",
+            "+/+/configuration/commands",
+        ];
         if dojot {
             b.push("+/attrs");
         }
@@ -335,10 +372,13 @@ fn oversized(e: &rumqttc::ConnectionError) -> Option<usize> {
     }
 }
 
-async fn on_publish(core: &Core, topic: &str, payload: &[u8]) {
+async fn on_publish(core: &Arc<Core>, topic: &str, payload: &[u8]) {
     let local = strip_prefix(topic, &core.settings.mqtt_prefix);
     if let Some((apikey, device_id)) = local.as_deref().and_then(parse_cmdexe) {
         return on_cmdexe(core, topic, &apikey, &device_id, payload).await;
+    }
+    if let Some((apikey, device_id)) = local.as_deref().and_then(parse_configuration) {
+        return on_configuration(core, topic, &apikey, &device_id, payload).await;
     }
     let addr = local.and_then(|t| parse_topic(&t, core.settings.dojot));
     ingest_bytes(core, Transport::Mqtt, topic, addr, payload).await
@@ -368,13 +408,35 @@ async fn on_cmdexe(core: &Core, topic: &str, apikey: &str, device_id: &str, payl
     }
 }
 
+/// A device's configuration request on `…/configuration/commands`.
+async fn on_configuration(core: &Arc<Core>, topic: &str, apikey: &str, device_id: &str, payload: &[u8]) {
+    let Some(r) = core.registry.find(apikey, device_id) else {
+        core.counters.error("device_not_found");
+        if core.quiet.first("configuration_unknown", apikey) {
+            warn!(%topic, "a configuration request from an unknown device; dropped");
+        }
+        return;
+    };
+    let body: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+    // The Context Broker's answer is awaited off the MQTT loop.
+    let (core, topic) = (core.clone(), topic.to_owned());
+    tokio::spawn(async move {
+        if let Err(e) = super::configuration::request(&core, &r, &body).await {
+            core.counters.error("configuration");
+            warn!(%topic, error = %e, "a configuration request got nothing");
+        }
+    });
+}
+
 /// The commands the MQTT client has handed to rumqttc and not yet seen
 /// acknowledged by the broker: requested (waiting for a packet id), then
 /// by packet id. rumqttc reports `Outgoing::Publish(pkid)` in the order the
 /// publishes were requested; a retransmission keeps its packet id.
 #[derive(Default)]
 struct InFlight {
-    requested: std::collections::VecDeque<uuid::Uuid>,
+    /// `None`: an untracked publish (configuration values), which takes a
+    /// packet id too.
+    requested: std::collections::VecDeque<Option<uuid::Uuid>>,
     by_pkid: HashMap<u16, uuid::Uuid>,
     /// A publish rumqttc holds back until its packet id is free again.
     collided: Option<(u16, uuid::Uuid)>,
@@ -382,7 +444,7 @@ struct InFlight {
 
 impl InFlight {
     fn contains(&self, id: uuid::Uuid) -> bool {
-        self.requested.contains(&id)
+        self.requested.contains(&Some(id))
             || self.by_pkid.values().any(|v| *v == id)
             || self.collided.is_some_and(|c| c.1 == id)
     }
@@ -402,7 +464,7 @@ impl InFlight {
             self.by_pkid.insert(pkid, id);
             return;
         }
-        if let Some(id) = self.requested.pop_front() {
+        if let Some(Some(id)) = self.requested.pop_front() {
             self.by_pkid.insert(pkid, id);
         }
     }
@@ -417,7 +479,7 @@ fn publish_command(core: &Core, client: &AsyncClient, flight: &mut InFlight, id:
     let (topic, payload) = super::commands::mqtt_message(&cmd, &core.settings.mqtt_prefix);
     match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
         Ok(()) => {
-            flight.requested.push_back(id);
+            flight.requested.push_back(Some(id));
             core.commands.counters.sent.fetch_add(1, Ordering::Relaxed);
             debug!(command = %id, "command published");
         }
@@ -491,7 +553,7 @@ async fn ingest_bytes(core: &Core, transport: Transport, source: &str, addr: Opt
 pub async fn mqtt(
     core: Arc<Core>,
     url: String,
-    mut commands: tokio::sync::mpsc::UnboundedReceiver<uuid::Uuid>,
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<super::MqttOut>,
     token: CancellationToken,
 ) {
     let Some((host, port, creds)) = parse_mqtt_url(&url) else {
@@ -562,7 +624,7 @@ pub async fn mqtt(
                 }
                 Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => flight.on_outgoing(pkid),
                 Ok(Event::Outgoing(rumqttc::Outgoing::AwaitAck(pkid))) => {
-                    if let Some(id) = flight.requested.pop_front() {
+                    if let Some(Some(id)) = flight.requested.pop_front() {
                         flight.collided = Some((pkid, id));
                     }
                 }
@@ -621,12 +683,20 @@ pub async fn mqtt(
                     }
                 }
             },
-            Some(id) = commands.recv() => {
+            Some(out) = commands.recv() => match out {
                 // Not connected: the next connect publishes it (`republish`).
-                if connected {
-                    publish_command(&core, &client, &mut flight, id);
+                super::MqttOut::Command(id) => {
+                    if connected {
+                        publish_command(&core, &client, &mut flight, id);
+                    }
                 }
-            }
+                super::MqttOut::Publish(topic, payload) => {
+                    match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
+                        Ok(()) => flight.requested.push_back(None),
+                        Err(e) => warn!(error = %e, "cannot publish to a device"),
+                    }
+                }
+            },
             changed = running.changed() => {
                 if changed.is_err() {
                     break;
@@ -821,6 +891,8 @@ mod tests {
                 "site1/+/+/attrs/+",
                 "site1/json/+/+/cmdexe",
                 "site1/+/+/cmdexe",
+                "site1/json/+/+/configuration/commands",
+                "site1/+/+/configuration/commands",
                 "site1/+/attrs"
             ]
         );
