@@ -789,3 +789,43 @@ async fn devices_retrieve_their_configuration_once_or_by_subscription_over_mqtt_
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dojot_actuation_goes_to_both_config_topics_and_the_next_measure_is_the_result() {
+    let gw = Gw::with(json!({"dojot": true}));
+    let (d, g, c, _l, _data) = gw.up().await;
+    let tenant = format!("t{}", gw.env.id);
+    let verne = gw.topic(&format!("{tenant}:a1998e/config"));
+    let mosca = gw.topic(&format!("{tenant}/a1998e/config"));
+    let mut v = Device::connect(&format!("v-{}", gw.env.id), &verne, "unused", None).await;
+    let mut m = Device::connect(&format!("m-{}", gw.env.id), &mosca, "unused", None).await;
+    let t = (tenant.as_str(), "/");
+    let (s, b) = g
+        .north(
+            "POST",
+            "/iot/devices",
+            Some(t),
+            Some(json!({"devices": [{"device_id": "a1998e", "entity_type": "Heater",
+            "transport": "DOJOT", "commands": [{"name": "target_temperature", "type": "command"}]}]})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let body = json!({"actionType": "update", "entities": [{"id": "Heater:a1998e", "type": "Heater",
+        "target_temperature": {"type": "command", "value": 23.5}}]});
+    assert_eq!(g.north("POST", "/v2/op/update", Some(t), Some(body)).await.0, 204);
+    assert_eq!(v.next().await, (verne.clone(), json!({"target_temperature": 23.5})));
+    assert_eq!(m.next().await, (mosca.clone(), json!({"target_temperature": 23.5})));
+    // The device reports the attribute it was told to set: the result.
+    v.publish(&gw.topic(&format!("{tenant}:a1998e/attrs")), json!({"target_temperature": 23.5})).await;
+    let done = eventually(WAIT, "the measure finishes the actuation", async || {
+        let (_, b) = g.north("GET", "/iot/commands?device=a1998e", Some(t), None).await;
+        let c = b["commands"][0].clone();
+        (c["state"] == "OK").then_some(c)
+    })
+    .await;
+    assert_eq!((done["info"].as_f64(), done["via"].as_str()), (Some(23.5), Some("dojot")), "{done}");
+    v.quiet(Duration::from_millis(300)).await;
+    m.quiet(Duration::from_millis(1)).await;
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}

@@ -123,6 +123,10 @@ pub enum Via {
     /// Published on the gateway's AMQP south exchange, routing key
     /// `.{apikey}.{device_id}.cmd`.
     Amqp,
+    /// dojot's actuation: published on `{tenant}:{device}/config` and
+    /// `/{tenant}/{device}/config`; the device's next measure of that
+    /// attribute is its result.
+    Dojot,
 }
 
 /// Who asked, so the answer finds its way back.
@@ -261,6 +265,7 @@ pub fn via_of(device: &Device, group: Option<&Group>) -> Result<Via, CommandErro
         Some("HTTP") => Ok(Via::HttpPoll),
         Some("MQTT") => Ok(Via::Mqtt),
         Some("AMQP") => Ok(Via::Amqp),
+        Some("DOJOT") => Ok(Via::Dojot),
         None if endpoint => Ok(Via::HttpPush),
         None => Ok(Via::Mqtt),
         Some(other) => Err(CommandError::Transport(format!(
@@ -621,6 +626,33 @@ pub fn mqtt_message(cmd: &Command, prefix: &str) -> (String, Vec<u8>) {
     (topic, payload)
 }
 
+/// The dojot actuation of a command: `{"<name>": value}` on both dojot
+/// topic forms, `{tenant}:{device}/config` (VerneMQ) and
+/// `/{tenant}/{device}/config` (Mosca), under the gateway's prefix.
+pub fn dojot_messages(cmd: &Command, prefix: &str) -> [(String, Vec<u8>); 2] {
+    let payload = serde_json::to_vec(&json!({ cmd.name.as_str(): cmd.value })).unwrap_or_default();
+    let (a, b) =
+        (format!("{}:{}/config", cmd.service, cmd.device_id), format!("/{}/{}/config", cmd.service, cmd.device_id));
+    let under = |t: String| if prefix.is_empty() { t } else { format!("{prefix}/{}", t.trim_start_matches('/')) };
+    [(under(a), payload.clone()), (under(b), payload)]
+}
+
+/// A dojot device's measure is the result of its open actuation of the
+/// same attribute: each such attribute finishes the oldest open command of
+/// that name with the measured value.
+pub async fn dojot_results(core: &Core, r: &Resolved, measures: &[super::mapping::Mapped]) {
+    if !matches!(via_of(&r.record.device, r.group.as_deref()), Ok(Via::Dojot)) {
+        return;
+    }
+    for m in measures {
+        for (name, (_, value)) in &m.attrs {
+            if core.commands.oldest_open(r.record.uuid, name).is_some() {
+                core.commands.result(r.record.uuid, name, true, value.clone()).await;
+            }
+        }
+    }
+}
+
 /// The AMQP publish of a command (iotagent-json's AMQP binding): routing
 /// key `.{apikey}.{device_id}.cmd`, body `{"<name>": value}`.
 pub fn amqp_message(cmd: &Command) -> (String, Vec<u8>) {
@@ -711,6 +743,12 @@ pub async fn submit(
             cmd.device_id
         )));
     }
+    if cmd.via == Via::Dojot && (!core.settings.dojot || core.settings.mqtt_url.is_none()) {
+        return Err(CommandError::Transport(format!(
+            "{} takes dojot actuation, and this gateway has no dojot: true with MQTT",
+            cmd.device_id
+        )));
+    }
     if cmd.via == Via::Amqp && core.settings.amqp_south_exchange.is_none() {
         return Err(CommandError::Transport(format!(
             "{} takes commands over AMQP, and this gateway has no amqp_south_exchange",
@@ -728,7 +766,7 @@ pub async fn submit(
 /// polls).
 fn dispatch(core: &Arc<Core>, cmd: &Command) {
     match cmd.via {
-        Via::Mqtt => {
+        Via::Mqtt | Via::Dojot => {
             if let Some(tx) = core.mqtt_out.get() {
                 let _ = tx.send(super::MqttOut::Command(cmd.id));
             }
@@ -990,6 +1028,11 @@ mod tests {
         let (topic, payload) = mqtt_message(&c, "");
         assert_eq!((topic.as_str(), payload.as_slice()), ("/k1/dev1/cmd", br#"{"ping":{"data":"22"}}"#.as_slice()));
         assert_eq!(mqtt_message(&c, "site1").0, "site1/k1/dev1/cmd");
+        let [a, b] = dojot_messages(&c, "");
+        assert_eq!((a.0.as_str(), b.0.as_str()), ("lab:dev1/config", "/lab/dev1/config"));
+        assert_eq!(a.1, br#"{"ping":{"data":"22"}}"#);
+        let [a, b] = dojot_messages(&c, "p");
+        assert_eq!((a.0.as_str(), b.0.as_str()), ("p/lab:dev1/config", "p/lab/dev1/config"));
     }
 
     #[tokio::test]

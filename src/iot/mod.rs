@@ -650,6 +650,9 @@ impl Core {
             }
         }
         let count = measures.len();
+        if self.settings.dojot {
+            commands::dojot_results(self, &resolved, &measures).await;
+        }
         {
             let mut last = resolved.record.last.lock().unwrap_or_else(|p| p.into_inner());
             for m in measures {

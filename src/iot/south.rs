@@ -473,18 +473,28 @@ impl InFlight {
 /// Publish command `id` (QoS 1) if it is an open MQTT command.
 fn publish_command(core: &Core, client: &AsyncClient, flight: &mut InFlight, id: uuid::Uuid) {
     let Some(cmd) = core.commands.get(id) else { return };
-    if cmd.state.terminal() || cmd.via != super::commands::Via::Mqtt || flight.contains(id) {
+    use super::commands::Via;
+    if cmd.state.terminal() || !matches!(cmd.via, Via::Mqtt | Via::Dojot) || flight.contains(id) {
         return;
     }
-    let (topic, payload) = super::commands::mqtt_message(&cmd, &core.settings.mqtt_prefix);
-    match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
-        Ok(()) => {
-            flight.requested.push_back(Some(id));
-            core.commands.counters.sent.fetch_add(1, Ordering::Relaxed);
-            debug!(command = %id, "command published");
+    let prefix = &core.settings.mqtt_prefix;
+    // The first message is tracked (its PUBACK marks the command as the
+    // broker's); dojot's second topic form goes along untracked.
+    let messages: Vec<(String, Vec<u8>)> = match cmd.via {
+        Via::Dojot => super::commands::dojot_messages(&cmd, prefix).into(),
+        _ => vec![super::commands::mqtt_message(&cmd, prefix)],
+    };
+    for (i, (topic, payload)) in messages.into_iter().enumerate() {
+        match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
+            Ok(()) => flight.requested.push_back((i == 0).then_some(id)),
+            Err(e) => {
+                warn!(command = %id, error = %e, "cannot publish a command; it is sent again after the next connect");
+                return;
+            }
         }
-        Err(e) => warn!(command = %id, error = %e, "cannot publish a command; it is sent again after the next connect"),
     }
+    core.commands.counters.sent.fetch_add(1, Ordering::Relaxed);
+    debug!(command = %id, "command published");
 }
 
 /// After a connect: publish every open MQTT command the broker does not
@@ -498,7 +508,8 @@ fn republish(core: &Core, client: &AsyncClient, flight: &mut InFlight, session_p
         flight.clear();
     }
     for cmd in core.commands.open() {
-        if cmd.via == super::commands::Via::Mqtt && (cmd.broker_ms.is_none() || !session_present) {
+        let mqtt = matches!(cmd.via, super::commands::Via::Mqtt | super::commands::Via::Dojot);
+        if mqtt && (cmd.broker_ms.is_none() || !session_present) {
             publish_command(core, client, flight, cmd.id);
         }
     }
