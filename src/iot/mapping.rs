@@ -278,7 +278,63 @@ fn map_one(
             attrs.insert(s.name.clone(), (s.kind.clone(), v.clone()));
         }
     }
+    apply_expressions(o, device, group, explicit, &mut attrs);
     Ok(Some(Mapped { attrs, timestamp_ms: time, time_instant }))
+}
+
+/// The provisioned attributes with an `expression` (the group's, then the
+/// device's, which win by name).
+fn expression_attributes<'a>(device: &'a Device, group: Option<&'a Group>) -> Vec<(&'a Attribute, &'a str)> {
+    let mut out: Vec<(&Attribute, &str)> = Vec::new();
+    let all = group.iter().flat_map(|g| g.mapping.attributes.iter()).chain(device.mapping.attributes.iter());
+    for a in all {
+        if let Some(e) = a.extra.get("expression").and_then(Value::as_str) {
+            out.retain(|(b, _)| b.name != a.name);
+            out.push((a, e));
+        }
+    }
+    out
+}
+
+/// Compute the attributes that have an `expression` (iotagent-node-lib's
+/// expression plugin): the context is the measure's keys, the mapped
+/// attribute names, the statics, and `id`/`type` (entity name and type)
+/// where the measure has no such key; each result also enters the context
+/// of the next. A result replaces the measured value or adds the
+/// attribute (if `explicitAttrs` allows it); an expression that fails (an
+/// attribute the measure lacks) leaves its attribute out of this measure,
+/// rather than sending an unconverted value.
+fn apply_expressions(
+    o: &Map<String, Value>,
+    device: &Device,
+    group: Option<&Group>,
+    explicit: Option<&[String]>,
+    attrs: &mut IndexMap<String, (String, Value)>,
+) {
+    let exprs = expression_attributes(device, group);
+    if exprs.is_empty() {
+        return;
+    }
+    let mut ctx: Map<String, Value> = o.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (name, (_, v)) in attrs.iter() {
+        ctx.entry(name.clone()).or_insert_with(|| v.clone());
+    }
+    ctx.entry("id").or_insert_with(|| device.entity_name(group).into());
+    ctx.entry("type").or_insert_with(|| device.entity_type(group).into());
+    for (a, expr) in exprs {
+        if explicit.is_some_and(|allowed| !allowed.iter().any(|n| *n == a.name)) {
+            continue;
+        }
+        match super::expression::evaluate(expr, &ctx) {
+            Ok(v) if !v.is_null() => {
+                ctx.insert(a.name.clone(), v.clone());
+                attrs.insert(a.name.clone(), (a.kind.clone(), v));
+            }
+            _ => {
+                attrs.shift_remove(&a.name);
+            }
+        }
+    }
 }
 
 /// Who sends a measure into the federation, for its `device-data` message.
@@ -393,6 +449,35 @@ mod tests {
 
     fn key(apikey: &str, id: &str, attr: Option<&str>) -> Option<Address> {
         Some(apikey_address(apikey, id, attr))
+    }
+
+    #[test]
+    fn expressions_compute_attributes_as_the_reference_shows() {
+        // Reference §2.2: explicitAttrs group, {"t":20,"junk":1}, expression
+        // t*9/5+32 → temperature 20, tempF 68, junk dropped.
+        let g = grp(json!({"resource": "/iot/json", "apikey": "k", "explicitAttrs": true, "attributes": [
+            {"object_id": "t", "name": "temperature", "type": "Number"},
+            {"name": "tempF", "type": "Number", "expression": "t*9/5+32"}]}));
+        let d = dev(json!({"device_id": "d1"}));
+        let m = map_measures(&json!({"t": 20, "junk": 1}), &d, Some(&g), None, 0).unwrap();
+        let got: Vec<(&str, &Value)> = m[0].attrs.iter().map(|(k, (_, v))| (k.as_str(), v)).collect();
+        assert_eq!(got, [("temperature", &json!(20)), ("tempF", &json!(68))]);
+        // A measured attribute with an expression is replaced; a statics and
+        // an earlier result are in the context; a failing one is left out.
+        let d = dev(json!({"device_id": "d2", "attributes": [
+            {"object_id": "p", "name": "power", "type": "Number", "expression": "p * scale"},
+            {"name": "label", "type": "Text", "expression": "id + ':' + power|tostring"},
+            {"name": "broken", "type": "Number", "expression": "nothere * 2"}],
+            "static_attributes": [{"name": "scale", "type": "Number", "value": 1000}]}));
+        let m = map_measures(&json!({"p": 1.5}), &d, None, None, 0).unwrap();
+        assert_eq!(m[0].attrs["power"].1, json!(1500));
+        assert_eq!(m[0].attrs["label"].1, json!("Thing:d2:1500"));
+        assert!(!m[0].attrs.contains_key("broken"));
+        // Provisioning refuses what cannot parse, and non-strings.
+        let bad = json!({"device_id": "d", "attributes": [{"name": "x", "type": "Number", "expression": "x * ("}]});
+        assert_eq!(parse_device(&bad).unwrap_err().name, "INVALID_EXPRESSION");
+        let bad = json!({"device_id": "d", "attributes": [{"name": "x", "type": "Number", "expression": 3}]});
+        assert_eq!(parse_device(&bad).unwrap_err().name, "WRONG_EXPRESSION_TYPE");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod cb;
 pub mod commands;
 pub mod configuration;
 pub mod devices;
+pub mod expression;
 pub mod federation;
 pub mod mapping;
 pub mod model;

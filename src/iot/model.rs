@@ -276,6 +276,19 @@ fn check_names(attrs: &[Attribute], field: &str) -> Result<(), ApiError> {
         if a.name == "undefined" || a.name.chars().all(|c| c.is_ascii_digit()) {
             return Err(ApiError::syntax(format!("invalid {field} name {:?}", a.name)));
         }
+        match a.extra.get("expression") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(e)) => {
+                super::expression::check(e).map_err(|m| ApiError::new(400, "INVALID_EXPRESSION", m))?;
+            }
+            Some(other) => {
+                return Err(ApiError::new(
+                    400,
+                    "WRONG_EXPRESSION_TYPE",
+                    format!("an expression is a string, not {other}"),
+                ));
+            }
+        }
     }
     Ok(())
 }
