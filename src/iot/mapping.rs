@@ -322,7 +322,7 @@ fn apply_expressions(
     ctx.entry("id").or_insert_with(|| device.entity_name(group).into());
     ctx.entry("type").or_insert_with(|| device.entity_type(group).into());
     for (a, expr) in exprs {
-        if explicit.is_some_and(|allowed| !allowed.iter().any(|n| *n == a.name)) {
+        if explicit.is_some_and(|allowed| !allowed.contains(&a.name)) {
             continue;
         }
         match super::expression::evaluate(expr, &ctx) {
