@@ -18,6 +18,39 @@ use std::sync::LazyLock;
 /// Longest expression, in bytes.
 pub const MAX_EXPRESSION_BYTES: usize = 1024;
 
+/// Most operators and brackets in an expression. The parser and the
+/// evaluator recurse once per level, so this bounds their stack: 200
+/// chained `+` overflow a 2 MiB thread stack in a debug build; the
+/// tutorials' expressions use fewer than ten.
+pub const MAX_OPERATORS: usize = 48;
+
+/// Operators and opening brackets outside string literals.
+fn operators(expr: &str) -> usize {
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let mut n = 0;
+    for c in expr.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '\'' | '"' => quote = Some(c),
+                '+' | '-' | '*' | '/' | '%' | '<' | '>' | '=' | '!' | '&' | '|' | '?' | ':' | '(' | '[' | '{' | '.'
+                | ',' | '^' => n += 1,
+                _ => {}
+            },
+        }
+    }
+    n
+}
+
 fn text(args: &[Value], i: usize) -> String {
     match args.get(i) {
         Some(Value::String(s)) => s.clone(),
@@ -95,6 +128,9 @@ pub fn check(expr: &str) -> Result<(), String> {
     if expr.len() > MAX_EXPRESSION_BYTES {
         return Err(format!("an expression is at most {MAX_EXPRESSION_BYTES} bytes"));
     }
+    if operators(expr) > MAX_OPERATORS {
+        return Err(format!("an expression has at most {MAX_OPERATORS} operators and brackets"));
+    }
     match EVALUATOR.eval_in_context(expr, Value::Object(Map::new())) {
         Err(e @ jexl_eval::error::EvaluationError::ParseError(_)) => Err(format!("invalid expression {expr:?}: {e}")),
         _ => Ok(()),
@@ -103,6 +139,11 @@ pub fn check(expr: &str) -> Result<(), String> {
 
 /// Evaluate `expr` in `context`. Floats that are whole become integers.
 pub fn evaluate(expr: &str, context: &Map<String, Value>) -> Result<Value, String> {
+    // Checked at provisioning; checked again here, since a stored device
+    // may predate a limit.
+    if expr.len() > MAX_EXPRESSION_BYTES || operators(expr) > MAX_OPERATORS {
+        return Err("the expression is too long or too deep".into());
+    }
     // jexl-eval takes the context by value; only expressions pay for it.
     let v = EVALUATOR.eval_in_context(expr, Value::Object(context.clone())).map_err(|e| e.to_string())?;
     Ok(match v {
@@ -144,5 +185,32 @@ mod tests {
         assert!(check("unknown_at_provisioning * 2").is_ok());
         assert!(check("t * (").is_err());
         assert!(check(&"1+".repeat(600)).is_err());
+    }
+
+    #[test]
+    fn the_deepest_expression_that_fits_does_not_exhaust_a_stack() {
+        // Run on a thread with tokio's worker stack size (2 MiB).
+        let deep = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let n = MAX_OPERATORS;
+                let nested = format!("{}1{}", "(".repeat(n), ")".repeat(n));
+                assert!(check(&nested).is_ok());
+                assert_eq!(evaluate(&nested, &Map::new()), Ok(Value::from(1)));
+                let chain = format!("{}1", "1+".repeat(n));
+                assert_eq!(evaluate(&chain, &Map::new()), Ok(Value::from(n as i64 + 1)));
+                for op in ["!", "-", "[", "{a:", "a."] {
+                    let _ = evaluate(&format!("{}1", op.repeat(n)), &Map::new());
+                }
+                let _ = evaluate(&format!("{}1{}", "[".repeat(n), "]".repeat(n)), &Map::new());
+                // One more is refused before it is parsed.
+                assert!(check(&format!("{}1", "1+".repeat(n + 1))).is_err());
+                assert!(evaluate(&format!("{}1", "1+".repeat(200)), &Map::new()).is_err());
+                // Operators inside strings do not count.
+                assert!(check(&format!("'{}'", "+".repeat(500))).is_ok());
+            })
+            .unwrap()
+            .join();
+        assert!(deep.is_ok(), "evaluating the deepest allowed expression overflowed the stack");
     }
 }
