@@ -37,12 +37,13 @@ fn url() -> String {
 struct Split(Vec<(&'static str, String, f64)>);
 
 impl Split {
-    fn start(daemon: Option<u32>) -> Split {
+    fn start(daemon: Option<u32>, mosquitto: Option<u32>) -> Split {
         let mut v = vec![];
         if let Some(p) = daemon {
             v.push(("busbar", p.to_string()));
         }
-        for (n, p) in [("rabbitmq", pid_of("beam.smp")), ("mosquitto", pid_of("mosquitto"))] {
+        let mosquitto = mosquitto.map(|p| p.to_string()).or_else(|| pid_of("mosquitto"));
+        for (n, p) in [("rabbitmq", pid_of("beam.smp")), ("mosquitto", mosquitto)] {
             if let Some(p) = p {
                 v.push((n, p));
             }
@@ -76,6 +77,7 @@ impl Device {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5)).set_clean_session(false);
         let (client, mut events) = AsyncClient::new(opts, 1000);
+        nodelay(&mut events);
         let (c, cmd, cmdexe) = (client.clone(), cmd.to_owned(), cmdexe.to_owned());
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
@@ -116,7 +118,16 @@ impl Device {
     }
 }
 
-/// A private Mosquitto with persistence, for the fault cycles.
+/// Small messages leave at once (rumqttc's default waits for the peer's
+/// delayed ACK, about 40 ms).
+fn nodelay(events: &mut rumqttc::EventLoop) {
+    let mut net = events.network_options();
+    net.set_tcp_nodelay(true);
+    events.set_network_options(net);
+}
+
+/// A private Mosquitto with persistence and `set_tcp_nodelay true` (its
+/// default, false, delays each small delivery by the client's delayed ACK).
 struct Mosquitto {
     port: u16,
     dir: PathBuf,
@@ -135,7 +146,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\nlog_dest none\n",
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nuser root\nlog_dest none\nset_tcp_nodelay true\n",
                 self.port,
                 self.dir.display()
             ),
@@ -253,7 +264,7 @@ impl Drop for Lab {
 
 /// The brokers alone on the command's path: AMQP request → relay → MQTT
 /// command → device → MQTT result → relay → AMQP reply.
-async fn floor(n: usize) -> Vec<Duration> {
+async fn floor(port: u16, n: usize) -> Vec<Duration> {
     let id = Uuid::new_v4().simple().to_string();
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
@@ -263,11 +274,12 @@ async fn floor(n: usize) -> Vec<Duration> {
     let q_rep = ch.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap().name().clone();
     let (cmd, cmdexe) = (format!("floor{id}/k/d/cmd"), format!("floor{id}/json/k/d/cmdexe"));
     let executed: Executed = Arc::default();
-    let device = Device::connect(1883, &format!("floor-dev-{id}"), &cmd, &cmdexe, executed).await;
+    let device = Device::connect(port, &format!("floor-dev-{id}"), &cmd, &cmdexe, executed).await;
     // The relay: one MQTT client, one AMQP channel.
-    let mut opts = MqttOptions::new(format!("floor-relay-{id}"), "127.0.0.1", 1883);
+    let mut opts = MqttOptions::new(format!("floor-relay-{id}"), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5));
     let (relay, mut events) = AsyncClient::new(opts, 1000);
+    nodelay(&mut events);
     relay.subscribe(&cmdexe, QoS::AtLeastOnce).await.unwrap();
     let rch = conn.create_channel().await.unwrap();
     let mut requests = rch
@@ -325,23 +337,49 @@ async fn floor(n: usize) -> Vec<Duration> {
 }
 
 async fn roundtrip(n: usize) {
-    let split = Split::start(None);
-    let mut base = floor(n).await;
+    let mdir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(mdir.path());
+    let mpid = broker.child.as_ref().map(|c| c.id());
+    let split = Split::start(None, mpid);
+    let mut base = floor(broker.port, n).await;
     println!("  brokers alone: {}", split.line(n + 50));
     base.sort_unstable();
-    let lab = Lab::start(1883).await;
+    let lab = Lab::start(broker.port).await;
     let (cmd, cmdexe) = lab.topics();
     let executed: Executed = Arc::default();
-    let device = Device::connect(1883, &format!("rt-dev-{}", lab.prefix), &cmd, &cmdexe, executed).await;
-    let client = busbar::client::Client::connect(&url(), &lab.exchange).await.unwrap();
-    let uuid = lab.device_uuid().to_string();
-    let split = Split::start(Some(lab.child.id()));
+    let device = Device::connect(broker.port, &format!("rt-dev-{}", lab.prefix), &cmd, &cmdexe, executed).await;
+    // A VILLAS client: one reply queue, each command published with
+    // `reply_to` and a correlation id; done when the reply says OK.
+    let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let q = ch.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap().name().clone();
+    let mut replies =
+        ch.basic_consume(q.clone(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let to = busbar::protocol::Filter { uuid: Some(lab.device_uuid().to_string()), ..Default::default() };
+    let split = Split::start(Some(lab.child.id()), mpid);
     let mut lat = Vec::with_capacity(n);
     for i in 0..n + 50 {
+        let id = format!("c{i}");
+        let body = json!({"action": "command", "parameters": {"name": "set", "value": i}}).to_string();
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_headers(to.action_headers())
+            .with_reply_to(q.clone())
+            .with_correlation_id(id.as_str().into());
         let t = Instant::now();
-        let answer =
-            client.command(&uuid, json!({"name": "set", "value": i}), true, Duration::from_secs(5)).await.unwrap();
-        assert_eq!(answer["status"]["command"]["state"], "OK", "{answer}");
+        ch.basic_publish(lab.exchange.as_str().into(), "".into(), Default::default(), body.as_bytes(), props)
+            .await
+            .unwrap();
+        loop {
+            let d = tokio::time::timeout(Duration::from_secs(5), replies.next()).await.unwrap().unwrap().unwrap();
+            d.ack(Default::default()).await.unwrap();
+            let v: Value = serde_json::from_slice(&d.data).unwrap();
+            let ours = d.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(id.as_str());
+            if ours && v["status"]["command"]["state"] == "OK" {
+                break;
+            }
+        }
         if i >= 50 {
             lat.push(t.elapsed());
         }
@@ -358,7 +396,7 @@ async fn roundtrip(n: usize) {
         l50.as_secs_f64() / b50.as_secs_f64(),
         l99.as_secs_f64() / b99.as_secs_f64()
     );
-    client.close().await;
+    let _ = conn.close(200, "bye".into()).await;
     device.close().await;
 }
 
@@ -464,7 +502,8 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
     if want("roundtrip") {
-        roundtrip(1000).await;
+        let n = std::env::var("ROUNDTRIPS").ok().and_then(|c| c.parse().ok()).unwrap_or(1000);
+        roundtrip(n).await;
     }
     if want("faults") {
         let cycles = std::env::var("CYCLES").ok().and_then(|c| c.parse().ok()).unwrap_or(1000);

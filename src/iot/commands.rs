@@ -335,6 +335,9 @@ impl CmdCounters {
 /// go first, from memory and the store).
 pub const KEEP_FINISHED: usize = 1000;
 
+/// Finished commands forgotten at once beyond [`KEEP_FINISHED`].
+pub const PRUNE_BATCH: usize = 64;
+
 /// Most unfinished commands per gateway: beyond it new ones are refused
 /// (a device that never answers cannot grow the ledger without bound).
 pub const MAX_OPEN: usize = 100_000;
@@ -354,6 +357,8 @@ pub struct Ledger {
     pub counters: CmdCounters,
     /// Most unfinished commands ([`MAX_OPEN`]).
     max_open: usize,
+    /// How many finished commands the ledger holds.
+    finished: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -376,6 +381,7 @@ impl Ledger {
         }
         all.sort_by(|_, a, _, b| a.created_ms.cmp(&b.created_ms));
         let ledger = Ledger::empty(gateway, store);
+        ledger.finished.store(all.values().filter(|c| c.state.terminal()).count(), Ordering::Relaxed);
         *ledger.map() = all;
         Ok(ledger)
     }
@@ -391,6 +397,7 @@ impl Ledger {
             wake: tokio::sync::Notify::new(),
             counters: CmdCounters::default(),
             max_open: MAX_OPEN,
+            finished: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -423,11 +430,18 @@ impl Ledger {
         self.map().values().filter(|c| !c.state.terminal()).count()
     }
 
-    /// The last command of each name of `device`, for its IC status.
-    pub fn last_by_name(&self, device: Uuid) -> Map<String, Value> {
+    /// The last command of each name of `device` (of the `names` it
+    /// declares), for its IC status: newest first, so a long ledger is
+    /// read only until every name was seen.
+    pub fn last_by_name(&self, device: Uuid, names: usize) -> Map<String, Value> {
         let mut out = Map::new();
-        for c in self.map().values().filter(|c| c.device == device) {
-            out.insert(c.name.clone(), json!({"id": c.id, "state": c.state.as_str(), "info": c.info}));
+        for c in self.map().values().rev().filter(|c| c.device == device) {
+            if !out.contains_key(&c.name) {
+                out.insert(c.name.clone(), json!({"id": c.id, "state": c.state.as_str(), "info": c.info}));
+                if out.len() >= names {
+                    break;
+                }
+            }
         }
         out
     }
@@ -497,6 +511,7 @@ impl Ledger {
         }
         self.map().insert(id, cmd.clone());
         if state.terminal() {
+            self.finished.fetch_add(1, Ordering::Relaxed);
             self.prune().await;
         }
         let cmd = Arc::new(cmd);
@@ -537,21 +552,18 @@ impl Ledger {
         }
     }
 
-    /// Forget the oldest finished commands beyond [`KEEP_FINISHED`].
+    /// Forget the oldest finished commands beyond [`KEEP_FINISHED`], in
+    /// batches of [`PRUNE_BATCH`] (each batch is one pass over the ledger).
     async fn prune(&self) {
-        let old: Vec<Uuid> = {
-            let map = self.map();
-            let finished: Vec<Uuid> = map.values().filter(|c| c.state.terminal()).map(|c| c.id).collect();
-            finished.iter().take(finished.len().saturating_sub(KEEP_FINISHED)).copied().collect()
-        };
-        if old.is_empty() {
+        let finished = self.finished.load(Ordering::Relaxed);
+        if finished < KEEP_FINISHED + PRUNE_BATCH {
             return;
         }
-        if self.store.commands_delete(old.clone()).await.is_ok() {
-            let mut map = self.map();
-            for id in old {
-                map.shift_remove(&id);
-            }
+        let old: std::collections::HashSet<Uuid> =
+            self.map().values().filter(|c| c.state.terminal()).take(finished - KEEP_FINISHED).map(|c| c.id).collect();
+        if self.store.commands_delete(old.iter().copied().collect()).await.is_ok() {
+            self.map().retain(|id, _| !old.contains(id));
+            self.finished.fetch_sub(old.len(), Ordering::Relaxed);
         }
     }
 
@@ -1120,14 +1132,17 @@ mod tests {
         // Finished ones beyond KEEP_FINISHED are forgotten, oldest first.
         ledger.max_open = usize::MAX;
         let mut ids = Vec::new();
-        for _ in 0..KEEP_FINISHED + 5 {
+        for _ in 0..KEEP_FINISHED + PRUNE_BATCH - 1 {
             let c = ledger.insert(mk()).await.unwrap();
             ledger.apply(c.id, CmdEvent::Expire).await.unwrap();
             ids.push(c.id);
         }
+        // 1 + KEEP_FINISHED + PRUNE_BATCH - 1 finished: one batch went.
         let finished = ledger.list(None).into_iter().filter(|c| c.state.terminal()).count();
         assert_eq!(finished, KEEP_FINISHED);
-        assert!(ledger.get(first.id).is_none() && ledger.get(ids[4]).is_none(), "the oldest went first");
-        assert!(ledger.get(ids[5]).is_some());
+        let gone = PRUNE_BATCH - 1;
+        assert!(ledger.get(first.id).is_none() && ledger.get(ids[gone - 1]).is_none(), "the oldest went first");
+        assert!(ledger.get(ids[gone]).is_some());
+        assert_eq!(ledger.list(None).len(), KEEP_FINISHED + 2, "and the two open ones stay");
     }
 }

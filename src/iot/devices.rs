@@ -109,7 +109,8 @@ pub(super) fn describe(core: &Core, r: &Resolved) -> Described {
     let mut schema = Map::new();
     if !declared.is_empty() {
         schema.insert("command".into(), super::commands::action_schema(&declared));
-        extra.insert("commands".into(), Value::Object(core.commands.last_by_name(r.record.uuid)));
+        let last = core.commands.last_by_name(r.record.uuid, declared.len());
+        extra.insert("commands".into(), Value::Object(last));
     }
     Described { keys, properties, extra, schema }
 }
@@ -276,11 +277,12 @@ impl Devices {
             props = props.with_correlation_id(id.into());
         }
         let opts = lapin::options::BasicPublishOptions::default();
-        if let Ok(confirm) = ch.basic_publish(exchange.into(), "".into(), opts, body, props.clone()).await {
-            let _ = confirm.await;
-        }
+        // The requester first (it waits on this answer), then everyone.
         if let Some(queue) = reply.and_then(|r| r.queue.as_deref()) {
-            let _ = ch.basic_publish("".into(), queue.into(), opts, body, props).await;
+            let _ = ch.basic_publish("".into(), queue.into(), opts, body, props.clone()).await;
+        }
+        if let Ok(confirm) = ch.basic_publish(exchange.into(), "".into(), opts, body, props).await {
+            let _ = confirm.await;
         }
     }
 

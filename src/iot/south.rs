@@ -599,6 +599,11 @@ pub async fn mqtt(
         }
     }
     let (client, mut events) = AsyncClient::new(opts, 65_536);
+    // Commands are small messages that should leave at once: without
+    // TCP_NODELAY each waits for the broker's delayed ACK (about 40 ms).
+    let mut net = events.network_options();
+    net.set_tcp_nodelay(true);
+    events.set_network_options(net);
     let qos = if core.settings.mqtt_qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
     let filters = mqtt_filters(&core.settings.mqtt_prefix, &core.settings.mqtt_shared_group, core.settings.dojot);
     let mut running = core.running.subscribe();
