@@ -63,14 +63,23 @@ impl Split {
 }
 
 /// A device on MQTT: persistent session, subscribed to its command topic
-/// (again after every connect), executing each command (recorded by its
+/// at QoS 1 (again after every connect), executing each command (recorded by its
 /// value) and answering on `cmdexe`.
 struct Device {
     client: AsyncClient,
     task: tokio::task::JoinHandle<()>,
 }
 
-type Executed = Arc<Mutex<HashMap<u64, u32>>>;
+/// What a device saw: deliveries and executions by command value, and
+/// the command ids it executed.
+#[derive(Default)]
+struct Tally {
+    delivered: HashMap<u64, u32>,
+    executed: HashMap<u64, u32>,
+    ids: std::collections::HashSet<String>,
+}
+
+type Executed = Arc<Mutex<Tally>>;
 
 impl Device {
     async fn connect(port: u16, id: &str, cmd: &str, cmdexe: &str, executed: Executed) -> Device {
@@ -94,16 +103,33 @@ impl Device {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                        if let Some((name, value)) = v.as_object().and_then(|o| o.iter().next()) {
+                        let id = v.get("cmd_id").and_then(Value::as_str).map(str::to_owned);
+                        if let Some((name, value)) = v.as_object().and_then(|o| o.iter().find(|(k, _)| *k != "cmd_id"))
+                        {
                             if let Some(n) = value.as_u64() {
-                                *executed.lock().unwrap().entry(n).or_default() += 1;
+                                let mut t = executed.lock().unwrap();
+                                *t.delivered.entry(n).or_default() += 1;
+                                // A device that keeps the ids it executed
+                                // runs a repeat once.
+                                let fresh = id.as_ref().is_none_or(|id| t.ids.insert(id.clone()));
+                                if fresh {
+                                    *t.executed.entry(n).or_default() += 1;
+                                }
                             }
-                            let result = json!({ name: value });
+                            let mut result = json!({ name: value });
+                            if let Some(id) = id {
+                                result["cmd_id"] = id.into();
+                            }
                             let _ = c.try_publish(&cmdexe, QoS::AtLeastOnce, false, result.to_string());
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(e) => {
+                        if std::env::var("BENCH_DEBUG").is_ok() {
+                            eprintln!("device: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
                 }
             }
         });
@@ -111,9 +137,11 @@ impl Device {
         Device { client, task }
     }
 
+    /// Go offline cleanly: what it queued (its last results) goes out
+    /// before the DISCONNECT.
     async fn close(self) {
         let _ = self.client.disconnect().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         self.task.abort();
     }
 }
@@ -183,7 +211,7 @@ struct Lab {
 }
 
 impl Lab {
-    async fn start(mqtt_port: u16) -> Lab {
+    async fn start(mqtt_port: u16, command_ids: bool) -> Lab {
         let dir = tempfile::tempdir().unwrap();
         let (north, south) = (free_port(), free_port());
         let exchange = format!("bench-{}", Uuid::new_v4().simple());
@@ -203,7 +231,7 @@ impl Lab {
         let lab = Lab { dir, cfg, child, north, exchange, prefix };
         lab.until_up().await;
         let group = json!({"groups": [{"resource": "/iot/json", "apikey": "k", "entity_type": "Switch",
-            "commands": [{"name": "set", "type": "command"}]}]});
+            "command_ids": command_ids, "commands": [{"name": "set", "type": "command"}]}]});
         lab.north("POST", "/iot/groups", Some(group)).await;
         lab.north("POST", "/iot/devices", Some(json!({"devices": [{"device_id": "d"}]}))).await;
         lab
@@ -344,7 +372,7 @@ async fn roundtrip(n: usize) {
     let mut base = floor(broker.port, n).await;
     println!("  brokers alone: {}", split.line(n + 50));
     base.sort_unstable();
-    let lab = Lab::start(broker.port).await;
+    let lab = Lab::start(broker.port, false).await;
     let (cmd, cmdexe) = lab.topics();
     let executed: Executed = Arc::default();
     let device = Device::connect(broker.port, &format!("rt-dev-{}", lab.prefix), &cmd, &cmdexe, executed).await;
@@ -400,10 +428,10 @@ async fn roundtrip(n: usize) {
     device.close().await;
 }
 
-async fn faults(cycles: usize) {
+async fn faults(cycles: usize, command_ids: bool) {
     let mdir = tempfile::tempdir().unwrap();
     let mut broker = Mosquitto::start(mdir.path());
-    let mut lab = Lab::start(broker.port).await;
+    let mut lab = Lab::start(broker.port, command_ids).await;
     let (cmd, cmdexe) = lab.topics();
     let executed: Executed = Arc::default();
     let dev_id = format!("fault-dev-{}", lab.prefix);
@@ -421,7 +449,10 @@ async fn faults(cycles: usize) {
         *next += 1;
     };
     let mut kinds = [0usize; 3];
+    // The fault of the cycle each command was sent in.
+    let mut kind_of: HashMap<u64, usize> = HashMap::new();
     for cycle in 0..cycles {
+        let first = next;
         send(&lab, &mut next, &mut sent, &mut accepted).await;
         let kind = cycle % 3;
         kinds[kind] += 1;
@@ -444,12 +475,15 @@ async fn faults(cycles: usize) {
             }
         }
         send(&lab, &mut next, &mut sent, &mut accepted).await;
+        for v in first..next {
+            kind_of.insert(v, kind);
+        }
         // Every accepted command of this cycle executed before the next fault.
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             let done = {
-                let ex = executed.lock().unwrap();
-                accepted.iter().rev().take(3).all(|v| ex.contains_key(v))
+                let t = executed.lock().unwrap();
+                accepted.iter().rev().take(3).all(|v| t.executed.contains_key(v))
             };
             if done {
                 break;
@@ -457,8 +491,8 @@ async fn faults(cycles: usize) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         if (cycle + 1) % 100 == 0 {
-            let ex = executed.lock().unwrap();
-            let lost = accepted.iter().filter(|v| !ex.contains_key(v)).count();
+            let t = executed.lock().unwrap();
+            let lost = accepted.iter().filter(|v| !t.executed.contains_key(v)).count();
             println!(
                 "  {} cycles, {:.0} s: {} accepted, {lost} not executed yet",
                 cycle + 1,
@@ -467,11 +501,29 @@ async fn faults(cycles: usize) {
             );
         }
     }
-    // The ledger: every accepted command finished.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let ex = executed.lock().unwrap().clone();
+    // The ledger: every accepted command finished (results may still be on
+    // their way after the last fault).
+    for _ in 0..150 {
+        let (_, l) = lab.north("GET", "/iot/commands", None).await.unwrap_or((0, Value::Null));
+        if l["commands"].as_array().is_some_and(|a| a.iter().all(|c| c["state"] != "PENDING")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = executed.lock().unwrap();
+    let (ex, dl) = (&t.executed, &t.delivered);
     let executed_once = accepted.iter().filter(|v| ex.get(v) == Some(&1)).count();
-    let twice = ex.values().filter(|n| **n > 1).count();
+    let by_kind = |m: &HashMap<u64, u32>| {
+        let mut by = [0usize; 3];
+        for (v, n) in m {
+            if *n > 1 {
+                by[kind_of.get(v).copied().unwrap_or(0)] += 1;
+            }
+        }
+        by
+    };
+    let (twice, twice_by) = (ex.values().filter(|n| **n > 1).count(), by_kind(ex));
+    let (dl_twice, dl_by) = (dl.values().filter(|n| **n > 1).count(), by_kind(dl));
     let lost = accepted.iter().filter(|v| !ex.contains_key(v)).count();
     let unasked = ex.keys().filter(|k| !accepted.contains(k)).count();
     let (_, ledger) = lab.north("GET", "/iot/commands", None).await.unwrap_or((0, Value::Null));
@@ -480,14 +532,28 @@ async fn faults(cycles: usize) {
         *states.entry(c["state"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
     }
     println!(
-        "fault cycles: {cycles} ({} broker restarts, {} device reconnects, {} busbar kill -9) in {:.0} s: commands sent {sent}, accepted {}, executed {} (once {executed_once}), executed twice {twice}, lost {lost}, executed without a 204 {unasked}; ledger (last 1000 finished + open): {states:?}",
+        "fault cycles, command_ids {command_ids}: {cycles} ({} broker restarts, {} device reconnects, {} busbar kill -9) in {:.0} s: commands sent {sent}, accepted {}, delivered {} ({dl_twice} twice: {} / {} / {} in cycles of a broker restart / device reconnect / kill -9), executed {} (once {executed_once}), executed twice {twice} ({} / {} / {}), lost {lost}, executed without a 204 {unasked}; ledger (last 1000 finished + open): {states:?}",
         kinds[0],
         kinds[1],
         kinds[2],
         start.elapsed().as_secs_f64(),
         accepted.len(),
+        dl.len(),
+        dl_by[0],
+        dl_by[1],
+        dl_by[2],
         ex.len(),
+        twice_by[0],
+        twice_by[1],
+        twice_by[2],
     );
+    drop(t);
+    if std::env::var("BENCH_DEBUG").is_ok() {
+        for c in ledger["commands"].as_array().into_iter().flatten().filter(|c| c["state"] != "OK").take(5) {
+            let v = c["value"].as_u64().unwrap_or(0);
+            eprintln!("open: value {v} kind {:?} {c}", kind_of.get(&v));
+        }
+    }
     if let Some(d) = device.take() {
         d.close().await;
     }
@@ -507,6 +573,7 @@ async fn main() {
     }
     if want("faults") {
         let cycles = std::env::var("CYCLES").ok().and_then(|c| c.parse().ok()).unwrap_or(1000);
-        faults(cycles).await;
+        faults(cycles, false).await;
+        faults(cycles, true).await;
     }
 }

@@ -182,9 +182,41 @@ pub struct Command {
     pub broker_ms: Option<i64>,
     /// Every state it was in, with the time it entered it.
     pub history: Vec<(CmdState, i64)>,
+    /// Whether its payload carries `cmd_id` (the device or group asked for
+    /// it with `command_ids: true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub with_id: bool,
 }
 
+/// The key of the command id in payloads and results (`command_ids`).
+pub const CMD_ID: &str = "cmd_id";
+
 impl Command {
+    /// What the device gets: `{"<name>": value}` as iotagent-json sends it,
+    /// plus `"cmd_id": "<id>"` when the device asked for ids: MQTT at QoS 1
+    /// may deliver a command twice across a broker restart or a reconnect
+    /// (busbar's measurements: BENCHMARKS.md, commands), and only an id
+    /// lets the device recognise the repeat.
+    pub fn payload(&self) -> Value {
+        let mut m = Map::new();
+        m.insert(self.name.clone(), self.value.clone());
+        if self.with_id {
+            m.insert(CMD_ID.into(), self.id.to_string().into());
+        }
+        Value::Object(m)
+    }
+
+    /// Whether the device can have it: the broker took it (MQTT, AMQP,
+    /// dojot), the device polled it, or it is pushed (the answer is its
+    /// result).
+    pub fn may_have_arrived(&self) -> bool {
+        match self.via {
+            Via::Mqtt | Via::Dojot | Via::Amqp => self.broker_ms.is_some(),
+            Via::HttpPoll => self.state == CmdState::Delivered,
+            Via::HttpPush => true,
+        }
+    }
+
     /// The command as the north API and statuses show it.
     pub fn view(&self) -> Value {
         let at = |ms: i64| jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_default();
@@ -533,10 +565,16 @@ impl Ledger {
         self.map().insert(id, cmd);
     }
 
-    /// The oldest unfinished command of `device` named `name`: a result
-    /// without an id belongs to it.
+    /// The oldest unfinished command of `device` named `name` that can
+    /// have reached it: a result without an id belongs to it. A command
+    /// the broker never acknowledged (or a polling device never took)
+    /// cannot have been executed, so a repeated result is not pinned on
+    /// it, which would finish it unsent (measured: BENCHMARKS.md, commands).
     pub fn oldest_open(&self, device: Uuid, name: &str) -> Option<Uuid> {
-        self.map().values().find(|c| c.device == device && c.name == name && !c.state.terminal()).map(|c| c.id)
+        self.map()
+            .values()
+            .find(|c| c.device == device && c.name == name && !c.state.terminal() && c.may_have_arrived())
+            .map(|c| c.id)
     }
 
     /// A device's result for `name`: finishes its oldest open command of
@@ -623,6 +661,12 @@ pub fn build(
         expires_ms: now.saturating_add(expiration.as_millis() as i64),
         broker_ms: None,
         history: vec![(CmdState::Pending, now)],
+        with_id: [device.extra.get("command_ids"), group.and_then(|g| g.extra.get("command_ids"))]
+            .into_iter()
+            .flatten()
+            .next()
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     })
 }
 
@@ -634,7 +678,7 @@ pub fn mqtt_message(cmd: &Command, prefix: &str) -> (String, Vec<u8>) {
     } else {
         format!("{prefix}/{}/{}/cmd", cmd.apikey, cmd.device_id)
     };
-    let payload = serde_json::to_vec(&json!({ cmd.name.as_str(): cmd.value })).unwrap_or_default();
+    let payload = serde_json::to_vec(&cmd.payload()).unwrap_or_default();
     (topic, payload)
 }
 
@@ -642,7 +686,7 @@ pub fn mqtt_message(cmd: &Command, prefix: &str) -> (String, Vec<u8>) {
 /// topic forms, `{tenant}:{device}/config` (VerneMQ) and
 /// `/{tenant}/{device}/config` (Mosca), under the gateway's prefix.
 pub fn dojot_messages(cmd: &Command, prefix: &str) -> [(String, Vec<u8>); 2] {
-    let payload = serde_json::to_vec(&json!({ cmd.name.as_str(): cmd.value })).unwrap_or_default();
+    let payload = serde_json::to_vec(&cmd.payload()).unwrap_or_default();
     let (a, b) =
         (format!("{}:{}/config", cmd.service, cmd.device_id), format!("/{}/{}/config", cmd.service, cmd.device_id));
     let under = |t: String| if prefix.is_empty() { t } else { format!("{prefix}/{}", t.trim_start_matches('/')) };
@@ -669,7 +713,7 @@ pub async fn dojot_results(core: &Core, r: &Resolved, measures: &[super::mapping
 /// key `.{apikey}.{device_id}.cmd`, body `{"<name>": value}`.
 pub fn amqp_message(cmd: &Command) -> (String, Vec<u8>) {
     let key = format!(".{}.{}.cmd", cmd.apikey, cmd.device_id);
-    (key, serde_json::to_vec(&json!({ cmd.name.as_str(): cmd.value })).unwrap_or_default())
+    (key, serde_json::to_vec(&cmd.payload()).unwrap_or_default())
 }
 
 /// The Context Broker's view of a command's state, as iotagent-node-lib
@@ -711,7 +755,7 @@ pub fn registration(entity_id: &str, entity_type: &str, commands: &[Map<String, 
 /// (final); `Err(None)` with the reason: unreachable (try again later).
 pub async fn push_http(cmd: &Command, endpoint: &str) -> Result<Value, (bool, String)> {
     let client = crate::http::client().map_err(|e| (false, e))?;
-    let body = json!({ cmd.name.as_str(): cmd.value });
+    let body = cmd.payload();
     let sent = client
         .post(endpoint)
         .header("fiware-service", &cmd.service)
@@ -854,6 +898,15 @@ pub async fn results(core: &Core, r: &Resolved, body: &Value) -> Result<usize, S
     let Some(o) = body.as_object() else {
         return Err(format!("a command result must be an object {{\"<command>\": result}}, not {body}"));
     };
+    // With an id, the result is that command's (a repeat, or an answer to
+    // a command that already finished, is ignored and counted).
+    if let Some(id) = o.get(CMD_ID) {
+        let id = id.as_str().and_then(|s| Uuid::parse_str(s).ok()).ok_or_else(|| format!("invalid {CMD_ID} {id}"))?;
+        let cmd = core.commands.get(id).filter(|c| c.device == r.record.uuid);
+        let Some(cmd) = cmd else { return Err(format!("{CMD_ID} {id} is no command of this device")) };
+        let info = o.get(&cmd.name).cloned().unwrap_or(Value::Null);
+        return Ok(usize::from(core.commands.apply(id, CmdEvent::Result { ok: true, info }).await.is_some()));
+    }
     let mut n = 0;
     for (name, value) in o {
         if core.commands.result(r.record.uuid, name, true, value.clone()).await.is_some() {
@@ -1021,6 +1074,7 @@ mod tests {
             expires_ms: 0,
             broker_ms: None,
             history: vec![],
+            with_id: false,
         };
         let s = |c: &Command| serde_json::to_string(&cb_status(c, "urn:lab:Sensor:push1", "Sensor")).unwrap();
         assert_eq!(
@@ -1040,6 +1094,9 @@ mod tests {
         let (topic, payload) = mqtt_message(&c, "");
         assert_eq!((topic.as_str(), payload.as_slice()), ("/k1/dev1/cmd", br#"{"ping":{"data":"22"}}"#.as_slice()));
         assert_eq!(mqtt_message(&c, "site1").0, "site1/k1/dev1/cmd");
+        c.with_id = true;
+        assert_eq!(c.payload(), json!({"ping": {"data": "22"}, "cmd_id": Uuid::nil().to_string()}));
+        c.with_id = false;
         let [a, b] = dojot_messages(&c, "");
         assert_eq!((a.0.as_str(), b.0.as_str()), ("lab:dev1/config", "/lab/dev1/config"));
         assert_eq!(a.1, br#"{"ping":{"data":"22"}}"#);
@@ -1066,13 +1123,14 @@ mod tests {
             value: json!(1),
             state: CmdState::Pending,
             info: None,
-            via: Via::HttpPoll,
+            via: Via::HttpPush,
             origin: Origin { from: "http".into(), ..Default::default() },
             created_ms: 1,
             updated_ms: 1,
             expires_ms,
             broker_ms: None,
             history: vec![(CmdState::Pending, 1)],
+            with_id: false,
         };
         let a = ledger.insert(mk("ping", 10_000)).await.unwrap();
         let b = ledger.insert(mk("ping", 5_000)).await.unwrap();
@@ -1088,10 +1146,17 @@ mod tests {
         assert_eq!(ledger.counters.duplicates.load(Ordering::Relaxed), 2);
         let c = ledger.insert(mk("move", 1)).await.unwrap();
         ledger.apply(c.id, CmdEvent::Delivered).await.unwrap();
+        // An MQTT command the broker never took cannot have a result.
+        let mut unsent = mk("mqtt", 1);
+        unsent.via = Via::Mqtt;
+        let unsent = ledger.insert(unsent).await.unwrap();
+        assert!(ledger.result(dev, "mqtt", true, json!(1)).await.is_none(), "not pinned on an unsent command");
+        ledger.broker_acked(unsent.id).await;
+        assert_eq!(ledger.result(dev, "mqtt", true, json!(1)).await.unwrap().id, unsent.id);
         drop(ledger);
         let again = Ledger::load(gw, store).unwrap();
         let all = again.list(Some(dev));
-        assert_eq!(all.len(), 3);
+        assert_eq!(all.len(), 4);
         assert_eq!(all[0].state, CmdState::Ok);
         assert_eq!(all[0].info, Some(json!("pong")));
         assert_eq!(again.get(c.id).unwrap().state, CmdState::Delivered);
@@ -1122,6 +1187,7 @@ mod tests {
             expires_ms: i64::MAX,
             broker_ms: None,
             history: vec![],
+            with_id: false,
         };
         let first = ledger.insert(mk()).await.unwrap();
         ledger.insert(mk()).await.unwrap();
