@@ -510,6 +510,7 @@ async fn faults(cycles: usize, command_ids: bool) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let (_, ledger) = lab.north("GET", "/iot/commands", None).await.unwrap_or((0, Value::Null));
     let t = executed.lock().unwrap();
     let (ex, dl) = (&t.executed, &t.delivered);
     let executed_once = accepted.iter().filter(|v| ex.get(v) == Some(&1)).count();
@@ -526,7 +527,6 @@ async fn faults(cycles: usize, command_ids: bool) {
     let (dl_twice, dl_by) = (dl.values().filter(|n| **n > 1).count(), by_kind(dl));
     let lost = accepted.iter().filter(|v| !ex.contains_key(v)).count();
     let unasked = ex.keys().filter(|k| !accepted.contains(k)).count();
-    let (_, ledger) = lab.north("GET", "/iot/commands", None).await.unwrap_or((0, Value::Null));
     let mut states: HashMap<String, usize> = HashMap::new();
     for c in ledger["commands"].as_array().into_iter().flatten() {
         *states.entry(c["state"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
