@@ -511,7 +511,7 @@ async fn faults(cycles: usize, command_ids: bool) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (_, ledger) = lab.north("GET", "/iot/commands", None).await.unwrap_or((0, Value::Null));
-    let t = executed.lock().unwrap();
+    let t = std::mem::take(&mut *executed.lock().unwrap());
     let (ex, dl) = (&t.executed, &t.delivered);
     let executed_once = accepted.iter().filter(|v| ex.get(v) == Some(&1)).count();
     let by_kind = |m: &HashMap<u64, u32>| {
@@ -547,7 +547,6 @@ async fn faults(cycles: usize, command_ids: bool) {
         twice_by[1],
         twice_by[2],
     );
-    drop(t);
     if std::env::var("BENCH_DEBUG").is_ok() {
         for c in ledger["commands"].as_array().into_iter().flatten().filter(|c| c["state"] != "OK").take(5) {
             let v = c["value"].as_u64().unwrap_or(0);
