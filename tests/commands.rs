@@ -14,91 +14,12 @@ use axum::routing::post;
 use busbar::iot::model::Tenant;
 use busbar::iot::registry::device_uuid;
 use common::iot::{Broker, Gw, LAB, ping_status};
+use common::orion::Orion;
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    service: String,
-    servicepath: String,
-    body: String,
-}
-
-/// A Context Broker that records every request and answers 204 (201 for
-/// registrations), as Orion does.
-#[derive(Default)]
-struct Cb {
-    seen: Mutex<Vec<Seen>>,
-}
-
-impl Cb {
-    async fn start() -> (Arc<Cb>, String) {
-        let cb = Arc::new(Cb::default());
-        let record = |cb: Arc<Cb>, code: StatusCode| {
-            move |uri: Uri, headers: HeaderMap, body: Bytes| {
-                let cb = cb.clone();
-                async move {
-                    let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-                    cb.seen.lock().unwrap().push(Seen {
-                        path: uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-                        service: h("fiware-service"),
-                        servicepath: h("fiware-servicepath"),
-                        body: String::from_utf8_lossy(&body).into_owned(),
-                    });
-                    code
-                }
-            }
-        };
-        let app = Router::new()
-            .route("/v2/entities", post(record(cb.clone(), StatusCode::NO_CONTENT)))
-            .route("/v2/op/update", post(record(cb.clone(), StatusCode::NO_CONTENT)))
-            .route("/v2/registrations", post(record(cb.clone(), StatusCode::CREATED)))
-            .route("/v2/subscriptions", post(record(cb.clone(), StatusCode::CREATED)))
-            .route(
-                "/v2/entities/{id}/attrs",
-                axum::routing::get({
-                    let cb = cb.clone();
-                    move |uri: Uri, headers: HeaderMap| {
-                        let cb = cb.clone();
-                        async move {
-                            let h =
-                                |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-                            cb.seen.lock().unwrap().push(Seen {
-                                path: uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-                                service: h("fiware-service"),
-                                servicepath: h("fiware-servicepath"),
-                                body: String::new(),
-                            });
-                            axum::Json(json!({"sleepTime": {"type": "Text", "value": "200"},
-                                "warningLevel": {"type": "Text", "value": "80"}}))
-                        }
-                    }
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (cb, url)
-    }
-
-    /// The bodies sent to `path` so far.
-    fn bodies(&self, path: &str) -> Vec<String> {
-        self.seen.lock().unwrap().iter().filter(|s| s.path == path).map(|s| s.body.clone()).collect()
-    }
-
-    /// Wait until a body sent to `path` contains `needle`.
-    async fn until(&self, path: &str, needle: &str) -> String {
-        eventually(WAIT, &format!("the Context Broker got {needle} on {path}"), async || {
-            self.bodies(path).into_iter().find(|b| b.contains(needle))
-        })
-        .await
-    }
-}
 
 /// A device on MQTT: a persistent session subscribed to its command
 /// topic; what it receives goes to `rx`. With `answer`, it publishes
@@ -189,7 +110,7 @@ fn uuid_of(id: &str) -> uuid::Uuid {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_from_the_context_broker_reaches_an_mqtt_device_once_and_its_result_reaches_the_context_broker() {
-    let (cb, url) = Cb::start().await;
+    let (cb, url) = Orion::start().await;
     let gw = Gw::with(json!({"cbroker": url}));
     let (d, g, c, mut l, _data) = gw.up().await;
     let k = format!("k{}", gw.env.id);
@@ -344,7 +265,7 @@ async fn commands_from_a_villas_action_busbar_command_and_the_http_api_come_back
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_poll_and_http_push_commands_follow_iotagent_json() {
-    let (cb, url) = Cb::start().await;
+    let (cb, url) = Orion::start().await;
     // The device's own HTTP endpoint for push commands.
     let device_app = Router::new().route(
         "/cmd",
@@ -418,7 +339,7 @@ async fn http_poll_and_http_push_commands_follow_iotagent_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ledger_survives_a_restart_commands_expire_on_time_and_an_offline_device_gets_its_command_once() {
-    let (cb, url) = Cb::start().await;
+    let (cb, url) = Orion::start().await;
     let gw = Gw::with(json!({"cbroker": url}));
     let (d, g, c, _l, _data) = gw.up().await;
     let k = format!("k{}", gw.env.id);
@@ -707,7 +628,7 @@ async fn an_amqp_command_waits_for_its_device_queue_and_its_result_comes_back_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_retrieve_their_configuration_once_or_by_subscription_over_mqtt_and_http() {
-    let (cb, url) = Cb::start().await;
+    let (cb, url) = Orion::start().await;
     // An HTTP device's endpoint, which receives /configuration/values.
     let (tx, mut got) = mpsc::unbounded_channel::<(String, Value)>();
     let device_app = Router::new().route(

@@ -12,8 +12,17 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 
+/// A port for a daemon that is killed and started again on it: below the
+/// kernel's ephemeral range (32768-60999), so that no outgoing connection
+/// (the other daemons' AMQP and MQTT clients) takes it while the daemon is
+/// down, which a port from `bind(0)` allows.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 struct Daemon {
@@ -46,6 +55,28 @@ impl Daemon {
     }
 }
 
+/// A daemon config file with one gateway on free ports, this test's topic
+/// prefix and federation exchange.
+struct Lab {
+    config: std::path::PathBuf,
+    base: String,
+    south: u16,
+    data: String,
+}
+
+impl Lab {
+    fn write(env: &TestEnv) -> Lab {
+        let (north, south) = (free_port(), free_port());
+        let data = format!("data-{}", env.id);
+        let gateway = json!({"category": "gateway", "type": "iot-agent", "name": "IoT", "uuid": uuid::Uuid::new_v4(),
+            "north_bind": format!("127.0.0.1:{north}"), "south_bind": format!("127.0.0.1:{south}"),
+            "mqtt_prefix": format!("t{}", env.id), "federation_exchange": data});
+        let config = env.dir.path().join("lab.yaml");
+        std::fs::write(&config, text_of(&env.config_value_with(vec![gateway]))).unwrap();
+        Lab { config, base: format!("http://127.0.0.1:{north}"), south, data }
+    }
+}
+
 async fn call(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
     let http = reqwest::Client::new();
     let mut rb = http
@@ -75,16 +106,9 @@ async fn busbar(env: &TestEnv, args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioning_survives_kill_9_and_devices_are_listed_and_monitored() {
     let env = TestEnv::new();
-    let (north, south) = (free_port(), free_port());
-    let data = format!("data-{}", env.id);
-    let gw = uuid::Uuid::new_v4();
-    let gateway = json!({"category": "gateway", "type": "iot-agent", "name": "IoT", "uuid": gw,
-        "north_bind": format!("127.0.0.1:{north}"), "south_bind": format!("127.0.0.1:{south}"),
-        "mqtt_prefix": format!("t{}", env.id), "federation_exchange": data});
-    let config = env.dir.path().join("lab.yaml");
-    std::fs::write(&config, text_of(&env.config_value_with(vec![gateway]))).unwrap();
-    let base = format!("http://127.0.0.1:{north}");
-    let d = Daemon::spawn(&config);
+    let lab = Lab::write(&env);
+    let (config, base, south, data) = (&lab.config, &lab.base, lab.south, &lab.data);
+    let d = Daemon::spawn(config);
     until_up(&format!("{base}/iot/about")).await;
     let k = format!("k{}", env.id);
     let group = json!({"groups": [{"resource": "/iot/json", "apikey": k, "entity_type": "Meter"}]});
@@ -107,7 +131,7 @@ async fn provisioning_survives_kill_9_and_devices_are_listed_and_monitored() {
     assert_eq!(out.lines().count(), 3, "only the devices:\n{out}");
 
     d.kill9().await;
-    let d = Daemon::spawn(&config);
+    let d = Daemon::spawn(config);
     until_up(&format!("{base}/iot/about")).await;
     let (s, b) = call("GET", &format!("{base}/iot/devices"), None).await;
     assert_eq!((s, b["count"].as_u64()), (200, Some(3)), "{b}");
@@ -116,7 +140,7 @@ async fn provisioning_survives_kill_9_and_devices_are_listed_and_monitored() {
 
     // `busbar monitor --data` shows a measure as it passes.
     let mut monitor = tokio::process::Command::new(env!("CARGO_BIN_EXE_busbar"))
-        .args(["monitor", "--data", "--data-exchange", &data, "--json"])
+        .args(["monitor", "--data", "--data-exchange", data, "--json"])
         .env("AMQP_URL", amqp_url())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -152,16 +176,9 @@ async fn command_of(base: &str, device: &str, name: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_pending_and_delivered_survive_kill_9_and_expire_on_time() {
     let env = TestEnv::new();
-    let (north, south) = (free_port(), free_port());
-    let gw = uuid::Uuid::new_v4();
-    let prefix = format!("t{}", env.id);
-    let gateway = json!({"category": "gateway", "type": "iot-agent", "name": "IoT", "uuid": gw,
-        "north_bind": format!("127.0.0.1:{north}"), "south_bind": format!("127.0.0.1:{south}"),
-        "mqtt_prefix": prefix, "federation_exchange": format!("data-{}", env.id)});
-    let config = env.dir.path().join("lab.yaml");
-    std::fs::write(&config, text_of(&env.config_value_with(vec![gateway]))).unwrap();
-    let base = format!("http://127.0.0.1:{north}");
-    let d = Daemon::spawn(&config);
+    let lab = Lab::write(&env);
+    let (config, base, south) = (&lab.config, &lab.base, lab.south);
+    let d = Daemon::spawn(config);
     until_up(&format!("{base}/iot/about")).await;
     let k = format!("k{}", env.id);
     let group = json!({"groups": [{"resource": "/iot/json", "apikey": k, "entity_type": "Meter",
@@ -183,7 +200,7 @@ async fn commands_pending_and_delivered_survive_kill_9_and_expire_on_time() {
     assert_eq!(call("POST", &format!("{base}/v2/op/update"), Some(update("tare"))).await.0, 204);
 
     d.kill9().await;
-    let d = Daemon::spawn(&config);
+    let d = Daemon::spawn(config);
     until_up(&format!("{base}/iot/about")).await;
     assert_eq!(command_of(&base, "p1", "reset").await["state"], "DELIVERED");
     assert_eq!(command_of(&base, "p1", "zero").await["state"], "PENDING");

@@ -7,65 +7,15 @@
 
 mod common;
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::routing::post;
 use common::iot::{Gw, LAB, ping_status};
+use common::orion::Orion;
 use common::*;
 use serde_json::{Value, json};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-#[derive(Debug, Clone)]
-struct Seen {
-    path_query: String,
-    service: String,
-    servicepath: String,
-    body: String,
-}
-
-#[derive(Default)]
-struct Cb {
-    seen: Mutex<Vec<Seen>>,
-    down: std::sync::atomic::AtomicBool,
-    refuse: std::sync::atomic::AtomicBool,
-}
-
-async fn orion(cb: Arc<Cb>) -> String {
-    let record = |cb: Arc<Cb>| {
-        move |uri: Uri, headers: HeaderMap, body: Bytes| {
-            let cb = cb.clone();
-            async move {
-                if cb.down.load(std::sync::atomic::Ordering::SeqCst) {
-                    return StatusCode::SERVICE_UNAVAILABLE;
-                }
-                if cb.refuse.load(std::sync::atomic::Ordering::SeqCst) {
-                    return StatusCode::BAD_REQUEST;
-                }
-                let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-                cb.seen.lock().unwrap().push(Seen {
-                    path_query: uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-                    service: h("fiware-service"),
-                    servicepath: h("fiware-servicepath"),
-                    body: String::from_utf8_lossy(&body).into_owned(),
-                });
-                StatusCode::NO_CONTENT
-            }
-        }
-    };
-    let app =
-        Router::new().route("/v2/entities", post(record(cb.clone()))).route("/v2/op/update", post(record(cb.clone())));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
-}
 
 #[tokio::test]
 async fn measures_reach_the_context_broker_as_iotagent_json_sends_them_and_none_is_lost_while_it_is_down() {
-    let cb = Arc::new(Cb::default());
-    let url = orion(cb.clone()).await;
+    let (cb, url) = Orion::start().await;
     let gw = Gw::with(json!({"cbroker": url}));
     let (d, g, c, mut l, mut data) = gw.up().await;
     let k = format!("k{}", gw.env.id);
@@ -80,7 +30,7 @@ async fn measures_reach_the_context_broker_as_iotagent_json_sends_them_and_none_
     assert_eq!(g.measure(&k, "dev1", json!({"t": 21.5, "h": 40})).await.0, 200);
     let first =
         eventually(WAIT, "the Context Broker got the upsert", async || cb.seen.lock().unwrap().first().cloned()).await;
-    assert_eq!(first.path_query, "/v2/entities?options=upsert");
+    assert_eq!(first.path, "/v2/entities?options=upsert");
     assert_eq!((first.service.as_str(), first.servicepath.as_str()), LAB);
     assert_eq!(
         first.body,
@@ -94,7 +44,7 @@ async fn measures_reach_the_context_broker_as_iotagent_json_sends_them_and_none_
     assert_eq!(g.measure(&k, "dev1", multi).await.0, 200);
     let second =
         eventually(WAIT, "the Context Broker got the append", async || cb.seen.lock().unwrap().get(1).cloned()).await;
-    assert_eq!(second.path_query, "/v2/op/update");
+    assert_eq!(second.path, "/v2/op/update");
     let body: Value = serde_json::from_str(&second.body).unwrap();
     assert_eq!(body["actionType"], "append");
     assert_eq!(body["entities"][0]["TimeInstant"]["value"], "2024-04-10T10:05:00Z");
@@ -139,8 +89,7 @@ async fn measures_reach_the_context_broker_as_iotagent_json_sends_them_and_none_
 
 #[tokio::test]
 async fn a_full_queue_drops_the_newest_and_a_refused_request_does_not_block_the_rest() {
-    let cb = Arc::new(Cb::default());
-    let url = orion(cb.clone()).await;
+    let (cb, url) = Orion::start().await;
     let gw = Gw::with(json!({"cbroker": url, "cbroker_queue": 5}));
     let (d, g, c, mut l, _data) = gw.up().await;
     let k = format!("k{}", gw.env.id);

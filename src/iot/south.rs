@@ -29,6 +29,7 @@ use super::mapping::{
     Address, parse_cmdexe, parse_configuration, parse_routing_cmdexe, parse_routing_key, parse_topic, single_value,
 };
 use super::model::ApiError;
+use super::registry::Resolved;
 use super::{Core, IngestError, Payload, Transport};
 use crate::amqp::{self, Backoff, LinkError};
 
@@ -137,16 +138,26 @@ async fn polled(core: &Core, q: &HashMap<String, String>) -> Result<Response, Ap
     Ok(axum::Json(super::commands::take_polled(core, &r).await).into_response())
 }
 
-/// `POST {resource}/commands?i=&k=` with `{"<command>": result, …}`: a
-/// polling device's results.
-async fn post_results(State(core): Shared, q: Params, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+/// The provisioned device of a south request (`i`, `k`; never
+/// autoprovisioned) and its JSON body.
+fn device_request(
+    core: &Core,
+    q: &HashMap<String, String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<(Resolved, Value), ApiError> {
     let b = body(b)?;
-    let Address::Apikey { apikey, device_id, .. } = address(&q, None)? else {
+    let Address::Apikey { apikey, device_id, .. } = address(q, None)? else {
         return Err(ApiError::payload("i and k are required"));
     };
     let r = core.registry.find(&apikey, &device_id).ok_or_else(|| ApiError::device_not_found(&device_id))?;
-    let v: Value =
-        serde_json::from_slice(&b).map_err(|e| count(&core, ApiError::payload(format!("invalid JSON: {e}"))))?;
+    let v = serde_json::from_slice(&b).map_err(|e| count(core, ApiError::payload(format!("invalid JSON: {e}"))))?;
+    Ok((r, v))
+}
+
+/// `POST {resource}/commands?i=&k=` with `{"<command>": result, …}`: a
+/// polling device's results.
+async fn post_results(State(core): Shared, q: Params, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let (r, v) = device_request(&core, &q, b)?;
     super::commands::results(&core, &r, &v).await.map_err(|e| count(&core, ApiError::payload(e)))?;
     Ok(ok())
 }
@@ -159,13 +170,7 @@ async fn post_configuration(
     q: Params,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let b = body(b)?;
-    let Address::Apikey { apikey, device_id, .. } = address(&q, None)? else {
-        return Err(ApiError::payload("i and k are required"));
-    };
-    let r = core.registry.find(&apikey, &device_id).ok_or_else(|| ApiError::device_not_found(&device_id))?;
-    let v: Value =
-        serde_json::from_slice(&b).map_err(|e| count(&core, ApiError::payload(format!("invalid JSON: {e}"))))?;
+    let (r, v) = device_request(&core, &q, b)?;
     super::configuration::parse(&v).map_err(|e| count(&core, ApiError::payload(e)))?;
     super::configuration::request(&core, &r, &v).await.map_err(|e| match e {
         super::configuration::ConfigError::Invalid(m) => ApiError::payload(m),

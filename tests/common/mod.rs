@@ -11,6 +11,7 @@ pub mod browser;
 pub mod fake_kube;
 pub mod fake_villas;
 pub mod iot;
+pub mod orion;
 
 use busbar::client::{Client, Listener, Seen};
 use busbar::config::Config;
