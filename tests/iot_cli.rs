@@ -202,16 +202,16 @@ async fn commands_pending_and_delivered_survive_kill_9_and_expire_on_time() {
     d.kill9().await;
     let d = Daemon::spawn(config);
     until_up(&format!("{base}/iot/about")).await;
-    assert_eq!(command_of(&base, "p1", "reset").await["state"], "DELIVERED");
-    assert_eq!(command_of(&base, "p1", "zero").await["state"], "PENDING");
+    assert_eq!(command_of(base, "p1", "reset").await["state"], "DELIVERED");
+    assert_eq!(command_of(base, "p1", "zero").await["state"], "PENDING");
     // The pending ones are still there for the device's next poll; the
     // delivered one takes its result; tare, delivered now, still expires.
     assert_eq!(call("GET", &poll, None).await, (200, json!({"zero": 1, "tare": 1})), "only what was not delivered yet");
     let results = format!("http://127.0.0.1:{south}/iot/json/commands?i=p1&k={k}");
     assert_eq!(call("POST", &results, Some(json!({"reset": "done"}))).await.0, 200);
-    assert_eq!(command_of(&base, "p1", "reset").await["state"], "OK");
+    assert_eq!(command_of(base, "p1", "reset").await["state"], "OK");
     let tare = eventually(Duration::from_secs(10), "tare expires", async || {
-        let c = command_of(&base, "p1", "tare").await;
+        let c = command_of(base, "p1", "tare").await;
         (c["state"] == "EXPIRED").then_some(c)
     })
     .await;
