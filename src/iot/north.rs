@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use super::Core;
 use super::model::{ApiError, Tenant, parse_device, parse_group};
+use super::registry::selects;
 
 /// Largest provisioning request.
 const MAX_BODY: usize = 1 << 20;
@@ -258,8 +259,10 @@ async fn op_update(State(core): Shared, h: HeaderMap, body: Body) -> Result<Resp
 async fn notify(State(core): Shared, h: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let tenant = exact(tenant(&core, &h)?)?;
     let v = json_body(&h, body)?;
-    if !v.get("data").is_some_and(Value::is_array) {
-        return Err(ApiError::syntax("a notification needs data: [entities]"));
+    let entities = v.get("data").and_then(Value::as_array);
+    let entity_ok = |e: &Value| e.get("id").is_some_and(Value::is_string) && e.get("type").is_none_or(Value::is_string);
+    if !entities.is_some_and(|d| d.iter().all(entity_ok)) {
+        return Err(ApiError::syntax("a notification needs data: [entities, each with a string id and type]"));
     }
     super::configuration::notified(&core, &tenant, &v).await;
     Ok(axum::Json(json!({})).into_response())
@@ -268,20 +271,25 @@ async fn notify(State(core): Shared, h: HeaderMap, body: Body) -> Result<Respons
 /// `GET /iot/commands[?device=ID]`: the ledger of the tenant (or of one of
 /// its devices), oldest first: `{"count", "commands": […]}`.
 async fn list_commands(State(core): Shared, h: HeaderMap, q: Params) -> Result<Response, ApiError> {
-    let tenant = exact(tenant(&core, &h)?)?;
-    let device = match q.get("device") {
-        Some(id) => {
-            let u = super::registry::device_uuid(&tenant, id);
-            core.registry.device_by_uuid(u).ok_or_else(|| ApiError::device_not_found(id))?;
-            Some(u)
-        }
-        None => None,
-    };
+    let tenant = tenant(&core, &h)?;
+    let device = q.get("device");
+    if let Some(id) = device
+        && !core
+            .registry
+            .resolved()
+            .iter()
+            .any(|r| r.record.device.device_id == *id && selects(&tenant, &r.record.tenant))
+    {
+        return Err(ApiError::device_not_found(id));
+    }
     let all: Vec<Value> = core
         .commands
-        .list(device)
+        .list(None)
         .iter()
-        .filter(|c| c.service == tenant.service && c.servicepath == tenant.servicepath)
+        .filter(|c| {
+            let t = Tenant { service: c.service.clone(), servicepath: c.servicepath.clone() };
+            selects(&tenant, &t) && device.is_none_or(|d| *d == c.device_id)
+        })
         .map(super::commands::Command::view)
         .collect();
     page(all, &q, "commands")

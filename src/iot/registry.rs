@@ -180,7 +180,7 @@ fn store_err(e: crate::store::StoreError) -> ApiError {
 
 /// Whether `tenant` is selected by a north request's tenant (`/*` selects
 /// every servicepath of the service).
-fn selects(request: &Tenant, t: &Tenant) -> bool {
+pub fn selects(request: &Tenant, t: &Tenant) -> bool {
     request.service == t.service && (request.servicepath == "/*" || request.servicepath == t.servicepath)
 }
 
