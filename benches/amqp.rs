@@ -467,11 +467,8 @@ async fn rss(n: usize) -> u64 {
 async fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this
     // binary without it, and benchmarks never run as tests.
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    let Some(named) = common::scenarios() else { return };
+    let want = |s: &str| common::wants(&named, s);
     let mut raw_rate = None;
     if want("raw") || want("flood") {
         let (rate, p50, p99) = raw().await;

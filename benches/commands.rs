@@ -560,12 +560,8 @@ async fn faults(cycles: usize, command_ids: bool) {
 
 #[tokio::main]
 async fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    busbar::http::install_crypto_provider();
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    let Some(named) = common::scenarios() else { return };
+    let want = |s: &str| common::wants(&named, s);
     if want("roundtrip") {
         let n = std::env::var("ROUNDTRIPS").ok().and_then(|c| c.parse().ok()).unwrap_or(1000);
         roundtrip(n).await;

@@ -471,12 +471,8 @@ async fn rss(n: usize) -> (f64, f64) {
 
 #[tokio::main]
 async fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    busbar::http::install_crypto_provider();
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    let Some(named) = common::scenarios() else { return };
+    let want = |s: &str| common::wants(&named, s);
     let mut ceiling = [None, None];
     if want("ceiling") || want("mqtt") || want("capacity") {
         let m0 = mosquitto(200_000, QoS::AtMostOnce).await;

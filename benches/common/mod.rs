@@ -7,6 +7,22 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The scenarios named on the command line (`cargo bench --bench X -- a b`;
+/// none named: all), or `None` when not run by `cargo bench` (`cargo test`
+/// builds benches too).
+pub fn scenarios() -> Option<Vec<String>> {
+    if !std::env::args().any(|a| a == "--bench") {
+        return None;
+    }
+    busbar::http::install_crypto_provider();
+    Some(std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect())
+}
+
+/// Whether scenario `s` runs: named, or none named.
+pub fn wants(named: &[String], s: &str) -> bool {
+    named.is_empty() || named.iter().any(|a| a == s)
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
