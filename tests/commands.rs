@@ -166,6 +166,7 @@ async fn a_command_from_the_context_broker_reaches_an_mqtt_device_once_and_its_r
     assert_eq!(st["status"]["commands"]["ok"], 1, "{st}");
     assert_eq!(st["status"]["commands"]["open"], 0, "{st}");
     assert_eq!(cb.bodies("/v2/entities?options=upsert").len(), 2, "PENDING and OK, nothing for the repeat");
+    assert_eq!(cb.command_states("urn:lab:Sensor:push1", "ping"), ["PENDING", "OK"]);
     dev.quiet(Duration::from_millis(500)).await;
 
     // The ledger lists it with its history; an unknown command is refused
@@ -333,6 +334,10 @@ async fn http_poll_and_http_push_commands_follow_iotagent_json() {
     );
     let (_, b) = north(&g, "GET", "/iot/commands?device=push1", None).await;
     assert_eq!(b["commands"][0]["via"], "http-push", "{b}");
+    // The status sequences the Context Broker saw, as upstream writes them.
+    assert_eq!(cb.command_states("Robot:push1", "ping"), ["PENDING", "OK"]);
+    assert_eq!(cb.command_states("Robot:poll1", "move"), ["PENDING", "DELIVERED"]);
+    assert_eq!(cb.command_states("Robot:poll1", "ping"), ["PENDING", "DELIVERED", "OK", "PENDING", "DELIVERED"]);
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
@@ -404,6 +409,7 @@ async fn the_ledger_survives_a_restart_commands_expire_on_time_and_an_offline_de
     let ended = tare["updated"].as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
     let took = (ended - created).total(jiff::Unit::Millisecond).unwrap();
     assert!((2000.0..3500.0).contains(&took), "expired {took} ms after it was taken: {tare}");
+    assert_eq!(cb.command_states("Meter:p1", "tare"), ["PENDING", "ERROR"], "ERROR with info EXPIRED, as upstream");
     // The delivered one finishes with the device's result after the restart.
     g.south_raw(&format!("/iot/json/commands?i=p1&k={k}"), "application/json", br#"{"reset":"ok"}"#.to_vec()).await;
     cb.until("/v2/entities?options=upsert", "\"value\":\"ok\"").await;
@@ -557,7 +563,8 @@ async fn an_amqp_command_waits_for_its_device_queue_and_its_result_comes_back_on
     use futures_util::StreamExt;
     let id = TestEnv::new().id.clone();
     let south = format!("south-{id}");
-    let gw = Gw::with(json!({"amqp_south_exchange": south, "amqp_south_queue": format!("q-{id}")}));
+    let (cb, url) = Orion::start().await;
+    let gw = Gw::with(json!({"amqp_south_exchange": south, "amqp_south_queue": format!("q-{id}"), "cbroker": url}));
     let (d, g, c, _l, _data) = gw.up().await;
     let k = format!("k{}", gw.env.id);
     g.provision(
@@ -618,6 +625,10 @@ async fn an_amqp_command_waits_for_its_device_queue_and_its_result_comes_back_on
     })
     .await;
     assert_eq!(done["info"], "passed");
+    eventually(WAIT, "the Context Broker saw PENDING then OK", async || {
+        (cb.command_states("Battery:bat1", "test") == ["PENDING", "OK"]).then_some(())
+    })
+    .await;
     assert!(tokio::time::timeout(Duration::from_millis(2500), consumer.next()).await.is_err(), "sent once");
     let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
     let _ = ch.exchange_delete(south.as_str().into(), Default::default()).await;
@@ -713,7 +724,8 @@ async fn devices_retrieve_their_configuration_once_or_by_subscription_over_mqtt_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dojot_actuation_goes_to_both_config_topics_and_the_next_measure_is_the_result() {
-    let gw = Gw::with(json!({"dojot": true}));
+    let (cb, url) = Orion::start().await;
+    let gw = Gw::with(json!({"dojot": true, "cbroker": url}));
     let (d, g, c, _l, _data) = gw.up().await;
     let tenant = format!("t{}", gw.env.id);
     let verne = gw.topic(&format!("{tenant}:a1998e/config"));
@@ -745,6 +757,10 @@ async fn dojot_actuation_goes_to_both_config_topics_and_the_next_measure_is_the_
     })
     .await;
     assert_eq!((done["info"].as_f64(), done["via"].as_str()), (Some(23.5), Some("dojot")), "{done}");
+    eventually(WAIT, "the Context Broker saw PENDING then OK", async || {
+        (cb.command_states("Heater:a1998e", "target_temperature") == ["PENDING", "OK"]).then_some(())
+    })
+    .await;
     v.quiet(Duration::from_millis(300)).await;
     m.quiet(Duration::from_millis(1)).await;
     c.close().await;

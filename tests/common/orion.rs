@@ -94,6 +94,17 @@ impl Orion {
         self.seen.lock().unwrap().iter().filter(|s| s.path == path).map(|s| s.body.clone()).collect()
     }
 
+    /// The `<cmd>_status` values entity `id` got, in order (upserts).
+    pub fn command_states(&self, id: &str, cmd: &str) -> Vec<String> {
+        let key = format!("{cmd}_status");
+        self.bodies("/v2/entities?options=upsert")
+            .iter()
+            .filter_map(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+            .filter(|e| e["id"] == id)
+            .filter_map(|e| e[&key]["value"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Wait until a body sent to `path` contains `needle`.
     pub async fn until(&self, path: &str, needle: &str) -> String {
         eventually(WAIT, &format!("the Context Broker got {needle} on {path}"), async || {
