@@ -590,16 +590,43 @@ async fn wait_outcome(
             println!("{}", status.pointer("/status/error").cloned().unwrap_or(Value::Null));
             ExitCode::from(exit::TARGET_ERROR)
         }
-        Err(busbar::Error::Timeout(t)) => {
-            eprintln!("timed out after {t:?} (the target answered, but did not get there)");
-            ExitCode::from(exit::TIMEOUT)
-        }
-        Err(e @ busbar::Error::NoAnswer(_)) => {
-            eprintln!("{e}");
-            ExitCode::from(exit::NO_ANSWER)
-        }
-        Err(e) => return Err(e.into()),
+        Err(e) => return unanswered(e, "the target answered, but did not get there"),
     })
+}
+
+/// The exit code of a wait that got no final answer: timed out (2, with
+/// `timed_out` saying what that means) or nobody answered (4); anything
+/// else is an error.
+fn unanswered(e: busbar::Error, timed_out: &str) -> anyhow::Result<ExitCode> {
+    match e {
+        busbar::Error::Timeout(t) => {
+            eprintln!("timed out after {t:?} ({timed_out})");
+            Ok(ExitCode::from(exit::TIMEOUT))
+        }
+        e @ busbar::Error::NoAnswer(_) => {
+            eprintln!("{e}");
+            Ok(ExitCode::from(exit::NO_ANSWER))
+        }
+        e => Err(e.into()),
+    }
+}
+
+/// Print a device's answer to `busbar command`: the command's state, result
+/// and id (or its JSON); exit 0 for PENDING or OK, 1 for ERROR, EXPIRED or
+/// a refusal (the status's error).
+fn print_command(status: &Value, json: bool) -> ExitCode {
+    let Some(cmd) = status.pointer("/status/command") else {
+        eprintln!("error: {}", error_msg(status));
+        return ExitCode::from(exit::TARGET_ERROR);
+    };
+    let state = cmd["state"].as_str().unwrap_or("?");
+    if json {
+        println!("{cmd}");
+    } else {
+        let info = cmd.get("info").filter(|i| !i.is_null()).map(|i| format!(" {i}")).unwrap_or_default();
+        println!("{state}{info}  {}", cmd["id"].as_str().unwrap_or_default());
+    }
+    if matches!(state, "ERROR" | "EXPIRED") { ExitCode::from(exit::TARGET_ERROR) } else { ExitCode::SUCCESS }
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
@@ -915,38 +942,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let client = conn.connect().await?;
             let answer = client.command(&uuid, p, wait, timeout).await;
             client.close().await;
-            return Ok(match answer {
-                Ok(status) => match status.pointer("/status/command") {
-                    Some(cmd) => {
-                        let state = cmd["state"].as_str().unwrap_or("?");
-                        if json {
-                            println!("{cmd}");
-                        } else {
-                            let info =
-                                cmd.get("info").filter(|i| !i.is_null()).map(|i| format!(" {i}")).unwrap_or_default();
-                            println!("{state}{info}  {}", cmd["id"].as_str().unwrap_or_default());
-                        }
-                        if matches!(state, "ERROR" | "EXPIRED") {
-                            ExitCode::from(exit::TARGET_ERROR)
-                        } else {
-                            ExitCode::SUCCESS
-                        }
-                    }
-                    None => {
-                        eprintln!("error: {}", error_msg(&status));
-                        ExitCode::from(exit::TARGET_ERROR)
-                    }
-                },
-                Err(busbar::Error::Timeout(t)) => {
-                    eprintln!("timed out after {t:?} (the command was taken; see GET /iot/commands)");
-                    ExitCode::from(exit::TIMEOUT)
-                }
-                Err(e @ busbar::Error::NoAnswer(_)) => {
-                    eprintln!("{e}");
-                    ExitCode::from(exit::NO_ANSWER)
-                }
-                Err(e) => return Err(e.into()),
-            });
+            return match answer {
+                Ok(status) => Ok(print_command(&status, json)),
+                Err(e) => unanswered(e, "the command was taken; see GET /iot/commands"),
+            };
         }
         Cmd::Delete { conn, manager, uuid, timeout } => {
             let follow = uuid::Uuid::try_parse(&uuid).unwrap_or_default();
