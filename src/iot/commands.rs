@@ -367,6 +367,10 @@ impl CmdCounters {
 /// go first, from memory and the store).
 pub const KEEP_FINISHED: usize = 1000;
 
+/// Largest command value, in bytes of JSON: each command is stored with
+/// every change, so with [`MAX_OPEN`] commands this bounds the ledger.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
 /// Finished commands forgotten at once beyond [`KEEP_FINISHED`].
 pub const PRUNE_BATCH: usize = 64;
 
@@ -634,6 +638,12 @@ pub fn build(
         });
     };
     let via = via_of(device, group)?;
+    let size = serde_json::to_vec(&value).map_or(usize::MAX, |v| v.len());
+    if size > MAX_VALUE_BYTES {
+        return Err(CommandError::Invalid(format!(
+            "a command value is at most {MAX_VALUE_BYTES} bytes of JSON, not {size}"
+        )));
+    }
     let secs = |v: Option<&Value>| v.and_then(Value::as_f64).filter(|s| s.is_finite() && *s > 0.0);
     let expiration = expiration
         .filter(|s| s.is_finite() && *s > 0.0)
@@ -1041,6 +1051,29 @@ mod tests {
         assert_eq!(via_of(&d(json!({"device_id": "a", "transport": "MQTT", "endpoint": "x"})), None), Ok(Via::Mqtt));
         assert_eq!(via_of(&d(json!({"device_id": "a", "transport": "AMQP"})), None), Ok(Via::Amqp));
         assert!(via_of(&d(json!({"device_id": "a", "transport": "COAP"})), None).is_err());
+    }
+
+    #[test]
+    fn a_command_must_be_declared_small_and_gets_its_expiry() {
+        let d = device(json!({"device_id": "a", "commands": [{"name": "set", "expiration": 5}]}));
+        let r = Resolved {
+            record: Arc::new(super::super::registry::DeviceRecord {
+                tenant: Tenant { service: "s".into(), servicepath: "/".into() },
+                device: d,
+                uuid: Uuid::nil(),
+                last: Default::default(),
+            }),
+            group: None,
+        };
+        let ok = build(&r, "set", json!(1), None, Duration::from_secs(300), Origin::default()).unwrap();
+        assert_eq!(ok.expires_ms - ok.created_ms, 5000, "the command's own expiration");
+        let asked = build(&r, "set", json!(1), Some(2.0), Duration::from_secs(300), Origin::default()).unwrap();
+        assert_eq!(asked.expires_ms - asked.created_ms, 2000, "the request's wins");
+        let e = build(&r, "reboot", json!(1), None, Duration::from_secs(300), Origin::default()).unwrap_err();
+        assert_eq!(e.to_string(), "a has no command \"reboot\" (it has: set)");
+        let big = json!("x".repeat(MAX_VALUE_BYTES));
+        let e = build(&r, "set", big, None, Duration::from_secs(300), Origin::default()).unwrap_err();
+        assert!(e.to_string().starts_with("a command value is at most"), "{e}");
     }
 
     #[test]
