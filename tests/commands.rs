@@ -766,3 +766,57 @@ async fn dojot_actuation_goes_to_both_config_topics_and_the_next_measure_is_the_
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_outside_endpoint_allow_are_refused_at_provisioning_and_never_called() {
+    // A listener that records whether anything reached it.
+    let hit = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = hit.clone();
+    let app = Router::new().route(
+        "/cmd",
+        post(move || {
+            h.store(true, std::sync::atomic::Ordering::SeqCst);
+            async { axum::Json(json!({"set": "done"})) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/cmd", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let gw = Gw::with(json!({"endpoint_allow": ["devices.lab.example"]}));
+    let (d, g, c, _l, _data) = gw.up().await;
+    let k = format!("k{}", gw.env.id);
+    // A device naming another host is refused; so is a non-HTTP endpoint.
+    g.provision(
+        LAB,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Load",
+        "commands": [{"name": "set", "type": "command"}]}),
+        Value::Null,
+    )
+    .await;
+    for bad in [endpoint.clone(), "file:///etc/passwd".to_owned()] {
+        let (s, b) =
+            north(&g, "POST", "/iot/devices", Some(json!({"devices": [{"device_id": "x", "endpoint": bad}]}))).await;
+        assert_eq!(s, 400, "{b}");
+        assert!(b["message"].as_str().unwrap().contains("endpoint"), "{b}");
+    }
+    // One that inherits its group's endpoint is provisioned, but a command
+    // to it fails without a request leaving busbar.
+    let (s, _) =
+        north(&g, "PUT", &format!("/iot/groups?resource=/iot/json&apikey={k}"), Some(json!({"endpoint": endpoint})))
+            .await;
+    assert_eq!(s, 204);
+    g.provision(LAB, Value::Null, json!([{"device_id": "y"}])).await;
+    let body = json!({"actionType": "update", "entities": [{"id": "Load:y", "type": "Load",
+        "set": {"type": "command", "value": 1}}]});
+    assert_eq!(north(&g, "POST", "/v2/op/update", Some(body)).await.0, 204);
+    let failed = eventually(WAIT, "the command fails", async || {
+        let c = north(&g, "GET", "/iot/commands?device=y", None).await.1["commands"][0].clone();
+        (c["state"] == "ERROR").then_some(c)
+    })
+    .await;
+    assert!(failed["info"].as_str().unwrap().contains("is not in the gateway's endpoint_allow"), "{failed}");
+    assert!(!hit.load(std::sync::atomic::Ordering::SeqCst), "nothing was sent to the endpoint");
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+}

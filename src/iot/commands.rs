@@ -863,6 +863,10 @@ async fn push_until_done(core: Arc<Core>, id: Uuid) {
             core.commands.apply(id, CmdEvent::Result { ok: false, info }).await;
             return;
         };
+        if let Err(why) = core.endpoint_allowed(&endpoint) {
+            core.commands.apply(id, CmdEvent::Result { ok: false, info: why.into() }).await;
+            return;
+        }
         core.commands.counters.sent.fetch_add(1, Ordering::Relaxed);
         match push_http(&cmd, &endpoint).await {
             Ok(result) => {

@@ -180,6 +180,10 @@ async fn send(core: &Arc<Core>, r: &Resolved, values: Value) {
         return;
     }
     let Some(endpoint) = endpoint else { return };
+    if let Err(why) = core.endpoint_allowed(&endpoint) {
+        tracing::warn!(device = %device.device_id, error = %why, "configuration values not sent");
+        return;
+    }
     let Ok(client) = crate::http::client() else { return };
     let url = format!("{}/configuration/values", endpoint.trim_end_matches('/'));
     let sent = client

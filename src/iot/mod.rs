@@ -106,6 +106,9 @@ pub struct Settings {
     /// The URL the Context Broker uses to reach the north API (command
     /// registrations); `None`: `http://` and the north listener's address.
     pub provider_url: Option<String>,
+    /// The hosts (`host` or `host:port`) device endpoints may name
+    /// (`endpoint_allow`); `None`: any, as iotagent-json.
+    pub endpoint_allow: Option<Vec<String>>,
 }
 
 fn prop_str(p: &Map<String, Value>, k: &str) -> Option<String> {
@@ -234,6 +237,10 @@ impl Settings {
                     std::time::Duration::from_secs_f64(s.min(30.0 * 86_400.0))
                 }),
             provider_url: prop_str(p, "provider_url").filter(|s| !s.is_empty()),
+            endpoint_allow: p
+                .get("endpoint_allow")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(|h| h.to_ascii_lowercase()).collect()),
             dojot: p.get("dojot").and_then(Value::as_bool).unwrap_or(false),
             services: p
                 .get("services")
@@ -556,6 +563,23 @@ impl Core {
         {
             self.cb_counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Whether busbar may send to device endpoint `url`: an `http(s)` URL
+    /// whose host (or `host:port`) is in `endpoint_allow`, when that is
+    /// set. The reason when not.
+    pub fn endpoint_allowed(&self, url: &str) -> Result<(), String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("invalid endpoint: {e}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(format!("endpoint scheme {} is not http or https", parsed.scheme()));
+        }
+        let Some(allow) = &self.settings.endpoint_allow else { return Ok(()) };
+        let host = parsed.host_str().unwrap_or_default().to_ascii_lowercase();
+        let with_port = parsed.port_or_known_default().map(|p| format!("{host}:{p}")).unwrap_or_else(|| host.clone());
+        if allow.iter().any(|a| *a == host || *a == with_port) {
+            return Ok(());
+        }
+        Err(format!("endpoint host {with_port} is not in the gateway's endpoint_allow"))
     }
 
     /// The URL the Context Broker forwards commands to: `provider_url`, or

@@ -182,6 +182,11 @@ async fn create_devices(State(core): Shared, h: HeaderMap, body: Body) -> Result
     let tenant = exact(tenant(&core, &h)?)?;
     let v = json_body(&h, body)?;
     let devices = items(&v, "devices")?.iter().map(parse_device).collect::<Result<Vec<_>, _>>()?;
+    for d in &devices {
+        if let Some(e) = d.extra.get("endpoint").and_then(Value::as_str) {
+            core.endpoint_allowed(e).map_err(|m| ApiError::new(400, "BAD_REQUEST", m))?;
+        }
+    }
     let bulk = devices.len() > 100;
     drop(v);
     let ids: Vec<String> = devices.iter().map(|d| d.device_id.clone()).collect();
