@@ -780,33 +780,36 @@ async fn endpoints_outside_endpoint_allow_are_refused_at_provisioning_and_never_
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}/cmd", listener.local_addr().unwrap());
+    let addr = listener.local_addr().unwrap();
+    let endpoint = format!("http://{addr}/cmd");
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let gw = Gw::with(json!({"endpoint_allow": ["devices.lab.example"]}));
+    let mut gw = Gw::with(json!({"endpoint_allow": [addr.to_string()]}));
     let (d, g, c, _l, _data) = gw.up().await;
     let k = format!("k{}", gw.env.id);
-    // A device naming another host is refused; so is a non-HTTP endpoint.
     g.provision(
         LAB,
-        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Load",
-        "commands": [{"name": "set", "type": "command"}]}),
-        Value::Null,
+        json!({"resource": "/iot/json", "apikey": k, "entity_type": "Load", "commands": [{"name": "set", "type": "command"}]}),
+        json!([{"device_id": "y", "endpoint": endpoint}]),
     )
     .await;
-    for bad in [endpoint.clone(), "file:///etc/passwd".to_owned()] {
-        let (s, b) =
-            north(&g, "POST", "/iot/devices", Some(json!({"devices": [{"device_id": "x", "endpoint": bad}]}))).await;
+    // Another host, or not HTTP: refused on devices and groups alike.
+    for bad in ["http://169.254.169.254/latest", "file:///etc/passwd"] {
+        let body = json!({"devices": [{"device_id": "x", "endpoint": bad}]});
+        let (s, b) = north(&g, "POST", "/iot/devices", Some(body)).await;
         assert_eq!(s, 400, "{b}");
         assert!(b["message"].as_str().unwrap().contains("endpoint"), "{b}");
+        let path = format!("/iot/groups?resource=/iot/json&apikey={k}");
+        assert_eq!(north(&g, "PUT", &path, Some(json!({"endpoint": bad}))).await.0, 400);
+        assert_eq!(north(&g, "PUT", "/iot/devices/y", Some(json!({"endpoint": bad}))).await.0, 400);
     }
-    // One that inherits its group's endpoint is provisioned, but a command
-    // to it fails without a request leaving busbar.
-    let (s, _) =
-        north(&g, "PUT", &format!("/iot/groups?resource=/iot/json&apikey={k}"), Some(json!({"endpoint": endpoint})))
-            .await;
-    assert_eq!(s, 204);
-    g.provision(LAB, Value::Null, json!([{"device_id": "y"}])).await;
+    // The allow-list narrowed after provisioning: a command to the device
+    // fails without a request leaving busbar.
+    c.close().await;
+    d.stop().await.expect("clean shutdown");
+    gw.extra = json!({"endpoint_allow": ["devices.lab.example"]});
+    let d = gw.env.start_with(gw.config()).await;
+    let g = common::iot::Gateway::of(&d, gw.uuid).await;
     let body = json!({"actionType": "update", "entities": [{"id": "Load:y", "type": "Load",
         "set": {"type": "command", "value": 1}}]});
     assert_eq!(north(&g, "POST", "/v2/op/update", Some(body)).await.0, 204);
@@ -817,6 +820,5 @@ async fn endpoints_outside_endpoint_allow_are_refused_at_provisioning_and_never_
     .await;
     assert!(failed["info"].as_str().unwrap().contains("is not in the gateway's endpoint_allow"), "{failed}");
     assert!(!hit.load(std::sync::atomic::Ordering::SeqCst), "nothing was sent to the endpoint");
-    c.close().await;
     d.stop().await.expect("clean shutdown");
 }

@@ -140,6 +140,9 @@ async fn create_groups(State(core): Shared, h: HeaderMap, body: Body) -> Result<
     let v = json_body(&h, body)?;
     let list = items(&v, "groups").or_else(|_| items(&v, "services"))?;
     let groups = list.iter().map(parse_group).collect::<Result<Vec<_>, _>>()?;
+    for g in &groups {
+        check_endpoint(&core, &g.extra)?;
+    }
     core.registry.create_groups(&tenant, groups).await?;
     Ok(created())
 }
@@ -166,8 +169,19 @@ async fn update_group(State(core): Shared, h: HeaderMap, q: Params, body: Body) 
     let (resource, apikey) = group_key(&q)?;
     let v = json_body(&h, body)?;
     let patch = v.as_object().ok_or_else(|| ApiError::syntax("the body must be an object"))?;
+    check_endpoint(&core, patch)?;
     core.registry.update_group(&tenant, &resource, &apikey, patch).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A provisioned `endpoint` must be an `http(s)` URL, on a host of the
+/// gateway's `endpoint_allow` when it has one.
+fn check_endpoint(core: &Core, fields: &Map<String, Value>) -> Result<(), ApiError> {
+    match fields.get("endpoint") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(e)) => core.endpoint_allowed(e).map_err(|m| ApiError::new(400, "BAD_REQUEST", m)),
+        Some(other) => Err(ApiError::syntax(format!("endpoint must be a URL, not {other}"))),
+    }
 }
 
 async fn delete_group(State(core): Shared, h: HeaderMap, q: Params) -> Result<Response, ApiError> {
@@ -183,9 +197,7 @@ async fn create_devices(State(core): Shared, h: HeaderMap, body: Body) -> Result
     let v = json_body(&h, body)?;
     let devices = items(&v, "devices")?.iter().map(parse_device).collect::<Result<Vec<_>, _>>()?;
     for d in &devices {
-        if let Some(e) = d.extra.get("endpoint").and_then(Value::as_str) {
-            core.endpoint_allowed(e).map_err(|m| ApiError::new(400, "BAD_REQUEST", m))?;
-        }
+        check_endpoint(&core, &d.extra)?;
     }
     let bulk = devices.len() > 100;
     drop(v);
@@ -357,6 +369,7 @@ async fn update_device(
     let tenant = exact(tenant(&core, &h)?)?;
     let v = json_body(&h, body)?;
     let patch = v.as_object().ok_or_else(|| ApiError::syntax("the body must be an object"))?;
+    check_endpoint(&core, patch)?;
     core.registry.update_device(&tenant, &id, patch).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
