@@ -386,6 +386,9 @@ pub struct Ledger {
     /// Serialises changes so that the store and memory agree on order.
     write: tokio::sync::Mutex<()>,
     all: std::sync::Mutex<IndexMap<Uuid, Command>>,
+    /// The newest command of each device and name (what a device's status
+    /// shows), so a status does not walk the ledger.
+    latest: std::sync::Mutex<std::collections::HashMap<Uuid, std::collections::HashMap<String, Uuid>>>,
     changes: broadcast::Sender<Arc<Command>>,
     /// Wakes the expiry clock when an earlier expiry arrives.
     pub(super) wake: tokio::sync::Notify,
@@ -418,6 +421,9 @@ impl Ledger {
         all.sort_by(|_, a, _, b| a.created_ms.cmp(&b.created_ms));
         let ledger = Ledger::empty(gateway, store);
         ledger.finished.store(all.values().filter(|c| c.state.terminal()).count(), Ordering::Relaxed);
+        for c in all.values() {
+            ledger.note_latest(c);
+        }
         *ledger.map() = all;
         Ok(ledger)
     }
@@ -429,6 +435,7 @@ impl Ledger {
             store,
             write: tokio::sync::Mutex::new(()),
             all: std::sync::Mutex::new(IndexMap::new()),
+            latest: Default::default(),
             changes: broadcast::channel(1024).0,
             wake: tokio::sync::Notify::new(),
             counters: CmdCounters::default(),
@@ -439,6 +446,17 @@ impl Ledger {
 
     fn map(&self) -> std::sync::MutexGuard<'_, IndexMap<Uuid, Command>> {
         self.all.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn latest(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, std::collections::HashMap<String, Uuid>>> {
+        self.latest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `c` is the newest command of its device and name.
+    fn note_latest(&self, c: &Command) {
+        self.latest().entry(c.device).or_default().insert(c.name.clone(), c.id);
     }
 
     /// Every change, as it is stored.
@@ -461,25 +479,25 @@ impl Ledger {
         self.map().values().filter(|c| !c.state.terminal()).cloned().collect()
     }
 
-    /// How many are unfinished.
+    /// How many are unfinished: all but the finished, which are counted as
+    /// they finish.
     pub fn open_count(&self) -> usize {
-        self.map().values().filter(|c| !c.state.terminal()).count()
+        self.map().len().saturating_sub(self.finished.load(Ordering::Relaxed))
     }
 
-    /// The last command of each name of `device` (of the `names` it
-    /// declares), for its IC status: newest first, so a long ledger is
-    /// read only until every name was seen.
-    pub fn last_by_name(&self, device: Uuid, names: usize) -> Map<String, Value> {
-        let mut out = Map::new();
-        for c in self.map().values().rev().filter(|c| c.device == device) {
-            if !out.contains_key(&c.name) {
-                out.insert(c.name.clone(), json!({"id": c.id, "state": c.state.as_str(), "info": c.info}));
-                if out.len() >= names {
-                    break;
-                }
-            }
-        }
-        out
+    /// The last command of each of `names` of `device`, for its IC status.
+    pub fn last_by_name(&self, device: Uuid, names: &[&str]) -> Map<String, Value> {
+        let ids: Vec<(String, Uuid)> = match self.latest().get(&device) {
+            Some(by_name) => names.iter().filter_map(|n| Some(((*n).to_owned(), *by_name.get(*n)?))).collect(),
+            None => return Map::new(),
+        };
+        let map = self.map();
+        ids.into_iter()
+            .filter_map(|(name, id)| {
+                let c = map.get(&id)?;
+                Some((name, json!({"id": c.id, "state": c.state.as_str(), "info": c.info})))
+            })
+            .collect()
     }
 
     /// The earliest expiry of an unfinished command.
@@ -499,6 +517,7 @@ impl Ledger {
         self.persist(&cmd).await.map_err(|e| CommandError::Store(e.to_string()))?;
         let earlier = self.next_expiry().is_none_or(|n| cmd.expires_ms < n);
         self.map().insert(cmd.id, cmd.clone());
+        self.note_latest(&cmd);
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         if earlier {
             self.wake.notify_one();
@@ -605,6 +624,10 @@ impl Ledger {
             self.map().values().filter(|c| c.state.terminal()).take(finished - KEEP_FINISHED).map(|c| c.id).collect();
         if self.store.commands_delete(old.iter().copied().collect()).await.is_ok() {
             self.map().retain(|id, _| !old.contains(id));
+            self.latest().retain(|_, by_name| {
+                by_name.retain(|_, id| !old.contains(id));
+                !by_name.is_empty()
+            });
             self.finished.fetch_sub(old.len(), Ordering::Relaxed);
         }
     }
@@ -1190,8 +1213,15 @@ mod tests {
         assert!(ledger.result(dev, "mqtt", true, json!(1)).await.is_none(), "not pinned on an unsent command");
         ledger.broker_acked(unsent.id).await;
         assert_eq!(ledger.result(dev, "mqtt", true, json!(1)).await.unwrap().id, unsent.id);
+        let last = ledger.last_by_name(dev, &["ping", "move", "absent"]);
+        assert_eq!(last["ping"]["id"], json!(b.id), "the newest of each name");
+        assert_eq!(last["move"]["state"], "DELIVERED");
+        assert_eq!(last.len(), 2);
+        assert_eq!(ledger.open_count(), 1, "move; the mqtt one finished");
         drop(ledger);
         let again = Ledger::load(gw, store).unwrap();
+        assert_eq!(again.last_by_name(dev, &["ping", "move"]), last, "rebuilt from the store");
+        assert_eq!(again.open_count(), 1);
         let all = again.list(Some(dev));
         assert_eq!(all.len(), 4);
         assert_eq!(all[0].state, CmdState::Ok);

@@ -109,7 +109,8 @@ pub(super) fn describe(core: &Core, r: &Resolved) -> Described {
     let mut schema = Map::new();
     if !declared.is_empty() {
         schema.insert("command".into(), super::commands::action_schema(&declared));
-        let last = core.commands.last_by_name(r.record.uuid, declared.len());
+        let names: Vec<&str> = declared.iter().filter_map(|c| c["name"].as_str()).collect();
+        let last = core.commands.last_by_name(r.record.uuid, &names);
         extra.insert("commands".into(), Value::Object(last));
     }
     Described { keys, properties, extra, schema }
