@@ -304,44 +304,26 @@ pub(crate) fn tls_config(tls: &super::MqttTls) -> Result<rustls::ClientConfig, S
     }
 }
 
-/// The subscriptions of a gateway.
+/// What devices publish after `{apikey}/{id}/`: measures, command results
+/// and configuration requests.
+const DEVICE_TOPICS: [&str; 4] = ["attrs", "attrs/+", "cmdexe", "configuration/commands"];
+
+/// The subscriptions of a gateway: each device topic in iotagent-json's
+/// forms (`/json/…`, `json/…`, `/…`; under a prefix, which stands for the
+/// leading slash, `json/…` and `…`), and dojot's `tenant:device/attrs`.
 pub fn mqtt_filters(prefix: &str, shared_group: &str, dojot: bool) -> Vec<String> {
-    let bases: Vec<String> = if prefix.is_empty() {
-        let mut b = vec![
-            "/json/+/+/attrs",
-            "/json/+/+/attrs/+",
-            "json/+/+/attrs",
-            "json/+/+/attrs/+",
-            "/+/+/attrs",
-            "/+/+/attrs/+",
-            "/json/+/+/cmdexe",
-            "json/+/+/cmdexe",
-            "/+/+/cmdexe",
-            "/json/+/+/configuration/commands",
-            "json/+/+/configuration/commands",
-            "/+/+/configuration/commands",
-        ];
-        if dojot {
-            b.push("+/attrs");
-        }
-        b.into_iter().map(str::to_owned).collect()
-    } else {
-        let mut b = vec![
-            "json/+/+/attrs",
-            "json/+/+/attrs/+",
-            "+/+/attrs",
-            "+/+/attrs/+",
-            "json/+/+/cmdexe",
-            "+/+/cmdexe",
-            "json/+/+/configuration/commands",
-            "+/+/configuration/commands",
-        ];
-        if dojot {
-            b.push("+/attrs");
-        }
-        b.into_iter().map(|f| format!("{prefix}/{f}")).collect()
-    };
-    bases.into_iter().map(|f| if shared_group.is_empty() { f } else { format!("$share/{shared_group}/{f}") }).collect()
+    let forms: &[&str] = if prefix.is_empty() { &["/json/+/+/", "json/+/+/", "/+/+/"] } else { &["json/+/+/", "+/+/"] };
+    let mut bases: Vec<String> =
+        DEVICE_TOPICS.iter().flat_map(|t| forms.iter().map(move |f| format!("{f}{t}"))).collect();
+    if dojot {
+        bases.push("+/attrs".into());
+    }
+    let under = |f: String| if prefix.is_empty() { f } else { format!("{prefix}/{f}") };
+    bases
+        .into_iter()
+        .map(under)
+        .map(|f| if shared_group.is_empty() { f } else { format!("$share/{shared_group}/{f}") })
+        .collect()
 }
 
 /// The topic as the grammar sees it: the prefix removed (a prefixed topic
@@ -389,16 +371,24 @@ async fn on_publish(core: &Arc<Core>, topic: &str, payload: &[u8]) {
     ingest_bytes(core, Transport::Mqtt, topic, addr, payload).await
 }
 
+/// The provisioned device behind a result or configuration request (never
+/// autoprovisioned); an unknown one is counted and logged once a minute
+/// per apikey.
+fn provisioned(core: &Core, topic: &str, apikey: &str, device_id: &str) -> Option<Resolved> {
+    let r = core.registry.find(apikey, device_id);
+    if r.is_none() {
+        core.counters.error("device_not_found");
+        if core.quiet.first("device_not_found", apikey) {
+            warn!(%topic, "a message from an unknown device; dropped");
+        }
+    }
+    r
+}
+
 /// A device's command results on `…/cmdexe` (MQTT) or `.….cmdexe` (AMQP):
 /// `{"<command>": result}`.
 async fn on_cmdexe(core: &Core, topic: &str, apikey: &str, device_id: &str, payload: &[u8]) {
-    let Some(r) = core.registry.find(apikey, device_id) else {
-        core.counters.error("device_not_found");
-        if core.quiet.first("cmdexe_unknown", apikey) {
-            warn!(%topic, "a command result from an unknown device; dropped");
-        }
-        return;
-    };
+    let Some(r) = provisioned(core, topic, apikey, device_id) else { return };
     let body: Value = match serde_json::from_slice(payload) {
         Ok(v) => v,
         Err(e) => {
@@ -415,13 +405,7 @@ async fn on_cmdexe(core: &Core, topic: &str, apikey: &str, device_id: &str, payl
 
 /// A device's configuration request on `…/configuration/commands`.
 async fn on_configuration(core: &Arc<Core>, topic: &str, apikey: &str, device_id: &str, payload: &[u8]) {
-    let Some(r) = core.registry.find(apikey, device_id) else {
-        core.counters.error("device_not_found");
-        if core.quiet.first("configuration_unknown", apikey) {
-            warn!(%topic, "a configuration request from an unknown device; dropped");
-        }
-        return;
-    };
+    let Some(r) = provisioned(core, topic, apikey, device_id) else { return };
     let body: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
     // The Context Broker's answer is awaited off the MQTT loop.
     let (core, topic) = (core.clone(), topic.to_owned());
@@ -907,8 +891,8 @@ mod tests {
             p,
             [
                 "site1/json/+/+/attrs",
-                "site1/json/+/+/attrs/+",
                 "site1/+/+/attrs",
+                "site1/json/+/+/attrs/+",
                 "site1/+/+/attrs/+",
                 "site1/json/+/+/cmdexe",
                 "site1/+/+/cmdexe",
@@ -917,6 +901,7 @@ mod tests {
                 "site1/+/attrs"
             ]
         );
+        assert_eq!(f.len(), 12, "three forms of four device topics: {f:?}");
         assert!(f.contains(&"$share/busbar//+/+/cmdexe".to_owned()), "command results too");
     }
 
