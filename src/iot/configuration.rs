@@ -145,12 +145,7 @@ pub async fn notified(core: &Arc<Core>, tenant: &super::model::Tenant, body: &Va
     let mut told = 0;
     for e in body.get("data").and_then(Value::as_array).into_iter().flatten() {
         let Some(id) = e.get("id").and_then(Value::as_str) else { continue };
-        let found = core
-            .registry
-            .resolved()
-            .into_iter()
-            .find(|r| r.record.tenant == *tenant && r.record.device.entity_name(r.group.as_deref()) == id);
-        let Some(r) = found else { continue };
+        let Some(r) = core.registry.by_entity(tenant, id, None) else { continue };
         let Some(attrs) = e.as_object() else { continue };
         let fields: Vec<String> = attrs.keys().filter(|k| *k != "id" && *k != "type").cloned().collect();
         send(core, &r, values(attrs, &fields, super::now_ms())).await;
@@ -200,16 +195,15 @@ async fn send(core: &Arc<Core>, r: &Resolved, values: Value) {
     }
 }
 
-/// Percent-encode an entity id for a URL path segment.
+/// What stays as it is in a path segment or query value here: RFC 3986's
+/// unreserved characters, and `:` and `,`, which entity ids (`urn:…`) and
+/// attribute lists (`a,b`) hold and Orion reads literally.
+const KEEP: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b':').remove(b',');
+
+/// Percent-encode `s` for a path segment or a query value.
 fn urlencoding(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b',' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(s, KEEP).to_string()
 }
 
 #[cfg(test)]

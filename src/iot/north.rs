@@ -216,15 +216,6 @@ async fn create_devices(State(core): Shared, h: HeaderMap, body: Body) -> Result
     Ok(created())
 }
 
-/// The device of `tenant` whose entity is `id` (and `kind`, if given).
-fn entity_device(core: &Core, tenant: &Tenant, id: &str, kind: Option<&str>) -> Option<super::registry::Resolved> {
-    core.registry.resolved().into_iter().find(|r| {
-        let group = r.group.as_deref();
-        let d = &r.record.device;
-        r.record.tenant == *tenant && d.entity_name(group) == id && kind.is_none_or(|k| k == d.entity_type(group))
-    })
-}
-
 /// `POST /v2/op/update` from the Context Broker (`actionType: update`):
 /// the commands it forwards, `{"id", "type", "<cmd>": {"type": "command",
 /// "value": …}}` per entity. Each is taken into the ledger (stored) before
@@ -245,7 +236,9 @@ async fn op_update(State(core): Shared, h: HeaderMap, body: Body) -> Result<Resp
     let mut todo = Vec::new();
     for e in entities {
         let id = e.get("id").and_then(Value::as_str).ok_or_else(|| ApiError::syntax("an entity needs an id"))?;
-        let r = entity_device(&core, &tenant, id, e.get("type").and_then(Value::as_str))
+        let r = core
+            .registry
+            .by_entity(&tenant, id, e.get("type").and_then(Value::as_str))
             .ok_or_else(|| ApiError::device_not_found(id))?;
         let declared = super::commands::declared(&r.record.device, r.group.as_deref());
         for (name, attr) in e.as_object().into_iter().flatten().filter(|(k, _)| *k != "id" && *k != "type") {
@@ -337,17 +330,11 @@ async fn op_query(State(core): Shared, h: HeaderMap, body: Body) -> Result<Respo
     let tenant = exact(tenant(&core, &h)?)?;
     let q: Query = serde_json::from_value(json_body(&h, body)?)
         .map_err(|e| ApiError::syntax(format!("expected {{\"entities\": [{{\"id\": …}}], \"attrs\": […]}}: {e}")))?;
-    let devices = core.registry.resolved();
     let mut out = Vec::with_capacity(q.entities.len());
     for e in &q.entities {
-        let found = devices.iter().find(|r| {
-            let group = r.group.as_deref();
-            let d = &r.record.device;
-            r.record.tenant == tenant
-                && d.entity_name(group) == e.id
-                && e.kind.as_deref().is_none_or(|k| k == d.entity_type(group))
-        });
-        let Some(r) = found else { return Err(ApiError::device_not_found(&e.id)) };
+        let Some(r) = core.registry.by_entity(&tenant, &e.id, e.kind.as_deref()) else {
+            return Err(ApiError::device_not_found(&e.id));
+        };
         let group = r.group.as_deref();
         let d = &r.record.device;
         out.push(super::ngsi::query_answer(&e.id, d.entity_type(group), d, group, &q.attrs));

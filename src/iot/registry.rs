@@ -291,6 +291,28 @@ impl Registry {
         Some(Resolved { record, group })
     }
 
+    /// The device of `tenant` whose entity is `id` (and `kind`, when
+    /// given): what the Context Broker names in its forwarded commands,
+    /// queries and notifications.
+    pub fn by_entity(&self, tenant: &Tenant, id: &str, kind: Option<&str>) -> Option<Resolved> {
+        let inner = self.read();
+        inner.devices.values().filter(|r| r.tenant == *tenant).find_map(|r| {
+            // Most devices are ruled out without building their entity name.
+            let named = match &r.device.entity_name {
+                Some(n) => n == id,
+                None => id.strip_suffix(r.device.device_id.as_str()).is_some_and(|t| t.ends_with(':')),
+            };
+            if !named {
+                return None;
+            }
+            let group = inner.group_of(r);
+            let d = &r.device;
+            let g = group.as_deref();
+            (d.entity_name(g) == id && kind.is_none_or(|k| k == d.entity_type(g)))
+                .then(|| Resolved { record: r.clone(), group })
+        })
+    }
+
     /// Every device with its group.
     pub fn resolved(&self) -> Vec<Resolved> {
         let inner = self.read();
@@ -694,6 +716,29 @@ mod tests {
             assert_eq!(results.iter().filter(|x| x.is_ok()).count(), 1, "{results:?}");
             assert_eq!(results.iter().filter_map(|x| x.as_ref().err()).next().unwrap().name, "DUPLICATE_DEVICE_ID");
         }
+    }
+
+    #[tokio::test]
+    async fn devices_are_found_by_the_entity_the_context_broker_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        let t = Tenant { service: "lab".into(), servicepath: "/".into() };
+        let other = Tenant { service: "lab".into(), servicepath: "/b".into() };
+        let g = parse_group(&json!({"resource": "/iot/json", "apikey": "k", "entity_type": "Meter"})).unwrap();
+        r.create_groups(&t, vec![g]).await.unwrap();
+        let devices = vec![
+            parse_device(&json!({"device_id": "m1", "apikey": "k"})).unwrap(),
+            parse_device(&json!({"device_id": "s1", "entity_name": "urn:lab:s1", "entity_type": "Sensor"})).unwrap(),
+        ];
+        r.create_devices(&t, devices).await.unwrap();
+        let id = |e: Option<Resolved>| e.map(|r| r.record.device.device_id.clone());
+        assert_eq!(id(r.by_entity(&t, "Meter:m1", None)), Some("m1".into()), "the group's type");
+        assert_eq!(id(r.by_entity(&t, "Meter:m1", Some("Meter"))), Some("m1".into()));
+        assert_eq!(id(r.by_entity(&t, "Meter:m1", Some("Sensor"))), None, "another type");
+        assert_eq!(id(r.by_entity(&t, "urn:lab:s1", None)), Some("s1".into()), "its own entity name");
+        assert_eq!(id(r.by_entity(&t, "Sensor:s1", None)), None, "not the default name when it has its own");
+        assert_eq!(id(r.by_entity(&t, "Thing:m1", None)), None);
+        assert_eq!(id(r.by_entity(&other, "Meter:m1", None)), None, "another tenant");
     }
 
     #[tokio::test]
