@@ -657,7 +657,7 @@ async fn devices_retrieve_their_configuration_once_or_by_subscription_over_mqtt_
     tokio::spawn(async move { axum::serve(listener, device_app).await.unwrap() });
 
     let gw = Gw::with(json!({"cbroker": url}));
-    let (d, g, c, _l, _data) = gw.up().await;
+    let (d, g, c, mut l, _data) = gw.up().await;
     let k = format!("k{}", gw.env.id);
     let values = gw.topic(&format!("{k}/th1/configuration/values"));
     let mut dev = Device::connect(&format!("th1-{}", gw.env.id), &values, "unused", None).await;
@@ -718,6 +718,19 @@ async fn devices_retrieve_their_configuration_once_or_by_subscription_over_mqtt_
     let (_, v) = dev.next().await;
     assert_eq!(v["sleepTime"], "300", "{v}");
     assert_eq!(north(&g, "POST", "/notify", Some(json!({"nodata": 1}))).await.0, 400);
+
+    // A flood of requests while the Context Broker is slow: at most 64 wait
+    // on it, the rest are dropped and counted, and the gateway answers.
+    cb.slow_reads.store(true, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..100 {
+        dev.publish(&gw.topic(&format!("json/{k}/th1/configuration/commands")), ask.clone()).await;
+    }
+    let st = eventually(WAIT, "the excess is counted", async || {
+        let st = ping_status(&c, &mut l, gw.uuid, |_| true).await;
+        (st["status"]["counters"]["errors"]["configuration_busy"].as_u64() == Some(36)).then_some(st)
+    })
+    .await;
+    assert_eq!(st["status"]["state"], "running", "{st}");
     c.close().await;
     d.stop().await.expect("clean shutdown");
 }

@@ -403,7 +403,15 @@ pub struct Core {
     pub(crate) amqp_out: std::sync::OnceLock<mpsc::UnboundedSender<Uuid>>,
     /// The north API's URL, once it listens.
     north_url: std::sync::OnceLock<String>,
+    /// Configuration requests over MQTT being answered (each waits on the
+    /// Context Broker off the MQTT loop): at most [`CONFIG_REQUESTS`].
+    pub(crate) config_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most MQTT configuration requests answered at once per gateway; more are
+/// dropped and counted (`configuration_busy`), so a device flooding them
+/// cannot pile up tasks and Context Broker reads.
+pub const CONFIG_REQUESTS: usize = 64;
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -552,6 +560,7 @@ impl Core {
             mqtt_out: std::sync::OnceLock::new(),
             amqp_out: std::sync::OnceLock::new(),
             north_url: std::sync::OnceLock::new(),
+            config_slots: Arc::new(tokio::sync::Semaphore::new(CONFIG_REQUESTS)),
         }
     }
 

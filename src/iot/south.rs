@@ -406,10 +406,18 @@ async fn on_cmdexe(core: &Core, topic: &str, apikey: &str, device_id: &str, payl
 /// A device's configuration request on `…/configuration/commands`.
 async fn on_configuration(core: &Arc<Core>, topic: &str, apikey: &str, device_id: &str, payload: &[u8]) {
     let Some(r) = provisioned(core, topic, apikey, device_id) else { return };
+    let Ok(slot) = core.config_slots.clone().try_acquire_owned() else {
+        core.counters.error("configuration_busy");
+        if core.quiet.first("configuration_busy", apikey) {
+            warn!(%topic, limit = super::CONFIG_REQUESTS, "too many configuration requests at once; dropped");
+        }
+        return;
+    };
     let body: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
     // The Context Broker's answer is awaited off the MQTT loop.
     let (core, topic) = (core.clone(), topic.to_owned());
     tokio::spawn(async move {
+        let _slot = slot;
         if let Err(e) = super::configuration::request(&core, &r, &body).await {
             core.counters.error("configuration");
             warn!(%topic, error = %e, "a configuration request got nothing");

@@ -34,6 +34,8 @@ pub struct Orion {
     pub down: AtomicBool,
     /// Answer 400 to everything.
     pub refuse: AtomicBool,
+    /// Take 3 s to answer an entity read.
+    pub slow_reads: AtomicBool,
 }
 
 impl Orion {
@@ -51,6 +53,9 @@ impl Orion {
             move |uri: Uri, headers: HeaderMap| {
                 let cb = cb.clone();
                 async move {
+                    if cb.slow_reads.load(Ordering::SeqCst) {
+                        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                    }
                     if let Some(code) = cb.take(&uri, &headers, &[]) {
                         return Err(code);
                     }
