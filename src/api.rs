@@ -311,23 +311,7 @@ async fn component_action(
             None => return Err(e),
         },
     };
-    let decoded = protocol::decode(
-        Some(protocol::CONTENT_TYPE),
-        &body,
-        s.config.max_body_bytes,
-        ReplyTo::default(),
-        SystemTime::now(),
-    );
-    let req = match decoded {
-        Ok(Some(req)) => req,
-        Ok(None) => {
-            return Err(ApiError(StatusCode::BAD_REQUEST, "Missing action".into()));
-        }
-        Err(r) => {
-            s.env.metrics.error((&r).into());
-            return Err(ApiError(StatusCode::BAD_REQUEST, r.to_string()));
-        }
-    };
+    let req = decode_action(&s, &body)?;
     let Some(h) = h else {
         // Checked above, sent as it came: the remote daemon decodes it again.
         let target = remote.unwrap_or_default();
@@ -344,6 +328,26 @@ async fn component_action(
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "Component stopped".into()))
 }
 
+/// An HTTP API action body, decoded as one from the bus (a refusal counted
+/// by kind, as there).
+fn decode_action(s: &Shared, body: &[u8]) -> Result<protocol::ActionRequest, ApiError> {
+    let decoded = protocol::decode(
+        Some(protocol::CONTENT_TYPE),
+        body,
+        s.config.max_body_bytes,
+        ReplyTo::default(),
+        SystemTime::now(),
+    );
+    match decoded {
+        Ok(Some(req)) => Ok(req),
+        Ok(None) => Err(ApiError(StatusCode::BAD_REQUEST, "Missing action".into())),
+        Err(r) => {
+            s.env.metrics.error((&r).into());
+            Err(ApiError(StatusCode::BAD_REQUEST, r.to_string()))
+        }
+    }
+}
+
 /// An action for a device of one of this daemon's gateways (`ping`,
 /// `command`); `None`: no gateway here has that device.
 async fn device_action(s: &Shared, uuid: &str, body: &[u8]) -> Option<Result<Response, ApiError>> {
@@ -353,17 +357,9 @@ async fn device_action(s: &Shared, uuid: &str, body: &[u8]) -> Option<Result<Res
         if core.registry.device_by_uuid(uuid).is_none() {
             continue;
         }
-        let decoded = protocol::decode(
-            Some(protocol::CONTENT_TYPE),
-            body,
-            s.config.max_body_bytes,
-            ReplyTo::default(),
-            SystemTime::now(),
-        );
-        let req = match decoded {
-            Ok(Some(req)) => req,
-            Ok(None) => return Some(Err(ApiError(StatusCode::BAD_REQUEST, "Missing action".into()))),
-            Err(r) => return Some(Err(ApiError(StatusCode::BAD_REQUEST, r.to_string()))),
+        let req = match decode_action(s, body) {
+            Ok(req) => req,
+            Err(e) => return Some(Err(e)),
         };
         return Some(match crate::iot::devices::act(&core, uuid, &req, &s.env.info).await? {
             Ok(status) => Ok(Json(status).into_response()),

@@ -850,6 +850,22 @@ pub async fn submit(
     Ok(cmd)
 }
 
+/// A `command` action's parameters (`{"name", "value"?, "expiration"?}`,
+/// from the bus or the HTTP API) taken as a command for `device`.
+pub async fn submit_action(
+    core: &Arc<Core>,
+    device: Uuid,
+    parameters: &Map<String, Value>,
+    origin: Origin,
+) -> Result<Arc<Command>, CommandError> {
+    let Some(name) = parameters.get("name").and_then(Value::as_str) else {
+        return Err(CommandError::Invalid("A command needs parameters.name (and usually parameters.value)".into()));
+    };
+    let value = parameters.get("value").cloned().unwrap_or(Value::Null);
+    let expiration = parameters.get("expiration").and_then(Value::as_f64);
+    submit(core, device, name, value, expiration, origin).await
+}
+
 /// Hand a pending command to its transport: the MQTT client (which
 /// publishes it once connected), an HTTP push task, or nothing (the device
 /// polls).

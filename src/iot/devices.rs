@@ -155,14 +155,8 @@ pub async fn act(
     if req.action.as_str() != "command" {
         return Some(Err(format!("Unsupported action {} for equipment", req.action)));
     }
-    let p = &req.parameters;
-    let Some(name) = p.get("name").and_then(Value::as_str) else {
-        return Some(Err("A command needs parameters.name (and usually parameters.value)".into()));
-    };
-    let value = p.get("value").cloned().unwrap_or(Value::Null);
     let origin = super::commands::Origin { from: "http".into(), ..Default::default() };
-    let expiration = p.get("expiration").and_then(Value::as_f64);
-    Some(match super::commands::submit(core, uuid, name, value, expiration, origin).await {
+    Some(match super::commands::submit_action(core, uuid, &req.parameters, origin).await {
         Ok(cmd) => {
             let mut d = describe(core, &r);
             d.extra.insert("command".into(), cmd.view());
@@ -233,20 +227,12 @@ impl Devices {
             }
             return;
         };
-        let p = &req.parameters;
-        let Some(name) = p.get("name").and_then(Value::as_str) else {
-            let e = ErrorInfo::new("A command needs parameters.name (and usually parameters.value)")
-                .with("action", "command");
-            return self.publish(r, reply, Some(&e)).await;
-        };
         let origin = super::commands::Origin {
             from: "villas".into(),
             reply_queue: reply.and_then(|r| r.queue.clone()),
             correlation_id: reply.and_then(|r| r.correlation_id.clone()),
         };
-        let value = p.get("value").cloned().unwrap_or(Value::Null);
-        let expiration = p.get("expiration").and_then(Value::as_f64);
-        match super::commands::submit(&self.core, r.record.uuid, name, value, expiration, origin).await {
+        match super::commands::submit_action(&self.core, r.record.uuid, &req.parameters, origin).await {
             Ok(cmd) => self.publish_command(r, &cmd, reply).await,
             Err(e) => {
                 let e = ErrorInfo::new(e.to_string()).with("action", "command");
