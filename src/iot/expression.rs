@@ -123,29 +123,44 @@ static EVALUATOR: LazyLock<Evaluator<'static>> = LazyLock::new(|| {
         })
 });
 
+/// Run the third-party parser and evaluator so that a panic of theirs on
+/// some input we did not foresee is an error for that expression, not a
+/// lost request or measure.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|p| format!("the expression could not be evaluated: {}", crate::supervise::panic_message(p)))
+}
+
 /// Check an expression as provisioned: not too long, and it parses.
 pub fn check(expr: &str) -> Result<(), String> {
     if expr.len() > MAX_EXPRESSION_BYTES {
         return Err(format!("an expression is at most {MAX_EXPRESSION_BYTES} bytes"));
     }
+    // jexl-parser 0.4's lexer panics on any character outside ASCII, in a
+    // string literal too (it slices inside the character; found by
+    // `fuzz/expression`).
+    if !expr.is_ascii() {
+        return Err("an expression is ASCII only".into());
+    }
     if operators(expr) > MAX_OPERATORS {
         return Err(format!("an expression has at most {MAX_OPERATORS} operators and brackets"));
     }
-    match EVALUATOR.eval_in_context(expr, Value::Object(Map::new())) {
+    let parsed = guarded(|| match EVALUATOR.eval_in_context(expr, Value::Object(Map::new())) {
         Err(e @ jexl_eval::error::EvaluationError::ParseError(_)) => Err(format!("invalid expression {expr:?}: {e}")),
         _ => Ok(()),
-    }
+    });
+    parsed.and_then(|r| r)
 }
 
 /// Evaluate `expr` in `context`. Floats that are whole become integers.
 pub fn evaluate(expr: &str, context: &Map<String, Value>) -> Result<Value, String> {
     // Checked at provisioning; checked again here, since a stored device
     // may predate a limit.
-    if expr.len() > MAX_EXPRESSION_BYTES || operators(expr) > MAX_OPERATORS {
+    if expr.len() > MAX_EXPRESSION_BYTES || !expr.is_ascii() || operators(expr) > MAX_OPERATORS {
         return Err("the expression is too long or too deep".into());
     }
     // jexl-eval takes the context by value; only expressions pay for it.
-    let v = EVALUATOR.eval_in_context(expr, Value::Object(context.clone())).map_err(|e| e.to_string())?;
+    let v = guarded(|| EVALUATOR.eval_in_context(expr, Value::Object(context.clone())).map_err(|e| e.to_string()))??;
     Ok(match v {
         Value::Number(n) if n.is_f64() => n.as_f64().map_or(Value::Number(n), num),
         other => other,
@@ -185,6 +200,13 @@ mod tests {
         assert!(check("unknown_at_provisioning * 2").is_ok());
         assert!(check("t * (").is_err());
         assert!(check(&"1+".repeat(600)).is_err());
+        // jexl-parser's lexer panics on these (found by fuzz/expression).
+        assert_eq!(check("\u{1ab}"), Err("an expression is ASCII only".into()));
+        assert!(check("t + ä").is_err());
+        assert!(check("'ä' + t|tostring").is_err(), "in a string literal too");
+        assert!(evaluate("'ä'", &Map::new()).is_err());
+        // A panic of the parser on something else would be an error too.
+        assert!(guarded(|| -> () { panic!("boom") }).unwrap_err().contains("boom"));
     }
 
     #[test]
